@@ -1,0 +1,101 @@
+"""The one settings object. Nothing else in Airlock reads the environment.
+
+Standard variables of each ecosystem are honoured (REDIS_URL, DOCKER_HOST, VAULT_ADDR,
+VAULT_TOKEN, OTEL_*); Airlock's own knobs are AIRLOCK_*.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+from orchestrator.errors import ConfigError
+
+T = TypeVar("T")
+
+# The fixed unprivileged identity tasks run as inside their container.
+TASK_USER = "10001:10001"
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Prefix of every Redis key and the default Celery queue; lets deployments share a Redis.
+    namespace: str = "airlock"
+    docker_host: str | None = None
+    vault_addr: str = "http://127.0.0.1:8200"
+    vault_token: str | None = None
+    runner_image: str = "airlock-runner:latest"
+    queue: str = "airlock"
+    output_max_bytes: int = 1 << 20
+    log_max_bytes: int = 4 << 20
+    max_timeout_s: int = 24 * 3600
+    # SIGTERM, then this long before SIGKILL, when a task is cancelled or times out.
+    stop_grace_s: float = 1.0
+    # Terminal task records (and their logs and events) expire after this long.
+    record_ttl_s: int = 7 * 24 * 3600
+    worker_concurrency: int = 4
+    otel_service_name: str = "airlock"
+    otel_endpoint: str | None = None
+
+
+def _get(env: Mapping[str, str], name: str, default: T, parse: Callable[[str], T]) -> T:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return parse(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r}: {exc}") from exc
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if value <= 0:
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _name(raw: str) -> str:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,62}", raw):
+        raise ValueError("must be lower-case letters, digits, '.', '_' or '-'")
+    return raw
+
+
+def load(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build settings from `environ` (the process environment by default).
+
+    Raises ConfigError naming the variable when a value is malformed.
+    """
+    env = os.environ if environ is None else environ
+    d = Settings()
+    namespace = _get(env, "AIRLOCK_NAMESPACE", d.namespace, _name)
+    return Settings(
+        redis_url=env.get("REDIS_URL") or d.redis_url,
+        namespace=namespace,
+        docker_host=env.get("DOCKER_HOST") or None,
+        vault_addr=env.get("VAULT_ADDR") or d.vault_addr,
+        vault_token=env.get("VAULT_TOKEN") or None,
+        runner_image=env.get("AIRLOCK_RUNNER_IMAGE") or d.runner_image,
+        queue=_get(env, "AIRLOCK_QUEUE", namespace, _name),
+        output_max_bytes=_get(env, "AIRLOCK_OUTPUT_MAX_BYTES", d.output_max_bytes, _positive_int),
+        log_max_bytes=_get(env, "AIRLOCK_LOG_MAX_BYTES", d.log_max_bytes, _positive_int),
+        max_timeout_s=_get(env, "AIRLOCK_MAX_TIMEOUT_S", d.max_timeout_s, _positive_int),
+        stop_grace_s=_get(env, "AIRLOCK_STOP_GRACE_S", d.stop_grace_s, _positive_float),
+        record_ttl_s=_get(env, "AIRLOCK_RECORD_TTL_S", d.record_ttl_s, _positive_int),
+        worker_concurrency=_get(
+            env, "AIRLOCK_WORKER_CONCURRENCY", d.worker_concurrency, _positive_int
+        ),
+        otel_service_name=env.get("OTEL_SERVICE_NAME") or d.otel_service_name,
+        otel_endpoint=env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+    )

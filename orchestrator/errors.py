@@ -1,0 +1,75 @@
+"""The one error root of Airlock.
+
+    AirlockError                  retryable?  CLI exit
+    ├── ConfigError               no          2   a setting in the environment is malformed
+    ├── InvalidSpec               no          2   the task spec failed validation
+    ├── TaskRejected              no          2   admission refused the task
+    ├── TaskNotFound              no          2   no record for that task id
+    ├── IllegalTransition         no          -   a state change the lifecycle forbids
+    ├── ServiceUnavailable        yes         3   Redis, Docker or Vault cannot be reached
+    └── RuntimeFailure            no          1   the container engine refused an operation
+        └── ImageNotFound         no          1
+
+Adapters translate the errors of the libraries beneath them at their seam
+(`raise ... from exc`), so nothing above them sees a docker, redis or hvac exception.
+"""
+
+from __future__ import annotations
+
+
+class AirlockError(Exception):
+    """Base of every error Airlock raises on purpose."""
+
+    retryable = False
+    exit_code = 1
+
+
+class ConfigError(AirlockError):
+    exit_code = 2
+
+
+class InvalidSpec(AirlockError):
+    """The task spec is malformed; `problems` lists one readable line per field."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid task spec:\n  " + "\n  ".join(problems))
+
+
+class TaskRejected(AirlockError):
+    exit_code = 2
+
+
+class TaskNotFound(AirlockError):
+    exit_code = 2
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        super().__init__(f"no task with id {task_id!r}")
+
+
+class IllegalTransition(AirlockError):
+    def __init__(self, task_id: str, current: str | None, target: str) -> None:
+        self.task_id, self.current, self.target = task_id, current, target
+        super().__init__(f"task {task_id}: illegal transition {current} -> {target}")
+
+
+class ServiceUnavailable(AirlockError):
+    """A service Airlock depends on did not answer; trying again later may work."""
+
+    retryable = True
+    exit_code = 3
+
+    def __init__(self, service: str, detail: str) -> None:
+        self.service = service
+        super().__init__(f"{service} is unreachable: {detail}")
+
+
+class RuntimeFailure(AirlockError):
+    """The container engine answered but refused or failed the operation."""
+
+
+class ImageNotFound(RuntimeFailure):
+    pass

@@ -1,0 +1,289 @@
+"""Carries one task through its life: admit, provision, launch, run, collect, teardown.
+
+Teardown always runs (finally): the container is removed whatever happened before, and
+the task ends in a terminal state with a reason. Every state write goes through
+lifecycle.advance, so a task that was cancelled or finished elsewhere is never overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.collect import LogPump, OutputFile, ResultScanner
+from orchestrator.config import TASK_USER, Settings
+from orchestrator.errors import AirlockError, IllegalTransition, InvalidSpec
+from orchestrator.lifecycle import TERMINAL, TaskState, advance
+from orchestrator.runtime.base import ContainerSpec, ExitStatus, Runtime
+from orchestrator.spec import TaskSpec, parse
+from orchestrator.store import Store
+
+log = logging.getLogger(__name__)
+S = TaskState
+SIGNAL_EXIT = "exit"
+SIGNAL_CANCEL = "cancel"
+
+
+@dataclass
+class Outcome:
+    """What the task ended as, decided during the run and written after teardown."""
+
+    state: TaskState = S.FAILED
+    reason: str = "worker stopped before the task finished"
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """The moving parts of one task while it is on this worker."""
+
+    task_id: str
+    spec: TaskSpec
+    deadline: float
+    container_id: str | None = None
+    pump: LogPump | None = None
+    scanner: ResultScanner | None = None
+    status: ExitStatus | None = None
+
+
+def record_fields(spec: TaskSpec) -> dict[str, Any]:
+    """The fields a new task record starts with."""
+    return {
+        "agent": spec.agent,
+        "spec": spec.to_json(),
+        "queue": spec.queue,
+        "on_behalf_of": spec.on_behalf_of,
+        "timeout_s": spec.timeout_s,
+    }
+
+
+class Executor:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        runtime: Runtime,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.runtime = runtime
+        self.clock = clock
+
+    # -- entry point --------------------------------------------------------------------
+    def execute(self, task_id: str, spec_data: object) -> TaskState:
+        """Run one task to a terminal state and return it. Never leaves a container behind."""
+        spec = self._admit(task_id, spec_data)
+        if spec is None:
+            return TaskState(self.store.get(task_id)["state"])
+        run = Run(task_id, spec, deadline=self.clock() + spec.timeout_s)
+        outcome = Outcome()
+        try:
+            if self._provision_and_launch(run, outcome):
+                self._wait(run, outcome)
+        except AirlockError as exc:
+            outcome.state, outcome.reason = S.FAILED, f"error: {exc}"
+        except Exception as exc:
+            log.exception("task %s: unexpected error", task_id)
+            outcome.state, outcome.reason = S.FAILED, f"internal error: {exc!r}"
+        finally:
+            self._teardown(run, outcome)
+        return outcome.state
+
+    # -- admit ---------------------------------------------------------------------------
+    def _admit(self, task_id: str, spec_data: object) -> TaskSpec | None:
+        """Record the task if a raw producer enqueued it, validate it, move it to admitted.
+
+        Returns None when the task must not run here: rejected, already taken, or ended.
+        """
+        try:
+            spec = parse(spec_data)
+        except InvalidSpec as exc:
+            agent = spec_data.get("agent") if isinstance(spec_data, Mapping) else None
+            self.store.create(task_id, {"agent": agent if isinstance(agent, str) else "?"})
+            self._try_advance(task_id, S.REJECTED, "; ".join(exc.problems))
+            return None
+        self.store.create(task_id, record_fields(spec))
+        if spec.timeout_s > self.settings.max_timeout_s:
+            reason = f"timeout_s {spec.timeout_s} exceeds this deployment's maximum of "
+            self._try_advance(task_id, S.REJECTED, reason + str(self.settings.max_timeout_s))
+            return None
+        if self._try_advance(task_id, S.ADMITTED, "spec valid"):
+            return spec
+        state = TaskState(self.store.get(task_id)["state"])
+        if state not in TERMINAL:
+            self._recover(task_id, state)
+        return None
+
+    def _recover(self, task_id: str, state: TaskState) -> None:
+        """A redelivered task that a lost worker had started: finish its teardown."""
+        if state is not S.TEARING_DOWN:
+            reason = f"worker lost while {state}"
+            self._try_advance(task_id, S.TEARING_DOWN, reason, outcome=S.FAILED.value)
+        record = self.store.get(task_id)
+        self._remove(task_id, record.get("container_id"))
+        outcome = TaskState(record.get("outcome") or S.FAILED.value)
+        self._try_advance(task_id, outcome, record.get("reason", "worker lost"))
+
+    def _try_advance(self, task_id: str, target: TaskState, reason: str, **fields: Any) -> bool:
+        try:
+            advance(self.store, task_id, target, reason, **fields)
+        except IllegalTransition as exc:
+            log.info("task %s: %s", task_id, exc)
+            return False
+        return True
+
+    # -- provision and launch -----------------------------------------------------------
+    def _container_spec(self, run: Run, marker: str) -> ContainerSpec:
+        spec = run.spec
+        env = {
+            **spec.env,
+            "AIRLOCK_TASK_ID": run.task_id,
+            "AIRLOCK_AGENT": spec.agent,
+            "AIRLOCK_RESULT_MARKER": marker,
+            "AIRLOCK_OUTPUT_MAX_BYTES": str(self.settings.output_max_bytes),
+        }
+        return ContainerSpec(
+            task_id=run.task_id,
+            namespace=self.settings.namespace,
+            image=spec.image or self.settings.runner_image,
+            command=spec.command,
+            env=env,
+            user=TASK_USER,
+            cpus=spec.limits.cpus,
+            memory=spec.limits.memory,
+            pids=spec.limits.pids,
+            deadline=run.deadline,
+            agent=spec.agent,
+            on_behalf_of=spec.on_behalf_of,
+        )
+
+    def _provision_and_launch(self, run: Run, outcome: Outcome) -> bool:
+        """Create, attach and start the container; False if it was cancelled first."""
+        advance(self.store, run.task_id, S.PROVISIONING, "creating container")
+        marker = secrets.token_hex(16)
+        run.container_id = self.runtime.create(self._container_spec(run, marker))
+        self.store.update(run.task_id, {"container_id": run.container_id})
+        if self.store.take_signal(run.task_id) == SIGNAL_CANCEL:
+            self._cancelled(run, outcome, started=False)
+            return False
+        # Enough room for the base64 of every output byte plus the frame's own JSON.
+        run.scanner = ResultScanner(marker, self.settings.output_max_bytes * 2 + 65536)
+        run.pump = LogPump(
+            chunks=self.runtime.attach(run.container_id),
+            scanner=run.scanner,
+            sink=lambda texts: self._append_logs(run.task_id, texts),
+            on_end=lambda: self._container_exited(run),
+            max_bytes=self.settings.log_max_bytes,
+        )
+        run.pump.start()
+        self.runtime.start(run.container_id)
+        advance(self.store, run.task_id, S.RUNNING, "command started", started_at=self.clock())
+        return True
+
+    def _append_logs(self, task_id: str, texts: list[tuple[str, str]]) -> None:
+        for stream, text in texts:
+            self.store.append_log(task_id, stream, text)
+
+    def _container_exited(self, run: Run) -> None:
+        """Runs on the pump's thread when the output stream ends: wake the task's waiter."""
+        try:
+            if run.container_id:
+                run.status = self.runtime.wait(run.container_id)
+        except AirlockError as exc:  # removed under us during an aborted launch
+            log.info("task %s: no exit status: %s", run.task_id, exc)
+        finally:
+            self.store.signal(run.task_id, SIGNAL_EXIT)
+
+    # -- run ------------------------------------------------------------------------------
+    def _wait(self, run: Run, outcome: Outcome) -> None:
+        """Wait for the exit, the deadline or a cancel, whichever comes first."""
+        while True:
+            left = run.deadline - self.clock()
+            signal = self.store.wait_signal(run.task_id, left) if left > 0 else None
+            if signal == SIGNAL_EXIT:
+                self._exited(run, outcome)
+                return
+            if signal == SIGNAL_CANCEL:
+                self._cancelled(run, outcome, started=True)
+                return
+            if signal is None and self.clock() >= run.deadline:
+                self._stop(run)
+                outcome.state = S.TIMED_OUT
+                outcome.reason = f"deadline of {run.spec.timeout_s}s reached; container killed"
+                self._collect(run, outcome)
+                return
+
+    def _cancelled(self, run: Run, outcome: Outcome, started: bool) -> None:
+        by = self.store.get(run.task_id).get("cancel_requested_by") or "unknown"
+        if started:
+            self._stop(run)
+            self._collect(run, outcome)
+        outcome.state = S.CANCELLED
+        outcome.reason = f"cancelled by {by}" + ("" if started else " before it started")
+
+    def _stop(self, run: Run) -> None:
+        if run.container_id:
+            self.runtime.stop(run.container_id, self.settings.stop_grace_s)
+
+    def _exited(self, run: Run, outcome: Outcome) -> None:
+        self._collect(run, outcome)
+        status = run.status or ExitStatus(-1)
+        if status.oom_killed:
+            outcome.state = S.FAILED
+            outcome.reason = f"out of memory (limit {run.spec.limits.memory >> 20} MiB)"
+        elif status.exit_code == 0:
+            outcome.state, outcome.reason = S.SUCCEEDED, "exit code 0"
+        else:
+            outcome.state, outcome.reason = S.FAILED, f"exit code {status.exit_code}"
+
+    # -- collect -------------------------------------------------------------------------
+    def _collect(self, run: Run, outcome: Outcome) -> None:
+        if run.pump and not run.pump.join(timeout=10):
+            log.warning("task %s: output stream did not end", run.task_id)
+        fields: dict[str, Any] = {}
+        if run.status is not None:
+            fields["exit_code"] = run.status.exit_code
+            fields["oom_killed"] = int(run.status.oom_killed)
+        if run.pump:
+            fields["logs_bytes"] = run.pump.kept
+            fields["logs_dropped_bytes"] = run.pump.dropped
+        if run.scanner:
+            files: list[OutputFile] = run.scanner.files()
+            fields["output"] = [f.to_json() for f in files]
+            if run.scanner.error:
+                fields["output_error"] = run.scanner.error
+        outcome.fields.update(fields)
+
+    # -- teardown ------------------------------------------------------------------------
+    def _teardown(self, run: Run, outcome: Outcome) -> None:
+        """Remove the container and record the end, whatever state things are in."""
+        try:
+            self._try_advance(
+                run.task_id, S.TEARING_DOWN, outcome.reason, outcome=outcome.state.value
+            )
+        except AirlockError:
+            log.exception("task %s: could not record teardown", run.task_id)
+        try:
+            self._remove(run.task_id, run.container_id)
+        finally:
+            if run.pump:
+                run.pump.join(timeout=5)
+            self._try_advance(run.task_id, outcome.state, outcome.reason, **outcome.fields)
+
+    def _remove(self, task_id: str, container_id: str | None) -> None:
+        if container_id:
+            self.runtime.remove(container_id)
+            return
+        # Creation may have happened without us learning the id (an error in flight).
+        for container in self.runtime.list_managed(self.settings.namespace):
+            if container.task_id == task_id:
+                self.runtime.remove(container.id)
+
+
+def is_terminal(record: Mapping[str, str]) -> bool:
+    return TaskState(record["state"]) in TERMINAL

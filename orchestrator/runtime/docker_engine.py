@@ -1,0 +1,187 @@
+"""The Docker implementation of the runtime seam. The only module that imports `docker`."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, ParamSpec, TypeVar
+
+import docker
+import docker.errors
+import requests
+
+from orchestrator.errors import ImageNotFound, RuntimeFailure, ServiceUnavailable
+from orchestrator.runtime.base import (
+    LABEL_AGENT,
+    LABEL_DEADLINE,
+    LABEL_MANAGED,
+    LABEL_NAMESPACE,
+    LABEL_OWNER,
+    LABEL_TASK,
+    ContainerSpec,
+    ExitStatus,
+    ManagedContainer,
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+WORKSPACE = "/workspace"
+
+
+def container_config(spec: ContainerSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The create arguments and host config of a sealed task container, as plain data.
+
+    No network but loopback, read-only root, every capability dropped, no privilege
+    escalation, an unprivileged user, hard pid/memory/cpu ceilings, scratch space only on
+    size-capped tmpfs (which counts against the memory ceiling), and no engine-side log file.
+    """
+    labels = {
+        **spec.labels,
+        LABEL_MANAGED: "1",
+        LABEL_NAMESPACE: spec.namespace,
+        LABEL_TASK: spec.task_id,
+        LABEL_DEADLINE: f"{spec.deadline:.3f}",
+        LABEL_AGENT: spec.agent,
+    }
+    if spec.on_behalf_of:
+        labels[LABEL_OWNER] = spec.on_behalf_of
+    uid, _, gid = spec.user.partition(":")
+    tmpfs_opts = f"rw,nosuid,nodev,size={spec.scratch_bytes},uid={uid},gid={gid or uid},mode=0700"
+    host: dict[str, Any] = {
+        "network_mode": "none",
+        "read_only": True,
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges:true"],
+        "pids_limit": spec.pids,
+        "mem_limit": spec.memory,
+        "memswap_limit": spec.memory,
+        "nano_cpus": int(spec.cpus * 1e9),
+        "ipc_mode": "private",
+        "tmpfs": {"/tmp": tmpfs_opts + ",noexec", WORKSPACE: tmpfs_opts},
+        "ulimits": [docker.types.Ulimit(name="nofile", soft=1024, hard=1024)],
+        "log_config": docker.types.LogConfig(type="none"),
+    }
+    if spec.runtime:
+        host["runtime"] = spec.runtime
+    create: dict[str, Any] = {
+        "image": spec.image,
+        "command": list(spec.command),
+        "environment": dict(spec.env),
+        "user": spec.user,
+        "working_dir": WORKSPACE,
+        "labels": labels,
+        "hostname": "airlock",
+        "network_disabled": True,
+        "stdin_open": False,
+        "tty": False,
+    }
+    return create, host
+
+
+def _translate(method: Callable[P, R]) -> Callable[P, R]:
+    """Map docker-py and transport errors onto Airlock's error tree."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except docker.errors.ImageNotFound as exc:
+            raise ImageNotFound(f"image not found: {exc.explanation}") from exc
+        except docker.errors.APIError as exc:
+            raise RuntimeFailure(f"docker: {exc.explanation or exc}") from exc
+        except (requests.ConnectionError, docker.errors.DockerException) as exc:
+            raise ServiceUnavailable("docker", str(exc)) from exc
+
+    return wrapper
+
+
+class DockerRuntime:
+    def __init__(
+        self, base_url: str | None = None, timeout: float = 60, max_pool_size: int = 10
+    ) -> None:
+        try:
+            if base_url:
+                self.api = docker.APIClient(
+                    base_url=base_url, version="auto", timeout=timeout, max_pool_size=max_pool_size
+                )
+            else:
+                self.api = docker.from_env(timeout=timeout, max_pool_size=max_pool_size).api
+        except docker.errors.DockerException as exc:
+            raise ServiceUnavailable("docker", str(exc)) from exc
+
+    @_translate
+    def ping(self) -> None:
+        self.api.ping()
+
+    @_translate
+    def create(self, spec: ContainerSpec) -> str:
+        create, host = container_config(spec)
+        created = self.api.create_container(
+            host_config=self.api.create_host_config(**host), **create
+        )
+        return str(created["Id"])
+
+    @_translate
+    def attach(self, container_id: str) -> Iterator[tuple[str, bytes]]:
+        frames = self.api.attach(container_id, stream=True, logs=False, demux=True)
+        return self._demux(frames)
+
+    @staticmethod
+    def _demux(frames: Iterator[tuple[bytes | None, bytes | None]]) -> Iterator[tuple[str, bytes]]:
+        try:
+            for out, err in frames:
+                if out:
+                    yield "stdout", out
+                if err:
+                    yield "stderr", err
+        except (requests.RequestException, OSError):
+            return  # the stream was cut (container removed under us); the output ends here
+
+    @_translate
+    def start(self, container_id: str) -> None:
+        self.api.start(container_id)
+
+    @_translate
+    def wait(self, container_id: str) -> ExitStatus:
+        result = self.api.wait(container_id)
+        code = int(result.get("StatusCode", -1))
+        oom = False
+        if code == 137:  # SIGKILL: the kernel's OOM killer or our own stop
+            state = self.api.inspect_container(container_id)["State"]
+            oom = bool(state.get("OOMKilled"))
+        return ExitStatus(code, oom)
+
+    @_translate
+    def stop(self, container_id: str, grace_s: float) -> None:
+        try:
+            self.api.stop(container_id, timeout=max(int(round(grace_s)), 0))
+        except docker.errors.NotFound:
+            pass
+
+    @_translate
+    def remove(self, container_id: str) -> bool:
+        try:
+            self.api.remove_container(container_id, v=True, force=True)
+        except docker.errors.NotFound:
+            return False
+        except docker.errors.APIError as exc:
+            if "already in progress" in str(exc.explanation or ""):
+                return False
+            raise
+        return True
+
+    @_translate
+    def list_managed(self, namespace: str) -> list[ManagedContainer]:
+        found = self.api.containers(
+            all=True, filters={"label": [f"{LABEL_MANAGED}=1", f"{LABEL_NAMESPACE}={namespace}"]}
+        )
+        return [
+            ManagedContainer(
+                id=c["Id"],
+                task_id=c["Labels"].get(LABEL_TASK, ""),
+                namespace=namespace,
+                deadline=float(c["Labels"].get(LABEL_DEADLINE) or 0),
+                running=c.get("State") == "running",
+            )
+            for c in found
+        ]

@@ -1,0 +1,164 @@
+"""The task spec: what a caller asks Airlock to run. One frozen, validated model.
+
+Its JSON Schema (`airlock spec schema`) is the contract for upstream producers. Validation
+failures become InvalidSpec with one line per offending field, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from orchestrator.errors import InvalidSpec
+
+MAX_SPEC_BYTES = 256 * 1024
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_MEMORY = re.compile(r"^\s*(\d+)\s*([bkmg]?)(?:i?b)?\s*$", re.IGNORECASE)
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_LABEL_KEY = re.compile(r"^[a-z0-9][a-z0-9_./-]{0,62}$")
+RESERVED_ENV_PREFIX = "AIRLOCK_"
+
+
+def parse_memory(value: object) -> object:
+    """Accept 536870912, "512m", "512MiB", "1g"; anything else is left for pydantic to refuse."""
+    if isinstance(value, str):
+        match = _MEMORY.match(value)
+        if not match:
+            raise ValueError("memory must be bytes or a size like '512m' or '1g'")
+        return int(match.group(1)) * _UNITS[match.group(2).lower()]
+    return value
+
+
+Name = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,62}$")]
+NoNul = Annotated[str, Field(max_length=8192, pattern=r"^[^\x00]*$")]
+
+
+class Limits(BaseModel):
+    """Resource ceilings enforced by the container engine."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cpus: float = Field(1.0, gt=0, le=64, description="CPU cores (fractions allowed)")
+    memory: Annotated[int, BeforeValidator(parse_memory)] = Field(
+        512 << 20,
+        ge=16 << 20,
+        le=64 << 30,
+        description="memory ceiling in bytes, or a size like '512m'; no swap beyond it",
+    )
+    pids: int = Field(256, ge=8, le=32768, description="maximum number of processes")
+
+
+class TaskSpec(BaseModel):
+    """One agent task: which agent runs what, with which limits, for how long."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", title="Airlock task spec")
+
+    agent: Name = Field(description="agent role the task runs as")
+    command: tuple[NoNul, ...] = Field(
+        min_length=1, max_length=256, description="argv of the task command (no shell)"
+    )
+    image: str | None = Field(
+        None,
+        max_length=255,
+        pattern=r"^[a-z0-9][a-z0-9._/:@-]*$",
+        description="runner image; defaults to the deployment's runner image",
+    )
+    env: dict[str, NoNul] = Field(
+        default_factory=dict, max_length=64, description="non-secret environment variables"
+    )
+    timeout_s: int = Field(300, ge=1, le=86400, description="deadline, seconds after start")
+    limits: Limits = Field(default_factory=Limits)
+    labels: dict[str, Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=dict, max_length=32, description="free-form labels for the caller"
+    )
+    on_behalf_of: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9._@+-]{1,128}$", description="user the agent acts for"
+    )
+    model: str | None = Field(
+        None, max_length=128, pattern=r"^[^\x00-\x1f]*$", description="model driving the agent"
+    )
+    prompt_hash: str | None = Field(
+        None, pattern=r"^(sha256:)?[0-9a-f]{64}$", description="hash of the prompt, for audit"
+    )
+    queue: str | None = Field(
+        None, pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$", description="worker pool to run on"
+    )
+
+    @field_validator("env")
+    @classmethod
+    def _env_keys(cls, env: dict[str, str]) -> dict[str, str]:
+        for key in env:
+            if not _ENV_KEY.match(key):
+                raise ValueError(f"{key!r} is not a valid variable name")
+            if key.upper().startswith(RESERVED_ENV_PREFIX):
+                raise ValueError(f"{key!r}: the {RESERVED_ENV_PREFIX} prefix is reserved")
+        return env
+
+    @field_validator("labels")
+    @classmethod
+    def _label_keys(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key in labels:
+            if not _LABEL_KEY.match(key):
+                raise ValueError(f"{key!r} is not a valid label key")
+        return labels
+
+    def to_json(self) -> str:
+        return self.model_dump_json(exclude_none=True)
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in err["loc"]) or "spec"
+        message = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {message}")
+    return lines
+
+
+def parse(data: object) -> TaskSpec:
+    """Validate a mapping into a TaskSpec. Raises InvalidSpec with one line per problem."""
+    if isinstance(data, TaskSpec):
+        return data
+    if not isinstance(data, Mapping):
+        raise InvalidSpec([f"spec: expected an object, got {type(data).__name__}"])
+    try:
+        return TaskSpec.model_validate(dict(data))
+    except ValidationError as exc:
+        raise InvalidSpec(_problems(exc)) from None
+
+
+def parse_text(text: str, source: str = "spec") -> TaskSpec:
+    """Parse JSON or YAML text (JSON is YAML, but gets the clearer JSON errors)."""
+    if len(text.encode()) > MAX_SPEC_BYTES:
+        raise InvalidSpec([f"{source}: larger than {MAX_SPEC_BYTES} bytes"])
+    data: Any
+    try:
+        data = json.loads(text) if text.lstrip().startswith("{") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise InvalidSpec([f"{source}: not valid JSON or YAML ({exc})"]) from None
+    return parse(data)
+
+
+def load_file(path: Path) -> TaskSpec:
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidSpec([f"{path}: cannot read ({exc})"]) from None
+    return parse_text(text, str(path))
+
+
+def json_schema() -> dict[str, Any]:
+    return TaskSpec.model_json_schema()

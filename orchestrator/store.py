@@ -1,0 +1,258 @@
+"""Task records, their event and log streams, and worker signals, in Redis.
+
+Layout (NS is the configured namespace):
+    NS:task:ID          hash    the record: state, reason, spec, timestamps, results
+    NS:task:ID:events   stream  every state change of the task, in order
+    NS:task:ID:logs     stream  stdout/stderr chunks, capped by the worker
+    NS:task:ID:signal   list    wake-ups for the worker running the task (cancel, exit)
+    NS:tasks            zset    task ids by creation time, for listing
+    NS:events           stream  every state change of every task (capped), for watching
+State changes run as one Lua script: check the current state, write, append the events.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+import redis
+
+from orchestrator.errors import IllegalTransition, ServiceUnavailable, TaskNotFound
+from orchestrator.lifecycle import TERMINAL, TaskState
+
+P = ParamSpec("P")
+R = TypeVar("R")
+GLOBAL_EVENTS_MAXLEN = 10_000
+
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('ZADD', KEYS[4], ARGV[1], ARGV[2])
+local ev = {'task', ARGV[2], 'state', 'pending', 'reason', 'submitted', 'at', ARGV[1]}
+redis.call('XADD', KEYS[2], '*', unpack(ev))
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', %d, '*', unpack(ev))
+return 1
+""" % GLOBAL_EVENTS_MAXLEN
+
+# ARGV: target, reason, now, ttl (0 = not terminal), n, n allowed sources, field pairs...
+_ADVANCE = """
+local current = redis.call('HGET', KEYS[1], 'state')
+if not current then return {0, false} end
+local n = tonumber(ARGV[5])
+local ok = false
+for i = 6, 5 + n do if ARGV[i] == current then ok = true end end
+if not ok then return {0, current} end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'reason', ARGV[2], 'updated_at', ARGV[3])
+if #ARGV > 5 + n then redis.call('HSET', KEYS[1], unpack(ARGV, 6 + n)) end
+local ev = {'task', redis.call('HGET', KEYS[1], 'id'), 'state', ARGV[1], 'from', current,
+            'reason', ARGV[2], 'at', ARGV[3]}
+redis.call('XADD', KEYS[2], '*', unpack(ev))
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', %d, '*', unpack(ev))
+local ttl = tonumber(ARGV[4])
+if ttl > 0 then
+  redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])
+  redis.call('DEL', KEYS[5])
+  for i = 1, 2 do redis.call('EXPIRE', KEYS[i], ttl) end
+  redis.call('EXPIRE', KEYS[4], ttl)
+end
+return {1, current}
+""" % GLOBAL_EVENTS_MAXLEN
+
+
+def _guard(method: Callable[P, R]) -> Callable[P, R]:
+    """Translate Redis connection failures into ServiceUnavailable at the seam."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise ServiceUnavailable("redis", str(exc)) from exc
+
+    return wrapper
+
+
+@dataclass(frozen=True)
+class Event:
+    id: str
+    task_id: str
+    state: TaskState
+    reason: str
+    at: float
+    previous: TaskState | None
+
+
+class Store:
+    def __init__(
+        self,
+        url: str,
+        namespace: str = "airlock",
+        record_ttl_s: int = 7 * 24 * 3600,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+        self.ns = namespace
+        self.record_ttl_s = record_ttl_s
+        self.clock = clock
+        self._create = self.redis.register_script(_CREATE)
+        self._advance = self.redis.register_script(_ADVANCE)
+
+    # -- keys -------------------------------------------------------------------------
+    def key(self, task_id: str, part: str = "") -> str:
+        return f"{self.ns}:task:{task_id}" + (f":{part}" if part else "")
+
+    @property
+    def index_key(self) -> str:
+        return f"{self.ns}:tasks"
+
+    @property
+    def events_key(self) -> str:
+        return f"{self.ns}:events"
+
+    # -- records ----------------------------------------------------------------------
+    @_guard
+    def ping(self) -> None:
+        self.redis.ping()
+
+    @_guard
+    def create(self, task_id: str, fields: Mapping[str, Any]) -> bool:
+        """Record a new pending task. False if it already exists (a redelivered message)."""
+        now = self.clock()
+        flat = _flatten({**fields, "id": task_id, "state": TaskState.PENDING.value,
+                         "reason": "submitted", "created_at": now, "updated_at": now})
+        keys = [self.key(task_id), self.key(task_id, "events"), self.events_key, self.index_key]
+        return bool(self._create(keys=keys, args=[now, task_id, *flat]))
+
+    @_guard
+    def get(self, task_id: str) -> dict[str, str]:
+        """The raw record. Raises TaskNotFound."""
+        record: dict[str, str] = self.redis.hgetall(self.key(task_id))
+        if not record:
+            raise TaskNotFound(task_id)
+        return record
+
+    @_guard
+    def update(self, task_id: str, fields: Mapping[str, Any]) -> None:
+        """Write result fields; never the state (that goes through lifecycle.advance)."""
+        if "state" in fields:
+            raise ValueError("state changes go through lifecycle.advance")
+        if fields:
+            self.redis.hset(self.key(task_id), mapping=dict(_pairs(fields)))
+
+    @_guard
+    def compare_and_set_state(
+        self,
+        task_id: str,
+        sources: frozenset[TaskState],
+        target: TaskState,
+        reason: str,
+        fields: Mapping[str, Any],
+    ) -> TaskState:
+        ttl = self.record_ttl_s if target in TERMINAL else 0
+        keys = [self.key(task_id), self.key(task_id, "events"), self.events_key,
+                self.key(task_id, "logs"), self.key(task_id, "signal")]
+        args = [target.value, reason, self.clock(), ttl, len(sources),
+                *sorted(s.value for s in sources), *_flatten(fields)]
+        ok, current = self._advance(keys=keys, args=args)
+        if current is None:
+            raise TaskNotFound(task_id)
+        if not ok:
+            raise IllegalTransition(task_id, current, target.value)
+        return TaskState(current)
+
+    @_guard
+    def list(self, limit: int = 100) -> list[dict[str, str]]:
+        """The most recent records, newest first; ids whose record expired are pruned."""
+        ids: list[str] = self.redis.zrevrange(self.index_key, 0, limit - 1)
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hgetall(self.key(task_id))
+        records = pipe.execute()
+        gone = [task_id for task_id, rec in zip(ids, records, strict=True) if not rec]
+        if gone:
+            self.redis.zrem(self.index_key, *gone)
+        return [rec for rec in records if rec]
+
+    # -- events -----------------------------------------------------------------------
+    @_guard
+    def events(self, task_id: str, after: str = "0", block_ms: int | None = None) -> list[Event]:
+        """Events of one task after stream id `after`; waits up to `block_ms` for the first."""
+        key = self.key(task_id, "events")
+        answer = self.redis.xread({key: after}, block=block_ms)
+        return [_event(entry_id, data) for _, entries in answer for entry_id, data in entries]
+
+    @_guard
+    def all_events(self, after: str = "$", block_ms: int | None = None) -> list[Event]:
+        answer = self.redis.xread({self.events_key: after}, block=block_ms, count=1000)
+        return [_event(entry_id, data) for _, entries in answer for entry_id, data in entries]
+
+    # -- logs -------------------------------------------------------------------------
+    @_guard
+    def append_log(self, task_id: str, stream: str, text: str) -> None:
+        self.redis.xadd(self.key(task_id, "logs"), {"s": stream, "d": text})
+
+    @_guard
+    def logs(
+        self, task_id: str, after: str = "0", block_ms: int | None = None
+    ) -> list[tuple[str, str, str]]:
+        """(entry id, stream name, text) chunks after `after`."""
+        answer = self.redis.xread({self.key(task_id, "logs"): after}, block=block_ms)
+        return [(eid, d["s"], d["d"]) for _, entries in answer for eid, d in entries]
+
+    def iter_logs(self, task_id: str) -> Iterator[tuple[str, str]]:
+        after = "0"
+        while chunk := self.logs(task_id, after):
+            for after, stream, text in chunk:
+                yield stream, text
+
+    # -- signals to the worker ----------------------------------------------------------
+    @_guard
+    def signal(self, task_id: str, value: str) -> None:
+        key = self.key(task_id, "signal")
+        pipe = self.redis.pipeline()
+        pipe.rpush(key, value)
+        pipe.expire(key, self.record_ttl_s)
+        pipe.execute()
+
+    @_guard
+    def wait_signal(self, task_id: str, timeout_s: float) -> str | None:
+        """Block until a signal arrives or `timeout_s` passes (None)."""
+        answer = self.redis.blpop([self.key(task_id, "signal")], timeout=max(timeout_s, 0.01))
+        return None if answer is None else str(answer[1])
+
+    @_guard
+    def take_signal(self, task_id: str) -> str | None:
+        value = self.redis.lpop(self.key(task_id, "signal"))
+        return None if value is None else str(value)
+
+    def close(self) -> None:
+        self.redis.close()
+
+
+def _pairs(fields: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    for name, value in fields.items():
+        if value is None:
+            continue
+        if isinstance(value, (dict, list, tuple)):
+            value = json.dumps(value, separators=(",", ":"))
+        yield name, str(value)
+
+
+def _flatten(fields: Mapping[str, Any]) -> list[str]:
+    return [item for pair in _pairs(fields) for item in pair]
+
+
+def _event(entry_id: str, data: Mapping[str, str]) -> Event:
+    previous = data.get("from")
+    return Event(
+        id=entry_id,
+        task_id=data["task"],
+        state=TaskState(data["state"]),
+        reason=data.get("reason", ""),
+        at=float(data["at"]),
+        previous=TaskState(previous) if previous else None,
+    )

@@ -1,0 +1,98 @@
+"""The Celery application: task name, delivery settings, and the worker entry point.
+
+Message contract for producers in any language (Celery protocol 2, JSON):
+    task name  "airlock.run"
+    task id    the Airlock task id (any unique string, a UUID is customary)
+    kwargs     {"spec": {...}}, the task spec as in `airlock spec schema`
+    queue      the spec's `queue`, or the deployment's default queue ("airlock")
+A producer that does not create the task record first may do so: the worker records the
+task on arrival, validates the spec and rejects it with reasons if it is malformed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import Celery, Task
+
+from orchestrator import config
+from orchestrator.config import Settings
+from orchestrator.executor import Executor
+
+TASK_NAME = "airlock.run"
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> Celery:
+    app = Celery("airlock", broker=settings.redis_url, set_as_current=False)
+    app.conf.update(
+        task_default_queue=settings.queue,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        # A task is acknowledged only once it has ended, and given back if the worker dies.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": settings.max_timeout_s + 600},
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=3,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        task_create_missing_queues=True,
+    )
+    executor = _LazyExecutor(settings)
+
+    @app.task(name=TASK_NAME, bind=True)  # type: ignore[untyped-decorator]
+    def run(self: Task, spec: Any = None) -> str:
+        return executor.get().execute(str(self.request.id), spec).value
+
+    return app
+
+
+class _LazyExecutor:
+    """One executor (one Docker and one Redis client) per worker process, built on first use."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._executor: Executor | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Executor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = build_executor(self.settings)
+            return self._executor
+
+
+def build_executor(settings: Settings) -> Executor:
+    from orchestrator.runtime.docker_engine import DockerRuntime
+    from orchestrator.store import Store
+
+    pool = settings.worker_concurrency * 3 + 2
+    return Executor(
+        settings,
+        Store(settings.redis_url, settings.namespace, settings.record_ttl_s),
+        DockerRuntime(settings.docker_host, max_pool_size=pool),
+    )
+
+
+def run_worker(settings: Settings | None = None, queues: list[str] | None = None,
+               concurrency: int | None = None, loglevel: str = "INFO") -> None:
+    """Start a worker in this process; returns when it is shut down."""
+    settings = settings or config.load()
+    app = create_app(settings)
+    argv = [
+        "worker",
+        "--pool=threads",
+        f"--concurrency={concurrency or settings.worker_concurrency}",
+        f"--queues={','.join(queues or [settings.queue])}",
+        f"--loglevel={loglevel}",
+        f"--hostname=airlock-{settings.namespace}@%h",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+    app.worker_main(argv)
