@@ -119,11 +119,26 @@ class TaskSpec(BaseModel):
         return self.model_dump_json(exclude_none=True)
 
 
+# What a pattern means, for the fields whose regular expression would read as noise.
+_PATTERN_HINTS = {
+    "agent": "must be lower-case letters, digits and '-', starting with a letter (max 63)",
+    "image": "must be an image reference like 'name:tag' or 'registry/name@sha256:...'",
+    "on_behalf_of": "must be 1-128 letters, digits or . _ @ + -",
+    "model": "must not contain control characters",
+    "prompt_hash": "must be 64 lower-case hex digits, optionally prefixed 'sha256:'",
+    "queue": "must be lower-case letters, digits, '.', '_' or '-' (max 63)",
+    "command": "must not contain NUL bytes",
+    "env": "must not contain NUL bytes",
+}
+
+
 def _problems(exc: ValidationError) -> list[str]:
     lines = []
     for err in exc.errors(include_url=False):
         where = ".".join(str(part) for part in err["loc"]) or "spec"
         message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "string_pattern_mismatch":
+            message = _PATTERN_HINTS.get(str(err["loc"][0]), message)
         lines.append(f"{where}: {message}")
     return lines
 

@@ -8,6 +8,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import docker
 import docker.errors
+import docker.utils.socket
 import requests
 
 from orchestrator.errors import ImageNotFound, RuntimeFailure, ServiceUnavailable
@@ -123,19 +124,25 @@ class DockerRuntime:
 
     @_translate
     def attach(self, container_id: str) -> Iterator[tuple[str, bytes]]:
-        frames = self.api.attach(container_id, stream=True, logs=False, demux=True)
-        return self._demux(frames)
+        stream = self.api.attach_socket(container_id, params={"stdout": 1, "stderr": 1, "stream": 1})
+        # attach_socket hands back a file wrapper over the connection's socket; a quiet task
+        # must not time the stream out, and both layers must be closed when it ends.
+        sock = getattr(stream, "_sock", stream)
+        sock.settimeout(None)
+        return self._frames(stream, sock)
 
     @staticmethod
-    def _demux(frames: Iterator[tuple[bytes | None, bytes | None]]) -> Iterator[tuple[str, bytes]]:
+    def _frames(stream: Any, sock: Any) -> Iterator[tuple[str, bytes]]:
+        names = {docker.utils.socket.STDOUT: "stdout", docker.utils.socket.STDERR: "stderr"}
         try:
-            for out, err in frames:
-                if out:
-                    yield "stdout", out
-                if err:
-                    yield "stderr", err
-        except (requests.RequestException, OSError):
+            for stream_id, data in docker.utils.socket.frames_iter(stream, tty=False):
+                if data and stream_id in names:
+                    yield names[stream_id], data
+        except OSError:
             return  # the stream was cut (container removed under us); the output ends here
+        finally:
+            stream.close()
+            sock.close()
 
     @_translate
     def start(self, container_id: str) -> None:

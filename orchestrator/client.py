@@ -1,0 +1,199 @@
+"""The public Python API for upstream systems, and what the CLI calls.
+
+    from orchestrator import client
+    task_id = client.submit({"agent": "researcher", "command": ["python3", "-c", "print(1)"]})
+    result = client.wait(task_id)          # the status dict once the task has ended
+"""
+
+from __future__ import annotations
+
+import base64
+import getpass
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
+from functools import cached_property
+from typing import Any
+
+from celery import Celery
+
+from orchestrator import config
+from orchestrator.config import Settings
+from orchestrator.errors import IllegalTransition, ServiceUnavailable, TaskNotFound
+from orchestrator.executor import SIGNAL_CANCEL, record_fields
+from orchestrator.lifecycle import TERMINAL, TaskState, advance
+from orchestrator.spec import TaskSpec, parse
+from orchestrator.store import Event, Store
+
+_TIMES = ("created_at", "started_at", "finished_at", "updated_at")
+_INTS = ("exit_code", "timeout_s", "logs_bytes", "logs_dropped_bytes")
+_JSON = ("output", "spec")
+
+
+def _iso(value: str | None) -> str | None:
+    if not value:
+        return None
+    return datetime.fromtimestamp(float(value), UTC).isoformat(timespec="milliseconds")
+
+
+def present(record: Mapping[str, str]) -> dict[str, Any]:
+    """A task record as the JSON that `airlock status --json` prints."""
+    out: dict[str, Any] = {
+        "id": record["id"],
+        "state": record["state"],
+        "reason": record.get("reason", ""),
+        "exit_code": None,
+        "agent": record.get("agent"),
+    }
+    for name in _TIMES:
+        out[name] = _iso(record.get(name))
+    for name in _INTS:
+        if record.get(name) not in (None, ""):
+            out[name] = int(record[name])
+    for name in _JSON:
+        if record.get(name):
+            out[name] = json.loads(record[name])
+    for name in ("on_behalf_of", "queue", "container_id", "cancel_requested_by", "output_error"):
+        if record.get(name):
+            out[name] = record[name]
+    if "oom_killed" in record:
+        out["oom_killed"] = record["oom_killed"] == "1"
+    return out
+
+
+class Client:
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or config.load()
+        self.store = Store(
+            self.settings.redis_url, self.settings.namespace, self.settings.record_ttl_s
+        )
+
+    @cached_property
+    def _celery(self) -> Celery:
+        from orchestrator.worker import create_app
+
+        return create_app(self.settings)
+
+    def submit(self, spec: TaskSpec | Mapping[str, Any]) -> str:
+        """Validate, record and enqueue a task; returns its id.
+
+        Raises InvalidSpec (nothing recorded) or ServiceUnavailable (nothing left pending).
+        """
+        from orchestrator.worker import TASK_NAME
+
+        task = parse(spec)
+        task_id = str(uuid.uuid4())
+        self.store.create(task_id, record_fields(task))
+        try:
+            self._celery.send_task(
+                TASK_NAME,
+                kwargs={"spec": task.model_dump(mode="json", exclude_none=True)},
+                task_id=task_id,
+                queue=task.queue or self.settings.queue,
+            )
+        except Exception as exc:  # kombu raises many kinds; all mean "not enqueued"
+            self._abandon(task_id, f"could not enqueue: {exc}")
+            raise ServiceUnavailable("broker", str(exc)) from exc
+        return task_id
+
+    def _abandon(self, task_id: str, reason: str) -> None:
+        try:
+            advance(self.store, task_id, TaskState.FAILED, reason)
+        except Exception:  # the store may be what failed; the record then expires unqueued
+            pass
+
+    def status(self, task_id: str) -> dict[str, Any]:
+        """Raises TaskNotFound."""
+        return present(self.store.get(task_id))
+
+    def wait(
+        self,
+        task_id: str,
+        timeout_s: float | None = None,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> dict[str, Any]:
+        """Block until the task ends (or `timeout_s` passes); returns its status.
+
+        Follows the task's event stream, so it wakes the moment the state changes.
+        """
+        give_up = None if timeout_s is None else time.monotonic() + timeout_s
+        after = "0"
+        while True:
+            record = self.store.get(task_id)
+            if TaskState(record["state"]) in TERMINAL:
+                return present(record)
+            block = 1000 if give_up is None else int(max(give_up - time.monotonic(), 0) * 1000)
+            if give_up is not None and block <= 0:
+                return present(record)
+            for event in self.store.events(task_id, after, block_ms=max(block, 1)):
+                after = event.id
+                if on_event:
+                    on_event(event)
+
+    def logs(self, task_id: str, follow: bool = False) -> Iterator[tuple[str, str]]:
+        """(stream, text) chunks; with `follow`, until the task has ended and its output drained."""
+        self.store.get(task_id)
+        after = "0"
+        while True:
+            ended = TaskState(self.store.get(task_id)["state"]) in TERMINAL
+            chunks = self.store.logs(task_id, after, block_ms=None if ended or not follow else 500)
+            for after, stream, text in chunks:
+                yield stream, text
+            if not chunks and (ended or not follow):
+                return
+
+    def cancel(self, task_id: str, by: str | None = None) -> str:
+        """Ask for the task to end; returns what happened, in words.
+
+        A pending task is cancelled at once; a running one is signalled and its worker
+        stops the container. Raises TaskNotFound.
+        """
+        by = by or getpass.getuser()
+        try:
+            advance(self.store, task_id, TaskState.CANCELLED, f"cancelled by {by} before it started",
+                    cancel_requested_by=by)
+            return "cancelled before it started"
+        except IllegalTransition as exc:
+            if exc.current and TaskState(exc.current) in TERMINAL:
+                return f"already ended: {exc.current}"
+        self.store.update(task_id, {"cancel_requested_by": by})
+        self.store.signal(task_id, SIGNAL_CANCEL)
+        return "cancel requested"
+
+    def list(self, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        records = self.store.list(limit if state is None else max(limit * 10, 1000))
+        shown = [present(r) for r in records if state is None or r["state"] == state]
+        return shown[:limit]
+
+    def output(self, task_id: str) -> list[tuple[str, bytes]]:
+        """The files the task left in /workspace/output, as (name, content)."""
+        files = self.status(task_id).get("output") or []
+        return [(f["name"], base64.b64decode(f["data"])) for f in files]
+
+    def close(self) -> None:
+        self.store.close()
+
+
+_default: Client | None = None
+
+
+def _client() -> Client:
+    global _default
+    if _default is None:
+        _default = Client()
+    return _default
+
+
+def submit(spec: TaskSpec | Mapping[str, Any]) -> str:
+    """Submit a task with the settings of the environment; returns its id."""
+    return _client().submit(spec)
+
+
+def wait(task_id: str, timeout_s: float | None = None) -> dict[str, Any]:
+    """Wait for a task to end; returns its status (see `present`)."""
+    return _client().wait(task_id, timeout_s)
+
+
+__all__ = ["Client", "TaskNotFound", "present", "submit", "wait"]

@@ -1,0 +1,113 @@
+"""How the CLI shows tasks to people. Machines get `--json` instead and never see this."""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import datetime
+from typing import Any
+
+from rich.console import Console
+from rich.status import Status
+from rich.table import Table
+
+from orchestrator.lifecycle import TaskState
+from orchestrator.store import Event
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+STATE_STYLE = {
+    "succeeded": "green",
+    "failed": "red",
+    "timed_out": "red",
+    "cancelled": "yellow",
+    "rejected": "red",
+    "running": "cyan",
+}
+
+
+def styled_state(state: str) -> str:
+    style = STATE_STYLE.get(state, "dim")
+    return f"[{style}]{state}[/{style}]"
+
+
+def duration(status: dict[str, Any]) -> str:
+    start, end = status.get("created_at"), status.get("finished_at")
+    if not start or not end:
+        return ""
+    seconds = (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+    return f"{seconds:.2f}s"
+
+
+def summary(status: dict[str, Any]) -> None:
+    took = duration(status)
+    out.print(
+        f"task {status['id']} {styled_state(status['state'])}: {status['reason']}"
+        + (f" ({took})" if took else "")
+    )
+    for item in status.get("output") or []:
+        note = " (truncated)" if item["truncated"] else ""
+        out.print(f"  output: {item['name']}  {item['size']} bytes{note}")
+
+
+def status_table(status: dict[str, Any]) -> None:
+    table = Table.grid(padding=(0, 2))
+    for name in ("id", "state", "reason", "exit_code", "agent", "on_behalf_of", "queue",
+                 "created_at", "started_at", "finished_at", "container_id"):
+        value = status.get(name)
+        if value is None:
+            continue
+        table.add_row(f"[bold]{name}[/bold]", styled_state(value) if name == "state" else str(value))
+    for item in status.get("output") or []:
+        table.add_row("[bold]output[/bold]", f"{item['name']} ({item['size']} bytes)")
+    out.print(table)
+
+
+def task_list(tasks: list[dict[str, Any]]) -> None:
+    table = Table(box=None, header_style="bold")
+    for column in ("ID", "STATE", "AGENT", "CREATED", "REASON"):
+        table.add_column(column, no_wrap=column != "REASON")
+    for task in tasks:
+        table.add_row(task["id"], styled_state(task["state"]), task["agent"] or "",
+                      (task["created_at"] or "")[:19], task["reason"])
+    out.print(table)
+
+
+def write_log(stream: str, text: str) -> None:
+    target = sys.stderr if stream == "stderr" else sys.stdout
+    target.write(text)
+    target.flush()
+
+
+class Progress:
+    """Live progress of a waiting `submit`: a spinner on a terminal, lines otherwise."""
+
+    def __init__(self, task_id: str, enabled: bool) -> None:
+        self.task_id = task_id
+        self.enabled = enabled
+        self.started = time.monotonic()
+        self.live = enabled and err.is_terminal
+        self._status: Status | None = None
+
+    def __enter__(self) -> Progress:
+        if self.live:
+            self._status = err.status(f"task {self.task_id}: pending")
+            self._status.start()
+        elif self.enabled:
+            err.print(f"task {self.task_id}: pending")
+        return self
+
+    def event(self, event: Event) -> None:
+        if not self.enabled or event.state is TaskState.PENDING:
+            return
+        line = f"task {self.task_id}: {event.state.value} ({event.reason}) " \
+               f"+{time.monotonic() - self.started:.2f}s"
+        if self._status is not None:
+            self._status.update(line)
+        else:
+            err.print(line)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._status is not None:
+            self._status.stop()

@@ -1,0 +1,132 @@
+"""Fixtures over the real services that scripts/bootstrap starts.
+
+Every test session works in its own namespace (Redis keys, Celery queue, container labels),
+so it neither sees nor disturbs anything else on the machine. A missing service skips the
+tests that need it, except under CI=true, where it fails them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from orchestrator import config
+from orchestrator.config import Settings
+from orchestrator.errors import AirlockError
+from orchestrator.executor import Executor
+from orchestrator.runtime.docker_engine import DockerRuntime
+from orchestrator.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _service_missing(what: str, exc: Exception) -> None:
+    message = f"{what} is not available: {exc} (run scripts/bootstrap)"
+    if IN_CI:
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    namespace = f"t{uuid.uuid4().hex[:10]}"
+    return replace(config.load(), namespace=namespace, queue=namespace, stop_grace_s=1.0)
+
+
+@pytest.fixture(scope="session")
+def store(settings: Settings) -> Iterator[Store]:
+    store = Store(settings.redis_url, settings.namespace, record_ttl_s=600)
+    try:
+        store.ping()
+    except AirlockError as exc:
+        _service_missing("Redis", exc)
+    yield store
+    for key in store.redis.scan_iter(f"{settings.namespace}:*", count=1000):
+        store.redis.delete(key)
+    store.close()
+
+
+@pytest.fixture(scope="session")
+def runtime(settings: Settings) -> DockerRuntime:
+    try:
+        runtime = DockerRuntime(settings.docker_host)
+        runtime.ping()
+        runtime.api.inspect_image(settings.runner_image)
+    except Exception as exc:
+        _service_missing(f"Docker engine with image {settings.runner_image}", exc)
+    return runtime
+
+
+@pytest.fixture
+def executor(settings: Settings, store: Store, runtime: DockerRuntime) -> Executor:
+    return Executor(settings, store, runtime)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_containers(request: pytest.FixtureRequest, settings: Settings) -> Iterator[None]:
+    """After every test that touched Docker, no container of this session may remain."""
+    yield
+    if "runtime" not in request.fixturenames and "worker" not in request.fixturenames:
+        return
+    runtime: DockerRuntime = request.getfixturevalue("runtime")
+    deadline = time.monotonic() + 10
+    left = runtime.list_managed(settings.namespace)
+    while left and "worker" in request.fixturenames and time.monotonic() < deadline:
+        time.sleep(0.1)  # a worker may still be finishing a teardown it was told about
+        left = runtime.list_managed(settings.namespace)
+    for container in left:
+        runtime.remove(container.id)
+    assert not left, f"containers left behind: {[c.task_id for c in left]}"
+
+
+def airlock_env(settings: Settings, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        AIRLOCK_NAMESPACE=settings.namespace,
+        AIRLOCK_QUEUE=settings.queue,
+        AIRLOCK_STOP_GRACE_S=str(settings.stop_grace_s),
+        REDIS_URL=settings.redis_url,
+        **extra,
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def worker(settings: Settings, store: Store, runtime: DockerRuntime) -> Iterator[subprocess.Popen[bytes]]:
+    """A real `airlock worker` process serving this session's queue."""
+    log = open(ROOT / ".airlock" / "log" / f"worker-{settings.namespace}.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "worker", "--concurrency", "4",
+         "--loglevel", "WARNING"],
+        env=airlock_env(settings),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    yield proc
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
+def airlock(settings: Settings, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run the `airlock` command as a user would, in this session's namespace."""
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        env=airlock_env(settings, **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

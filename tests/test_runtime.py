@@ -1,0 +1,63 @@
+"""The container a task gets: its create arguments as data, and what the engine really made."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from orchestrator.config import TASK_USER, Settings
+from orchestrator.runtime.base import ContainerSpec
+from orchestrator.runtime.docker_engine import DockerRuntime, container_config
+
+
+def make_spec(settings: Settings, **overrides: object) -> ContainerSpec:
+    fields: dict[str, object] = dict(
+        task_id=str(uuid.uuid4()), namespace=settings.namespace, image=settings.runner_image,
+        command=("sleep", "30"), env={"A": "1"}, user=TASK_USER, cpus=0.5, memory=64 << 20,
+        pids=32, deadline=time.time() + 60, agent="tester", on_behalf_of="alice",
+    )
+    fields.update(overrides)
+    return ContainerSpec(**fields)  # type: ignore[arg-type]
+
+
+def test_create_arguments_are_sealed(settings: Settings) -> None:
+    spec = make_spec(settings)
+    create, host = container_config(spec)
+    assert host["network_mode"] == "none" and create["network_disabled"] is True
+    assert host["read_only"] is True
+    assert host["cap_drop"] == ["ALL"]
+    assert host["security_opt"] == ["no-new-privileges:true"]
+    assert (host["pids_limit"], host["mem_limit"], host["memswap_limit"]) == (32, 64 << 20, 64 << 20)
+    assert host["nano_cpus"] == 500_000_000
+    assert set(host["tmpfs"]) == {"/tmp", "/workspace"}
+    assert "noexec" in host["tmpfs"]["/tmp"]
+    assert create["user"] == TASK_USER and not create["user"].startswith("0")
+    assert create["labels"]["airlock.task_id"] == spec.task_id
+    assert create["labels"]["airlock.on_behalf_of"] == "alice"
+    assert float(create["labels"]["airlock.deadline"]) == round(spec.deadline, 3)
+    assert host["log_config"]["Type"] == "none"
+    assert "runtime" not in host
+
+
+def test_engine_applies_every_setting(settings: Settings, runtime: DockerRuntime) -> None:
+    spec = make_spec(settings)
+    container_id = runtime.create(spec)
+    try:
+        info = runtime.api.inspect_container(container_id)
+        host = info["HostConfig"]
+        assert host["NetworkMode"] == "none"
+        assert host["ReadonlyRootfs"] is True
+        assert host["CapDrop"] == ["ALL"] and not host["CapAdd"]
+        assert host["SecurityOpt"] == ["no-new-privileges:true"]
+        assert host["Privileged"] is False
+        assert (host["PidsLimit"], host["Memory"], host["MemorySwap"]) == (32, 64 << 20, 64 << 20)
+        assert host["NanoCpus"] == 500_000_000
+        assert info["Config"]["User"] == TASK_USER
+        assert info["Config"]["Labels"]["airlock.task_id"] == spec.task_id
+        assert not info["Mounts"] or all(m["Type"] != "bind" for m in info["Mounts"])
+        listed = runtime.list_managed(settings.namespace)
+        assert [c.task_id for c in listed if c.id == container_id] == [spec.task_id]
+    finally:
+        assert runtime.remove(container_id) is True
+    assert runtime.remove(container_id) is False
+    assert all(c.id != container_id for c in runtime.list_managed(settings.namespace))
