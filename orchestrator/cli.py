@@ -57,8 +57,13 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--file", "-f", "spec_file", type=click.Path(path_type=Path),
-              help="task spec (JSON or YAML); flags override its fields")
+@click.option(
+    "--file",
+    "-f",
+    "spec_file",
+    type=click.Path(path_type=Path),
+    help="task spec (JSON or YAML); flags override its fields",
+)
 @click.option("--agent", "-a", help="agent role the task runs as")
 @click.option("--image", help="runner image")
 @click.option("--timeout", "timeout_s", type=int, help="deadline in seconds")
@@ -72,8 +77,15 @@ def main() -> None:
 @click.option("--wait", "-w", is_flag=True, help="wait for the task to end and show the result")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def submit(spec_file: Path | None, command: tuple[str, ...], env: tuple[str, ...],
-           labels: tuple[str, ...], wait: bool, as_json: bool, **flags: Any) -> None:
+def submit(
+    spec_file: Path | None,
+    command: tuple[str, ...],
+    env: tuple[str, ...],
+    labels: tuple[str, ...],
+    wait: bool,
+    as_json: bool,
+    **flags: Any,
+) -> None:
     """Submit a task: airlock submit [OPTIONS] -- CMD ARGS..."""
     data: dict[str, Any] = load_file(spec_file).model_dump(exclude_none=True) if spec_file else {}
     for name in ("agent", "image", "timeout_s", "on_behalf_of", "queue"):
@@ -130,7 +142,7 @@ def logs(task_id: str, follow: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def list_tasks(state: str | None, limit: int, as_json: bool) -> None:
     """List recent tasks, newest first."""
-    tasks = Client().list(state, limit)
+    tasks = Client().tasks(state, limit)
     emit_json(tasks) if as_json else render.task_list(tasks)
 
 
@@ -145,8 +157,12 @@ def cancel(task_id: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("task_id")
-@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
-              help="write every output file here (default: print the single file)")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="write every output file here (default: print the single file)",
+)
 def output(task_id: str, directory: Path | None) -> None:
     """Fetch the files a task left in /workspace/output."""
     files = Client().output(task_id)

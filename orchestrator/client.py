@@ -1,8 +1,8 @@
 """The public Python API for upstream systems, and what the CLI calls.
 
-    from orchestrator import client
-    task_id = client.submit({"agent": "researcher", "command": ["python3", "-c", "print(1)"]})
-    result = client.wait(task_id)          # the status dict once the task has ended
+from orchestrator import client
+task_id = client.submit({"agent": "researcher", "command": ["python3", "-c", "print(1)"]})
+result = client.wait(task_id)          # the status dict once the task has ended
 """
 
 from __future__ import annotations
@@ -152,8 +152,13 @@ class Client:
         """
         by = by or getpass.getuser()
         try:
-            advance(self.store, task_id, TaskState.CANCELLED, f"cancelled by {by} before it started",
-                    cancel_requested_by=by)
+            advance(
+                self.store,
+                task_id,
+                TaskState.CANCELLED,
+                f"cancelled by {by} before it started",
+                cancel_requested_by=by,
+            )
             return "cancelled before it started"
         except IllegalTransition as exc:
             if exc.current and TaskState(exc.current) in TERMINAL:
@@ -162,8 +167,8 @@ class Client:
         self.store.signal(task_id, SIGNAL_CANCEL)
         return "cancel requested"
 
-    def list(self, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        records = self.store.list(limit if state is None else max(limit * 10, 1000))
+    def tasks(self, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        records = self.store.recent(limit if state is None else max(limit * 10, 1000))
         shown = [present(r) for r in records if state is None or r["state"] == state]
         return shown[:limit]
 

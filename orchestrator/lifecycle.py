@@ -58,9 +58,7 @@ def sources(target: TaskState) -> frozenset[TaskState]:
     return frozenset(state for state, targets in TRANSITIONS.items() if target in targets)
 
 
-def advance(
-    store: Store, task_id: str, target: TaskState, reason: str, **fields: Any
-) -> TaskState:
+def advance(store: Store, task_id: str, target: TaskState, reason: str, **fields: Any) -> TaskState:
     """Move a task to `target`, recording `reason` and `fields`; returns the previous state.
 
     Raises IllegalTransition if the task is not in a state from which `target` is legal

@@ -53,12 +53,25 @@ def summary(status: dict[str, Any]) -> None:
 
 def status_table(status: dict[str, Any]) -> None:
     table = Table.grid(padding=(0, 2))
-    for name in ("id", "state", "reason", "exit_code", "agent", "on_behalf_of", "queue",
-                 "created_at", "started_at", "finished_at", "container_id"):
+    for name in (
+        "id",
+        "state",
+        "reason",
+        "exit_code",
+        "agent",
+        "on_behalf_of",
+        "queue",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "container_id",
+    ):
         value = status.get(name)
         if value is None:
             continue
-        table.add_row(f"[bold]{name}[/bold]", styled_state(value) if name == "state" else str(value))
+        table.add_row(
+            f"[bold]{name}[/bold]", styled_state(value) if name == "state" else str(value)
+        )
     for item in status.get("output") or []:
         table.add_row("[bold]output[/bold]", f"{item['name']} ({item['size']} bytes)")
     out.print(table)
@@ -69,8 +82,13 @@ def task_list(tasks: list[dict[str, Any]]) -> None:
     for column in ("ID", "STATE", "AGENT", "CREATED", "REASON"):
         table.add_column(column, no_wrap=column != "REASON")
     for task in tasks:
-        table.add_row(task["id"], styled_state(task["state"]), task["agent"] or "",
-                      (task["created_at"] or "")[:19], task["reason"])
+        table.add_row(
+            task["id"],
+            styled_state(task["state"]),
+            task["agent"] or "",
+            (task["created_at"] or "")[:19],
+            task["reason"],
+        )
     out.print(table)
 
 
@@ -101,8 +119,10 @@ class Progress:
     def event(self, event: Event) -> None:
         if not self.enabled or event.state is TaskState.PENDING:
             return
-        line = f"task {self.task_id}: {event.state.value} ({event.reason}) " \
-               f"+{time.monotonic() - self.started:.2f}s"
+        line = (
+            f"task {self.task_id}: {event.state.value} ({event.reason}) "
+            f"+{time.monotonic() - self.started:.2f}s"
+        )
         if self._status is not None:
             self._status.update(line)
         else:

@@ -80,7 +80,7 @@ class TaskSpec(BaseModel):
         default_factory=dict, max_length=64, description="non-secret environment variables"
     )
     timeout_s: int = Field(300, ge=1, le=86400, description="deadline, seconds after start")
-    limits: Limits = Field(default_factory=Limits)
+    limits: Limits = Field(default=Limits())
     labels: dict[str, Annotated[str, Field(max_length=256)]] = Field(
         default_factory=dict, max_length=32, description="free-form labels for the caller"
     )

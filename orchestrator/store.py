@@ -28,7 +28,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 GLOBAL_EVENTS_MAXLEN = 10_000
 
-_CREATE = """
+_CREATE = (
+    """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('ZADD', KEYS[4], ARGV[1], ARGV[2])
@@ -36,10 +37,13 @@ local ev = {'task', ARGV[2], 'state', 'pending', 'reason', 'submitted', 'at', AR
 redis.call('XADD', KEYS[2], '*', unpack(ev))
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', %d, '*', unpack(ev))
 return 1
-""" % GLOBAL_EVENTS_MAXLEN
+"""
+    % GLOBAL_EVENTS_MAXLEN
+)
 
 # ARGV: target, reason, now, ttl (0 = not terminal), n, n allowed sources, field pairs...
-_ADVANCE = """
+_ADVANCE = (
+    """
 local current = redis.call('HGET', KEYS[1], 'state')
 if not current then return {0, false} end
 local n = tonumber(ARGV[5])
@@ -60,7 +64,9 @@ if ttl > 0 then
   redis.call('EXPIRE', KEYS[4], ttl)
 end
 return {1, current}
-""" % GLOBAL_EVENTS_MAXLEN
+"""
+    % GLOBAL_EVENTS_MAXLEN
+)
 
 
 def _guard(method: Callable[P, R]) -> Callable[P, R]:
@@ -122,8 +128,16 @@ class Store:
     def create(self, task_id: str, fields: Mapping[str, Any]) -> bool:
         """Record a new pending task. False if it already exists (a redelivered message)."""
         now = self.clock()
-        flat = _flatten({**fields, "id": task_id, "state": TaskState.PENDING.value,
-                         "reason": "submitted", "created_at": now, "updated_at": now})
+        flat = _flatten(
+            {
+                **fields,
+                "id": task_id,
+                "state": TaskState.PENDING.value,
+                "reason": "submitted",
+                "created_at": now,
+                "updated_at": now,
+            }
+        )
         keys = [self.key(task_id), self.key(task_id, "events"), self.events_key, self.index_key]
         return bool(self._create(keys=keys, args=[now, task_id, *flat]))
 
@@ -153,10 +167,22 @@ class Store:
         fields: Mapping[str, Any],
     ) -> TaskState:
         ttl = self.record_ttl_s if target in TERMINAL else 0
-        keys = [self.key(task_id), self.key(task_id, "events"), self.events_key,
-                self.key(task_id, "logs"), self.key(task_id, "signal")]
-        args = [target.value, reason, self.clock(), ttl, len(sources),
-                *sorted(s.value for s in sources), *_flatten(fields)]
+        keys = [
+            self.key(task_id),
+            self.key(task_id, "events"),
+            self.events_key,
+            self.key(task_id, "logs"),
+            self.key(task_id, "signal"),
+        ]
+        args = [
+            target.value,
+            reason,
+            self.clock(),
+            ttl,
+            len(sources),
+            *sorted(s.value for s in sources),
+            *_flatten(fields),
+        ]
         ok, current = self._advance(keys=keys, args=args)
         if current is None:
             raise TaskNotFound(task_id)
@@ -165,7 +191,7 @@ class Store:
         return TaskState(current)
 
     @_guard
-    def list(self, limit: int = 100) -> list[dict[str, str]]:
+    def recent(self, limit: int = 100) -> list[dict[str, str]]:
         """The most recent records, newest first; ids whose record expired are pruned."""
         ids: list[str] = self.redis.zrevrange(self.index_key, 0, limit - 1)
         pipe = self.redis.pipeline(transaction=False)

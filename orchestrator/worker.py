@@ -79,8 +79,12 @@ def build_executor(settings: Settings) -> Executor:
     )
 
 
-def run_worker(settings: Settings | None = None, queues: list[str] | None = None,
-               concurrency: int | None = None, loglevel: str = "INFO") -> None:
+def run_worker(
+    settings: Settings | None = None,
+    queues: list[str] | None = None,
+    concurrency: int | None = None,
+    loglevel: str = "INFO",
+) -> None:
     """Start a worker in this process; returns when it is shut down."""
     settings = settings or config.load()
     app = create_app(settings)

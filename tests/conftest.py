@@ -95,18 +95,28 @@ def airlock_env(settings: Settings, **extra: str) -> dict[str, str]:
         AIRLOCK_QUEUE=settings.queue,
         AIRLOCK_STOP_GRACE_S=str(settings.stop_grace_s),
         REDIS_URL=settings.redis_url,
-        **extra,
     )
+    env.update(extra)
     return env
 
 
 @pytest.fixture(scope="session")
-def worker(settings: Settings, store: Store, runtime: DockerRuntime) -> Iterator[subprocess.Popen[bytes]]:
+def worker(
+    settings: Settings, store: Store, runtime: DockerRuntime
+) -> Iterator[subprocess.Popen[bytes]]:
     """A real `airlock worker` process serving this session's queue."""
     log = open(ROOT / ".airlock" / "log" / f"worker-{settings.namespace}.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "worker", "--concurrency", "4",
-         "--loglevel", "WARNING"],
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "worker",
+            "--concurrency",
+            "4",
+            "--loglevel",
+            "WARNING",
+        ],
         env=airlock_env(settings),
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -121,7 +131,9 @@ def worker(settings: Settings, store: Store, runtime: DockerRuntime) -> Iterator
     log.close()
 
 
-def airlock(settings: Settings, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+def airlock(
+    settings: Settings, *args: str, timeout: float = 60, **env: str
+) -> subprocess.CompletedProcess[str]:
     """Run the `airlock` command as a user would, in this session's namespace."""
     return subprocess.run(
         [sys.executable, "-m", "orchestrator", *args],

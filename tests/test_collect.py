@@ -15,9 +15,13 @@ MARKER = "0123abcd"
 
 
 def frame(files: list[tuple[str, bytes]]) -> bytes:
-    body = {"exit_code": 0, "files": [
-        {"name": n, "size": len(d), "truncated": False, "data": base64.b64encode(d).decode()}
-        for n, d in files]}
+    body = {
+        "exit_code": 0,
+        "files": [
+            {"name": n, "size": len(d), "truncated": False, "data": base64.b64encode(d).decode()}
+            for n, d in files
+        ],
+    }
     return b"\x1e" + MARKER.encode() + b" " + json.dumps(body).encode() + b"\n"
 
 
@@ -36,7 +40,9 @@ def test_frame_is_removed_from_logs() -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=200), st.binary(max_size=300), st.data())
-def test_any_split_gives_the_same_result(before: bytes, payload: bytes, data: st.DataObject) -> None:
+def test_any_split_gives_the_same_result(
+    before: bytes, payload: bytes, data: st.DataObject
+) -> None:
     stream = before.replace(b"\x1e", b"") + frame([("o", payload)])
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
     chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
@@ -60,7 +66,7 @@ def test_frame_over_its_cap_is_dropped() -> None:
 def test_malformed_and_cut_frames_are_reported() -> None:
     _, scanner = scan([b"\x1e" + MARKER.encode() + b" {nope\n"])
     assert scanner.error == "malformed result frame"
-    _, scanner = scan([b"\x1e" + MARKER.encode() + b" {\"files\": []"])
+    _, scanner = scan([b"\x1e" + MARKER.encode() + b' {"files": []'])
     assert scanner.error == "result frame cut off"
 
 
@@ -68,8 +74,14 @@ def test_pump_batches_caps_and_decodes() -> None:
     written: list[tuple[str, str]] = []
     ended = threading.Event()
     snowman = "\u2603".encode()
-    chunks = [("stdout", b"a" * 50), ("stdout", snowman[:1]), ("stdout", snowman[1:]),
-              ("stderr", b"warn\n"), ("stdout", b"b" * 100), ("stdout", frame([("f", b"1")]))]
+    chunks = [
+        ("stdout", b"a" * 50),
+        ("stdout", snowman[:1]),
+        ("stdout", snowman[1:]),
+        ("stderr", b"warn\n"),
+        ("stdout", b"b" * 100),
+        ("stdout", frame([("f", b"1")])),
+    ]
     scanner = ResultScanner(MARKER, 1 << 16)
     pump = LogPump(iter(chunks), scanner, written.extend, ended.set, max_bytes=60)
     pump.start()

@@ -64,8 +64,11 @@ def logs_of(settings: Settings, task_id: str) -> dict[str, str]:
 
 
 def test_success_returns_stdout_exit_code_and_output(executor: Executor, store: Store) -> None:
-    state, status = run(executor, store, command=[
-        "sh", "-c", "echo hello; echo oops >&2; printf result > output/answer.txt"])
+    state, status = run(
+        executor,
+        store,
+        command=["sh", "-c", "echo hello; echo oops >&2; printf result > output/answer.txt"],
+    )
     assert state is S.SUCCEEDED and status["exit_code"] == 0 and status["reason"] == "exit code 0"
     assert logs_of(executor.settings, status["id"]) == {"stdout": "hello\n", "stderr": "oops\n"}
     [out] = status["output"]
@@ -76,8 +79,12 @@ def test_success_returns_stdout_exit_code_and_output(executor: Executor, store: 
 
 
 def test_container_is_sealed_from_inside(executor: Executor, store: Store) -> None:
-    state, status = run(executor, store, command=["python3", "-c", PROBE],
-                        limits={"memory": "96m", "pids": 40, "cpus": 0.5})
+    state, status = run(
+        executor,
+        store,
+        command=["python3", "-c", PROBE],
+        limits={"memory": "96m", "pids": 40, "cpus": 0.5},
+    )
     assert state is S.SUCCEEDED, status
     facts = json.loads(Client(executor.settings).output(status["id"])[0][1])
     assert facts["uid"] != 0 and facts["gid"] != 0
@@ -118,8 +125,13 @@ def test_cancel_stops_a_running_task(executor: Executor, store: Store, settings:
     client = Client(settings)
     task_id = str(uuid.uuid4())
     result: list[TaskState] = []
-    thread = threading.Thread(target=lambda: result.append(executor.execute(
-        task_id, {"agent": "tester", "command": ["sleep", "60"], "timeout_s": 120})))
+    thread = threading.Thread(
+        target=lambda: result.append(
+            executor.execute(
+                task_id, {"agent": "tester", "command": ["sleep", "60"], "timeout_s": 120}
+            )
+        )
+    )
     thread.start()
     for event_state in _states(store, task_id):
         if event_state is S.RUNNING:
@@ -135,12 +147,16 @@ def test_cancel_stops_a_running_task(executor: Executor, store: Store, settings:
 def _states(store: Store, task_id: str):  # type: ignore[no-untyped-def]
     after = "0"
     for _ in range(300):
-        for event in store.events(task_id, after, block_ms=100) if store.redis.exists(
-                store.key(task_id)) else []:
+        for event in (
+            store.events(task_id, after, block_ms=100)
+            if store.redis.exists(store.key(task_id))
+            else []
+        ):
             after = event.id
             yield event.state
         if not store.redis.exists(store.key(task_id)):
             import time
+
             time.sleep(0.05)
 
 
@@ -155,10 +171,17 @@ def test_cancel_before_start(executor: Executor, store: Store, settings: Setting
 def test_output_and_logs_are_capped(executor: Executor, store: Store) -> None:
     settings = executor.settings
     from dataclasses import replace
-    small = Executor(replace(settings, output_max_bytes=1000, log_max_bytes=2000),
-                     executor.store, executor.runtime)
-    state, status = run(small, store, command=[
-        "sh", "-c", "head -c 5000 /dev/zero > output/big; yes line | head -n 2000"])
+
+    small = Executor(
+        replace(settings, output_max_bytes=1000, log_max_bytes=2000),
+        executor.store,
+        executor.runtime,
+    )
+    state, status = run(
+        small,
+        store,
+        command=["sh", "-c", "head -c 5000 /dev/zero > output/big; yes line | head -n 2000"],
+    )
     assert state is S.SUCCEEDED
     [out] = status["output"]
     assert out["size"] == 5000 and out["truncated"] is True

@@ -74,7 +74,9 @@ def test_racing_writers_only_one_wins(store: Store) -> None:
         results: list[str] = []
         barrier = threading.Barrier(2)
 
-        def attempt(target: TaskState) -> None:
+        def attempt(
+            target: TaskState, task_id: str, results: list[str], barrier: threading.Barrier
+        ) -> None:
             barrier.wait()
             try:
                 advance(store, task_id, target, "race")
@@ -82,7 +84,10 @@ def test_racing_writers_only_one_wins(store: Store) -> None:
             except IllegalTransition:
                 pass
 
-        threads = [threading.Thread(target=attempt, args=(t,)) for t in (S.ADMITTED, S.CANCELLED)]
+        threads = [
+            threading.Thread(target=attempt, args=(t, task_id, results, barrier))
+            for t in (S.ADMITTED, S.CANCELLED)
+        ]
         for t in threads:
             t.start()
         for t in threads:

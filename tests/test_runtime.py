@@ -12,9 +12,18 @@ from orchestrator.runtime.docker_engine import DockerRuntime, container_config
 
 def make_spec(settings: Settings, **overrides: object) -> ContainerSpec:
     fields: dict[str, object] = dict(
-        task_id=str(uuid.uuid4()), namespace=settings.namespace, image=settings.runner_image,
-        command=("sleep", "30"), env={"A": "1"}, user=TASK_USER, cpus=0.5, memory=64 << 20,
-        pids=32, deadline=time.time() + 60, agent="tester", on_behalf_of="alice",
+        task_id=str(uuid.uuid4()),
+        namespace=settings.namespace,
+        image=settings.runner_image,
+        command=("sleep", "30"),
+        env={"A": "1"},
+        user=TASK_USER,
+        cpus=0.5,
+        memory=64 << 20,
+        pids=32,
+        deadline=time.time() + 60,
+        agent="tester",
+        on_behalf_of="alice",
     )
     fields.update(overrides)
     return ContainerSpec(**fields)  # type: ignore[arg-type]
@@ -27,7 +36,11 @@ def test_create_arguments_are_sealed(settings: Settings) -> None:
     assert host["read_only"] is True
     assert host["cap_drop"] == ["ALL"]
     assert host["security_opt"] == ["no-new-privileges:true"]
-    assert (host["pids_limit"], host["mem_limit"], host["memswap_limit"]) == (32, 64 << 20, 64 << 20)
+    assert (host["pids_limit"], host["mem_limit"], host["memswap_limit"]) == (
+        32,
+        64 << 20,
+        64 << 20,
+    )
     assert host["nano_cpus"] == 500_000_000
     assert set(host["tmpfs"]) == {"/tmp", "/workspace"}
     assert "noexec" in host["tmpfs"]["/tmp"]

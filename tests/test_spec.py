@@ -92,12 +92,26 @@ def test_schema_describes_the_model() -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 field_names = st.sampled_from(
-    ["agent", "command", "image", "env", "timeout_s", "limits", "labels", "on_behalf_of",
-     "model", "prompt_hash", "queue", "extra"]
+    [
+        "agent",
+        "command",
+        "image",
+        "env",
+        "timeout_s",
+        "limits",
+        "labels",
+        "on_behalf_of",
+        "model",
+        "prompt_hash",
+        "queue",
+        "extra",
+    ]
 )
 
 

@@ -124,7 +124,9 @@ class DockerRuntime:
 
     @_translate
     def attach(self, container_id: str) -> Iterator[tuple[str, bytes]]:
-        stream = self.api.attach_socket(container_id, params={"stdout": 1, "stderr": 1, "stream": 1})
+        stream = self.api.attach_socket(
+            container_id, params={"stdout": 1, "stderr": 1, "stream": 1}
+        )
         # attach_socket hands back a file wrapper over the connection's socket; a quiet task
         # must not time the stream out, and both layers must be closed when it ends.
         sock = getattr(stream, "_sock", stream)
@@ -161,7 +163,7 @@ class DockerRuntime:
     @_translate
     def stop(self, container_id: str, grace_s: float) -> None:
         try:
-            self.api.stop(container_id, timeout=max(int(round(grace_s)), 0))
+            self.api.stop(container_id, timeout=max(round(grace_s), 0))
         except docker.errors.NotFound:
             pass
 

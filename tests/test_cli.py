@@ -1,0 +1,139 @@
+"""The `airlock` command end to end: a real worker process, real Redis, real containers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from orchestrator.config import Settings
+from orchestrator.runtime.docker_engine import DockerRuntime
+from orchestrator.store import Store
+from tests.conftest import airlock
+
+
+def submit_json(settings: Settings, *args: str) -> tuple[int, dict]:  # type: ignore[type-arg]
+    proc = airlock(settings, "submit", "--agent", "tester", "--wait", "--json", *args)
+    assert proc.stdout, proc.stderr
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def test_submit_wait_json(settings: Settings, worker: subprocess.Popen[bytes]) -> None:
+    code, result = submit_json(
+        settings,
+        "--env",
+        "GREETING=hi",
+        "--",
+        "sh",
+        "-c",
+        'echo "$GREETING there"; printf 42 > output/answer',
+    )
+    assert code == 0
+    assert result["state"] == "succeeded" and result["exit_code"] == 0
+    assert result["logs"] == "hi there\n"
+    for key in ("id", "state", "reason", "exit_code", "agent", "created_at", "finished_at"):
+        assert key in result
+    status = json.loads(airlock(settings, "status", result["id"], "--json").stdout)
+    assert {k: v for k, v in result.items() if k != "logs"} == status
+    out = airlock(settings, "output", result["id"])
+    assert out.stdout == "42"
+
+
+@pytest.mark.parametrize(
+    ("command", "code", "state"),
+    [
+        (["sh", "-c", "exit 4"], 1, "failed"),
+        (["sleep", "30"], 1, "timed_out"),
+    ],
+)
+def test_exit_codes(
+    settings: Settings, worker: subprocess.Popen[bytes], command: list[str], code: int, state: str
+) -> None:
+    got, result = submit_json(settings, "--timeout", "1", "--", *command)
+    assert (got, result["state"]) == (code, state)
+
+
+def test_human_output_and_logs(settings: Settings, worker: subprocess.Popen[bytes]) -> None:
+    proc = airlock(settings, "submit", "-a", "tester", "--wait", "--", "sh", "-c", "echo visible")
+    assert proc.returncode == 0
+    assert "visible" in proc.stdout and "succeeded: exit code 0" in proc.stdout
+    assert "running" in proc.stderr  # progress lines
+    task_id = proc.stdout.split("task ")[1].split()[0]
+    assert airlock(settings, "logs", task_id).stdout == "visible\n"
+    listed = json.loads(airlock(settings, "list", "--json", "--state", "succeeded").stdout)
+    assert task_id in [t["id"] for t in listed]
+    assert task_id in airlock(settings, "list").stdout
+
+
+def test_cancel_running_task(
+    settings: Settings, store: Store, worker: subprocess.Popen[bytes]
+) -> None:
+    task_id = airlock(settings, "submit", "-a", "tester", "--", "sleep", "60").stdout.strip()
+    for _ in range(200):
+        if store.get(task_id)["state"] == "running":
+            break
+        time.sleep(0.05)
+    proc = airlock(settings, "cancel", task_id)
+    assert proc.returncode == 0 and "cancel requested" in proc.stdout
+    status = {}
+    for _ in range(200):
+        status = json.loads(airlock(settings, "status", task_id, "--json").stdout)
+        if status["state"] == "cancelled":
+            break
+        time.sleep(0.05)
+    assert status["state"] == "cancelled" and status["reason"].startswith("cancelled by ")
+
+
+def test_logs_follow_streams_until_the_end(
+    settings: Settings, worker: subprocess.Popen[bytes]
+) -> None:
+    task_id = airlock(
+        settings,
+        "submit",
+        "-a",
+        "tester",
+        "--",
+        "sh",
+        "-c",
+        "for i in 1 2 3; do echo line $i; sleep 0.2; done",
+    ).stdout.strip()
+    proc = airlock(settings, "logs", "--follow", task_id)
+    assert proc.stdout == "line 1\nline 2\nline 3\n"
+
+
+def test_invalid_spec_is_refused_and_nothing_queued(
+    settings: Settings, store: Store, runtime: DockerRuntime
+) -> None:
+    before = store.redis.zcard(store.index_key)
+    proc = airlock(settings, "submit", "--agent", "Bad Agent", "--memory", "lots", "--", "true")
+    assert proc.returncode == 2
+    assert "agent: must be lower-case" in proc.stderr and "limits.memory:" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert store.redis.zcard(store.index_key) == before
+    assert store.redis.llen(settings.queue) == 0
+    assert runtime.list_managed(settings.namespace) == []
+
+
+def test_spec_file_and_schema(settings: Settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    schema = json.loads(airlock(settings, "spec", "schema").stdout)
+    assert schema["title"] == "Airlock task spec"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("agent: tester\ncommand: []\ntimeout_s: -1\n")
+    proc = airlock(settings, "spec", "check", str(bad))
+    assert proc.returncode == 2 and "timeout_s:" in proc.stderr and "command:" in proc.stderr
+
+
+def test_unreachable_redis_exits_3(settings: Settings) -> None:
+    proc = airlock(
+        settings, "submit", "-a", "tester", "--", "true", REDIS_URL="redis://127.0.0.1:1/0"
+    )
+    assert proc.returncode == 3
+    assert proc.stderr.startswith("airlock: redis is unreachable")
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_task(settings: Settings) -> None:
+    proc = airlock(settings, "status", "nope")
+    assert proc.returncode == 2 and "no task with id 'nope'" in proc.stderr
