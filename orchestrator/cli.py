@@ -205,3 +205,20 @@ def worker(queues: tuple[str, ...], concurrency: int | None, loglevel: str) -> N
     from orchestrator.worker import run_worker
 
     run_worker(config.load(), list(queues) or None, concurrency, loglevel)
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="only say what would be removed")
+@click.option("--json", "as_json", is_flag=True)
+def gc(dry_run: bool, as_json: bool) -> None:
+    """Remove containers whose task has ended, vanished, or overrun its deadline."""
+    from orchestrator.worker import build_executor, reap_now
+
+    found = reap_now(build_executor(config.load()), dry_run=dry_run)
+    if as_json:
+        emit_json([item.to_json() for item in found])
+        return
+    verb = "would remove" if dry_run else "removed"
+    for item in found:
+        click.echo(f"{verb} {item.container_id[:12]} (task {item.task_id}): {item.why}")
+    click.echo(f"{len(found)} orphaned container(s)")

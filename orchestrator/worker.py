@@ -12,16 +12,22 @@ task on arrival, validates the spec and rejects it with reasons if it is malform
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
+from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task
+from celery.signals import worker_ready
 
 from orchestrator import config
 from orchestrator.config import Settings
 from orchestrator.executor import Executor
+from orchestrator.reaper import Reaped, reap
 
 TASK_NAME = "airlock.run"
+REAP_TASK_NAME = "airlock.reap"
+REAP_PERIOD_S = 60.0
 log = logging.getLogger(__name__)
 
 
@@ -42,6 +48,9 @@ def create_app(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         task_create_missing_queues=True,
+        beat_schedule={
+            "airlock-reap": {"task": REAP_TASK_NAME, "schedule": REAP_PERIOD_S},
+        },
     )
     executor = _LazyExecutor(settings)
 
@@ -49,7 +58,18 @@ def create_app(settings: Settings) -> Celery:
     def run(self: Task, spec: Any = None) -> str:
         return executor.get().execute(str(self.request.id), spec).value
 
+    @app.task(name=REAP_TASK_NAME)  # type: ignore[untyped-decorator]
+    def reap_orphans() -> int:
+        return len(reap_now(executor.get()))
+
     return app
+
+
+def reap_now(executor: Executor, dry_run: bool = False) -> list[Reaped]:
+    found = reap(executor.store, executor.runtime, executor.settings.namespace, dry_run)
+    for item in found:
+        log.warning("reaped container of task %s: %s", item.task_id, item.why)
+    return found
 
 
 class _LazyExecutor:
@@ -88,8 +108,16 @@ def run_worker(
     """Start a worker in this process; returns when it is shut down."""
     settings = settings or config.load()
     app = create_app(settings)
+
+    @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
+    def reap_at_start(**_: Any) -> None:
+        reap_now(build_executor(settings))
+
+    beat_schedule = Path(tempfile.gettempdir()) / f"airlock-beat-{settings.namespace}"
     argv = [
         "worker",
+        "--beat",
+        f"--schedule={beat_schedule}",
         "--pool=threads",
         f"--concurrency={concurrency or settings.worker_concurrency}",
         f"--queues={','.join(queues or [settings.queue])}",

@@ -102,7 +102,10 @@ def airlock_env(settings: Settings, **extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def worker(
-    settings: Settings, store: Store, runtime: DockerRuntime
+    settings: Settings,
+    store: Store,
+    runtime: DockerRuntime,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A real `airlock worker` process serving this session's queue."""
     log = open(ROOT / ".airlock" / "log" / f"worker-{settings.namespace}.log", "wb")  # noqa: SIM115
@@ -117,7 +120,7 @@ def worker(
             "--loglevel",
             "WARNING",
         ],
-        env=airlock_env(settings),
+        env=airlock_env(settings, TMPDIR=str(tmp_path_factory.mktemp("worker"))),
         stdout=log,
         stderr=subprocess.STDOUT,
     )

@@ -1,0 +1,83 @@
+"""The reaper: removes what a lost worker left behind, found by label, never by memory.
+
+A container is an orphan when its task record is gone, its task has ended, or its deadline
+passed more than a grace period ago (a live worker kills it at the deadline itself). A task
+record still marked live whose container is past that point is ended as failed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from orchestrator.errors import IllegalTransition, TaskNotFound
+from orchestrator.lifecycle import TERMINAL, TaskState, advance
+from orchestrator.runtime.base import ManagedContainer, Runtime
+from orchestrator.store import Store
+
+# How long past its deadline a container may live before it counts as abandoned: the
+# worker's own stop grace plus time for its teardown to finish.
+DEADLINE_GRACE_S = 30.0
+
+
+@dataclass(frozen=True)
+class Reaped:
+    container_id: str
+    task_id: str
+    why: str
+    removed: bool
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def orphan_reason(container: ManagedContainer, state: TaskState | None, now: float) -> str | None:
+    """Why this container should go, or None if it belongs to a live task."""
+    if state is None:
+        return "no task record"
+    if state in TERMINAL:
+        return f"task already {state.value}"
+    if now > container.deadline + DEADLINE_GRACE_S:
+        return "past its deadline"
+    return None
+
+
+def _state(store: Store, task_id: str) -> TaskState | None:
+    try:
+        return TaskState(store.get(task_id)["state"])
+    except TaskNotFound:
+        return None
+
+
+def reap(
+    store: Store,
+    runtime: Runtime,
+    namespace: str,
+    dry_run: bool = False,
+    clock: Callable[[], float] = time.time,
+) -> list[Reaped]:
+    """Remove every orphaned container of `namespace`; returns what was (or would be) done."""
+    done = []
+    now = clock()
+    for container in runtime.list_managed(namespace):
+        state = _state(store, container.task_id)
+        why = orphan_reason(container, state, now)
+        if why is None:
+            continue
+        removed = False
+        if not dry_run:
+            removed = runtime.remove(container.id)
+            if state is not None and state not in TERMINAL:
+                _end(store, container.task_id, state, f"reaped: container {why}")
+        done.append(Reaped(container.id, container.task_id, why, removed))
+    return done
+
+
+def _end(store: Store, task_id: str, state: TaskState, reason: str) -> None:
+    try:
+        if state is not TaskState.TEARING_DOWN:
+            advance(store, task_id, TaskState.TEARING_DOWN, reason)
+        advance(store, task_id, TaskState.FAILED, reason)
+    except IllegalTransition:
+        pass  # its worker got there first

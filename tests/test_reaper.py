@@ -1,0 +1,66 @@
+"""The reaper removes exactly the containers no live task owns, and ends overrun tasks."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from orchestrator.config import Settings
+from orchestrator.lifecycle import TaskState
+from orchestrator.reaper import DEADLINE_GRACE_S, reap
+from orchestrator.runtime.docker_engine import DockerRuntime
+from orchestrator.store import Store
+from tests.conftest import airlock
+from tests.test_runtime import make_spec
+
+
+def container_for(
+    settings: Settings,
+    runtime: DockerRuntime,
+    store: Store,
+    state: TaskState | None,
+    deadline: float,
+) -> str:
+    spec = make_spec(settings, deadline=deadline)
+    if state is not None:
+        store.create(spec.task_id, {"agent": "tester"})
+        store.redis.hset(store.key(spec.task_id), "state", state.value)
+    runtime.create(spec)
+    return spec.task_id
+
+
+def test_reap_takes_only_orphans(settings: Settings, runtime: DockerRuntime, store: Store) -> None:
+    now = time.time()
+    gone = container_for(settings, runtime, store, None, now + 60)
+    ended = container_for(settings, runtime, store, TaskState.SUCCEEDED, now + 60)
+    live = container_for(settings, runtime, store, TaskState.RUNNING, now + 60)
+    overrun = container_for(settings, runtime, store, TaskState.RUNNING, now - DEADLINE_GRACE_S - 1)
+
+    planned = reap(store, runtime, settings.namespace, dry_run=True)
+    assert {r.task_id for r in planned} == {gone, ended, overrun}
+    assert not any(r.removed for r in planned)
+    assert len(runtime.list_managed(settings.namespace)) == 4  # a dry run removes nothing
+
+    done = {r.task_id: r for r in reap(store, runtime, settings.namespace)}
+    assert set(done) == {gone, ended, overrun} and all(r.removed for r in done.values())
+    assert done[gone].why == "no task record"
+    assert done[ended].why == "task already succeeded"
+    assert done[overrun].why == "past its deadline"
+    assert [c.task_id for c in runtime.list_managed(settings.namespace)] == [live]
+    assert store.get(overrun)["state"] == "failed"
+    assert store.get(overrun)["reason"] == "reaped: container past its deadline"
+    assert store.get(live)["state"] == "running"
+    for container in runtime.list_managed(settings.namespace):
+        runtime.remove(container.id)
+
+
+def test_gc_command(settings: Settings, runtime: DockerRuntime, store: Store) -> None:
+    orphan = container_for(settings, runtime, store, None, time.time() + 60)
+    dry = airlock(settings, "gc", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    assert [r["task_id"] for r in json.loads(dry.stdout)] == [orphan]
+    real = airlock(settings, "gc")
+    assert real.returncode == 0 and f"(task {orphan}): no task record" in real.stdout
+    assert runtime.list_managed(settings.namespace) == []
+    assert uuid.UUID(orphan)
