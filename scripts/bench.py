@@ -1,0 +1,154 @@
+"""Benchmarks of Airlock against the raw baseline, measured in the same run.
+
+    scripts/bench start [--runs N]
+
+`start`: a trivial task (`true`) submitted through Airlock (client -> Redis/Celery -> worker
+-> sealed container -> teardown) against the raw Docker SDK doing create/start/wait/remove
+with the identical container arguments. Runs are interleaved so drift hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from orchestrator import config  # noqa: E402
+from orchestrator.client import Client  # noqa: E402
+from orchestrator.config import TASK_USER, Settings  # noqa: E402
+from orchestrator.lifecycle import TaskState  # noqa: E402
+from orchestrator.runtime.base import ContainerSpec  # noqa: E402
+from orchestrator.runtime.docker_engine import DockerRuntime, container_config  # noqa: E402
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def show(name: str, values: list[float], base: list[float] | None = None) -> dict[str, float]:
+    p50, p95 = pct(values, 0.5) * 1000, pct(values, 0.95) * 1000
+    row = {"p50_ms": round(p50, 1), "p95_ms": round(p95, 1)}
+    line = f"  {name:<42} p50 {p50:7.1f} ms   p95 {p95:7.1f} ms"
+    if base:
+        ratio = statistics.median(values) / statistics.median(base)
+        row["ratio_p50"] = round(ratio, 3)
+        line += f"   {ratio:5.2f}x raw"
+    print(line, flush=True)
+    return row
+
+
+def raw_run(runtime: DockerRuntime, settings: Settings) -> tuple[float, float]:
+    """Create/start/wait/remove with the same arguments an Airlock task container gets."""
+    spec = ContainerSpec(
+        task_id=str(uuid.uuid4()),
+        namespace=settings.namespace,
+        image=settings.runner_image,
+        command=("true",),
+        env={"AIRLOCK_TASK_ID": "x"},
+        user=TASK_USER,
+        cpus=1.0,
+        memory=512 << 20,
+        pids=256,
+        deadline=time.time() + 300,
+        agent="bench",
+    )
+    create, host = container_config(spec)
+    api = runtime.api
+    t0 = time.perf_counter()
+    cid = api.create_container(host_config=api.create_host_config(**host), **create)["Id"]
+    api.start(cid)
+    running = time.perf_counter() - t0
+    api.wait(cid)
+    api.remove_container(cid, v=True, force=True)
+    return running, time.perf_counter() - t0
+
+
+def airlock_run(client: Client) -> tuple[float, float]:
+    t0_wall, t0 = time.time(), time.perf_counter()
+    task_id = client.submit({"agent": "bench", "command": ["true"]})
+    status = client.wait(task_id, timeout_s=60)
+    total = time.perf_counter() - t0
+    assert status["state"] == "succeeded", status
+    running = next(e for e in client.store.events(task_id) if e.state is TaskState.RUNNING)
+    return running.at - t0_wall, total
+
+
+def start_worker(settings: Settings, tmp: str) -> subprocess.Popen[bytes]:
+    env = dict(
+        os.environ, AIRLOCK_NAMESPACE=settings.namespace, AIRLOCK_QUEUE=settings.queue, TMPDIR=tmp
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "worker", "-c", "4", "--loglevel", "WARNING"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def bench_start(runs: int) -> dict[str, object]:
+    ns = f"bench{uuid.uuid4().hex[:6]}"
+    settings = replace(config.load(), namespace=ns, queue=ns)
+    runtime = DockerRuntime(settings.docker_host)
+    client = Client(settings)
+    with tempfile.TemporaryDirectory() as tmp:
+        worker = start_worker(settings, tmp)
+        try:
+            samples: dict[str, list[tuple[float, float]]] = {"raw": [], "airlock": []}
+            runners: dict[str, Callable[[], tuple[float, float]]] = {
+                "raw": lambda: raw_run(runtime, settings),
+                "airlock": lambda: airlock_run(client),
+            }
+            for _ in range(3):  # warm up both paths (image cache, connections, imports)
+                for run in runners.values():
+                    run()
+            print(f"start: {runs} runs each of a trivial task (`true`), interleaved", flush=True)
+            for i in range(runs):
+                for name, run in runners.items():
+                    samples[name].append(run())
+                if (i + 1) % 10 == 0:
+                    print(f"  ... {i + 1}/{runs}", file=sys.stderr, flush=True)
+        finally:
+            worker.terminate()
+            worker.wait(timeout=30)
+            for key in client.store.redis.scan_iter(f"{ns}:*"):
+                client.store.redis.delete(key)
+    raw_start = [s[0] for s in samples["raw"]]
+    raw_total = [s[1] for s in samples["raw"]]
+    return {
+        "raw_create_start": show("raw docker create+start", raw_start),
+        "raw_total": show("raw docker create+start+wait+remove", raw_total),
+        "airlock_running": show(
+            "airlock submit -> command running", [s[0] for s in samples["airlock"]], raw_start
+        ),
+        "airlock_total": show(
+            "airlock submit -> finished (torn down)", [s[1] for s in samples["airlock"]], raw_total
+        ),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="scripts/bench")
+    parser.add_argument("what", choices=["start"])
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    args = parser.parse_args()
+    result = bench_start(args.runs)
+    if args.json:
+        print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
