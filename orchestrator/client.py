@@ -55,7 +55,14 @@ def present(record: Mapping[str, str]) -> dict[str, Any]:
     for name in _JSON:
         if record.get(name):
             out[name] = json.loads(record[name])
-    for name in ("on_behalf_of", "queue", "container_id", "cancel_requested_by", "output_error"):
+    for name in (
+        "on_behalf_of",
+        "queue",
+        "container_id",
+        "cancel_requested_by",
+        "output_error",
+        "cleanup_error",
+    ):
         if record.get(name):
             out[name] = record[name]
     if "oom_killed" in record:

@@ -270,6 +270,10 @@ class Executor:
             log.exception("task %s: could not record teardown", run.task_id)
         try:
             self._remove(run.task_id, run.container_id)
+        except AirlockError as exc:
+            # The reaper retries from the container's labels; the task still ends here.
+            log.error("task %s: container removal failed: %s", run.task_id, exc)
+            outcome.fields["cleanup_error"] = str(exc)
         finally:
             if run.pump:
                 run.pump.join(timeout=5)

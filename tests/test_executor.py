@@ -234,3 +234,13 @@ def test_redelivered_task_of_a_lost_worker_is_torn_down(
     assert executor.execute(spec.task_id, {"agent": "tester", "command": ["true"]}) is S.FAILED
     assert all(c.task_id != spec.task_id for c in runtime.list_managed(executor.settings.namespace))
     assert len([e for e in store.events(spec.task_id) if e.state is S.RUNNING]) == 0
+
+
+def test_unreachable_docker_fails_the_task_with_that_reason(
+    settings: Settings, store: Store
+) -> None:
+    nowhere = DockerRuntime("tcp://127.0.0.1:1")  # nothing listens on port 1
+    state, status = run(Executor(settings, store, nowhere), store)
+    assert state is S.FAILED
+    assert status["reason"].startswith("error: docker is unreachable")
+    assert "container_id" not in status

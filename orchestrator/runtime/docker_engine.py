@@ -27,6 +27,8 @@ from orchestrator.runtime.base import (
 P = ParamSpec("P")
 R = TypeVar("R")
 WORKSPACE = "/workspace"
+# Docker Engine 20.10, the oldest engine supported; newer engines all speak it.
+API_VERSION = "1.41"
 
 
 def container_config(spec: ContainerSpec) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -100,13 +102,15 @@ class DockerRuntime:
     def __init__(
         self, base_url: str | None = None, timeout: float = 60, max_pool_size: int = 10
     ) -> None:
+        # A pinned API version: no round trip at construction, so an engine that is down
+        # surfaces as ServiceUnavailable on the first call, where the task can record it.
         try:
-            if base_url:
-                self.api = docker.APIClient(
-                    base_url=base_url, version="auto", timeout=timeout, max_pool_size=max_pool_size
-                )
-            else:
-                self.api = docker.from_env(timeout=timeout, max_pool_size=max_pool_size).api
+            self.api = docker.APIClient(
+                base_url=base_url or "unix:///var/run/docker.sock",
+                version=API_VERSION,
+                timeout=timeout,
+                max_pool_size=max_pool_size,
+            )
         except docker.errors.DockerException as exc:
             raise ServiceUnavailable("docker", str(exc)) from exc
 
