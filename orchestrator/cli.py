@@ -17,9 +17,13 @@ from orchestrator import config, render
 from orchestrator.client import Client
 from orchestrator.errors import AirlockError, InvalidSpec
 from orchestrator.lifecycle import TaskState
+from orchestrator.policy.agents import load_registry
+from orchestrator.policy.engine import PolicyEngine, load_bundle
+from orchestrator.policy.testing import run_policy_tests
 from orchestrator.spec import json_schema, load_file, parse
 
 EXIT_BY_STATE = {"succeeded": 0, "rejected": 2}
+ADMISSION_WAIT_S = 5.0
 
 
 class AirlockGroup(click.Group):
@@ -87,6 +91,36 @@ def submit(
     **flags: Any,
 ) -> None:
     """Submit a task: airlock submit [OPTIONS] -- CMD ARGS..."""
+    spec = parse(_spec_data(spec_file, command, env, labels, flags))
+    client = Client()
+    task_id = client.submit(spec)
+    if not wait:
+        # A worker decides admission within milliseconds; say so now if it refused.
+        status = client.wait_admission(task_id, ADMISSION_WAIT_S)
+        emit_json({"id": task_id, "state": status["state"]}) if as_json else click.echo(task_id)
+        if status["state"] == TaskState.REJECTED.value:
+            fail(f"task {task_id} rejected: {status['reason']}", 2)
+        return
+    with render.Progress(task_id, enabled=not as_json) as progress:
+        status = client.wait(task_id, on_event=progress.event)
+    if as_json:
+        status["logs"] = "".join(text for _, text in client.logs(task_id))
+        emit_json(status)
+    else:
+        for stream, text in client.logs(task_id):
+            render.write_log(stream, text)
+        render.summary(status)
+    sys.exit(EXIT_BY_STATE.get(status["state"], 1))
+
+
+def _spec_data(
+    spec_file: Path | None,
+    command: tuple[str, ...],
+    env: tuple[str, ...],
+    labels: tuple[str, ...],
+    flags: dict[str, Any],
+) -> dict[str, Any]:
+    """The spec file's fields, overridden by whatever was given on the command line."""
     data: dict[str, Any] = load_file(spec_file).model_dump(exclude_none=True) if spec_file else {}
     for name in ("agent", "image", "timeout_s", "on_behalf_of", "queue"):
         if flags.get(name) is not None:
@@ -100,22 +134,7 @@ def submit(
         data["labels"] = {**data.get("labels", {}), **pairs(labels, "--label")}
     if command:
         data["command"] = list(command)
-    spec = parse(data)
-    client = Client()
-    task_id = client.submit(spec)
-    if not wait:
-        emit_json({"id": task_id}) if as_json else click.echo(task_id)
-        return
-    with render.Progress(task_id, enabled=not as_json) as progress:
-        status = client.wait(task_id, on_event=progress.event)
-    if as_json:
-        status["logs"] = "".join(text for _, text in client.logs(task_id))
-        emit_json(status)
-    else:
-        for stream, text in client.logs(task_id):
-            render.write_log(stream, text)
-        render.summary(status)
-    sys.exit(EXIT_BY_STATE.get(status["state"], 1))
+    return data
 
 
 @main.command()
@@ -222,3 +241,93 @@ def gc(dry_run: bool, as_json: bool) -> None:
     for item in found:
         click.echo(f"{verb} {item.container_id[:12]} (task {item.task_id}): {item.why}")
     click.echo(f"{len(found)} orphaned container(s)")
+
+
+def _engine() -> PolicyEngine:
+    """A policy engine for this host, as a worker would build it (without Docker if absent)."""
+    from orchestrator.policy.engine import Deployment
+
+    settings = config.load()
+
+    def deployment() -> Deployment:
+        from orchestrator.worker import build_executor
+
+        try:
+            return build_executor(settings).deployment()
+        except AirlockError:  # no engine here: decide as if every runtime existed
+            return Deployment(
+                settings.runner_image,
+                ("runc", "runsc"),
+                settings.default_timeout_s,
+                {
+                    "cpus": settings.default_cpus,
+                    "memory": settings.default_memory,
+                    "pids": settings.default_pids,
+                },
+                settings.max_timeout_s,
+                settings.trust_domain,
+            )
+
+    return PolicyEngine(settings.policy_dir, settings.agents_dir, deployment)
+
+
+@main.group()
+def agents() -> None:
+    """The agent registry: one identity and ceiling per agent role."""
+
+
+@agents.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def agents_list(as_json: bool) -> None:
+    """List the agent roles."""
+    registry = load_registry(config.load().agents_dir)
+    if as_json:
+        emit_json([a.model_dump(mode="json") for a in registry.values()])
+        return
+    render.agent_table(list(registry.values()))
+
+
+@agents.command("show")
+@click.argument("name")
+def agents_show(name: str) -> None:
+    """Show everything one agent role may be granted."""
+    registry = load_registry(config.load().agents_dir)
+    if name not in registry:
+        fail(f"unknown agent {name!r}; known: {', '.join(sorted(registry)) or 'none'}", 2)
+    emit_json(registry[name].model_dump(mode="json"))
+
+
+@main.group()
+def policy() -> None:
+    """The Rego policy bundle."""
+
+
+@policy.command("check")
+@click.option("--json", "as_json", is_flag=True)
+def policy_check(as_json: bool) -> None:
+    """Load the agents and policies, compile them, and run the policy tests."""
+    settings = config.load()
+    bundle = load_bundle(settings.policy_dir, settings.agents_dir)
+    results = run_policy_tests(bundle, settings.policy_dir / "tests")
+    if as_json:
+        emit_json(
+            {
+                "version": bundle.version,
+                "agents": sorted(bundle.agents),
+                "tests": [r.__dict__ for r in results],
+            }
+        )
+    else:
+        click.echo(
+            f"bundle {bundle.version}: {len(bundle.agents)} agents, "
+            f"{len(results)} policy tests passed"
+        )
+
+
+@policy.command("eval")
+@click.option("--file", "-f", "spec_file", type=click.Path(path_type=Path), required=True)
+def policy_eval(spec_file: Path) -> None:
+    """Decide a task spec without running it: decision, reasons and grant."""
+    decision = _engine().admit(load_file(spec_file))
+    emit_json(decision.to_json())
+    sys.exit(0 if decision.allowed else 2)

@@ -29,7 +29,7 @@ from orchestrator.store import Event, Store
 
 _TIMES = ("created_at", "started_at", "finished_at", "updated_at")
 _INTS = ("exit_code", "timeout_s", "logs_bytes", "logs_dropped_bytes")
-_JSON = ("output", "spec")
+_JSON = ("output", "spec", "grant")
 
 
 def _iso(value: str | None) -> str | None:
@@ -138,6 +138,18 @@ class Client:
                 after = event.id
                 if on_event:
                     on_event(event)
+
+    def wait_admission(self, task_id: str, timeout_s: float) -> dict[str, Any]:
+        """Wait until a worker has decided the task (or `timeout_s` passes); its status."""
+        give_up = time.monotonic() + timeout_s
+        after = "0"
+        while True:
+            record = self.store.get(task_id)
+            left = give_up - time.monotonic()
+            if record["state"] != TaskState.PENDING.value or left <= 0:
+                return present(record)
+            for event in self.store.events(task_id, after, block_ms=max(int(left * 1000), 1)):
+                after = event.id
 
     def logs(self, task_id: str, follow: bool = False) -> Iterator[tuple[str, str]]:
         """(stream, text) chunks; with `follow`, until the task has ended and its output drained."""

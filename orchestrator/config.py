@@ -10,6 +10,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 from orchestrator.errors import ConfigError
@@ -18,6 +19,8 @@ T = TypeVar("T")
 
 # The fixed unprivileged identity tasks run as inside their container.
 TASK_USER = "10001:10001"
+# A source checkout keeps its policy bundle beside the package; deployments set the paths.
+CHECKOUT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,14 @@ class Settings:
     worker_concurrency: int = 4
     otel_service_name: str = "airlock"
     otel_endpoint: str | None = None
+    policy_dir: Path = CHECKOUT / "policies"
+    agents_dir: Path = CHECKOUT / "agents"
+    trust_domain: str = "airlock.local"
+    # What a task gets when it does not say (never more than its agent's ceiling).
+    default_timeout_s: int = 300
+    default_cpus: float = 1.0
+    default_memory: int = 512 << 20
+    default_pids: int = 256
 
 
 def _get(env: Mapping[str, str], name: str, default: T, parse: Callable[[str], T]) -> T:
@@ -98,4 +109,10 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         ),
         otel_service_name=env.get("OTEL_SERVICE_NAME") or d.otel_service_name,
         otel_endpoint=env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+        policy_dir=Path(env.get("AIRLOCK_POLICY_DIR") or d.policy_dir),
+        agents_dir=Path(env.get("AIRLOCK_AGENTS_DIR") or d.agents_dir),
+        trust_domain=_get(env, "AIRLOCK_TRUST_DOMAIN", d.trust_domain, _name),
+        default_timeout_s=_get(
+            env, "AIRLOCK_DEFAULT_TIMEOUT_S", d.default_timeout_s, _positive_int
+        ),
     )

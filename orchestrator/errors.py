@@ -3,6 +3,7 @@
     AirlockError                  retryable?  CLI exit
     ├── ConfigError               no          2   a setting in the environment is malformed
     ├── InvalidSpec               no          2   the task spec failed validation
+    ├── PolicyError               no          2   the agent registry or Rego bundle is broken
     ├── TaskRejected              no          2   admission refused the task
     ├── TaskNotFound              no          2   no record for that task id
     ├── IllegalTransition         no          -   a state change the lifecycle forbids
@@ -36,6 +37,16 @@ class InvalidSpec(AirlockError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("invalid task spec:\n  " + "\n  ".join(problems))
+
+
+class PolicyError(AirlockError):
+    """The agent registry or the Rego bundle cannot be loaded; `problems` says where."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("policy bundle invalid:\n  " + "\n  ".join(problems))
 
 
 class TaskRejected(AirlockError):

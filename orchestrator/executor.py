@@ -16,8 +16,10 @@ from typing import Any
 
 from orchestrator.collect import LogPump, OutputFile, ResultScanner
 from orchestrator.config import TASK_USER, Settings
-from orchestrator.errors import AirlockError, IllegalTransition, InvalidSpec
+from orchestrator.errors import AirlockError, IllegalTransition, InvalidSpec, PolicyError
 from orchestrator.lifecycle import TERMINAL, TaskState, advance
+from orchestrator.policy.engine import Decision, Deployment, PolicyEngine
+from orchestrator.policy.grant import Grant
 from orchestrator.runtime.base import ContainerSpec, ExitStatus, Runtime
 from orchestrator.spec import TaskSpec, parse
 from orchestrator.store import Store
@@ -43,6 +45,7 @@ class Run:
 
     task_id: str
     spec: TaskSpec
+    grant: Grant
     deadline: float
     container_id: str | None = None
     pump: LogPump | None = None
@@ -67,20 +70,44 @@ class Executor:
         settings: Settings,
         store: Store,
         runtime: Runtime,
+        policy: PolicyEngine | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.store = store
         self.runtime = runtime
         self.clock = clock
+        self.policy = policy or PolicyEngine(
+            settings.policy_dir, settings.agents_dir, self.deployment
+        )
+        self._runtimes: tuple[str, ...] | None = None
+
+    def deployment(self) -> Deployment:
+        """What the policy needs to know about this worker host."""
+        if self._runtimes is None:
+            self._runtimes = tuple(sorted(self.runtime.runtimes()))
+        s = self.settings
+        return Deployment(
+            runner_image=s.runner_image,
+            runtimes=self._runtimes,
+            default_timeout_s=s.default_timeout_s,
+            default_limits={
+                "cpus": s.default_cpus,
+                "memory": s.default_memory,
+                "pids": s.default_pids,
+            },
+            max_timeout_s=s.max_timeout_s,
+            trust_domain=s.trust_domain,
+        )
 
     # -- entry point --------------------------------------------------------------------
     def execute(self, task_id: str, spec_data: object) -> TaskState:
         """Run one task to a terminal state and return it. Never leaves a container behind."""
-        spec = self._admit(task_id, spec_data)
-        if spec is None:
+        admitted = self._admit(task_id, spec_data)
+        if admitted is None:
             return TaskState(self.store.get(task_id)["state"])
-        run = Run(task_id, spec, deadline=self.clock() + spec.timeout_s)
+        spec, grant = admitted
+        run = Run(task_id, spec, grant, deadline=self.clock() + grant.timeout_s)
         outcome = Outcome()
         try:
             if self._provision_and_launch(run, outcome):
@@ -95,8 +122,8 @@ class Executor:
         return outcome.state
 
     # -- admit ---------------------------------------------------------------------------
-    def _admit(self, task_id: str, spec_data: object) -> TaskSpec | None:
-        """Record the task if a raw producer enqueued it, validate it, move it to admitted.
+    def _admit(self, task_id: str, spec_data: object) -> tuple[TaskSpec, Grant] | None:
+        """Record the task if a raw producer enqueued it, validate it, decide it by policy.
 
         Returns None when the task must not run here: rejected, already taken, or ended.
         """
@@ -108,16 +135,41 @@ class Executor:
             self._try_advance(task_id, S.REJECTED, "; ".join(exc.problems))
             return None
         self.store.create(task_id, record_fields(spec))
-        if spec.timeout_s > self.settings.max_timeout_s:
-            reason = f"timeout_s {spec.timeout_s} exceeds this deployment's maximum of "
-            self._try_advance(task_id, S.REJECTED, reason + str(self.settings.max_timeout_s))
-            return None
-        if self._try_advance(task_id, S.ADMITTED, "spec valid"):
-            return spec
+        if TaskState(self.store.get(task_id)["state"]) is S.PENDING:
+            decision = self._decide(task_id, spec)
+            if decision is None or decision.grant is None:
+                return None
+            grant = decision.grant
+            fields = {
+                "grant": grant.canonical_json(),
+                "grant_hash": grant.digest(),
+                "policy_version": decision.policy_version,
+            }
+            if self._try_advance(task_id, S.ADMITTED, "admitted by policy", **fields):
+                return spec, grant
         state = TaskState(self.store.get(task_id)["state"])
         if state not in TERMINAL:
             self._recover(task_id, state)
         return None
+
+    def _decide(self, task_id: str, spec: TaskSpec) -> Decision | None:
+        """The policy's decision; a refusal (or no decision) is recorded on the task."""
+        try:
+            decision = self.policy.admit(spec)
+        except PolicyError as exc:  # fail closed: no policy, no task
+            self._try_advance(task_id, S.REJECTED, "; ".join(exc.problems))
+            return None
+        except AirlockError as exc:
+            self._try_advance(task_id, S.FAILED, f"error: {exc}")
+            return None
+        if decision.grant is None:
+            self._try_advance(
+                task_id,
+                S.REJECTED,
+                "; ".join(decision.reasons),
+                policy_version=decision.policy_version,
+            )
+        return decision
 
     def _recover(self, task_id: str, state: TaskState) -> None:
         """A redelivered task that a lost worker had started: finish its teardown."""
@@ -139,7 +191,7 @@ class Executor:
 
     # -- provision and launch -----------------------------------------------------------
     def _container_spec(self, run: Run, marker: str) -> ContainerSpec:
-        spec = run.spec
+        spec, grant = run.spec, run.grant
         env = {
             **spec.env,
             "AIRLOCK_TASK_ID": run.task_id,
@@ -150,16 +202,17 @@ class Executor:
         return ContainerSpec(
             task_id=run.task_id,
             namespace=self.settings.namespace,
-            image=spec.image or self.settings.runner_image,
+            image=grant.image,
             command=spec.command,
             env=env,
             user=TASK_USER,
-            cpus=spec.limits.cpus,
-            memory=spec.limits.memory,
-            pids=spec.limits.pids,
+            cpus=grant.limits.cpus,
+            memory=grant.limits.memory,
+            pids=grant.limits.pids,
             deadline=run.deadline,
-            agent=spec.agent,
-            on_behalf_of=spec.on_behalf_of,
+            agent=grant.agent,
+            on_behalf_of=grant.on_behalf_of,
+            runtime=None if grant.runtime == "runc" else grant.runtime,
         )
 
     def _provision_and_launch(self, run: Run, outcome: Outcome) -> bool:
@@ -214,7 +267,7 @@ class Executor:
             if signal is None and self.clock() >= run.deadline:
                 self._stop(run)
                 outcome.state = S.TIMED_OUT
-                outcome.reason = f"deadline of {run.spec.timeout_s}s reached; container killed"
+                outcome.reason = f"deadline of {run.grant.timeout_s}s reached; container killed"
                 self._collect(run, outcome)
                 return
 
@@ -235,7 +288,7 @@ class Executor:
         status = run.status or ExitStatus(-1)
         if status.oom_killed:
             outcome.state = S.FAILED
-            outcome.reason = f"out of memory (limit {run.spec.limits.memory >> 20} MiB)"
+            outcome.reason = f"out of memory (limit {run.grant.limits.memory >> 20} MiB)"
         elif status.exit_code == 0:
             outcome.state, outcome.reason = S.SUCCEEDED, "exit code 0"
         else:

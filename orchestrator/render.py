@@ -12,6 +12,7 @@ from rich.status import Status
 from rich.table import Table
 
 from orchestrator.lifecycle import TaskState
+from orchestrator.policy.agents import Agent
 from orchestrator.store import Event
 
 out = Console(highlight=False, soft_wrap=True)
@@ -74,6 +75,23 @@ def status_table(status: dict[str, Any]) -> None:
         )
     for item in status.get("output") or []:
         table.add_row("[bold]output[/bold]", f"{item['name']} ({item['size']} bytes)")
+    grant = status.get("grant")
+    if grant:
+        table.add_row(
+            "[bold]grant[/bold]",
+            f"{status.get('grant_hash')} (policy {status.get('policy_version')})",
+        )
+        table.add_row(
+            "",
+            f"image {grant['image']}, runtime {grant['runtime']}, "
+            f"timeout {grant['timeout_s']}s, limits {grant['limits']}",
+        )
+        for rule in grant["egress"]:
+            table.add_row("", f"egress {rule['host']} ports {rule['ports']} {rule['methods']}")
+        for tool in grant["tools"]:
+            table.add_row("", f"tool {tool['server']}/{tool['tool']}")
+        for secret in grant["secrets"]:
+            table.add_row("", f"secret {secret['name']} ({secret['kind']})")
     out.print(table)
 
 
@@ -88,6 +106,24 @@ def task_list(tasks: list[dict[str, Any]]) -> None:
             task["agent"] or "",
             (task["created_at"] or "")[:19],
             task["reason"],
+        )
+    out.print(table)
+
+
+def agent_table(agents: list[Agent]) -> None:
+    table = Table(box=None, header_style="bold")
+    for column in ("AGENT", "OWNER", "ISOLATION", "MAX TIMEOUT", "EGRESS", "TOOLS", "SECRETS"):
+        table.add_column(column)
+    for agent in agents:
+        tools = sum(len(server.tools) for server in agent.mcp)
+        table.add_row(
+            agent.name,
+            agent.owner,
+            agent.isolation,
+            f"{agent.max_timeout_s}s",
+            str(len(agent.egress)),
+            str(tools),
+            str(len(agent.secrets)),
         )
     out.print(table)
 

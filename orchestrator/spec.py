@@ -44,21 +44,55 @@ def parse_memory(value: object) -> object:
 
 Name = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,62}$")]
 NoNul = Annotated[str, Field(max_length=8192, pattern=r"^[^\x00]*$")]
+HostPattern = Annotated[
+    str,
+    Field(
+        max_length=253,
+        pattern=r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+    ),
+]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Method = Annotated[str, Field(pattern=r"^(GET|HEAD|POST|PUT|PATCH|DELETE|OPTIONS|CONNECT)$")]
+PathPrefix = Annotated[str, Field(max_length=1024, pattern=r"^/[^\s?#]*$")]
 
 
 class Limits(BaseModel):
-    """Resource ceilings enforced by the container engine."""
+    """Resource ceilings enforced by the container engine; unset means the agent's default."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    cpus: float = Field(1.0, gt=0, le=64, description="CPU cores (fractions allowed)")
-    memory: Annotated[int, BeforeValidator(parse_memory)] = Field(
-        512 << 20,
+    cpus: float | None = Field(None, gt=0, le=64, description="CPU cores (fractions allowed)")
+    memory: Annotated[int | None, BeforeValidator(parse_memory)] = Field(
+        None,
         ge=16 << 20,
         le=64 << 30,
         description="memory ceiling in bytes, or a size like '512m'; no swap beyond it",
     )
-    pids: int = Field(256, ge=8, le=32768, description="maximum number of processes")
+    pids: int | None = Field(None, ge=8, le=32768, description="maximum number of processes")
+
+
+class EgressRequest(BaseModel):
+    """Outbound access a task asks for; unset fields mean 'whatever the agent allows'."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: HostPattern
+    ports: tuple[Port, ...] | None = Field(None, min_length=1)
+    methods: tuple[Method, ...] | None = Field(None, min_length=1)
+    paths: tuple[PathPrefix, ...] | None = Field(None, min_length=1)
+
+
+class Scopes(BaseModel):
+    """What a task asks for, to narrow it below its agent's ceiling. Unset: the defaults."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    egress: tuple[EgressRequest, ...] | None = Field(None, max_length=64)
+    tools: (
+        tuple[Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,62}/[A-Za-z0-9_.:-]{1,128}$")], ...]
+        | None
+    ) = Field(None, max_length=128, description="MCP tools as server/tool")
+    secrets: tuple[Name, ...] | None = Field(None, max_length=32)
 
 
 class TaskSpec(BaseModel):
@@ -79,8 +113,11 @@ class TaskSpec(BaseModel):
     env: dict[str, NoNul] = Field(
         default_factory=dict, max_length=64, description="non-secret environment variables"
     )
-    timeout_s: int = Field(300, ge=1, le=86400, description="deadline, seconds after start")
+    timeout_s: int | None = Field(
+        None, ge=1, le=86400, description="deadline in seconds; unset: the agent's default"
+    )
     limits: Limits = Field(default=Limits())
+    scopes: Scopes = Field(default=Scopes())
     labels: dict[str, Annotated[str, Field(max_length=256)]] = Field(
         default_factory=dict, max_length=32, description="free-form labels for the caller"
     )
@@ -129,6 +166,8 @@ _PATTERN_HINTS = {
     "queue": "must be lower-case letters, digits, '.', '_' or '-' (max 63)",
     "command": "must not contain NUL bytes",
     "env": "must not contain NUL bytes",
+    "scopes": "must be host names (or *.suffix), /path prefixes, methods in capitals, "
+    "server/tool names or secret names",
 }
 
 

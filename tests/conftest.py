@@ -39,7 +39,13 @@ def _service_missing(what: str, exc: Exception) -> None:
 @pytest.fixture(scope="session")
 def settings() -> Settings:
     namespace = f"t{uuid.uuid4().hex[:10]}"
-    return replace(config.load(), namespace=namespace, queue=namespace, stop_grace_s=1.0)
+    return replace(
+        config.load(),
+        namespace=namespace,
+        queue=namespace,
+        stop_grace_s=1.0,
+        agents_dir=ROOT / "tests" / "agents",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -95,6 +101,8 @@ def airlock_env(settings: Settings, **extra: str) -> dict[str, str]:
         AIRLOCK_QUEUE=settings.queue,
         AIRLOCK_STOP_GRACE_S=str(settings.stop_grace_s),
         REDIS_URL=settings.redis_url,
+        AIRLOCK_AGENTS_DIR=str(settings.agents_dir),
+        AIRLOCK_POLICY_DIR=str(settings.policy_dir),
     )
     env.update(extra)
     return env

@@ -14,11 +14,24 @@ from orchestrator.spec import TaskSpec, json_schema, parse, parse_text
 VALID = {"agent": "researcher", "command": ["python3", "-c", "print(1)"]}
 
 
-def test_defaults_are_filled_in() -> None:
+def test_unset_fields_are_left_to_the_policy() -> None:
     spec = parse(VALID)
-    assert spec.timeout_s == 300
-    assert spec.limits.memory == 512 << 20
+    assert spec.timeout_s is None and spec.limits.memory is None
+    assert spec.scopes.egress is None and spec.scopes.tools is None
     assert spec.command == ("python3", "-c", "print(1)")
+
+
+def test_scopes() -> None:
+    scopes = {
+        "egress": [
+            {"host": "*.example.com", "ports": [443], "methods": ["GET"], "paths": ["/v1/"]}
+        ],
+        "tools": ["git/clone"],
+        "secrets": ["db"],
+    }
+    spec = parse({**VALID, "scopes": scopes})
+    assert spec.scopes.egress is not None and spec.scopes.egress[0].host == "*.example.com"
+    assert spec.scopes.tools == ("git/clone",)
 
 
 @pytest.mark.parametrize(
@@ -61,6 +74,24 @@ INVALID = [
     ({**VALID, "privileged": True}, ["privileged: Extra inputs are not permitted"]),
     ({**VALID, "command": ["x" * 9000]}, ["command.0: String should have at most 8192"]),
     ([], ["spec: expected an object, got list"]),
+    (
+        {**VALID, "scopes": {"egress": [{"host": "Bad Host"}]}},
+        ["scopes.egress.0.host: must be host"],
+    ),
+    (
+        {**VALID, "scopes": {"egress": [{"host": "a.com", "ports": [0]}]}},
+        ["scopes.egress.0.ports.0"],
+    ),
+    (
+        {**VALID, "scopes": {"egress": [{"host": "a.com", "methods": ["get"]}]}},
+        ["methods.0: must be"],
+    ),
+    (
+        {**VALID, "scopes": {"egress": [{"host": "a.com", "paths": ["no-slash"]}]}},
+        ["paths.0: must be"],
+    ),
+    ({**VALID, "scopes": {"tools": ["no-server"]}}, ["scopes.tools.0: must be"]),
+    ({**VALID, "scopes": {"admin": True}}, ["scopes.admin: Extra inputs are not permitted"]),
 ]
 
 

@@ -59,6 +59,9 @@ class Runtime(Protocol):
     def ping(self) -> None:
         """Raises ServiceUnavailable when the engine does not answer."""
 
+    def runtimes(self) -> frozenset[str]:
+        """Names of the OCI runtimes the engine offers (isolation classes it can run)."""
+
     def create(self, spec: ContainerSpec) -> str:
         """Create (not start) the container; returns its id.
 

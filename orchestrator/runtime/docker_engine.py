@@ -119,6 +119,10 @@ class DockerRuntime:
         self.api.ping()
 
     @_translate
+    def runtimes(self) -> frozenset[str]:
+        return frozenset(self.api.info().get("Runtimes") or {"runc": {}})
+
+    @_translate
     def create(self, spec: ContainerSpec) -> str:
         create, host = container_config(spec)
         created = self.api.create_container(

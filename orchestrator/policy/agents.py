@@ -1,0 +1,126 @@
+"""The agent registry: one YAML file per agent role, each its own identity and ceiling.
+
+An agent file says what the role may ever be given: images, limits, isolation class, Vault
+policies and secrets, egress, MCP tools, and whether it may act for users. Items marked
+`default: false` are granted only when a task asks for them by name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from orchestrator.errors import PolicyError
+from orchestrator.spec import HostPattern, Method, Name, PathPrefix, Port, parse_memory
+
+MAX_AGENT_FILE_BYTES = 256 * 1024
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EgressRule(_Frozen):
+    host: HostPattern = Field(description="exact host name, or *.suffix for its subdomains")
+    ports: tuple[Port, ...] = Field((443,), min_length=1)
+    methods: tuple[Method, ...] = Field(("GET", "HEAD"), min_length=1)
+    paths: tuple[PathPrefix, ...] = Field((), description="path prefixes (plain HTTP); none = any")
+    default: bool = True
+
+
+class ArgConstraint(_Frozen):
+    prefix: str | None = None
+    one_of: tuple[str | int | float | bool, ...] | None = None
+    max_length: int | None = Field(None, ge=0)
+
+
+class ToolRule(_Frozen):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
+    args: dict[str, ArgConstraint] = Field(default_factory=dict)
+    default: bool = True
+
+
+class McpServer(_Frozen):
+    name: Name
+    url: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/\S*)?$")]
+    tools: tuple[ToolRule, ...] = ()
+
+
+class SecretRule(_Frozen):
+    name: Name
+    kind: Literal["kv", "database"]
+    path: str | None = Field(None, description="KV path, for kind kv")
+    role: str | None = Field(None, description="database role, for kind database")
+    default: bool = True
+
+
+class Delegation(_Frozen):
+    allowed: bool = False
+    users: tuple[str, ...] = Field((), description="user names, or *@domain patterns")
+
+
+class MaxLimits(_Frozen):
+    cpus: float = Field(gt=0, le=64)
+    memory: Annotated[int, BeforeValidator(parse_memory)] = Field(ge=16 << 20)
+    pids: int = Field(ge=8, le=32768)
+
+
+class Agent(_Frozen):
+    name: Name
+    owner: str = Field(min_length=1, max_length=256)
+    description: str = Field("", max_length=2000)
+    images: tuple[str, ...] = Field(min_length=1, description="allowed images; 'prefix*' allowed")
+    max_limits: MaxLimits
+    max_timeout_s: int = Field(ge=1, le=86400)
+    isolation: Literal["runc", "gvisor"] = "runc"
+    vault_policies: tuple[Name, ...] = ()
+    secrets: tuple[SecretRule, ...] = ()
+    egress: tuple[EgressRule, ...] = ()
+    mcp: tuple[McpServer, ...] = ()
+    delegation: Delegation = Delegation()
+
+    def policy_input(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def load_agent(path: Path) -> Agent:
+    """Raises PolicyError naming the file and field."""
+    try:
+        if path.stat().st_size > MAX_AGENT_FILE_BYTES:
+            raise PolicyError([f"{path}: larger than {MAX_AGENT_FILE_BYTES} bytes"])
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise PolicyError([f"{path}: cannot read ({exc})"]) from None
+    try:
+        agent = Agent.model_validate(data)
+    except ValidationError as exc:
+        raise PolicyError(
+            [
+                f"{path.name}: {'.'.join(str(p) for p in e['loc']) or 'file'}: {e['msg']}"
+                for e in exc.errors(include_url=False)
+            ]
+        ) from None
+    if agent.name != path.stem:
+        raise PolicyError([f"{path.name}: name {agent.name!r} does not match the file name"])
+    return agent
+
+
+def load_registry(directory: Path) -> dict[str, Agent]:
+    """Every agent in `directory` (*.yaml, *.yml). Raises PolicyError listing every problem."""
+    if not directory.is_dir():
+        raise PolicyError([f"{directory}: agent registry directory not found"])
+    agents: dict[str, Agent] = {}
+    problems: list[str] = []
+    for path in sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")]):
+        try:
+            agent = load_agent(path)
+        except PolicyError as exc:
+            problems.extend(exc.problems)
+            continue
+        agents[agent.name] = agent
+    if problems:
+        raise PolicyError(problems)
+    return agents
