@@ -1,10 +1,12 @@
 """Benchmarks of Airlock against the raw baseline, measured in the same run.
 
-    scripts/bench start [--runs N]
+    scripts/bench start|policy [--runs N]
 
 `start`: a trivial task (`true`) submitted through Airlock (client -> Redis/Celery -> worker
 -> sealed container -> teardown) against the raw Docker SDK doing create/start/wait/remove
 with the identical container arguments. Runs are interleaved so drift hits both alike.
+`policy`: admission per task through the compiled Rego bundle, and the per-request checks
+against a compiled grant (the gateway's hot path).
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def raw_run(runtime: DockerRuntime, settings: Settings) -> tuple[float, float]:
 
 def airlock_run(client: Client) -> tuple[float, float]:
     t0_wall, t0 = time.time(), time.perf_counter()
-    task_id = client.submit({"agent": "bench", "command": ["true"]})
+    task_id = client.submit({"agent": "demo", "command": ["true"]})
     status = client.wait(task_id, timeout_s=60)
     total = time.perf_counter() - t0
     assert status["state"] == "succeeded", status
@@ -139,13 +141,75 @@ def bench_start(runs: int) -> dict[str, object]:
     }
 
 
+def bench_policy(runs: int) -> dict[str, object]:
+    """Admission (Rego, compiled bundle) per task, and the per-request grant check."""
+    from orchestrator.policy.engine import Deployment, PolicyEngine
+    from orchestrator.policy.grant import CompiledGrant
+    from orchestrator.spec import parse
+
+    settings = config.load()
+    deployment = Deployment(
+        settings.runner_image,
+        ("runc", "runsc"),
+        300,
+        {"cpus": 1.0, "memory": 512 << 20, "pids": 256},
+        86400,
+        "bench",
+    )
+    engine = PolicyEngine(settings.policy_dir, settings.agents_dir, lambda: deployment)
+    spec = parse(
+        {
+            "agent": "coder",
+            "command": ["true"],
+            "on_behalf_of": "dev@example.com",
+            "scopes": {
+                "egress": [{"host": "pypi.org"}, {"host": "git.example.com"}],
+                "tools": ["git/clone", "git/open_branch"],
+            },
+        }
+    )
+    engine.admit(spec)  # load and compile the bundle once
+    admission = []
+    for _ in range(max(runs, 200)):
+        t0 = time.perf_counter()
+        decision = engine.admit(spec)
+        admission.append(time.perf_counter() - t0)
+    assert decision.grant is not None
+    grant = CompiledGrant(decision.grant)
+    requests = [
+        ("pypi.org", 443, "GET", None),
+        ("git.example.com", 443, "POST", "/org/repo"),
+        ("evil.example.net", 443, "GET", None),
+        ("pypi.org", 80, "GET", "/simple/"),
+    ]
+    n = 200_000
+    t0 = time.perf_counter()
+    for i in range(n):
+        host, port, method, path = requests[i & 3]
+        grant.check_egress(host, port, method, path)
+    per_check_ns = (time.perf_counter() - t0) / n * 1e9
+    t0 = time.perf_counter()
+    for _ in range(n):
+        grant.check_tool("git", "open_branch", {"branch": "agent/fix-123"})
+    per_tool_ns = (time.perf_counter() - t0) / n * 1e9
+    print("policy: the coder agent, a narrowed request (2 hosts, 2 tools), compiled Rego bundle")
+    row = show("admission (Rego decision + grant)", admission)
+    print(f"  {'egress check against the compiled grant':<42} {per_check_ns:7.0f} ns/op")
+    print(f"  {'MCP tool check with argument constraints':<42} {per_tool_ns:7.0f} ns/op")
+    return {
+        "admission": row,
+        "egress_check_ns": round(per_check_ns),
+        "tool_check_ns": round(per_tool_ns),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="scripts/bench")
-    parser.add_argument("what", choices=["start"])
+    parser.add_argument("what", choices=["start", "policy"])
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args()
-    result = bench_start(args.runs)
+    result = bench_start(args.runs) if args.what == "start" else bench_policy(args.runs)
     if args.json:
         print(json.dumps(result, indent=2))
 
