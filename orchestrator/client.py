@@ -1,7 +1,7 @@
 """The public Python API for upstream systems, and what the CLI calls.
 
 from orchestrator import client
-task_id = client.submit({"agent": "researcher", "command": ["python3", "-c", "print(1)"]})
+task_id = client.submit({"agent": "demo", "command": ["python3", "-c", "print(1)"]})
 result = client.wait(task_id)          # the status dict once the task has ended
 """
 
