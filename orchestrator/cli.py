@@ -331,3 +331,52 @@ def policy_eval(spec_file: Path) -> None:
     decision = _engine().admit(load_file(spec_file))
     emit_json(decision.to_json())
     sys.exit(0 if decision.allowed else 2)
+
+
+@main.group()
+def vault() -> None:
+    """Vault (or OpenBao) configuration for the agent registry."""
+
+
+@vault.command("setup")
+@click.option(
+    "--prune",
+    is_flag=True,
+    help="also remove airlock-* roles and policies of agents no longer in the registry",
+)
+@click.option("--json", "as_json", is_flag=True)
+def vault_setup(prune: bool, as_json: bool) -> None:
+    """Create or update policies, token roles, the JWT signing key and database roles."""
+    from orchestrator.vault.adapter import Vault
+    from orchestrator.vault.setup import setup
+
+    settings = config.load()
+    report = setup(
+        Vault(settings.vault_addr, settings.vault_token),
+        load_registry(settings.agents_dir),
+        settings.postgres_url,
+        settings.credential_grace_s,
+        settings.vault_token_period_s,
+        prune=prune,
+    )
+    if as_json:
+        emit_json(report.__dict__)
+        return
+    for line in report.changed:
+        click.echo(f"  set     {line}")
+    for line in report.removed:
+        click.echo(f"  removed {line}")
+    click.echo(
+        f"vault: {len(report.changed)} changed, {len(report.unchanged)} already right, "
+        f"{len(report.removed)} removed"
+    )
+
+
+@main.command()
+def jwks() -> None:
+    """Print the JWKS that verifies task JWTs (publish it where verifiers can fetch it)."""
+    from orchestrator.credentials import Credentials
+    from orchestrator.store import Store
+
+    settings = config.load()
+    emit_json(Credentials(settings, Store(settings.redis_url, settings.namespace)).jwks())

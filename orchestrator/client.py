@@ -29,7 +29,7 @@ from orchestrator.store import Event, Store
 
 _TIMES = ("created_at", "started_at", "finished_at", "updated_at")
 _INTS = ("exit_code", "timeout_s", "logs_bytes", "logs_dropped_bytes")
-_JSON = ("output", "spec", "grant")
+_JSON = ("output", "spec", "grant", "revocation")
 
 
 def _iso(value: str | None) -> str | None:

@@ -51,6 +51,16 @@ class Settings:
     default_cpus: float = 1.0
     default_memory: int = 512 << 20
     default_pids: int = 256
+    # Task credentials live no longer than the task's deadline plus this grace.
+    credential_grace_s: int = 60
+    # Task tokens are periodic: a worker that stops renewing them lets them die this soon.
+    vault_token_period_s: int = 300
+    # The PostgreSQL that Vault's database engine manages (its admin URL, for vault setup).
+    postgres_url: str | None = None
+    # Task JWTs name this audience; the gateway is who checks them.
+    jwt_audience: str = "airlock-gateway"
+    # Per-task endpoint directories (one socket each) live under this directory.
+    endpoint_dir: Path = Path("/run/airlock/endpoints")
 
 
 def _get(env: Mapping[str, str], name: str, default: T, parse: Callable[[str], T]) -> T:
@@ -115,4 +125,13 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         default_timeout_s=_get(
             env, "AIRLOCK_DEFAULT_TIMEOUT_S", d.default_timeout_s, _positive_int
         ),
+        credential_grace_s=_get(
+            env, "AIRLOCK_CREDENTIAL_GRACE_S", d.credential_grace_s, _positive_int
+        ),
+        vault_token_period_s=_get(
+            env, "AIRLOCK_VAULT_TOKEN_PERIOD_S", d.vault_token_period_s, _positive_int
+        ),
+        postgres_url=env.get("AIRLOCK_POSTGRES_URL") or None,
+        jwt_audience=env.get("AIRLOCK_JWT_AUDIENCE") or d.jwt_audience,
+        endpoint_dir=Path(env.get("AIRLOCK_ENDPOINT_DIR") or d.endpoint_dir),
     )

@@ -8,6 +8,7 @@
     ├── TaskNotFound              no          2   no record for that task id
     ├── IllegalTransition         no          -   a state change the lifecycle forbids
     ├── ServiceUnavailable        yes         3   Redis, Docker or Vault cannot be reached
+    ├── VaultRefused              no          1   Vault answered, and said no
     └── RuntimeFailure            no          1   the container engine refused an operation
         └── ImageNotFound         no          1
 
@@ -76,6 +77,10 @@ class ServiceUnavailable(AirlockError):
     def __init__(self, service: str, detail: str) -> None:
         self.service = service
         super().__init__(f"{service} is unreachable: {detail}")
+
+
+class VaultRefused(AirlockError):
+    """Vault answered and refused (permission, bad path, bad request)."""
 
 
 class RuntimeFailure(AirlockError):

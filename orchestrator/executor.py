@@ -16,6 +16,7 @@ from typing import Any
 
 from orchestrator.collect import LogPump, OutputFile, ResultScanner
 from orchestrator.config import TASK_USER, Settings
+from orchestrator.credentials import Credentials, Handout
 from orchestrator.errors import AirlockError, IllegalTransition, InvalidSpec, PolicyError
 from orchestrator.lifecycle import TERMINAL, TaskState, advance
 from orchestrator.policy.engine import Decision, Deployment, PolicyEngine
@@ -48,6 +49,7 @@ class Run:
     grant: Grant
     deadline: float
     container_id: str | None = None
+    handout: Handout | None = None
     pump: LogPump | None = None
     scanner: ResultScanner | None = None
     status: ExitStatus | None = None
@@ -71,6 +73,7 @@ class Executor:
         store: Store,
         runtime: Runtime,
         policy: PolicyEngine | None = None,
+        credentials: Credentials | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -81,6 +84,7 @@ class Executor:
             settings.policy_dir, settings.agents_dir, self.deployment
         )
         self._runtimes: tuple[str, ...] | None = None
+        self.credentials = credentials or Credentials(settings, store)
 
     def deployment(self) -> Deployment:
         """What the policy needs to know about this worker host."""
@@ -213,11 +217,15 @@ class Executor:
             agent=grant.agent,
             on_behalf_of=grant.on_behalf_of,
             runtime=None if grant.runtime == "runc" else grant.runtime,
+            endpoint_dir=str(run.handout.endpoint_dir) if run.handout else None,
         )
 
     def _provision_and_launch(self, run: Run, outcome: Outcome) -> bool:
         """Create, attach and start the container; False if it was cancelled first."""
-        advance(self.store, run.task_id, S.PROVISIONING, "creating container")
+        advance(self.store, run.task_id, S.PROVISIONING, "minting credentials")
+        run.handout = self.credentials.provision(
+            run.task_id, run.grant, run.grant.digest(), run.deadline
+        )
         marker = secrets.token_hex(16)
         run.container_id = self.runtime.create(self._container_spec(run, marker))
         self.store.update(run.task_id, {"container_id": run.container_id})
@@ -254,9 +262,19 @@ class Executor:
 
     # -- run ------------------------------------------------------------------------------
     def _wait(self, run: Run, outcome: Outcome) -> None:
-        """Wait for the exit, the deadline or a cancel, whichever comes first."""
+        """Wait for the exit, the deadline or a cancel, whichever comes first.
+
+        Meanwhile the task's periodic Vault token is renewed, so that it dies soon after
+        this worker does.
+        """
+        renew_every = self.settings.vault_token_period_s / 3
+        next_renewal = self.clock() + renew_every
         while True:
-            left = run.deadline - self.clock()
+            now = self.clock()
+            if run.handout and now >= next_renewal:
+                self.credentials.renew(run.handout)
+                next_renewal = now + renew_every
+            left = min(run.deadline, next_renewal) - now
             signal = self.store.wait_signal(run.task_id, left) if left > 0 else None
             if signal == SIGNAL_EXIT:
                 self._exited(run, outcome)
@@ -330,7 +348,15 @@ class Executor:
         finally:
             if run.pump:
                 run.pump.join(timeout=5)
+            self._revoke(run, outcome)
             self._try_advance(run.task_id, outcome.state, outcome.reason, **outcome.fields)
+
+    def _revoke(self, run: Run, outcome: Outcome) -> None:
+        """Revoke (and verify) whatever was minted for the task, even half-way through."""
+        receipt = self.credentials.revoke(run.task_id)
+        outcome.fields["revocation"] = receipt
+        if not receipt.get("verified"):
+            outcome.fields["revocation_pending"] = 1
 
     def _remove(self, task_id: str, container_id: str | None) -> None:
         if container_id:

@@ -255,6 +255,64 @@ class Store:
         value = self.redis.lpop(self.key(task_id, "signal"))
         return None if value is None else str(value)
 
+    # -- credential journal -------------------------------------------------------------
+    # Written before a credential is handed out, removed only after its revocation was
+    # verified: what a crashed worker minted can always be found and revoked.
+    @property
+    def journal_index(self) -> str:
+        return f"{self.ns}:credentials"
+
+    @_guard
+    def journal(self, task_id: str, **fields: Any) -> None:
+        pipe = self.redis.pipeline()
+        pipe.hset(f"{self.ns}:cred:{task_id}", mapping=dict(_pairs(fields)))
+        pipe.sadd(self.journal_index, task_id)
+        pipe.execute()
+
+    @_guard
+    def journal_lease(self, task_id: str, lease_id: str) -> None:
+        pipe = self.redis.pipeline()
+        pipe.sadd(f"{self.ns}:cred:{task_id}:leases", lease_id)
+        pipe.sadd(self.journal_index, task_id)
+        pipe.execute()
+
+    @_guard
+    def journaled(self, task_id: str) -> tuple[dict[str, str], set[str]]:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(f"{self.ns}:cred:{task_id}")
+        pipe.smembers(f"{self.ns}:cred:{task_id}:leases")
+        fields, leases = pipe.execute()
+        return dict(fields), set(leases)
+
+    @_guard
+    def journaled_tasks(self) -> set[str]:
+        return set(self.redis.smembers(self.journal_index))
+
+    @_guard
+    def forget_credentials(self, task_id: str, leases: set[str] | None = None) -> None:
+        """Drop journal entries whose revocation was verified (all of them by default)."""
+        if leases is not None:
+            if leases:
+                self.redis.srem(f"{self.ns}:cred:{task_id}:leases", *leases)
+            return
+        pipe = self.redis.pipeline()
+        pipe.delete(f"{self.ns}:cred:{task_id}", f"{self.ns}:cred:{task_id}:leases")
+        pipe.srem(self.journal_index, task_id)
+        pipe.execute()
+
+    @_guard
+    def alarm(self, task_id: str, text: str) -> None:
+        """A security-relevant event on a task (a refused second bootstrap, say)."""
+        key = self.key(task_id, "alarms")
+        pipe = self.redis.pipeline()
+        pipe.rpush(key, json.dumps({"at": self.clock(), "alarm": text}))
+        pipe.expire(key, self.record_ttl_s)
+        pipe.execute()
+
+    @_guard
+    def alarms(self, task_id: str) -> list[dict[str, Any]]:
+        return [json.loads(item) for item in self.redis.lrange(self.key(task_id, "alarms"), 0, -1)]
+
     def close(self) -> None:
         self.redis.close()
 

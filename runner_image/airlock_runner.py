@@ -6,15 +6,89 @@ orchestrator as one framed line on stdout. Standard library only: the image stay
 """
 
 import base64
+import http.client
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
 
 OUTPUT_DIR = "/workspace/output"
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+ENDPOINT_SOCKET = "/run/airlock-endpoint/airlock.sock"
+TOKEN_FILE = "/run/airlock/token"
+SECRETS_DIR = "/run/airlock/secrets"
+BOOTSTRAP_FAILED = 111
+# Where each kind of wrapped secret must have been created; anything else is refused.
+CREATION_PREFIXES = {"database": "database/creds/", "kv": ""}
+
+
+class BootstrapError(Exception):
+    pass
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path):
+        super().__init__("localhost", timeout=30)
+        self.socket_path = path
+
+    def connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.socket_path)
+        self.sock = sock
+
+
+def endpoint_call(path, body):
+    """POST to the task's endpoint; the socket itself is the task's identity."""
+    conn = UnixHTTPConnection(ENDPOINT_SOCKET)
+    try:
+        conn.request("POST", path, json.dumps(body), {"content-type": "application/json"})
+        response = conn.getresponse()
+        answer = json.loads(response.read() or b"{}")
+    except (OSError, ValueError) as exc:
+        raise BootstrapError(f"{path}: {exc}") from None
+    finally:
+        conn.close()
+    if response.status != 200:
+        raise BootstrapError(f"{path}: {answer.get('error', response.status)}")
+    return answer
+
+
+def write_private(path, text):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def bootstrap():
+    """Fetch the task's JWT and secrets once, into the credentials tmpfs."""
+    if not os.path.exists(ENDPOINT_SOCKET):
+        return {}
+    boot = endpoint_call("/v1/bootstrap", {})
+    os.makedirs(SECRETS_DIR, mode=0o700, exist_ok=True)
+    write_private(TOKEN_FILE, boot["jwt"])
+    for secret in boot.get("secrets", []):
+        expected = secret["creation_path"]
+        prefix = CREATION_PREFIXES.get(secret["kind"])
+        if prefix is None or not expected.startswith(prefix):
+            raise BootstrapError(f"secret {secret['name']}: unexpected origin {expected!r}")
+        info = endpoint_call("/v1/wrapping/lookup", {"token": secret["wrap_token"]})
+        if info.get("creation_path") != expected:
+            raise BootstrapError(
+                f"secret {secret['name']}: wrapped at {info.get('creation_path')!r}, "
+                f"expected {expected!r}; not unwrapping"
+            )
+        unwrapped = endpoint_call("/v1/wrapping/unwrap", {"token": secret["wrap_token"]})
+        document = dict(unwrapped.get("data") or {})
+        document.update(secret.get("connection") or {})
+        write_private(os.path.join(SECRETS_DIR, secret["name"]), json.dumps(document))
+    return {"AIRLOCK_TOKEN_FILE": TOKEN_FILE, "AIRLOCK_SECRETS_DIR": SECRETS_DIR,
+            "PYTHONPATH": "/opt/airlock"}
 
 
 def read_capped(path, budget):
@@ -98,6 +172,11 @@ def main(argv):
         os.makedirs(OUTPUT_DIR, exist_ok=True)
     except OSError:
         pass
+    try:
+        env.update(bootstrap())
+    except BootstrapError as exc:
+        print(f"airlock-runner: bootstrap failed: {exc}", file=sys.stderr, flush=True)
+        return BOOTSTRAP_FAILED
     code = run(argv, env)
     if marker:
         frame = {"exit_code": code, "files": collect_output(OUTPUT_DIR, max_bytes)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,9 +22,13 @@ import pytest
 from orchestrator import config
 from orchestrator.config import Settings
 from orchestrator.errors import AirlockError
+from orchestrator.credentials import Credentials
 from orchestrator.executor import Executor
+from orchestrator.policy.agents import load_registry
 from orchestrator.runtime.docker_engine import DockerRuntime
 from orchestrator.store import Store
+from orchestrator.vault.adapter import Vault
+from orchestrator.vault.setup import setup
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -45,6 +50,7 @@ def settings() -> Settings:
         queue=namespace,
         stop_grace_s=1.0,
         agents_dir=ROOT / "tests" / "agents",
+        endpoint_dir=Path(tempfile.mkdtemp(prefix="airlock-endpoints-")),
     )
 
 
@@ -72,9 +78,39 @@ def runtime(settings: Settings) -> DockerRuntime:
     return runtime
 
 
+@pytest.fixture(scope="session")
+def vault(settings: Settings) -> Vault:
+    """Vault, set up for the test agents (the fixture every credential test stands on)."""
+    vault = Vault(settings.vault_addr, settings.vault_token)
+    try:
+        vault.ping()
+    except AirlockError as exc:
+        _service_missing("Vault (OpenBao)", exc)
+    if not settings.postgres_url:
+        _service_missing("PostgreSQL for Vault", Exception("AIRLOCK_POSTGRES_URL is not set"))
+    setup(
+        vault,
+        load_registry(settings.agents_dir),
+        settings.postgres_url,
+        settings.credential_grace_s,
+        settings.vault_token_period_s,
+    )
+    vault.write("secret/data/airlock-tests/api", {"data": {"key": "kv-" + uuid.uuid4().hex}})
+    return vault
+
+
+@pytest.fixture(scope="session")
+def credentials(settings: Settings, store: Store, vault: Vault) -> Iterator[Credentials]:
+    credentials = Credentials(settings, store)
+    yield credentials
+    credentials.endpoints.shutdown()
+
+
 @pytest.fixture
-def executor(settings: Settings, store: Store, runtime: DockerRuntime) -> Executor:
-    return Executor(settings, store, runtime)
+def executor(
+    settings: Settings, store: Store, runtime: DockerRuntime, credentials: Credentials
+) -> Executor:
+    return Executor(settings, store, runtime, credentials=credentials)
 
 
 @pytest.fixture(autouse=True)
@@ -103,6 +139,7 @@ def airlock_env(settings: Settings, **extra: str) -> dict[str, str]:
         REDIS_URL=settings.redis_url,
         AIRLOCK_AGENTS_DIR=str(settings.agents_dir),
         AIRLOCK_POLICY_DIR=str(settings.policy_dir),
+        AIRLOCK_ENDPOINT_DIR=str(settings.endpoint_dir),
     )
     env.update(extra)
     return env
@@ -113,6 +150,7 @@ def worker(
     settings: Settings,
     store: Store,
     runtime: DockerRuntime,
+    vault: Vault,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A real `airlock worker` process serving this session's queue."""

@@ -11,6 +11,7 @@ import pytest
 
 from orchestrator.client import Client
 from orchestrator.config import Settings
+from orchestrator.credentials import Credentials
 from orchestrator.errors import RuntimeFailure
 from orchestrator.executor import Executor
 from orchestrator.lifecycle import TaskState
@@ -176,6 +177,7 @@ def test_output_and_logs_are_capped(executor: Executor, store: Store) -> None:
         replace(settings, output_max_bytes=1000, log_max_bytes=2000),
         executor.store,
         executor.runtime,
+        credentials=executor.credentials,
     )
     state, status = run(
         small,
@@ -211,10 +213,11 @@ class BreaksAfterStart(DockerRuntime):
 
 
 def test_worker_error_after_start_leaves_nothing(
-    settings: Settings, store: Store, runtime: DockerRuntime
+    settings: Settings, store: Store, runtime: DockerRuntime, credentials: Credentials
 ) -> None:
     broken = BreaksAfterStart(settings.docker_host)
-    state, status = run(Executor(settings, store, broken), store, command=["sleep", "60"])
+    executor = Executor(settings, store, broken, credentials=credentials)
+    state, status = run(executor, store, command=["sleep", "60"])
     assert state is S.FAILED and status["reason"] == "error: injected fault after start"
 
 
@@ -237,10 +240,10 @@ def test_redelivered_task_of_a_lost_worker_is_torn_down(
 
 
 def test_unreachable_docker_fails_the_task_with_that_reason(
-    settings: Settings, store: Store
+    settings: Settings, store: Store, credentials: Credentials
 ) -> None:
     nowhere = DockerRuntime("tcp://127.0.0.1:1")  # nothing listens on port 1
-    state, status = run(Executor(settings, store, nowhere), store)
+    state, status = run(Executor(settings, store, nowhere, credentials=credentials), store)
     assert state is S.FAILED
     assert status["reason"].startswith("error: docker is unreachable")
     assert "container_id" not in status

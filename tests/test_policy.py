@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.config import Settings
+from orchestrator.credentials import Credentials
 from orchestrator.errors import PolicyError
 from orchestrator.executor import Executor
 from orchestrator.lifecycle import TaskState
@@ -439,9 +440,12 @@ def test_compiled_tool_checks() -> None:
 
 
 def test_rejected_task_leaves_only_its_record(
-    settings: Settings, store: Store, runtime: DockerRuntime
+    settings: Settings,
+    store: Store,
+    runtime: DockerRuntime,
+    credentials: Credentials,
 ) -> None:
-    executor = Executor(settings, store, runtime)
+    executor = Executor(settings, store, runtime, credentials=credentials)
     task_id = str(uuid.uuid4())
     state = executor.execute(task_id, {"agent": "ghost", "command": ["true"]})
     assert state is TaskState.REJECTED
@@ -454,9 +458,12 @@ def test_rejected_task_leaves_only_its_record(
 
 
 def test_admitted_task_runs_with_its_grant(
-    settings: Settings, store: Store, runtime: DockerRuntime
+    settings: Settings,
+    store: Store,
+    runtime: DockerRuntime,
+    credentials: Credentials,
 ) -> None:
-    executor = Executor(settings, store, runtime)
+    executor = Executor(settings, store, runtime, credentials=credentials)
     task_id = str(uuid.uuid4())
     probe = "import os; print(open('/sys/fs/cgroup/pids/pids.max').read().strip())"
     state = executor.execute(
@@ -478,11 +485,14 @@ def test_admitted_task_runs_with_its_grant(
 
 
 def test_gvisor_agent_runs_under_gvisor(
-    settings: Settings, store: Store, runtime: DockerRuntime
+    settings: Settings,
+    store: Store,
+    runtime: DockerRuntime,
+    credentials: Credentials,
 ) -> None:
     if "runsc" not in runtime.runtimes():
         pytest.skip("runsc is not registered with this Docker engine")
-    executor = Executor(settings, store, runtime)
+    executor = Executor(settings, store, runtime, credentials=credentials)
     task_id = str(uuid.uuid4())
     state = executor.execute(task_id, {"agent": "sandboxed", "command": ["dmesg"]})
     assert state is TaskState.SUCCEEDED, store.get(task_id)["reason"]
@@ -496,7 +506,7 @@ def test_policy_commands(settings: Settings, tmp_path: Path) -> None:
     report = json.loads(check.stdout)
     assert report["version"].startswith("sha256:") and all(t["passed"] for t in report["tests"])
     listed = airlock(settings, "agents", "list", "--json")
-    assert [a["name"] for a in json.loads(listed.stdout)] == ["sandboxed", "tester"]
+    assert [a["name"] for a in json.loads(listed.stdout)] == ["dba", "sandboxed", "tester"]
     shown = airlock(settings, "agents", "show", "tester")
     assert json.loads(shown.stdout)["max_timeout_s"] == 600
     assert airlock(settings, "agents", "show", "ghost").returncode == 2

@@ -38,6 +38,8 @@ class ContainerSpec:
     labels: Mapping[str, str] = field(default_factory=dict)
     scratch_bytes: int = 64 << 20
     runtime: str | None = None
+    # The task's endpoint directory on the host, mounted read-only into this container only.
+    endpoint_dir: str | None = None
 
 
 @dataclass(frozen=True)

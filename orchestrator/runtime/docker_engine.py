@@ -27,6 +27,9 @@ from orchestrator.runtime.base import (
 P = ParamSpec("P")
 R = TypeVar("R")
 WORKSPACE = "/workspace"
+# The task's credentials (JWT, unwrapped secrets) live on this tmpfs, never on disk.
+CREDENTIALS = "/run/airlock"
+ENDPOINT = "/run/airlock-endpoint"
 # Docker Engine 20.10, the oldest engine supported; newer engines all speak it.
 API_VERSION = "1.41"
 
@@ -49,7 +52,8 @@ def container_config(spec: ContainerSpec) -> tuple[dict[str, Any], dict[str, Any
     if spec.on_behalf_of:
         labels[LABEL_OWNER] = spec.on_behalf_of
     uid, _, gid = spec.user.partition(":")
-    tmpfs_opts = f"rw,nosuid,nodev,size={spec.scratch_bytes},uid={uid},gid={gid or uid},mode=0700"
+    owner = f"uid={uid},gid={gid or uid},mode=0700"
+    tmpfs_opts = f"rw,nosuid,nodev,size={spec.scratch_bytes},{owner}"
     host: dict[str, Any] = {
         "network_mode": "none",
         "read_only": True,
@@ -60,12 +64,18 @@ def container_config(spec: ContainerSpec) -> tuple[dict[str, Any], dict[str, Any
         "memswap_limit": spec.memory,
         "nano_cpus": int(spec.cpus * 1e9),
         "ipc_mode": "private",
-        "tmpfs": {"/tmp": tmpfs_opts + ",noexec", WORKSPACE: tmpfs_opts},
+        "tmpfs": {
+            "/tmp": tmpfs_opts + ",noexec",
+            WORKSPACE: tmpfs_opts,
+            CREDENTIALS: f"rw,nosuid,nodev,noexec,size=1048576,{owner}",
+        },
         "ulimits": [docker.types.Ulimit(name="nofile", soft=1024, hard=1024)],
         "log_config": docker.types.LogConfig(type="none"),
     }
     if spec.runtime:
         host["runtime"] = spec.runtime
+    if spec.endpoint_dir:
+        host["binds"] = {spec.endpoint_dir: {"bind": ENDPOINT, "mode": "ro"}}
     create: dict[str, Any] = {
         "image": spec.image,
         "command": list(spec.command),

@@ -1,0 +1,157 @@
+"""What a task is given, end to end: Vault credentials, its JWT, and its endpoint.
+
+`Credentials.provision` mints through the broker and opens the task's endpoint, whose
+handler hands the bootstrap over exactly once and unwraps only this task's own secrets.
+`Credentials.revoke` undoes all of it and returns the receipt stored on the task.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from orchestrator.config import Settings
+from orchestrator.endpoint import EndpointServer
+from orchestrator.errors import AirlockError
+from orchestrator.identity import Minter, Verifier, jwks_from_transit
+from orchestrator.lifecycle import TaskState
+from orchestrator.policy.grant import Grant
+from orchestrator.store import Store
+from orchestrator.vault.adapter import Vault
+from orchestrator.vault.broker import Broker, Provisioned
+from orchestrator.vault.setup import JWT_KEY
+
+log = logging.getLogger(__name__)
+# Where the endpoint directory appears inside the container (beside, not inside, the tmpfs:
+# gVisor does not mount a bind inside a tmpfs).
+CONTAINER_ENDPOINT = "/run/airlock-endpoint"
+LIVE_STATES = frozenset({TaskState.PROVISIONING.value, TaskState.RUNNING.value})
+
+
+class TaskEndpoint:
+    """Answers one task's endpoint. The socket it listens on is the task's identity."""
+
+    def __init__(
+        self,
+        task_id: str,
+        given: Provisioned,
+        broker: Broker,
+        store: Store,
+        connections: dict[str, dict[str, Any]],
+    ) -> None:
+        self.task_id = task_id
+        self.given = given
+        self.broker = broker
+        self.store = store
+        self.connections = connections
+        self._wrap_tokens = {s.token for s in given.secrets}
+        self._fetched = False
+        self._lock = threading.Lock()
+
+    def __call__(
+        self, method: str, target: str, body: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]]:
+        if method != "POST":
+            return 405, {"error": "only POST"}
+        if target == "/v1/bootstrap":
+            return self._bootstrap()
+        if target in ("/v1/wrapping/lookup", "/v1/wrapping/unwrap"):
+            token = body.get("token")
+            if token not in self._wrap_tokens:
+                self.store.alarm(self.task_id, f"{target} with a token not given to this task")
+                return 403, {"error": "not a wrapping token of this task"}
+            try:
+                if target.endswith("lookup"):
+                    return 200, self.broker.lookup_wrapping(str(token))
+                return 200, self.broker.unwrap(self.task_id, str(token))
+            except AirlockError as exc:
+                return 409, {"error": str(exc)}
+        return 404, {"error": f"no such endpoint {target}"}
+
+    def _bootstrap(self) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            if self._fetched:
+                self.store.alarm(self.task_id, "second bootstrap fetch refused")
+                return 409, {"error": "bootstrap already fetched"}
+            self._fetched = True
+        secrets = [
+            {**s.bootstrap(), "connection": self.connections.get(s.kind)}
+            for s in self.given.secrets
+        ]
+        return 200, {"task_id": self.task_id, "jwt": self.given.jwt.jwt, "secrets": secrets}
+
+
+@dataclass
+class Handout:
+    """What the container needs to reach what it was given."""
+
+    endpoint_dir: Path
+    provisioned: Provisioned
+
+
+class Credentials:
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.vault = Vault(settings.vault_addr, settings.vault_token)
+        self.minter = Minter(self.vault, self.issuer, settings.jwt_audience)
+        self.broker = Broker(self.vault, store, settings, self.minter)
+        self.endpoints = EndpointServer(settings.endpoint_dir / settings.namespace)
+        self.connections = _connections(settings)
+
+    @property
+    def issuer(self) -> str:
+        return f"https://{self.settings.trust_domain}/airlock"
+
+    def provision(self, task_id: str, grant: Grant, grant_hash: str, deadline: float) -> Handout:
+        """Mint, journal and open. Raises ServiceUnavailable or VaultRefused."""
+        given = self.broker.provision(task_id, grant, grant_hash, deadline)
+        self.store.update(task_id, {"jwt_jti": given.jwt.jti})
+        handler = TaskEndpoint(task_id, given, self.broker, self.store, self.connections)
+        return Handout(self.endpoints.open(task_id, handler), given)
+
+    def renew(self, handout: Handout) -> None:
+        self.broker.renew(handout.provisioned)
+
+    def revoke(self, task_id: str) -> dict[str, Any]:
+        """Revoke and verify everything the task was given; the receipt. Never raises."""
+        try:
+            receipt = self.broker.revoke(task_id)
+        except AirlockError as exc:
+            log.error("task %s: revocation failed, left for the reaper: %s", task_id, exc)
+            receipt = {"verified": False, "error": str(exc)}
+        receipt["endpoint_removed"] = self.endpoints.close(task_id)
+        return receipt
+
+    def is_live(self, task_id: str, jti: str) -> bool:
+        """A task JWT is honoured only while its task is provisioning or running."""
+        try:
+            record = self.store.get(task_id)
+        except AirlockError:
+            return False
+        return record.get("state") in LIVE_STATES and record.get("jwt_jti") == jti
+
+    def jwks(self) -> dict[str, Any]:
+        key = (self.vault.read(f"transit/keys/{JWT_KEY}") or {}).get("data", {})
+        return jwks_from_transit(key)
+
+    def verifier(self) -> Verifier:
+        return Verifier(self.jwks, self.settings.jwt_audience, self.issuer, self.is_live)
+
+
+def _connections(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Where each kind of secret is used: database credentials come with their address."""
+    if not settings.postgres_url:
+        return {}
+    url = urlsplit(settings.postgres_url)
+    return {
+        "database": {
+            "host": url.hostname,
+            "port": url.port or 5432,
+            "database": url.path.lstrip("/") or "postgres",
+        }
+    }

@@ -1,0 +1,1 @@
+"""Vault (or OpenBao): the adapter seam, the idempotent setup, and the per-task broker."""

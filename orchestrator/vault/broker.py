@@ -1,0 +1,203 @@
+"""The per-task credential broker: mint at provision, hand over wrapped, revoke and verify.
+
+Order matters. The task token's accessor is journaled in Redis before anything derived from
+the token exists; each lease id is journaled before its secret leaves the broker. Teardown
+revokes leases (synchronously), then the token by accessor, then checks with Vault that
+neither exists any more, and returns a receipt saying so. What could not be verified stays
+in the journal for the reaper to retry, even across a worker crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.config import Settings
+from orchestrator.errors import AirlockError, VaultRefused
+from orchestrator.identity import Minter, TaskToken
+from orchestrator.policy.grant import Grant, SecretGrant
+from orchestrator.store import Store
+from orchestrator.vault.adapter import Vault
+from orchestrator.vault.setup import entity_alias, token_role
+
+log = logging.getLogger(__name__)
+WRAP_TTL_S = 120
+
+
+@dataclass(frozen=True)
+class WrappedSecret:
+    name: str
+    kind: str
+    token: str
+    creation_path: str
+
+    def bootstrap(self) -> dict[str, str]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "wrap_token": self.token,
+            "creation_path": self.creation_path,
+        }
+
+
+@dataclass
+class Provisioned:
+    """What a task was given. The Vault token stays in the worker's memory, never elsewhere."""
+
+    token: str = field(repr=False)
+    accessor: str
+    secrets: list[WrappedSecret]
+    jwt: TaskToken
+
+
+def secret_path(secret: SecretGrant) -> str:
+    if secret.kind == "database":
+        return f"database/creds/{secret.role}"
+    return str(secret.path)
+
+
+class Broker:
+    def __init__(
+        self,
+        vault: Vault,
+        store: Store,
+        settings: Settings,
+        minter: Minter,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.vault = vault
+        self.store = store
+        self.settings = settings
+        self.minter = minter
+        self.clock = clock
+
+    # -- provision -------------------------------------------------------------------------
+    def provision(
+        self, task_id: str, grant: Grant, grant_hash: str, deadline: float
+    ) -> Provisioned:
+        """Mint the task's token, its wrapped secrets and its JWT.
+
+        Raises ServiceUnavailable or VaultRefused; what was minted before is journaled.
+        """
+        ttl = math.ceil(deadline - self.clock()) + self.settings.credential_grace_s
+        created = (
+            self.vault.write(
+                f"auth/token/create/{token_role(grant.agent)}",
+                {
+                    "meta": {
+                        "task_id": task_id,
+                        "agent": grant.agent,
+                        "on_behalf_of": grant.on_behalf_of or "",
+                    },
+                    "explicit_max_ttl": f"{ttl}s",
+                    "period": f"{self.settings.vault_token_period_s}s",
+                    "entity_alias": entity_alias(grant.agent),
+                    "display_name": f"task-{task_id}",
+                    "renewable": True,
+                },
+            )
+            or {}
+        )
+        auth = created.get("auth") or {}
+        token, accessor = str(auth.get("client_token")), str(auth.get("accessor"))
+        self.store.journal(task_id, token_accessor=accessor, created_at=self.clock())
+        wrapped = [self._wrapped(token, secret) for secret in grant.secrets]
+        jwt = self.minter.mint(task_id, grant, grant_hash, deadline)
+        self.store.journal(task_id, jti=jwt.jti)
+        return Provisioned(token, accessor, wrapped, jwt)
+
+    def _wrapped(self, token: str, secret: SecretGrant) -> WrappedSecret:
+        path = secret_path(secret)
+        answer = self.vault.read(path, token=token, wrap_ttl=f"{WRAP_TTL_S}s") or {}
+        info = answer.get("wrap_info") or {}
+        if not info.get("token"):
+            raise VaultRefused(f"GET {path}: Vault did not wrap the response")
+        return WrappedSecret(
+            secret.name, secret.kind, str(info["token"]), str(info.get("creation_path"))
+        )
+
+    def renew(self, provisioned: Provisioned) -> None:
+        """Extend the periodic task token by one period (never past its explicit max TTL)."""
+        self.vault.write(
+            "auth/token/renew-self",
+            {"increment": f"{self.settings.vault_token_period_s}s"},
+            token=provisioned.token,
+        )
+
+    # -- what the runner asks for through its endpoint ----------------------------------------
+    def lookup_wrapping(self, wrap_token: str) -> dict[str, Any]:
+        answer = self.vault.write("sys/wrapping/lookup", {"token": wrap_token}) or {}
+        return dict(answer.get("data") or {})
+
+    def unwrap(self, task_id: str, wrap_token: str) -> dict[str, Any]:
+        """Unwrap one secret for the task; its lease is journaled before it is returned."""
+        answer = self.vault.write("sys/wrapping/unwrap", {}, token=wrap_token) or {}
+        lease = answer.get("lease_id")
+        if lease:
+            self.store.journal_lease(task_id, str(lease))
+        data = answer.get("data") or {}
+        if isinstance(data.get("data"), dict) and "metadata" in data:  # KV version 2
+            data = data["data"]
+        return {
+            "data": data,
+            "lease_id": lease or None,
+            "lease_duration": answer.get("lease_duration"),
+        }
+
+    # -- teardown --------------------------------------------------------------------------
+    def revoke(self, task_id: str) -> dict[str, Any]:
+        """Revoke everything journaled for the task and verify it; returns the receipt."""
+        fields, leases = self.store.journaled(task_id)
+        receipt: dict[str, Any] = {"at": self.clock(), "leases": [], "token": None}
+        done = set()
+        for lease in sorted(leases):
+            entry = self._revoke_lease(lease)
+            receipt["leases"].append(entry)
+            if entry["verified"]:
+                done.add(lease)
+        accessor = fields.get("token_accessor")
+        if accessor:
+            receipt["token"] = self._revoke_token(accessor)
+        if fields.get("jti"):
+            receipt["jwt"] = {"jti": fields["jti"], "invalidated": True}
+        verified = len(done) == len(leases) and (not accessor or receipt["token"]["verified"])
+        receipt["verified"] = verified
+        if verified:
+            self.store.forget_credentials(task_id)
+        else:
+            self.store.forget_credentials(task_id, done)
+        return receipt
+
+    def _revoke_lease(self, lease: str) -> dict[str, Any]:
+        entry: dict[str, Any] = {"id": lease, "revoked": False, "verified": False}
+        try:
+            self.vault.write("sys/leases/revoke", {"lease_id": lease, "sync": True})
+            entry["revoked"] = True
+        except VaultRefused as exc:
+            entry["error"] = str(exc)  # often: already gone, which verification settles
+        entry["verified"] = self._gone("sys/leases/lookup", {"lease_id": lease})
+        return entry
+
+    def _revoke_token(self, accessor: str) -> dict[str, Any]:
+        entry: dict[str, Any] = {"accessor": accessor, "revoked": False, "verified": False}
+        try:
+            self.vault.write("auth/token/revoke-accessor", {"accessor": accessor})
+            entry["revoked"] = True
+        except VaultRefused as exc:
+            entry["error"] = str(exc)
+        entry["verified"] = self._gone("auth/token/lookup-accessor", {"accessor": accessor})
+        return entry
+
+    def _gone(self, path: str, body: dict[str, str]) -> bool:
+        """Vault says it does not know this lease or token any more."""
+        try:
+            self.vault.write(path, body)
+        except VaultRefused:
+            return True
+        except AirlockError as exc:
+            log.warning("could not verify revocation at %s: %s", path, exc)
+        return False
