@@ -230,7 +230,7 @@ def worker(queues: tuple[str, ...], concurrency: int | None, loglevel: str) -> N
 @click.option("--dry-run", is_flag=True, help="only say what would be removed")
 @click.option("--json", "as_json", is_flag=True)
 def gc(dry_run: bool, as_json: bool) -> None:
-    """Remove containers whose task has ended, vanished, or overrun its deadline."""
+    """Remove containers, credentials and endpoints no live task owns."""
     from orchestrator.worker import build_executor, reap_now
 
     found = reap_now(build_executor(config.load()), dry_run=dry_run)
@@ -239,8 +239,8 @@ def gc(dry_run: bool, as_json: bool) -> None:
         return
     verb = "would remove" if dry_run else "removed"
     for item in found:
-        click.echo(f"{verb} {item.container_id[:12]} (task {item.task_id}): {item.why}")
-    click.echo(f"{len(found)} orphaned container(s)")
+        click.echo(f"{verb} {item.kind} {item.id[:24]} (task {item.task_id}): {item.why}")
+    click.echo(f"{len(found)} orphaned item(s)")
 
 
 def _engine() -> PolicyEngine:

@@ -67,10 +67,20 @@ class TaskEndpoint:
             try:
                 if target.endswith("lookup"):
                     return 200, self.broker.lookup_wrapping(str(token))
-                return 200, self.broker.unwrap(self.task_id, str(token))
+                return 200, self.broker.unwrap(str(token))
             except AirlockError as exc:
                 return 409, {"error": str(exc)}
         return 404, {"error": f"no such endpoint {target}"}
+
+    def tunnel(self, authority: str) -> tuple[str, int] | None:
+        """Only the database addresses of secrets the task was granted can be tunnelled to."""
+        host, _, port = authority.rpartition(":")
+        for secret in self.given.secrets:
+            address = self.connections.get(secret.kind) or {}
+            if address and (host, port) == (str(address["host"]), str(address["port"])):
+                return str(address["host"]), int(address["port"])
+        self.store.alarm(self.task_id, f"CONNECT {authority} refused: not granted")
+        return None
 
     def _bootstrap(self) -> tuple[int, dict[str, Any]]:
         with self._lock:

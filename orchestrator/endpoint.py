@@ -8,6 +8,7 @@ Vault never stalls another task's endpoint.
     POST /v1/bootstrap          the task's JWT and wrapped secrets, exactly once
     POST /v1/wrapping/lookup    {"token"}: where a wrapping token was created
     POST /v1/wrapping/unwrap    {"token"}: unwrap one of this task's wrapped secrets
+    CONNECT host:port           a byte tunnel, only to an address the task was granted
 """
 
 from __future__ import annotations
@@ -21,14 +22,23 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import h11
 
 log = logging.getLogger(__name__)
 SOCKET_NAME = "airlock.sock"
 MAX_BODY = 64 * 1024
-Handler = Callable[[str, str, dict[str, Any]], tuple[int, dict[str, Any]]]
+
+
+class Handler(Protocol):
+    def __call__(
+        self, method: str, target: str, body: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]]:
+        """Answer one JSON request of the task."""
+
+    def tunnel(self, authority: str) -> tuple[str, int] | None:
+        """Where a CONNECT tunnel to `authority` goes, or None if the task may not open it."""
 
 
 class EndpointServer:
@@ -88,35 +98,42 @@ class EndpointServer:
         try:
             request, body = await self._read(conn, reader)
             if request is None:
+                writer.close()
                 return
-            status, payload = await self._answer(request, body, handler)
+            if request.method == b"CONNECT":
+                target = handler.tunnel(request.target.decode())
+                if target is not None:
+                    await self._tunnel(conn, reader, writer, target)
+                    return
+                status, payload = 403, {"error": "this task may not connect there"}
+            else:
+                status, payload = await self._answer(request, body, handler)
         except (h11.RemoteProtocolError, ValueError) as exc:
             status, payload = 400, {"error": f"bad request: {exc}"}
         except Exception as exc:  # a failing handler must not take the loop down
             log.exception("endpoint handler failed")
             status, payload = 500, {"error": f"internal error: {exc.__class__.__name__}"}
-        data = json.dumps(payload).encode()
+        await _respond(conn, writer, status, payload)
+
+    async def _tunnel(
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        target: tuple[str, int],
+    ) -> None:
         try:
-            writer.write(
-                conn.send(
-                    h11.Response(
-                        status_code=status,
-                        headers=[
-                            ("content-type", "application/json"),
-                            ("content-length", str(len(data))),
-                            ("connection", "close"),
-                        ],
-                    )
-                )
-                or b""
-            )
-            writer.write(conn.send(h11.Data(data=data)) or b"")
-            writer.write(conn.send(h11.EndOfMessage()) or b"")
-            await writer.drain()
-        except (h11.LocalProtocolError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+            upstream = await asyncio.wait_for(asyncio.open_connection(*target), 10)
+        except (TimeoutError, OSError) as exc:
+            await _respond(conn, writer, 502, {"error": f"cannot reach {target[0]}:{target[1]}"})
+            log.info("tunnel to %s:%s failed: %s", target[0], target[1], exc)
+            return
+        up_reader, up_writer = upstream
+        writer.write(conn.send(h11.Response(status_code=200, headers=[])) or b"")
+        leftover, _ = conn.trailing_data
+        if leftover:
+            up_writer.write(leftover)
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
 
     async def _read(
         self, conn: h11.Connection, reader: asyncio.StreamReader
@@ -158,3 +175,35 @@ class EndpointServer:
         self._thread.join(timeout=5)
         if not self._thread.is_alive():
             self._loop.close()
+
+
+async def _respond(
+    conn: h11.Connection, writer: asyncio.StreamWriter, status: int, payload: dict[str, Any]
+) -> None:
+    data = json.dumps(payload).encode()
+    headers = [
+        ("content-type", "application/json"),
+        ("content-length", str(len(data))),
+        ("connection", "close"),
+    ]
+    try:
+        writer.write(conn.send(h11.Response(status_code=status, headers=headers)) or b"")
+        writer.write(conn.send(h11.Data(data=data)) or b"")
+        writer.write(conn.send(h11.EndOfMessage()) or b"")
+        await writer.drain()
+    except (h11.LocalProtocolError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy one direction of a tunnel until either side closes."""
+    try:
+        while chunk := await reader.read(65536):
+            writer.write(chunk)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()

@@ -1,8 +1,10 @@
-"""The reaper: removes what a lost worker left behind, found by label, never by memory.
+"""The reaper: removes what a lost worker left behind, found by label and journal.
 
 A container is an orphan when its task record is gone, its task has ended, or its deadline
 passed more than a grace period ago (a live worker kills it at the deadline itself). A task
 record still marked live whose container is past that point is ended as failed.
+Journaled credentials of tasks that are no longer live are revoked (and verified), and
+endpoint directories of such tasks are removed.
 """
 
 from __future__ import annotations
@@ -10,11 +12,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from orchestrator.errors import IllegalTransition, TaskNotFound
 from orchestrator.lifecycle import TERMINAL, TaskState, advance
 from orchestrator.runtime.base import ManagedContainer, Runtime
 from orchestrator.store import Store
+
+if TYPE_CHECKING:
+    from orchestrator.credentials import Credentials
 
 # How long past its deadline a container may live before it counts as abandoned: the
 # worker's own stop grace plus time for its teardown to finish.
@@ -23,7 +29,8 @@ DEADLINE_GRACE_S = 30.0
 
 @dataclass(frozen=True)
 class Reaped:
-    container_id: str
+    kind: str  # container, credentials or endpoint
+    id: str
     task_id: str
     why: str
     removed: bool
@@ -50,6 +57,14 @@ def _state(store: Store, task_id: str) -> TaskState | None:
         return None
 
 
+def _not_live(state: TaskState | None) -> str | None:
+    if state is None:
+        return "no task record"
+    if state in TERMINAL:
+        return f"task already {state.value}"
+    return None
+
+
 def reap(
     store: Store,
     runtime: Runtime,
@@ -70,7 +85,39 @@ def reap(
             removed = runtime.remove(container.id)
             if state is not None and state not in TERMINAL:
                 _end(store, container.task_id, state, f"reaped: container {why}")
-        done.append(Reaped(container.id, container.task_id, why, removed))
+        done.append(Reaped("container", container.id, container.task_id, why, removed))
+    return done
+
+
+def reap_credentials(store: Store, credentials: Credentials, dry_run: bool = False) -> list[Reaped]:
+    """Revoke the journaled credentials of every task that is no longer live."""
+    done = []
+    for task_id in sorted(store.journaled_tasks()):
+        state = _state(store, task_id)
+        why = _not_live(state)
+        if why is None:
+            continue
+        fields, _ = store.journaled(task_id)
+        removed = False
+        if not dry_run:
+            receipt = credentials.revoke(task_id)
+            removed = bool(receipt.get("verified"))
+            if state is not None:
+                pending = 0 if removed else 1
+                store.update(task_id, {"revocation": receipt, "revocation_pending": pending})
+        done.append(Reaped("credentials", fields.get("token_accessor", ""), task_id, why, removed))
+    return done
+
+
+def reap_endpoints(store: Store, credentials: Credentials, dry_run: bool = False) -> list[Reaped]:
+    """Remove endpoint directories whose task is no longer live."""
+    done = []
+    for task_id in credentials.endpoints.stale(lambda t: _not_live(_state(store, t)) is None):
+        why = _not_live(_state(store, task_id)) or "not live"
+        removed = False if dry_run else credentials.endpoints.close(task_id)
+        done.append(
+            Reaped("endpoint", str(credentials.endpoints.directory(task_id)), task_id, why, removed)
+        )
     return done
 
 

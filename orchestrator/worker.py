@@ -23,7 +23,7 @@ from celery.signals import worker_ready
 from orchestrator import config
 from orchestrator.config import Settings
 from orchestrator.executor import Executor
-from orchestrator.reaper import Reaped, reap
+from orchestrator.reaper import Reaped, reap, reap_credentials, reap_endpoints
 
 TASK_NAME = "airlock.run"
 REAP_TASK_NAME = "airlock.reap"
@@ -66,9 +66,13 @@ def create_app(settings: Settings) -> Celery:
 
 
 def reap_now(executor: Executor, dry_run: bool = False) -> list[Reaped]:
-    found = reap(executor.store, executor.runtime, executor.settings.namespace, dry_run)
+    """Containers first (ending overrun tasks), then the credentials and endpoints they had."""
+    store, credentials = executor.store, executor.credentials
+    found = reap(store, executor.runtime, executor.settings.namespace, dry_run)
+    found += reap_credentials(store, credentials, dry_run)
+    found += reap_endpoints(store, credentials, dry_run)
     for item in found:
-        log.warning("reaped container of task %s: %s", item.task_id, item.why)
+        log.warning("reaped %s of task %s: %s", item.kind, item.task_id, item.why)
     return found
 
 

@@ -14,6 +14,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 
 OUTPUT_DIR = "/workspace/output"
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
@@ -21,8 +22,8 @@ ENDPOINT_SOCKET = "/run/airlock-endpoint/airlock.sock"
 TOKEN_FILE = "/run/airlock/token"
 SECRETS_DIR = "/run/airlock/secrets"
 BOOTSTRAP_FAILED = 111
-# Where each kind of wrapped secret must have been created; anything else is refused.
-CREATION_PREFIXES = {"database": "database/creds/", "kv": ""}
+# Where a secret's wrapping token must have been created; anything else is refused.
+WRAPPED_AT = "sys/wrapping/wrap"
 
 
 class BootstrapError(Exception):
@@ -57,6 +58,65 @@ def endpoint_call(path, body):
     return answer
 
 
+def splice(source, sink):
+    try:
+        while True:
+            chunk = source.recv(65536)
+            if not chunk:
+                break
+            sink.sendall(chunk)
+    except OSError:
+        pass
+    finally:
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def tunnel(client, authority):
+    """Carry one local connection through the endpoint's CONNECT to `authority`."""
+    upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        upstream.connect(ENDPOINT_SOCKET)
+        upstream.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) < 8192:
+            chunk = upstream.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+        if not head.startswith(b"HTTP/1.1 200"):
+            status = head.split(b"\r\n", 1)[0].decode(errors="replace")
+            raise OSError(f"endpoint refused the tunnel: {status}")
+        rest = head.split(b"\r\n\r\n", 1)[1]
+        if rest:
+            client.sendall(rest)
+    except OSError as exc:
+        print(f"airlock-runner: tunnel to {authority}: {exc}", file=sys.stderr, flush=True)
+        client.close()
+        upstream.close()
+        return
+    threading.Thread(target=splice, args=(upstream, client), daemon=True).start()
+    splice(client, upstream)
+
+
+def forward(port, authority):
+    """Listen on 127.0.0.1:port in the container; each connection tunnels to `authority`."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(16)
+
+    def accept_loop():
+        while True:
+            client, _ = listener.accept()
+            threading.Thread(target=tunnel, args=(client, authority), daemon=True).start()
+
+    threading.Thread(target=accept_loop, daemon=True).start()
+
+
 def write_private(path, text):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
     try:
@@ -73,19 +133,19 @@ def bootstrap():
     os.makedirs(SECRETS_DIR, mode=0o700, exist_ok=True)
     write_private(TOKEN_FILE, boot["jwt"])
     for secret in boot.get("secrets", []):
-        expected = secret["creation_path"]
-        prefix = CREATION_PREFIXES.get(secret["kind"])
-        if prefix is None or not expected.startswith(prefix):
-            raise BootstrapError(f"secret {secret['name']}: unexpected origin {expected!r}")
         info = endpoint_call("/v1/wrapping/lookup", {"token": secret["wrap_token"]})
-        if info.get("creation_path") != expected:
+        if info.get("creation_path") != WRAPPED_AT:
             raise BootstrapError(
                 f"secret {secret['name']}: wrapped at {info.get('creation_path')!r}, "
-                f"expected {expected!r}; not unwrapping"
+                f"expected {WRAPPED_AT!r}; not unwrapping"
             )
         unwrapped = endpoint_call("/v1/wrapping/unwrap", {"token": secret["wrap_token"]})
         document = dict(unwrapped.get("data") or {})
-        document.update(secret.get("connection") or {})
+        connection = secret.get("connection")
+        if connection:
+            # The database is reachable only through the endpoint: forward a local port.
+            forward(int(connection["port"]), f"{connection['host']}:{connection['port']}")
+            document.update(connection, host="127.0.0.1")
         write_private(os.path.join(SECRETS_DIR, secret["name"]), json.dumps(document))
     return {"AIRLOCK_TOKEN_FILE": TOKEN_FILE, "AIRLOCK_SECRETS_DIR": SECRETS_DIR,
             "PYTHONPATH": "/opt/airlock"}

@@ -21,8 +21,8 @@ import pytest
 
 from orchestrator import config
 from orchestrator.config import Settings
-from orchestrator.errors import AirlockError
 from orchestrator.credentials import Credentials
+from orchestrator.errors import AirlockError
 from orchestrator.executor import Executor
 from orchestrator.policy.agents import load_registry
 from orchestrator.runtime.docker_engine import DockerRuntime

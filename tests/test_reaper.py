@@ -59,7 +59,7 @@ def test_gc_command(settings: Settings, runtime: DockerRuntime, store: Store) ->
     orphan = container_for(settings, runtime, store, None, time.time() + 60)
     dry = airlock(settings, "gc", "--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr
-    assert [r["task_id"] for r in json.loads(dry.stdout)] == [orphan]
+    assert [(r["kind"], r["task_id"]) for r in json.loads(dry.stdout)] == [("container", orphan)]
     real = airlock(settings, "gc")
     assert real.returncode == 0 and f"(task {orphan}): no task record" in real.stdout
     assert runtime.list_managed(settings.namespace) == []

@@ -43,7 +43,9 @@ def test_create_arguments_are_sealed(settings: Settings) -> None:
     )
     assert host["nano_cpus"] == 500_000_000
     assert set(host["tmpfs"]) == {"/tmp", "/workspace", "/run/airlock"}
-    assert "noexec" in host["tmpfs"]["/run/airlock"] and "mode=0700" in host["tmpfs"]["/run/airlock"]
+    assert (
+        "noexec" in host["tmpfs"]["/run/airlock"] and "mode=0700" in host["tmpfs"]["/run/airlock"]
+    )
     assert "binds" not in host  # no endpoint asked for: nothing from the host is mounted
     assert "noexec" in host["tmpfs"]["/tmp"]
     assert create["user"] == TASK_USER and not create["user"].startswith("0")

@@ -1,7 +1,9 @@
 """The per-task credential broker: mint at provision, hand over wrapped, revoke and verify.
 
 Order matters. The task token's accessor is journaled in Redis before anything derived from
-the token exists; each lease id is journaled before its secret leaves the broker. Teardown
+the token exists; each lease id is journaled before its secret is wrapped for the task.
+Every lease hangs off the task token, whose explicit max TTL is the task's deadline plus a
+grace: if every Airlock process died, all of it would still expire. Teardown
 revokes leases (synchronously), then the token by accessor, then checks with Vault that
 neither exists any more, and returns a receipt saying so. What could not be verified stays
 in the journal for the reaper to retry, even across a worker crash.
@@ -105,17 +107,37 @@ class Broker:
         auth = created.get("auth") or {}
         token, accessor = str(auth.get("client_token")), str(auth.get("accessor"))
         self.store.journal(task_id, token_accessor=accessor, created_at=self.clock())
-        wrapped = [self._wrapped(token, secret) for secret in grant.secrets]
+        wrapped = [self._wrapped(task_id, token, secret) for secret in grant.secrets]
         jwt = self.minter.mint(task_id, grant, grant_hash, deadline)
         self.store.journal(task_id, jti=jwt.jti)
         return Provisioned(token, accessor, wrapped, jwt)
 
-    def _wrapped(self, token: str, secret: SecretGrant) -> WrappedSecret:
+    def _wrapped(self, task_id: str, token: str, secret: SecretGrant) -> WrappedSecret:
+        """Read the secret with the task token, journal its lease, and wrap it for the runner.
+
+        The read is not wrapped by Vault itself: a lease created inside a wrapped response
+        is not revoked with the token that asked for it, and its id could not be journaled.
+        Read plainly, the lease hangs off the task token and dies with it.
+        """
         path = secret_path(secret)
-        answer = self.vault.read(path, token=token, wrap_ttl=f"{WRAP_TTL_S}s") or {}
-        info = answer.get("wrap_info") or {}
+        answer = self.vault.read(path, token=token) or {}
+        if answer.get("lease_id"):
+            self.store.journal_lease(task_id, str(answer["lease_id"]))
+        data = answer.get("data") or {}
+        if isinstance(data.get("data"), dict) and "metadata" in data:  # KV version 2
+            data = data["data"]
+        wrapped = (
+            self.vault.write(
+                "sys/wrapping/wrap",
+                {"secret": data, "source": path},
+                token=token,
+                wrap_ttl=f"{WRAP_TTL_S}s",
+            )
+            or {}
+        )
+        info = wrapped.get("wrap_info") or {}
         if not info.get("token"):
-            raise VaultRefused(f"GET {path}: Vault did not wrap the response")
+            raise VaultRefused("sys/wrapping/wrap: Vault did not wrap the secret")
         return WrappedSecret(
             secret.name, secret.kind, str(info["token"]), str(info.get("creation_path"))
         )
@@ -133,20 +155,11 @@ class Broker:
         answer = self.vault.write("sys/wrapping/lookup", {"token": wrap_token}) or {}
         return dict(answer.get("data") or {})
 
-    def unwrap(self, task_id: str, wrap_token: str) -> dict[str, Any]:
-        """Unwrap one secret for the task; its lease is journaled before it is returned."""
+    def unwrap(self, wrap_token: str) -> dict[str, Any]:
+        """Unwrap one of the task's secrets (its lease was journaled when it was read)."""
         answer = self.vault.write("sys/wrapping/unwrap", {}, token=wrap_token) or {}
-        lease = answer.get("lease_id")
-        if lease:
-            self.store.journal_lease(task_id, str(lease))
         data = answer.get("data") or {}
-        if isinstance(data.get("data"), dict) and "metadata" in data:  # KV version 2
-            data = data["data"]
-        return {
-            "data": data,
-            "lease_id": lease or None,
-            "lease_duration": answer.get("lease_duration"),
-        }
+        return {"data": data.get("secret") or {}, "source": data.get("source")}
 
     # -- teardown --------------------------------------------------------------------------
     def revoke(self, task_id: str) -> dict[str, Any]:
