@@ -57,6 +57,11 @@ class Settings:
     vault_token_period_s: int = 300
     # The PostgreSQL that Vault's database engine manages (its admin URL, for vault setup).
     postgres_url: str | None = None
+    # A worker proves it still owns each of its tasks this often; three misses and the
+    # reaper treats the task as abandoned.
+    heartbeat_s: float = 10.0
+    # How often each worker's beat runs the reaper.
+    reap_period_s: float = 60.0
     # Task JWTs name this audience; the gateway is who checks them.
     jwt_audience: str = "airlock-gateway"
     # Per-task endpoint directories (one socket each) live under this directory.
@@ -133,5 +138,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         ),
         postgres_url=env.get("AIRLOCK_POSTGRES_URL") or None,
         jwt_audience=env.get("AIRLOCK_JWT_AUDIENCE") or d.jwt_audience,
+        heartbeat_s=_get(env, "AIRLOCK_HEARTBEAT_S", d.heartbeat_s, _positive_float),
+        reap_period_s=_get(env, "AIRLOCK_REAP_PERIOD_S", d.reap_period_s, _positive_float),
         endpoint_dir=Path(env.get("AIRLOCK_ENDPOINT_DIR") or d.endpoint_dir),
     )

@@ -150,6 +150,7 @@ class Executor:
                 "policy_version": decision.policy_version,
             }
             if self._try_advance(task_id, S.ADMITTED, "admitted by policy", **fields):
+                self._heartbeat(task_id)
                 return spec, grant
         state = TaskState(self.store.get(task_id)["state"])
         if state not in TERMINAL:
@@ -269,12 +270,16 @@ class Executor:
         """
         renew_every = self.settings.vault_token_period_s / 3
         next_renewal = self.clock() + renew_every
+        next_beat = self.clock() + self.settings.heartbeat_s
         while True:
             now = self.clock()
             if run.handout and now >= next_renewal:
                 self.credentials.renew(run.handout)
                 next_renewal = now + renew_every
-            left = min(run.deadline, next_renewal) - now
+            if now >= next_beat:
+                self._heartbeat(run.task_id)
+                next_beat = now + self.settings.heartbeat_s
+            left = min(run.deadline, next_renewal, next_beat) - now
             signal = self.store.wait_signal(run.task_id, left) if left > 0 else None
             if signal == SIGNAL_EXIT:
                 self._exited(run, outcome)
@@ -288,6 +293,9 @@ class Executor:
                 outcome.reason = f"deadline of {run.grant.timeout_s}s reached; container killed"
                 self._collect(run, outcome)
                 return
+
+    def _heartbeat(self, task_id: str) -> None:
+        self.store.heartbeat(task_id, self.settings.heartbeat_s * 3)
 
     def _cancelled(self, run: Run, outcome: Outcome, started: bool) -> None:
         by = self.store.get(run.task_id).get("cancel_requested_by") or "unknown"

@@ -1,8 +1,9 @@
 """The reaper: removes what a lost worker left behind, found by label and journal.
 
-A container is an orphan when its task record is gone, its task has ended, or its deadline
-passed more than a grace period ago (a live worker kills it at the deadline itself). A task
-record still marked live whose container is past that point is ended as failed.
+A container is an orphan when its task record is gone, its task has ended, its deadline
+passed more than a grace period ago (a live worker kills it at the deadline itself), or the
+worker running it stopped sending heartbeats. A task still marked live whose container is
+reaped is ended as failed.
 Journaled credentials of tasks that are no longer live are revoked (and verified), and
 endpoint directories of such tasks are removed.
 """
@@ -39,7 +40,9 @@ class Reaped:
         return asdict(self)
 
 
-def orphan_reason(container: ManagedContainer, state: TaskState | None, now: float) -> str | None:
+def orphan_reason(
+    container: ManagedContainer, state: TaskState | None, owned: bool, now: float
+) -> str | None:
     """Why this container should go, or None if it belongs to a live task."""
     if state is None:
         return "no task record"
@@ -47,6 +50,8 @@ def orphan_reason(container: ManagedContainer, state: TaskState | None, now: flo
         return f"task already {state.value}"
     if now > container.deadline + DEADLINE_GRACE_S:
         return "past its deadline"
+    if not owned:
+        return "its worker stopped sending heartbeats"
     return None
 
 
@@ -77,7 +82,7 @@ def reap(
     now = clock()
     for container in runtime.list_managed(namespace):
         state = _state(store, container.task_id)
-        why = orphan_reason(container, state, now)
+        why = orphan_reason(container, state, store.has_owner(container.task_id), now)
         if why is None:
             continue
         removed = False

@@ -255,6 +255,16 @@ class Store:
         value = self.redis.lpop(self.key(task_id, "signal"))
         return None if value is None else str(value)
 
+    # -- ownership ------------------------------------------------------------------------
+    @_guard
+    def heartbeat(self, task_id: str, ttl_s: float) -> None:
+        """The worker running the task is alive; the key lapses if it stops saying so."""
+        self.redis.set(self.key(task_id, "owner"), "1", px=max(int(ttl_s * 1000), 1))
+
+    @_guard
+    def has_owner(self, task_id: str) -> bool:
+        return bool(self.redis.exists(self.key(task_id, "owner")))
+
     # -- credential journal -------------------------------------------------------------
     # Written before a credential is handed out, removed only after its revocation was
     # verified: what a crashed worker minted can always be found and revoked.

@@ -27,7 +27,6 @@ from orchestrator.reaper import Reaped, reap, reap_credentials, reap_endpoints
 
 TASK_NAME = "airlock.run"
 REAP_TASK_NAME = "airlock.reap"
-REAP_PERIOD_S = 60.0
 log = logging.getLogger(__name__)
 
 
@@ -49,7 +48,7 @@ def create_app(settings: Settings) -> Celery:
         worker_redirect_stdouts=False,
         task_create_missing_queues=True,
         beat_schedule={
-            "airlock-reap": {"task": REAP_TASK_NAME, "schedule": REAP_PERIOD_S},
+            "airlock-reap": {"task": REAP_TASK_NAME, "schedule": settings.reap_period_s},
         },
     )
     executor = _LazyExecutor(settings)

@@ -140,6 +140,8 @@ def airlock_env(settings: Settings, **extra: str) -> dict[str, str]:
         AIRLOCK_AGENTS_DIR=str(settings.agents_dir),
         AIRLOCK_POLICY_DIR=str(settings.policy_dir),
         AIRLOCK_ENDPOINT_DIR=str(settings.endpoint_dir),
+        # Tests create bare containers on purpose; only an explicit gc may reap them.
+        AIRLOCK_REAP_PERIOD_S="3600",
     )
     env.update(extra)
     return env

@@ -21,11 +21,14 @@ def container_for(
     store: Store,
     state: TaskState | None,
     deadline: float,
+    owned: bool = True,
 ) -> str:
     spec = make_spec(settings, deadline=deadline)
     if state is not None:
         store.create(spec.task_id, {"agent": "tester"})
         store.redis.hset(store.key(spec.task_id), "state", state.value)
+        if owned:
+            store.heartbeat(spec.task_id, 60)
     runtime.create(spec)
     return spec.task_id
 
@@ -36,17 +39,20 @@ def test_reap_takes_only_orphans(settings: Settings, runtime: DockerRuntime, sto
     ended = container_for(settings, runtime, store, TaskState.SUCCEEDED, now + 60)
     live = container_for(settings, runtime, store, TaskState.RUNNING, now + 60)
     overrun = container_for(settings, runtime, store, TaskState.RUNNING, now - DEADLINE_GRACE_S - 1)
+    abandoned = container_for(settings, runtime, store, TaskState.RUNNING, now + 60, owned=False)
 
     planned = reap(store, runtime, settings.namespace, dry_run=True)
-    assert {r.task_id for r in planned} == {gone, ended, overrun}
+    assert {r.task_id for r in planned} == {gone, ended, overrun, abandoned}
     assert not any(r.removed for r in planned)
-    assert len(runtime.list_managed(settings.namespace)) == 4  # a dry run removes nothing
+    assert len(runtime.list_managed(settings.namespace)) == 5  # a dry run removes nothing
 
     done = {r.task_id: r for r in reap(store, runtime, settings.namespace)}
-    assert set(done) == {gone, ended, overrun} and all(r.removed for r in done.values())
+    assert set(done) == {gone, ended, overrun, abandoned} and all(r.removed for r in done.values())
     assert done[gone].why == "no task record"
     assert done[ended].why == "task already succeeded"
     assert done[overrun].why == "past its deadline"
+    assert done[abandoned].why == "its worker stopped sending heartbeats"
+    assert store.get(abandoned)["state"] == "failed"
     assert [c.task_id for c in runtime.list_managed(settings.namespace)] == [live]
     assert store.get(overrun)["state"] == "failed"
     assert store.get(overrun)["reason"] == "reaped: container past its deadline"
