@@ -28,7 +28,7 @@ from orchestrator.spec import TaskSpec, parse
 from orchestrator.store import Event, Store
 
 _TIMES = ("created_at", "started_at", "finished_at", "updated_at")
-_INTS = ("exit_code", "timeout_s", "logs_bytes", "logs_dropped_bytes")
+_INTS = ("exit_code", "timeout_s", "logs_bytes", "logs_dropped_bytes", "revocation_pending")
 _JSON = ("output", "spec", "grant", "revocation")
 
 
@@ -62,6 +62,9 @@ def present(record: Mapping[str, str]) -> dict[str, Any]:
         "cancel_requested_by",
         "output_error",
         "cleanup_error",
+        "grant_hash",
+        "policy_version",
+        "jwt_jti",
     ):
         if record.get(name):
             out[name] = record[name]

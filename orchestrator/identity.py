@@ -86,9 +86,15 @@ class Minter:
     """Mints task JWTs by asking Vault's transit engine to sign them."""
 
     def __init__(
-        self, vault: Vault, issuer: str, audience: str, clock: Callable[[], float] = time.time
+        self,
+        vault: Vault,
+        issuer: str,
+        audience: str,
+        clock: Callable[[], float] = time.time,
+        key: str = JWT_KEY,
     ) -> None:
         self.vault = vault
+        self.key = key
         self.issuer = issuer
         self.audience = audience
         self.clock = clock
@@ -100,7 +106,7 @@ class Minter:
         with self._lock:
             now = time.monotonic()
             if self._version is None or now - self._version[1] > KEY_CACHE_S:
-                key = self.vault.read(f"transit/keys/{JWT_KEY}") or {}
+                key = self.vault.read(f"transit/keys/{self.key}") or {}
                 self._version = (int(key["data"]["latest_version"]), now)
             return self._version[0]
 
@@ -124,13 +130,13 @@ class Minter:
             # RFC 8693 style: the agent is the actor, acting for the user.
             claims["act"] = {"sub": grant.identity}
             claims["on_behalf_of"] = {"sub": grant.on_behalf_of}
-        header = {"alg": ALGORITHM, "typ": "JWT", "kid": f"{JWT_KEY}:v{version}"}
+        header = {"alg": ALGORITHM, "typ": "JWT", "kid": f"{self.key}:v{version}"}
         signing_input = ".".join(
             b64url(json.dumps(part, separators=(",", ":")).encode()) for part in (header, claims)
         )
         signed = (
             self.vault.write(
-                f"transit/sign/{JWT_KEY}",
+                f"transit/sign/{self.key}",
                 {
                     "input": base64.b64encode(signing_input.encode()).decode(),
                     "key_version": version,

@@ -1,0 +1,392 @@
+"""Task credentials on real OpenBao and PostgreSQL: minted per task, delivered sealed,
+revoked and verified at the end, and revoked by the reaper when a worker dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.client import Client
+from orchestrator.config import Settings
+from orchestrator.credentials import Credentials
+from orchestrator.errors import VaultRefused
+from orchestrator.executor import Executor
+from orchestrator.identity import (
+    InvalidToken,
+    Minter,
+    Verifier,
+    b64url,
+    b64url_decode,
+    jwks_from_transit,
+)
+from orchestrator.lifecycle import TaskState
+from orchestrator.policy.grant import Grant
+from orchestrator.runtime.docker_engine import DockerRuntime
+from orchestrator.store import Store
+from orchestrator.vault.adapter import Vault
+from orchestrator.vault.setup import JWT_KEY
+from tests.conftest import ROOT, airlock, airlock_env
+
+S = TaskState
+READ_SECRETS = r"""
+import json, airlock_task
+db = airlock_task.secret("reports-db")
+print(sorted(db), db["host"], db["port"], db["database"])
+print("kv", airlock_task.secret("api-key")["key"].startswith("kv-"))
+print("jwt", airlock_task.token().count("."))
+"""
+QUERY = (
+    'export PGPASSWORD="$(python3 -c \'import airlock_task; print(airlock_task.secret("reports-db")["password"])\')"; '
+    'U="$(python3 -c \'import airlock_task; print(airlock_task.secret("reports-db")["username"])\')"; '
+    'psql -h 127.0.0.1 -U "$U" -d airlock -tAc "SELECT service FROM incidents ORDER BY id LIMIT 1"'
+)
+
+
+def postgres_roles(prefix: str = "v-token-") -> set[str]:
+    out = subprocess.run(
+        [
+            "su",
+            "postgres",
+            "-c",
+            f"psql -tAc \"SELECT rolname FROM pg_roles WHERE rolname LIKE '{prefix}%'\"",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return {line.strip() for line in out.stdout.splitlines() if line.strip()}
+
+
+class Spy:
+    """Records what the real broker hands out, so the test can hunt for it afterwards."""
+
+    def __init__(self, credentials: Credentials) -> None:
+        self.values: list[str] = []
+        self._unwrap = credentials.broker.unwrap
+        credentials.broker.unwrap = self.unwrap  # type: ignore[method-assign]
+        self.credentials = credentials
+
+    def unwrap(self, wrap_token: str) -> dict[str, Any]:
+        answer = self._unwrap(wrap_token)
+        self.values += [str(v) for k, v in answer["data"].items() if k in ("password", "key")]
+        return answer
+
+    def close(self) -> None:
+        self.credentials.broker.unwrap = self._unwrap  # type: ignore[method-assign]
+
+
+def run_task(executor: Executor, **spec: Any) -> tuple[TaskState, dict[str, Any], str]:
+    task_id = str(uuid.uuid4())
+    state = executor.execute(task_id, {"agent": "dba", "timeout_s": 60, **spec})
+    status = Client(executor.settings).status(task_id)
+    logs = "".join(text for _, text in Client(executor.settings).logs(task_id))
+    return state, status, logs
+
+
+def test_database_task_queries_postgres_and_everything_is_revoked(
+    executor: Executor, vault: Vault
+) -> None:
+    before = postgres_roles()
+    state, status, logs = run_task(executor, command=["sh", "-c", QUERY])
+    assert state is S.SUCCEEDED, (status["reason"], logs)
+    assert logs == "checkout\n"
+    receipt = status["revocation"]
+    assert receipt["verified"] is True and receipt["endpoint_removed"] is True
+    [lease] = receipt["leases"]
+    assert lease["id"].startswith("database/creds/airlock-tests-readonly/") and lease["verified"]
+    assert receipt["token"]["verified"] and receipt["jwt"]["jti"] == status["jwt_jti"]
+    with pytest.raises(VaultRefused):
+        vault.write("auth/token/lookup-accessor", {"accessor": receipt["token"]["accessor"]})
+    with pytest.raises(VaultRefused):
+        vault.write("sys/leases/lookup", {"lease_id": lease["id"]})
+    assert postgres_roles() <= before  # the task's database role was dropped
+    assert not (
+        executor.settings.endpoint_dir / executor.settings.namespace / status["id"]
+    ).exists()
+
+
+def test_secrets_land_only_in_the_containers_tmpfs(
+    executor: Executor, store: Store, runtime: DockerRuntime, credentials: Credentials
+) -> None:
+    """Hunt for the secret values everywhere they must not be."""
+    spy = Spy(credentials)
+    task_id = str(uuid.uuid4())
+    seen: dict[str, Any] = {}
+
+    def inspect_while_running() -> None:
+        for event in _wait_for_state(store, task_id, S.RUNNING):
+            container_id = store.get(task_id)["container_id"]
+            seen["inspect"] = json.dumps(runtime.api.inspect_container(container_id))
+            top = runtime.api.exec_create(container_id, ["cat", "/proc/1/environ"])
+            seen["environ"] = runtime.api.exec_start(top["Id"]).decode(errors="replace")
+            seen["dirs"] = [
+                runtime.api.inspect_container(container_id)["GraphDriver"]["Data"].get(
+                    "UpperDir", ""
+                ),
+                f"/var/lib/docker/containers/{container_id}",
+            ]
+            return event
+
+    watcher = threading.Thread(target=inspect_while_running)
+    watcher.start()
+    script = READ_SECRETS + "\nimport time\ntime.sleep(3)\n"
+    try:
+        state = executor.execute(task_id, {"agent": "dba", "command": ["python3", "-c", script]})
+    finally:
+        watcher.join(timeout=30)
+        spy.close()
+    assert state is S.SUCCEEDED, store.get(task_id)["reason"]
+    logs = "".join(t for _, t in store.iter_logs(task_id))
+    assert "['database', 'host', 'password', 'port', 'username'] 127.0.0.1 5432 airlock" in logs
+    assert "kv True" in logs and "jwt 2" in logs
+    assert len(spy.values) == 2 and all(len(v) >= 8 for v in spy.values)
+    redis_dump = "".join(
+        json.dumps(store.redis.hgetall(k))
+        if store.redis.type(k) == "hash"
+        else str(store.redis.dump(k))
+        for k in store.redis.scan_iter("*")
+    )
+    places = {
+        "docker inspect": seen["inspect"],
+        "container environment": seen["environ"],
+        "logs": logs,
+        "redis": redis_dump,
+    }
+    for value in spy.values:
+        for where, text in places.items():
+            assert value not in text, f"secret found in {where}"
+        found = subprocess.run(
+            [
+                "grep",
+                "-rlF",
+                value,
+                *[d for d in seen["dirs"] if d],
+                str(executor.settings.endpoint_dir),
+                str(ROOT / ".airlock"),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert found.stdout == "", f"secret found in host files: {found.stdout}"
+
+
+def _wait_for_state(store: Store, task_id: str, state: TaskState, limit_s: float = 30):  # type: ignore[no-untyped-def]
+    give_up = time.monotonic() + limit_s
+    while time.monotonic() < give_up:
+        if store.redis.exists(store.key(task_id)) and store.get(task_id)["state"] == state.value:
+            yield state
+            return
+        time.sleep(0.02)
+
+
+SECOND_BOOTSTRAP = r"""
+import json, os, socket, sys
+sys.path.insert(0, "/opt/airlock")
+import airlock_runner as r
+try:
+    r.endpoint_call("/v1/bootstrap", {})
+    print("second bootstrap: allowed")
+except r.BootstrapError as exc:
+    print("second bootstrap:", exc)
+try:
+    r.endpoint_call("/v1/wrapping/unwrap", {"token": "s.forged"})
+except r.BootstrapError as exc:
+    print("foreign token:", exc)
+"""
+
+
+def test_second_bootstrap_and_foreign_tokens_are_refused_and_recorded(
+    executor: Executor, store: Store
+) -> None:
+    state, status, logs = run_task(executor, command=["python3", "-c", SECOND_BOOTSTRAP])
+    assert state is S.SUCCEEDED, logs
+    assert "second bootstrap: /v1/bootstrap: bootstrap already fetched" in logs
+    assert "foreign token: /v1/wrapping/unwrap: not a wrapping token of this task" in logs
+    alarms = [a["alarm"] for a in store.alarms(status["id"])]
+    assert "second bootstrap fetch refused" in alarms
+    assert "/v1/wrapping/unwrap with a token not given to this task" in alarms
+
+
+def test_a_used_wrapping_token_is_detected(credentials: Credentials, vault: Vault) -> None:
+    token = vault.write("sys/wrapping/wrap", {"secret": {"x": "y"}}, wrap_ttl="60s")
+    wrap = token["wrap_info"]["token"]  # type: ignore[index]
+    assert credentials.broker.lookup_wrapping(wrap)["creation_path"] == "sys/wrapping/wrap"
+    assert credentials.broker.unwrap(wrap)["data"] == {"x": "y"}
+    with pytest.raises(VaultRefused, match="wrapping token is not valid"):
+        credentials.broker.unwrap(wrap)
+    with pytest.raises(VaultRefused):
+        credentials.broker.lookup_wrapping(wrap)
+
+
+def test_vault_unreachable_at_provision(
+    settings: Settings, store: Store, runtime: DockerRuntime
+) -> None:
+    cut_off = replace(settings, vault_addr="http://127.0.0.1:1")
+    credentials = Credentials(cut_off, store)
+    try:
+        executor = Executor(cut_off, store, runtime, credentials=credentials)
+        state, status, _ = run_task(executor, command=["true"])
+    finally:
+        credentials.endpoints.shutdown()
+    assert state is S.FAILED
+    assert status["reason"].startswith("error: vault is unreachable: http://127.0.0.1:1")
+    assert "container_id" not in status
+    assert not (cut_off.endpoint_dir / cut_off.namespace / status["id"]).exists()
+
+
+def test_worker_killed_mid_task_is_cleaned_up_by_the_reaper(
+    settings: Settings, store: Store, runtime: DockerRuntime, vault: Vault, tmp_path: Path
+) -> None:
+    queue = f"{settings.queue}-doomed"
+    env = airlock_env(
+        settings, AIRLOCK_QUEUE=queue, AIRLOCK_HEARTBEAT_S="0.5", TMPDIR=str(tmp_path)
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "worker", "-c", "1", "--loglevel", "WARNING"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        client = Client(replace(settings, queue=queue))
+        task_id = client.submit({"agent": "dba", "command": ["sleep", "120"], "timeout_s": 200})
+        assert list(_wait_for_state(store, task_id, S.RUNNING, limit_s=60)) == [S.RUNNING]
+        accessor = store.journaled(task_id)[0]["token_accessor"]
+        [lease] = store.journaled(task_id)[1]
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+        while store.has_owner(task_id):  # the heartbeat lapses within 3 beats
+            time.sleep(0.1)
+        gc = airlock(settings, "gc", "--json")
+        assert gc.returncode == 0, gc.stderr
+        kinds = {(r["kind"], r["task_id"]) for r in json.loads(gc.stdout)}
+        assert {("container", task_id), ("credentials", task_id)} <= kinds
+        assert all(c.task_id != task_id for c in runtime.list_managed(settings.namespace))
+        record = store.get(task_id)
+        assert record["state"] == "failed"
+        assert record["reason"] == "reaped: container its worker stopped sending heartbeats"
+        assert json.loads(record["revocation"])["verified"] is True
+        with pytest.raises(VaultRefused):
+            vault.write("auth/token/lookup-accessor", {"accessor": accessor})
+        with pytest.raises(VaultRefused):
+            vault.write("sys/leases/lookup", {"lease_id": lease})
+        assert store.journaled(task_id) == ({}, set())
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+
+
+# --- task JWTs ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grant() -> Grant:
+    return Grant.model_validate(
+        {
+            "agent": "dba",
+            "identity": "spiffe://airlock.test/agent/dba",
+            "on_behalf_of": "alice",
+            "image": "i",
+            "runtime": "runc",
+            "timeout_s": 60,
+            "limits": {"cpus": 1, "memory": 1 << 28, "pids": 64},
+            "egress": [],
+            "tools": [],
+            "secrets": [],
+            "vault_policies": [],
+        }
+    )
+
+
+def verifier(
+    credentials: Credentials,
+    live: bool = True,
+    clock: Any = time.time,
+    audience: str = "airlock-gateway",
+) -> Verifier:
+    return Verifier(credentials.jwks, audience, credentials.issuer, lambda t, j: live, clock=clock)
+
+
+def test_jwt_claims_and_offline_verification(credentials: Credentials, grant: Grant) -> None:
+    deadline = time.time() + 60
+    token = credentials.minter.mint("task-1", grant, grant.digest(), deadline)
+    claims = verifier(credentials).verify(token.jwt)
+    assert claims["sub"] == "spiffe://airlock.test/agent/dba"
+    assert claims["aud"] == "airlock-gateway" and claims["iss"] == credentials.issuer
+    assert claims["exp"] <= deadline and claims["iat"] <= time.time()
+    assert claims["task_id"] == "task-1" and claims["grant_hash"] == grant.digest()
+    assert claims["act"] == {"sub": grant.identity} and claims["on_behalf_of"] == {"sub": "alice"}
+    assert claims["jti"] == token.jti
+
+
+def test_jwt_failures(credentials: Credentials, grant: Grant, vault: Vault) -> None:
+    token = credentials.minter.mint("task-2", grant, grant.digest(), time.time() + 60).jwt
+    head, body, sig = token.split(".")
+    claims = json.loads(b64url_decode(body))
+    forged = b64url(json.dumps({**claims, "task_id": "someone-elses-task"}).encode())
+    cases = {
+        "wrong audience": (verifier(credentials, audience="someone-else"), token),
+        "expired": (verifier(credentials, clock=lambda: time.time() + 3600), token),
+        "bad signature": (verifier(credentials), f"{head}.{forged}.{sig}"),
+        "task is no longer live": (verifier(credentials, live=False), token),
+        "malformed token": (verifier(credentials), "not-a-jwt"),
+    }
+    for reason, (check, candidate) in cases.items():
+        with pytest.raises(InvalidToken, match=reason):
+            check.verify(candidate)
+    vault.write("transit/keys/airlock-test-stranger", {"type": "ecdsa-p256"})
+    stranger = Minter(vault, credentials.issuer, "airlock-gateway", key="airlock-test-stranger")
+    stranger_token = stranger.mint("task-3", grant, grant.digest(), time.time() + 60).jwt
+    with pytest.raises(InvalidToken, match="unknown signing key"):
+        verifier(credentials).verify(stranger_token)
+
+
+def kid_of(token: str) -> str:
+    return str(json.loads(b64url_decode(token.split(".")[0]))["kid"])
+
+
+def test_key_rotation_is_picked_up(credentials: Credentials, grant: Grant, vault: Vault) -> None:
+    check = verifier(credentials)
+    old = credentials.minter.mint("task-4", grant, grant.digest(), time.time() + 60).jwt
+    check.verify(old)  # caches the JWKS as it is now
+    vault.write(f"transit/keys/{JWT_KEY}/rotate")
+    fresh_minter = Minter(vault, credentials.issuer, "airlock-gateway")
+    new = fresh_minter.mint("task-5", grant, grant.digest(), time.time() + 60).jwt
+    assert kid_of(new) != kid_of(old)
+    assert check.verify(new)["task_id"] == "task-5"  # unknown kid: JWKS fetched again
+    assert check.verify(old)["task_id"] == "task-4"  # old versions still verify
+    assert len(jwks_from_transit(vault.read(f"transit/keys/{JWT_KEY}")["data"])["keys"]) >= 2  # type: ignore[index]
+
+
+def test_a_task_jwt_dies_with_its_task(executor: Executor, store: Store) -> None:
+    """The JWT a task was given stops verifying the moment the task ends."""
+    check = executor.credentials.verifier()
+    tokens: list[str] = []
+    original = executor.credentials.provision
+
+    def keep(*args: Any, **kwargs: Any) -> Any:
+        handout = original(*args, **kwargs)
+        tokens.append(handout.provisioned.jwt.jwt)
+        assert check.verify(tokens[-1])["task_id"] == args[0]  # live while provisioning
+        return handout
+
+    executor.credentials.provision = keep  # type: ignore[method-assign]
+    try:
+        state, _, _ = run_task(executor, command=["true"])
+    finally:
+        executor.credentials.provision = original  # type: ignore[method-assign]
+    assert state is S.SUCCEEDED
+    with pytest.raises(InvalidToken, match="task is no longer live"):
+        check.verify(tokens[0])
