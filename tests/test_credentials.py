@@ -390,3 +390,22 @@ def test_a_task_jwt_dies_with_its_task(executor: Executor, store: Store) -> None
     assert state is S.SUCCEEDED
     with pytest.raises(InvalidToken, match="task is no longer live"):
         check.verify(tokens[0])
+
+
+def test_the_orchestrator_needs_only_its_documented_policy(
+    settings: Settings, store: Store, runtime: DockerRuntime, vault: Vault
+) -> None:
+    """A worker whose Vault token holds only `airlock-orchestrator` runs a database task."""
+    created = vault.write("auth/token/create", {"policies": ["airlock-orchestrator"],
+                                                "no_default_policy": True, "ttl": "10m"})
+    token = created["auth"]["client_token"]  # type: ignore[index]
+    narrow = replace(settings, vault_token=token)
+    credentials = Credentials(narrow, store)
+    try:
+        executor = Executor(narrow, store, runtime, credentials=credentials)
+        state, status, logs = run_task(executor, command=["sh", "-c", QUERY])
+    finally:
+        credentials.endpoints.shutdown()
+        vault.write("auth/token/revoke-accessor", {"accessor": created["auth"]["accessor"]})  # type: ignore[index]
+    assert state is S.SUCCEEDED, (status["reason"], logs)
+    assert logs == "checkout\n" and status["revocation"]["verified"] is True

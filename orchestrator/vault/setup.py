@@ -36,6 +36,22 @@ REVOCATION = [
 ]
 
 
+# Everything the orchestrator's own token needs at run time, and nothing more. `vault setup`
+# (which needs an administrator's token) writes it; workers then run with a token of it.
+ORCHESTRATOR_POLICY = "airlock-orchestrator"
+ORCHESTRATOR_RULES = f"""# Managed by airlock vault setup: the capabilities of an Airlock worker.
+path "auth/token/create/{PREFIX}*" {{ capabilities = ["update"] }}
+path "auth/token/lookup-accessor" {{ capabilities = ["update"] }}
+path "auth/token/revoke-accessor" {{ capabilities = ["update"] }}
+path "sys/leases/lookup" {{ capabilities = ["update"] }}
+path "sys/leases/revoke" {{ capabilities = ["update"] }}
+path "sys/wrapping/lookup" {{ capabilities = ["update"] }}
+path "transit/keys/{JWT_KEY}" {{ capabilities = ["read"] }}
+path "transit/sign/{JWT_KEY}" {{ capabilities = ["update"] }}
+path "sys/health" {{ capabilities = ["read"] }}
+"""
+
+
 def token_role(agent: str) -> str:
     return f"{PREFIX}{agent}"
 
@@ -185,6 +201,16 @@ def setup(
 ) -> Report:
     """Bring Vault in line with `agents`. Raises VaultRefused, ServiceUnavailable."""
     report = Report()
+    current = vault.read(f"sys/policies/acl/{ORCHESTRATOR_POLICY}", missing_ok=True)
+    same = current is not None and current.get("data", {}).get("policy") == ORCHESTRATOR_RULES
+    _put(
+        vault,
+        report,
+        f"policy {ORCHESTRATOR_POLICY}",
+        f"sys/policies/acl/{ORCHESTRATOR_POLICY}",
+        {"policy": ORCHESTRATOR_RULES},
+        same,
+    )
     ensure_mount(vault, report, "transit", "transit")
     ensure_jwt_key(vault, report)
     for agent in agents.values():
