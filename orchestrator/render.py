@@ -54,6 +54,8 @@ def summary(status: dict[str, Any]) -> None:
 
 def status_table(status: dict[str, Any]) -> None:
     table = Table.grid(padding=(0, 2))
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
     for name in (
         "id",
         "state",

@@ -1,12 +1,14 @@
 """Benchmarks of Airlock against the raw baseline, measured in the same run.
 
-    scripts/bench start|policy [--runs N]
+    scripts/bench start|policy|secrets [--runs N]
 
 `start`: a trivial task (`true`) submitted through Airlock (client -> Redis/Celery -> worker
 -> sealed container -> teardown) against the raw Docker SDK doing create/start/wait/remove
 with the identical container arguments. Runs are interleaved so drift hits both alike.
 `policy`: admission per task through the compiled Rego bundle, and the per-request checks
 against a compiled grant (the gateway's hot path).
+`secrets`: per-task credential provision and teardown against the raw Vault calls they are
+made of (token, dynamic database credentials, wrap, sign; lease and token revocation).
 """
 
 from __future__ import annotations
@@ -203,13 +205,106 @@ def bench_policy(runs: int) -> dict[str, object]:
     }
 
 
+def bench_secrets(runs: int) -> dict[str, object]:
+    """Provision and teardown of a database task's credentials, beside the raw Vault calls."""
+    from orchestrator.credentials import Credentials
+    from orchestrator.policy.agents import load_registry
+    from orchestrator.policy.grant import Grant
+    from orchestrator.store import Store
+    from orchestrator.vault.adapter import Vault
+    from orchestrator.vault.setup import setup
+
+    ns = f"bench{uuid.uuid4().hex[:6]}"
+    settings = replace(
+        config.load(), namespace=ns, endpoint_dir=Path(tempfile.mkdtemp(prefix="airlock-bench-"))
+    )
+    vault = Vault(settings.vault_addr, settings.vault_token)
+    setup(
+        vault,
+        load_registry(ROOT / "tests" / "agents"),
+        settings.postgres_url,
+        settings.credential_grace_s,
+        settings.vault_token_period_s,
+    )
+    store = Store(settings.redis_url, ns)
+    credentials = Credentials(settings, store)
+    grant = Grant.model_validate(
+        {
+            "agent": "dba",
+            "identity": "spiffe://bench/agent/dba",
+            "on_behalf_of": None,
+            "image": "i",
+            "runtime": "runc",
+            "timeout_s": 60,
+            "limits": {"cpus": 1, "memory": 1 << 28, "pids": 64},
+            "egress": [],
+            "tools": [],
+            "secrets": [{"name": "db", "kind": "database", "role": "airlock-tests-readonly"}],
+            "vault_policies": [],
+        }
+    )
+
+    def raw() -> tuple[float, float]:
+        """The Vault calls alone: token, creds, wrap, sign; then lease and token revocation."""
+        t0 = time.perf_counter()
+        auth = vault.write(
+            "auth/token/create/airlock-dba",
+            {"explicit_max_ttl": "120s", "entity_alias": "airlock-agent-dba"},
+        )
+        token = auth["auth"]["client_token"]  # type: ignore[index]
+        creds = vault.read("database/creds/airlock-tests-readonly", token=token) or {}
+        vault.write("sys/wrapping/wrap", {"secret": creds.get("data")}, token=token, wrap_ttl="60s")
+        vault.write("transit/sign/airlock-task-jwt", {"input": "YWJj"})
+        t1 = time.perf_counter()
+        vault.write("sys/leases/revoke", {"lease_id": creds["lease_id"], "sync": True})
+        vault.write("auth/token/revoke-accessor", {"accessor": auth["auth"]["accessor"]})  # type: ignore[index]
+        return t1 - t0, time.perf_counter() - t1
+
+    def airlock() -> tuple[float, float]:
+        task_id = str(uuid.uuid4())
+        t0 = time.perf_counter()
+        credentials.provision(task_id, grant, grant.digest(), time.time() + 60)
+        t1 = time.perf_counter()
+        receipt = credentials.revoke(task_id)
+        assert receipt["verified"], receipt
+        return t1 - t0, time.perf_counter() - t1
+
+    samples: dict[str, list[tuple[float, float]]] = {"raw": [], "airlock": []}
+    try:
+        for _ in range(3):
+            raw()
+            airlock()
+        for _ in range(runs):
+            samples["raw"].append(raw())
+            samples["airlock"].append(airlock())
+    finally:
+        credentials.endpoints.shutdown()
+    print(f"secrets: {runs} runs each, one database secret (dynamic PostgreSQL role) per task")
+    return {
+        "raw_provision": show("raw Vault: token+creds+wrap+sign", [s[0] for s in samples["raw"]]),
+        "raw_teardown": show("raw Vault: lease+token revoke", [s[1] for s in samples["raw"]]),
+        "airlock_provision": show(
+            "airlock provision (journal, endpoint, JWT)",
+            [s[0] for s in samples["airlock"]],
+            [s[0] for s in samples["raw"]],
+        ),
+        "airlock_teardown": show(
+            "airlock teardown (revoke + verify)",
+            [s[1] for s in samples["airlock"]],
+            [s[1] for s in samples["raw"]],
+        ),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="scripts/bench")
-    parser.add_argument("what", choices=["start", "policy"])
+    parser.add_argument("what", choices=["start", "policy", "secrets"])
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args()
-    result = bench_start(args.runs) if args.what == "start" else bench_policy(args.runs)
+    result = {"start": bench_start, "policy": bench_policy, "secrets": bench_secrets}[args.what](
+        args.runs
+    )
     if args.json:
         print(json.dumps(result, indent=2))
 
