@@ -373,10 +373,21 @@ def vault_setup(prune: bool, as_json: bool) -> None:
 
 
 @main.command()
-def jwks() -> None:
-    """Print the JWKS that verifies task JWTs (publish it where verifiers can fetch it)."""
+@click.option(
+    "--serve", "serve", metavar="HOST:PORT", help="serve it over HTTP at /.well-known/jwks.json"
+)
+def jwks(serve: str | None) -> None:
+    """Print (or serve) the JWKS that verifies task JWTs."""
     from orchestrator.credentials import Credentials
+    from orchestrator.identity import JwksServer
     from orchestrator.store import Store
 
     settings = config.load()
-    emit_json(Credentials(settings, Store(settings.redis_url, settings.namespace)).jwks())
+    credentials = Credentials(settings, Store(settings.redis_url, settings.namespace))
+    if not serve:
+        emit_json(credentials.jwks())
+        return
+    host, _, port = serve.rpartition(":")
+    server = JwksServer(credentials.jwks, host or "127.0.0.1", int(port))
+    click.echo(f"serving {server.url}", err=True)
+    server.serve_forever()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,7 @@ class Credentials:
         self.broker = Broker(self.vault, store, settings, self.minter)
         self.endpoints = EndpointServer(settings.endpoint_dir / settings.namespace)
         self.connections = _connections(settings)
+        self.retry_delay_s = 0.5
 
     @property
     def issuer(self) -> str:
@@ -127,13 +129,27 @@ class Credentials:
     def renew(self, handout: Handout) -> None:
         self.broker.renew(handout.provisioned)
 
-    def revoke(self, task_id: str) -> dict[str, Any]:
-        """Revoke and verify everything the task was given; the receipt. Never raises."""
-        try:
-            receipt = self.broker.revoke(task_id)
-        except AirlockError as exc:
-            log.error("task %s: revocation failed, left for the reaper: %s", task_id, exc)
-            receipt = {"verified": False, "error": str(exc)}
+    def revoke(self, task_id: str, attempts: int = 3) -> dict[str, Any]:
+        """Revoke and verify everything the task was given; the receipt. Never raises.
+
+        Retries a few times (a Vault restart takes seconds); what is still unconfirmed
+        after that stays journaled for the reaper.
+        """
+        receipt: dict[str, Any] = {"verified": False}
+        for attempt in range(attempts):
+            try:
+                receipt = self.broker.revoke(task_id)
+            except AirlockError as exc:
+                receipt = {"verified": False, "error": str(exc)}
+            if receipt["verified"]:
+                break
+            log.warning(
+                "task %s: revocation not confirmed (attempt %d): %s",
+                task_id,
+                attempt + 1,
+                receipt.get("error", "see receipt"),
+            )
+            time.sleep(self.retry_delay_s * (attempt + 1))
         receipt["endpoint_removed"] = self.endpoints.close(task_id)
         return receipt
 

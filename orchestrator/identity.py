@@ -9,9 +9,11 @@ liveness check, so a task's JWT dies with the task even before it expires.
 from __future__ import annotations
 
 import base64
+import http.server
 import json
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,6 +74,57 @@ def jwks_from_transit(key: dict[str, Any], name: str = JWT_KEY) -> dict[str, Any
             }
         )
     return {"keys": keys}
+
+
+def fetch_jwks_url(url: str, timeout_s: float = 5.0) -> dict[str, Any]:
+    """A JWKS document from a URL (how a verifier outside Airlock gets the keys)."""
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        document = json.loads(response.read(1 << 20))
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise InvalidToken(f"{url} did not return a JWKS")
+    return document
+
+
+class JwksServer:
+    """Serves the JWKS at /.well-known/jwks.json, fresh from Vault on every request."""
+
+    def __init__(self, jwks: Callable[[], dict[str, Any]], host: str, port: int) -> None:
+        source = jwks
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path != "/.well-known/jwks.json":
+                    self.send_error(404)
+                    return
+                body = json.dumps(source()).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/jwk-set+json")
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "max-age=60")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer((host, port), Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        name = host.decode() if isinstance(host, bytes) else host
+        return f"http://{name}:{port}/.well-known/jwks.json"
+
+    def serve_forever(self) -> None:
+        self.httpd.serve_forever()
+
+    def start(self) -> JwksServer:
+        threading.Thread(target=self.httpd.serve_forever, daemon=True, name="jwks").start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,12 @@ from orchestrator.errors import VaultRefused
 from orchestrator.executor import Executor
 from orchestrator.identity import (
     InvalidToken,
+    JwksServer,
     Minter,
     Verifier,
     b64url,
     b64url_decode,
+    fetch_jwks_url,
     jwks_from_transit,
 )
 from orchestrator.lifecycle import TaskState
@@ -396,8 +398,10 @@ def test_the_orchestrator_needs_only_its_documented_policy(
     settings: Settings, store: Store, runtime: DockerRuntime, vault: Vault
 ) -> None:
     """A worker whose Vault token holds only `airlock-orchestrator` runs a database task."""
-    created = vault.write("auth/token/create", {"policies": ["airlock-orchestrator"],
-                                                "no_default_policy": True, "ttl": "10m"})
+    created = vault.write(
+        "auth/token/create",
+        {"policies": ["airlock-orchestrator"], "no_default_policy": True, "ttl": "10m"},
+    )
     token = created["auth"]["client_token"]  # type: ignore[index]
     narrow = replace(settings, vault_token=token)
     credentials = Credentials(narrow, store)
@@ -409,3 +413,19 @@ def test_the_orchestrator_needs_only_its_documented_policy(
         vault.write("auth/token/revoke-accessor", {"accessor": created["auth"]["accessor"]})  # type: ignore[index]
     assert state is S.SUCCEEDED, (status["reason"], logs)
     assert logs == "checkout\n" and status["revocation"]["verified"] is True
+
+
+def test_verification_from_a_jwks_url(credentials: Credentials, grant: Grant) -> None:
+    """A verifier outside Airlock needs only the JWKS URL."""
+    server = JwksServer(credentials.jwks, "127.0.0.1", 0).start()
+    try:
+        remote = Verifier(
+            lambda: fetch_jwks_url(server.url),
+            "airlock-gateway",
+            credentials.issuer,
+            lambda t, j: True,
+        )
+        token = credentials.minter.mint("task-6", grant, grant.digest(), time.time() + 60)
+        assert remote.verify(token.jwt)["jti"] == token.jti
+    finally:
+        server.stop()

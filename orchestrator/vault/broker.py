@@ -96,7 +96,7 @@ class Broker:
                         "on_behalf_of": grant.on_behalf_of or "",
                     },
                     "explicit_max_ttl": f"{ttl}s",
-                            "entity_alias": entity_alias(grant.agent),
+                    "entity_alias": entity_alias(grant.agent),
                     "display_name": f"task-{task_id}",
                     "renewable": True,
                 },
