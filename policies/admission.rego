@@ -160,13 +160,17 @@ egress := sort({narrow(rule, asked) |
 	covers(rule, asked)
 }) if task.scopes.egress != null
 
-rule_grant(rule) := {"host": rule.host, "ports": rule.ports, "methods": rule.methods, "paths": rule.paths}
+rule_grant(rule) := {
+	"host": rule.host, "ports": rule.ports, "methods": rule.methods, "paths": rule.paths,
+	"internal": rule.internal,
+}
 
 narrow(rule, asked) := {
 	"host": asked.host,
 	"ports": pick(asked.ports, rule.ports),
 	"methods": pick(asked.methods, rule.methods),
 	"paths": pick(asked.paths, rule.paths),
+	"internal": rule.internal,
 }
 
 pick(asked, allowed) := allowed if asked == null

@@ -28,6 +28,9 @@ class EgressRule(_Frozen):
     ports: tuple[Port, ...] = Field((443,), min_length=1)
     methods: tuple[Method, ...] = Field(("GET", "HEAD"), min_length=1)
     paths: tuple[PathPrefix, ...] = Field((), description="path prefixes (plain HTTP); none = any")
+    internal: bool = Field(
+        False, description="may reach internal addresses (loopback, private ranges, metadata)"
+    )
     default: bool = True
 
 

@@ -26,6 +26,7 @@ class EgressGrant(_Frozen):
     ports: tuple[int, ...]
     methods: tuple[str, ...]
     paths: tuple[str, ...] = ()
+    internal: bool = False
 
 
 class ToolGrant(_Frozen):
@@ -75,6 +76,7 @@ class Check:
     allowed: bool
     rule: str
     reason: str
+    internal: bool = False  # the matching rule may reach internal addresses
 
 
 DENY_NO_RULE = Check(False, "default-deny", "no egress rule of the grant matches this host")
@@ -122,7 +124,7 @@ class CompiledGrant:
             elif path is not None and rule.paths and not path.startswith(rule.paths):
                 refusal = Check(False, name, f"path is outside {', '.join(rule.paths)}")
             else:
-                return Check(True, name, "granted")
+                return Check(True, name, "granted", rule.internal)
         return refusal
 
     def check_tool(self, server: str, tool: str, args: dict[str, Any]) -> Check:

@@ -1,0 +1,1 @@
+"""The egress gateway: every byte a task sends out is decided, audited and traced here."""
