@@ -16,11 +16,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from orchestrator.config import Settings
+from orchestrator.egress.audit import AuditLog
+from orchestrator.egress.decide import Target, Verdict, decide_request
+from orchestrator.egress.proxy import bearer_token
 from orchestrator.endpoint import EndpointServer
 from orchestrator.errors import AirlockError
-from orchestrator.identity import Minter, Verifier, jwks_from_transit
+from orchestrator.identity import InvalidToken, Minter, Verifier, jwks_from_transit
 from orchestrator.lifecycle import TaskState
-from orchestrator.policy.grant import Grant
+from orchestrator.policy.grant import CompiledGrant, Grant
 from orchestrator.store import Store
 from orchestrator.vault.adapter import Vault
 from orchestrator.vault.broker import Broker, Provisioned
@@ -43,15 +46,50 @@ class TaskEndpoint:
         broker: Broker,
         store: Store,
         connections: dict[str, dict[str, Any]],
+        grant: Grant,
+        verifier: Verifier,
+        audit: AuditLog,
+        context: dict[str, Any],
     ) -> None:
         self.task_id = task_id
         self.given = given
         self.broker = broker
         self.store = store
         self.connections = connections
+        self.grant = CompiledGrant(grant)
+        self.verifier = verifier
+        self.audit_log = audit
+        self.context = {
+            "task": task_id,
+            "agent": grant.agent,
+            "on_behalf_of": grant.on_behalf_of,
+            **context,
+        }
         self._wrap_tokens = {s.token for s in given.secrets}
         self._fetched = False
         self._lock = threading.Lock()
+
+    # -- the proxy's policy ---------------------------------------------------------------
+    def authenticate(self, header: str | None) -> str | None:
+        token = bearer_token(header)
+        if token is None:
+            return "no task token (Proxy-Authorization: Bearer <task JWT>)"
+        try:
+            claims = self.verifier.verify(token)
+        except InvalidToken as exc:
+            return f"task token refused: {exc}"
+        if claims.get("task_id") != self.task_id:
+            return "task token of another task"
+        return None
+
+    def decide(self, target: Target) -> Verdict:
+        return decide_request(self.grant, target)
+
+    def audit(self, record: dict[str, Any]) -> None:
+        try:
+            self.audit_log.append({**self.context, **record})
+        except AirlockError as exc:
+            log.error("task %s: audit record lost: %s", self.task_id, exc)
 
     def __call__(
         self, method: str, target: str, body: dict[str, Any]
@@ -73,14 +111,13 @@ class TaskEndpoint:
                 return 409, {"error": str(exc)}
         return 404, {"error": f"no such endpoint {target}"}
 
-    def tunnel(self, authority: str) -> tuple[str, int] | None:
-        """Only the database addresses of secrets the task was granted can be tunnelled to."""
+    def granted_tunnel(self, authority: str) -> tuple[str, int] | None:
+        """The address of a granted database secret, which needs no egress rule."""
         host, _, port = authority.rpartition(":")
         for secret in self.given.secrets:
             address = self.connections.get(secret.kind) or {}
             if address and (host, port) == (str(address["host"]), str(address["port"])):
                 return str(address["host"]), int(address["port"])
-        self.store.alarm(self.task_id, f"CONNECT {authority} refused: not granted")
         return None
 
     def _bootstrap(self) -> tuple[int, dict[str, Any]]:
@@ -114,16 +151,38 @@ class Credentials:
         self.endpoints = EndpointServer(settings.endpoint_dir / settings.namespace)
         self.connections = _connections(settings)
         self.retry_delay_s = 0.5
+        self.audit = AuditLog(store)
+        self._verifier = self.verifier()
 
     @property
     def issuer(self) -> str:
         return f"https://{self.settings.trust_domain}/airlock"
 
-    def provision(self, task_id: str, grant: Grant, grant_hash: str, deadline: float) -> Handout:
-        """Mint, journal and open. Raises ServiceUnavailable or VaultRefused."""
+    def provision(
+        self,
+        task_id: str,
+        grant: Grant,
+        grant_hash: str,
+        deadline: float,
+        context: dict[str, Any] | None = None,
+    ) -> Handout:
+        """Mint, journal and open. Raises ServiceUnavailable or VaultRefused.
+
+        `context` (model, prompt hash, policy version) goes on every audit record.
+        """
         given = self.broker.provision(task_id, grant, grant_hash, deadline)
         self.store.update(task_id, {"jwt_jti": given.jwt.jti})
-        handler = TaskEndpoint(task_id, given, self.broker, self.store, self.connections)
+        handler = TaskEndpoint(
+            task_id,
+            given,
+            self.broker,
+            self.store,
+            self.connections,
+            grant,
+            self._verifier,
+            self.audit,
+            context or {},
+        )
         return Handout(self.endpoints.open(task_id, handler), given)
 
     def renew(self, handout: Handout) -> None:

@@ -8,12 +8,16 @@ Vault never stalls another task's endpoint.
     POST /v1/bootstrap          the task's JWT and wrapped secrets, exactly once
     POST /v1/wrapping/lookup    {"token"}: where a wrapping token was created
     POST /v1/wrapping/unwrap    {"token"}: unwrap one of this task's wrapped secrets
-    CONNECT host:port           a byte tunnel, only to an address the task was granted
+    GET http://host/...         forward proxy (absolute form), decided against the grant
+    CONNECT host:port           a byte tunnel, decided against the grant
+Every proxied request must carry the task's JWT (Proxy-Authorization) as a second factor.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -24,21 +28,21 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol
 
-import h11
+from orchestrator.egress.addresses import IPAddress
+from orchestrator.egress.proxy import ProxyPolicy, Session
 
 log = logging.getLogger(__name__)
 SOCKET_NAME = "airlock.sock"
 MAX_BODY = 64 * 1024
 
 
-class Handler(Protocol):
+class Handler(ProxyPolicy, Protocol):
+    """A task's endpoint: its control requests, and the policy its proxy traffic obeys."""
+
     def __call__(
         self, method: str, target: str, body: dict[str, Any]
     ) -> tuple[int, dict[str, Any]]:
-        """Answer one JSON request of the task."""
-
-    def tunnel(self, authority: str) -> tuple[str, int] | None:
-        """Where a CONNECT tunnel to `authority` goes, or None if the task may not open it."""
+        """Answer one JSON control request of the task."""
 
 
 class EndpointServer:
@@ -46,6 +50,8 @@ class EndpointServer:
         self.root = root
         self._loop = asyncio.new_event_loop()
         self._servers: dict[str, asyncio.AbstractServer] = {}
+        self._sessions: dict[str, set[asyncio.Task[Any]]] = {}
+        self.own = own_addresses()
         self._thread = threading.Thread(
             target=self._loop.run_forever, daemon=True, name="airlock-endpoints"
         )
@@ -67,7 +73,7 @@ class EndpointServer:
 
         async def start() -> asyncio.AbstractServer:
             return await asyncio.start_unix_server(
-                lambda r, w: self._serve(r, w, handler), path=str(path)
+                lambda r, w: self._serve(task_id, r, w, handler), path=str(path)
             )
 
         self._servers[task_id] = self._run(start())
@@ -79,6 +85,8 @@ class EndpointServer:
         server = self._servers.pop(task_id, None)
         if server is not None:
             server.close()
+            for session in list(self._sessions.pop(task_id, ())):
+                self._loop.call_soon_threadsafe(session.cancel)
             self._run(server.wait_closed())
         directory = self.directory(task_id)
         existed = directory.exists()
@@ -92,81 +100,37 @@ class EndpointServer:
         return [p.name for p in self.root.iterdir() if p.is_dir() and not live(p.name)]
 
     async def _serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: Handler
-    ) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
-        try:
-            request, body = await self._read(conn, reader)
-            if request is None:
-                writer.close()
-                return
-            if request.method == b"CONNECT":
-                target = handler.tunnel(request.target.decode())
-                if target is not None:
-                    await self._tunnel(conn, reader, writer, target)
-                    return
-                status, payload = 403, {"error": "this task may not connect there"}
-            else:
-                status, payload = await self._answer(request, body, handler)
-        except (h11.RemoteProtocolError, ValueError) as exc:
-            status, payload = 400, {"error": f"bad request: {exc}"}
-        except Exception as exc:  # a failing handler must not take the loop down
-            log.exception("endpoint handler failed")
-            status, payload = 500, {"error": f"internal error: {exc.__class__.__name__}"}
-        await _respond(conn, writer, status, payload)
-
-    async def _tunnel(
         self,
-        conn: h11.Connection,
+        task_id: str,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        target: tuple[str, int],
+        handler: Handler,
     ) -> None:
-        try:
-            upstream = await asyncio.wait_for(asyncio.open_connection(*target), 10)
-        except (TimeoutError, OSError) as exc:
-            await _respond(conn, writer, 502, {"error": f"cannot reach {target[0]}:{target[1]}"})
-            log.info("tunnel to %s:%s failed: %s", target[0], target[1], exc)
-            return
-        up_reader, up_writer = upstream
-        writer.write(conn.send(h11.Response(status_code=200, headers=[])) or b"")
-        leftover, _ = conn.trailing_data
-        if leftover:
-            up_writer.write(leftover)
-        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        current = asyncio.current_task()
+        sessions = self._sessions.setdefault(task_id, set())
+        if current is not None:
+            sessions.add(current)
 
-    async def _read(
-        self, conn: h11.Connection, reader: asyncio.StreamReader
-    ) -> tuple[h11.Request | None, bytes]:
-        request, body = None, b""
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                chunk = await asyncio.wait_for(reader.read(65536), timeout=10)
-                conn.receive_data(chunk)
-                if not chunk and request is None:
-                    return None, b""
-                continue
-            if isinstance(event, h11.Request):
-                request = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > MAX_BODY:
-                    raise ValueError("body too large")
-            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                return request, body
+        async def control(method: str, target: str, body: bytes) -> tuple[int, dict[str, Any]]:
+            try:
+                document = json.loads(body) if body else {}
+            except json.JSONDecodeError:
+                return 400, {"error": "body is not JSON"}
+            if not isinstance(document, dict):
+                return 400, {"error": "body must be a JSON object"}
+            try:
+                return await self._loop.run_in_executor(None, handler, method, target, document)
+            except Exception as exc:  # a failing handler must not take the loop down
+                log.exception("endpoint handler failed")
+                return 500, {"error": f"internal error: {exc.__class__.__name__}"}
 
-    async def _answer(
-        self, request: h11.Request, body: bytes, handler: Handler
-    ) -> tuple[int, dict[str, Any]]:
         try:
-            document = json.loads(body) if body else {}
-        except json.JSONDecodeError:
-            return 400, {"error": "body is not JSON"}
-        if not isinstance(document, dict):
-            return 400, {"error": "body must be a JSON object"}
-        method, target = request.method.decode(), request.target.decode()
-        return await self._loop.run_in_executor(None, handler, method, target, document)
+            await Session(reader, writer, control, handler, lambda: self.own).run()
+        except asyncio.CancelledError:
+            writer.close()  # the task ended: its open tunnels are cut
+        finally:
+            if current is not None:
+                sessions.discard(current)
 
     def shutdown(self) -> None:
         for task_id in list(self._servers):
@@ -177,33 +141,17 @@ class EndpointServer:
             self._loop.close()
 
 
-async def _respond(
-    conn: h11.Connection, writer: asyncio.StreamWriter, status: int, payload: dict[str, Any]
-) -> None:
-    data = json.dumps(payload).encode()
-    headers = [
-        ("content-type", "application/json"),
-        ("content-length", str(len(data))),
-        ("connection", "close"),
-    ]
+def own_addresses() -> frozenset[IPAddress]:
+    """Every address of this host (the gateway must never proxy a task to its own host)."""
+    found: set[IPAddress] = set()
     try:
-        writer.write(conn.send(h11.Response(status_code=status, headers=headers)) or b"")
-        writer.write(conn.send(h11.Data(data=data)) or b"")
-        writer.write(conn.send(h11.EndOfMessage()) or b"")
-        await writer.drain()
-    except (h11.LocalProtocolError, ConnectionError):
+        lines = Path("/proc/net/fib_trie").read_text().splitlines()
+        for previous, line in itertools.pairwise(lines):
+            if "/32 host LOCAL" in line:
+                found.add(ipaddress.ip_address(previous.split()[-1]))
+        for line in Path("/proc/net/if_inet6").read_text().splitlines():
+            raw = line.split()[0]
+            found.add(ipaddress.ip_address(":".join(raw[i : i + 4] for i in range(0, 32, 4))))
+    except (OSError, ValueError, IndexError):
         pass
-    finally:
-        writer.close()
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Copy one direction of a tunnel until either side closes."""
-    try:
-        while chunk := await reader.read(65536):
-            writer.write(chunk)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        writer.close()
+    return frozenset(found)

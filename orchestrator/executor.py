@@ -224,8 +224,13 @@ class Executor:
     def _provision_and_launch(self, run: Run, outcome: Outcome) -> bool:
         """Create, attach and start the container; False if it was cancelled first."""
         advance(self.store, run.task_id, S.PROVISIONING, "minting credentials")
+        context = {
+            "model": run.spec.model,
+            "prompt_hash": run.spec.prompt_hash,
+            "policy_version": self.store.get(run.task_id).get("policy_version"),
+        }
         run.handout = self.credentials.provision(
-            run.task_id, run.grant, run.grant.digest(), run.deadline
+            run.task_id, run.grant, run.grant.digest(), run.deadline, context
         )
         marker = secrets.token_hex(16)
         run.container_id = self.runtime.create(self._container_spec(run, marker))

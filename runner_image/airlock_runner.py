@@ -20,6 +20,7 @@ OUTPUT_DIR = "/workspace/output"
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 ENDPOINT_SOCKET = "/run/airlock-endpoint/airlock.sock"
 TOKEN_FILE = "/run/airlock/token"
+PROXY_PORT = 3128
 SECRETS_DIR = "/run/airlock/secrets"
 BOOTSTRAP_FAILED = 111
 # Where a secret's wrapping token must have been created; anything else is refused.
@@ -75,12 +76,15 @@ def splice(source, sink):
                 pass
 
 
-def tunnel(client, authority):
+def tunnel(client, authority, jwt):
     """Carry one local connection through the endpoint's CONNECT to `authority`."""
     upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         upstream.connect(ENDPOINT_SOCKET)
-        upstream.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        upstream.sendall(
+            f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+            f"Proxy-Authorization: Bearer {jwt}\r\n\r\n".encode()
+        )
         head = b""
         while b"\r\n\r\n" not in head and len(head) < 8192:
             chunk = upstream.recv(4096)
@@ -102,19 +106,41 @@ def tunnel(client, authority):
     splice(client, upstream)
 
 
-def forward(port, authority):
-    """Listen on 127.0.0.1:port in the container; each connection tunnels to `authority`."""
+def listen(port, serve):
+    """Accept connections on 127.0.0.1:port in the container, each served on a thread."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", port))
-    listener.listen(16)
+    listener.listen(64)
 
     def accept_loop():
         while True:
             client, _ = listener.accept()
-            threading.Thread(target=tunnel, args=(client, authority), daemon=True).start()
+            threading.Thread(target=serve, args=(client,), daemon=True).start()
 
     threading.Thread(target=accept_loop, daemon=True).start()
+
+
+def relay(client):
+    """The local proxy port: bytes go to the endpoint unchanged; the gateway decides."""
+    upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        upstream.connect(ENDPOINT_SOCKET)
+    except OSError:
+        client.close()
+        return
+    threading.Thread(target=splice, args=(upstream, client), daemon=True).start()
+    splice(client, upstream)
+
+
+def proxy_environment(jwt):
+    """Ordinary HTTP clients find the gateway through these, with the JWT as credential."""
+    url = f"http://task:{jwt}@127.0.0.1:{PROXY_PORT}"
+    env = {}
+    for name in ("HTTP_PROXY", "HTTPS_PROXY"):
+        env[name] = env[name.lower()] = url
+    env["NO_PROXY"] = env["no_proxy"] = "localhost,127.0.0.1,::1"
+    return env
 
 
 def write_private(path, text):
@@ -144,11 +170,13 @@ def bootstrap():
         connection = secret.get("connection")
         if connection:
             # The database is reachable only through the endpoint: forward a local port.
-            forward(int(connection["port"]), f"{connection['host']}:{connection['port']}")
+            authority = f"{connection['host']}:{connection['port']}"
+            listen(int(connection["port"]), lambda c, a=authority: tunnel(c, a, boot["jwt"]))
             document.update(connection, host="127.0.0.1")
         write_private(os.path.join(SECRETS_DIR, secret["name"]), json.dumps(document))
+    listen(PROXY_PORT, relay)
     return {"AIRLOCK_TOKEN_FILE": TOKEN_FILE, "AIRLOCK_SECRETS_DIR": SECRETS_DIR,
-            "PYTHONPATH": "/opt/airlock"}
+            "PYTHONPATH": "/opt/airlock", **proxy_environment(boot["jwt"])}
 
 
 def read_capped(path, budget):

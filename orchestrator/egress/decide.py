@@ -79,7 +79,8 @@ def decide_request(grant: CompiledGrant, target: Target) -> Verdict:
         path = clean_path(target.path)
         if path is None:
             return deny("ambiguous-path", "path has dot segments or encoded separators", host)
-    check = grant.check_egress(host, target.port, target.method, path)
+    method = None if target.path is None else target.method  # a tunnel hides its methods
+    check = grant.check_egress(host, target.port, method, path)
     return Verdict(check.allowed, check.rule, check.reason, host, check.internal)
 
 

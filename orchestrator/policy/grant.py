@@ -107,10 +107,13 @@ class CompiledGrant:
                 found.append((name, rule, ports, methods))
         return found
 
-    def check_egress(self, host: str, port: int, method: str, path: str | None = None) -> Check:
+    def check_egress(
+        self, host: str, port: int, method: str | None, path: str | None = None
+    ) -> Check:
         """May this task send `method` to host:port (and, for plain HTTP, this path)?
 
-        `host` must already be normalised (lower case, no trailing dot).
+        `host` must already be normalised (lower case, no trailing dot). `method` is None
+        for a tunnel, whose requests the gateway cannot see.
         """
         candidates = self._candidates(host)
         if not candidates:
@@ -119,7 +122,7 @@ class CompiledGrant:
         for name, rule, ports, methods in candidates:
             if port not in ports:
                 refusal = Check(False, name, f"port {port} is not granted for {rule.host}")
-            elif method not in methods:
+            elif method is not None and method not in methods:
                 refusal = Check(False, name, f"method {method} is not granted for {rule.host}")
             elif path is not None and rule.paths and not path.startswith(rule.paths):
                 refusal = Check(False, name, f"path is outside {', '.join(rule.paths)}")

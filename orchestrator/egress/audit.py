@@ -1,0 +1,114 @@
+"""The audit log: every egress decision, append-only and hash-chained, in a Redis stream.
+
+Each writer (a gateway) keeps its own chain: every record carries the hash of the one
+before it in that chain, and the chain's head hash is stored beside the stream in the same
+transaction. `verify` recomputes every chain: a changed record breaks its successor's link,
+a removed record breaks the link across the gap, and a removed tail no longer matches the
+stored head.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.store import Store
+
+GENESIS = "0" * 64
+
+
+def record_hash(previous: str, record: dict[str, Any]) -> str:
+    canonical = json.dumps(record, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{previous}\n{canonical}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Problem:
+    entry: str
+    chain: str
+    what: str
+
+
+class AuditLog:
+    def __init__(self, store: Store, chain: str | None = None) -> None:
+        self.store = store
+        self.chain = chain or uuid.uuid4().hex[:12]
+        self._head = GENESIS
+        self._lock = threading.Lock()
+
+    @property
+    def stream(self) -> str:
+        return f"{self.store.ns}:audit"
+
+    def head_key(self, chain: str) -> str:
+        return f"{self.store.ns}:audit:head:{chain}"
+
+    def append(self, record: dict[str, Any]) -> str:
+        """Add one record to this writer's chain; returns its hash."""
+        with self._lock:
+            entry = {**record, "time": record.get("time", time.time()), "chain": self.chain}
+            digest = record_hash(self._head, entry)
+            pipe = self.store.redis.pipeline(transaction=True)
+            pipe.xadd(
+                self.stream,
+                {"record": json.dumps(entry, sort_keys=True), "prev": self._head, "hash": digest},
+            )
+            pipe.set(self.head_key(self.chain), digest)
+            pipe.execute()
+            self._head = digest
+            return digest
+
+    def entries(self) -> Iterator[tuple[str, dict[str, Any], str, str]]:
+        """(stream id, record, prev, hash), oldest first."""
+        after = "-"
+        while True:
+            batch = self.store.redis.xrange(self.stream, min=after, count=1000)
+            for entry_id, fields in batch:
+                if entry_id == after:
+                    continue
+                yield entry_id, json.loads(fields["record"]), fields["prev"], fields["hash"]
+            if len(batch) < 1000:
+                return
+            after = batch[-1][0]
+
+    def records(self, task: str | None = None, denied: bool = False) -> list[dict[str, Any]]:
+        found = []
+        for _, record, _, digest in self.entries():
+            if task and record.get("task") != task:
+                continue
+            if denied and record.get("decision") != "deny":
+                continue
+            found.append({**record, "hash": digest})
+        return found
+
+    def verify(self) -> tuple[int, list[Problem]]:
+        """Recompute every chain. Returns (records checked, problems found)."""
+        heads: dict[str, str] = {}
+        problems: list[Problem] = []
+        count = 0
+        for entry_id, record, prev, digest in self.entries():
+            count += 1
+            chain = str(record.get("chain"))
+            expected_prev = heads.get(chain, GENESIS)
+            if prev != expected_prev:
+                problems.append(
+                    Problem(
+                        entry_id, chain, "link broken: a record before it was removed or changed"
+                    )
+                )
+            if record_hash(prev, record) != digest:
+                problems.append(Problem(entry_id, chain, "record changed after it was written"))
+            heads[chain] = digest
+        for key in self.store.redis.scan_iter(self.head_key("*")):
+            chain = key.rsplit(":", 1)[1]
+            if self.store.redis.get(key) != heads.get(chain):
+                problems.append(
+                    Problem("-", chain, "chain ends early: its last records were removed")
+                )
+        return count, problems
