@@ -391,3 +391,37 @@ def jwks(serve: str | None) -> None:
     server = JwksServer(credentials.jwks, host or "127.0.0.1", int(port))
     click.echo(f"serving {server.url}", err=True)
     server.serve_forever()
+
+
+@main.group(invoke_without_command=True)
+@click.option("--task", "task_id", help="only this task's records")
+@click.option("--denied", is_flag=True, help="only denied requests")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def audit(ctx: click.Context, task_id: str | None, denied: bool, as_json: bool) -> None:
+    """Every egress decision, allowed and denied, with who asked."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from orchestrator.egress.audit import AuditLog
+    from orchestrator.store import Store
+
+    settings = config.load()
+    records = AuditLog(Store(settings.redis_url, settings.namespace)).records(task_id, denied)
+    if as_json:
+        emit_json(records)
+    else:
+        render.audit_table(records)
+
+
+@audit.command("verify")
+def audit_verify() -> None:
+    """Recompute the hash chains; exit 1 if a record was changed or removed."""
+    from orchestrator.egress.audit import AuditLog
+    from orchestrator.store import Store
+
+    settings = config.load()
+    count, problems = AuditLog(Store(settings.redis_url, settings.namespace)).verify()
+    for problem in problems:
+        click.echo(f"{problem.entry} (chain {problem.chain}): {problem.what}", err=True)
+    click.echo(f"{count} records checked, {len(problems)} problems")
+    sys.exit(1 if problems else 0)

@@ -130,6 +130,27 @@ def agent_table(agents: list[Agent]) -> None:
     out.print(table)
 
 
+def audit_table(records: list[dict[str, Any]]) -> None:
+    table = Table(box=None, header_style="bold")
+    for column in ("TIME", "TASK", "AGENT", "DECISION", "METHOD", "TARGET", "RULE", "REASON"):
+        table.add_column(column, overflow="fold")
+    for r in records:
+        when = datetime.fromtimestamp(r.get("time", 0)).strftime("%H:%M:%S")
+        decision = "[green]allow[/green]" if r.get("decision") == "allow" else "[red]deny[/red]"
+        target = f"{r.get('host')}:{r.get('port')}{r.get('path') or ''}"
+        table.add_row(
+            when,
+            str(r.get("task", ""))[:8],
+            str(r.get("agent", "")),
+            decision,
+            str(r.get("method", "")),
+            target,
+            str(r.get("rule", "")),
+            str(r.get("reason", "")),
+        )
+    out.print(table)
+
+
 def write_log(stream: str, text: str) -> None:
     target = sys.stderr if stream == "stderr" else sys.stdout
     target.write(text)

@@ -110,8 +110,6 @@ def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | Non
 
 def internal_reason(address: IPAddress, own: frozenset[IPAddress] = frozenset()) -> str | None:
     """Why `address` is internal (and denied unless granted), or None if it is public."""
-    if address in own:
-        return "an address of this host"
     if address in METADATA:
         return "a cloud metadata address"
     if isinstance(address, ipaddress.IPv6Address):
@@ -133,4 +131,4 @@ def internal_reason(address: IPAddress, own: frozenset[IPAddress] = frozenset())
     for name, hit in checks:
         if hit:
             return name
-    return None
+    return "an address of this host" if address in own else None

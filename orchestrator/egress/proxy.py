@@ -277,6 +277,14 @@ class Session:
         except Refused as exc:
             await self._refuse(exc)
         except (h11.RemoteProtocolError, ValueError) as exc:
+            if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE) and self.conn.their_state in (
+                h11.IDLE,
+                h11.SEND_BODY,
+                h11.ERROR,
+            ):
+                self.policy.audit(
+                    Exchange("?", rule="malformed", reason=str(exc), status=400).record()
+                )
             await self._refuse(Refused(400, "malformed", f"bad request: {exc}"))
         except (TimeoutError, ConnectionError, h11.LocalProtocolError):
             pass
@@ -335,6 +343,10 @@ class Session:
         exchange.decision = "allow"
         try:
             await self._relay(request, path, up_reader, up_writer, exchange)
+        except (h11.RemoteProtocolError, ValueError) as exc:
+            exchange.decision, exchange.rule, exchange.status = "deny", "malformed", 400
+            exchange.reason = f"bad request: {exc}"
+            raise
         finally:
             up_writer.close()
             self.policy.audit(exchange.record())

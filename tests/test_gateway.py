@@ -1,0 +1,487 @@
+"""The egress gateway on a live task endpoint: real sockets, real JWTs, real upstreams.
+
+Adversarial requests go straight at a task's socket from the host; ordinary clients run
+inside a real sealed container. Every decision must be audited with who asked.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.credentials import Handout
+from orchestrator.egress.audit import AuditLog
+from orchestrator.executor import Executor
+from orchestrator.lifecycle import TaskState
+from orchestrator.spec import parse
+from orchestrator.store import Store
+from tests.upstream import HTTP_PORT, TLS_PORT, Upstreams
+
+S = TaskState
+
+
+@pytest.fixture(scope="module")
+def upstreams(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstreams]:
+    servers = Upstreams(tmp_path_factory.mktemp("upstream"))
+    yield servers
+    servers.close()
+
+
+class LiveTask:
+    """A task record in state running with a real endpoint, as a worker would have it."""
+
+    def __init__(self, executor: Executor, agent: str = "web") -> None:
+        self.executor = executor
+        self.store = executor.store
+        self.id = str(uuid.uuid4())
+        decision = executor.policy.admit(parse({"agent": agent, "command": ["true"]}))
+        assert decision.grant is not None, decision.reasons
+        self.grant = decision.grant
+        self.store.create(self.id, {"agent": agent})
+        self.store.redis.hset(self.store.key(self.id), "state", S.RUNNING.value)
+        self.handout: Handout = executor.credentials.provision(
+            self.id, self.grant, self.grant.digest(), time.time() + 120, {"model": "m"}
+        )
+        self.jwt = self.handout.provisioned.jwt.jwt
+        self.socket = str(self.handout.endpoint_dir / "airlock.sock")
+        self.others: list[LiveTask] = []
+
+    def end(self) -> dict[str, Any]:
+        for other in self.others:
+            other.end()
+        self.store.redis.hset(self.store.key(self.id), "state", S.SUCCEEDED.value)
+        return self.executor.credentials.revoke(self.id)
+
+
+@pytest.fixture
+def task(executor: Executor, upstreams: Upstreams) -> Iterator[LiveTask]:
+    live = LiveTask(executor)
+    yield live
+    live.end()
+
+
+def exchange(path: str, data: bytes, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes on a task socket; the status, headers and body of the answer."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(data)
+        raw = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            raw += chunk
+            head, _, body = raw.partition(b"\r\n\r\n")
+            if b"content-length:" in head.lower():
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                if len(body) >= length:
+                    break
+            elif head.startswith(b"HTTP/1.1 200") and b"\r\n\r\n" in raw:
+                break  # a tunnel opened
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1]) if lines and lines[0] else 0
+    headers = {
+        k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])
+    }
+    return status, headers, body
+
+
+def get(
+    url: str, jwt: str | None, extra: str = "", method: str = "GET", host: str | None = None
+) -> bytes:
+    authority = url.split("/")[2]
+    auth = f"Proxy-Authorization: Bearer {jwt}\r\n" if jwt else ""
+    return (
+        f"{method} {url} HTTP/1.1\r\nHost: {host or authority}\r\n{auth}{extra}"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def connect(authority: str, jwt: str | None, host: str | None = None) -> bytes:
+    auth = f"Proxy-Authorization: Bearer {jwt}\r\n" if jwt else ""
+    return f"CONNECT {authority} HTTP/1.1\r\nHost: {host or authority}\r\n{auth}\r\n".encode()
+
+
+API = f"http://127.0.0.1:{HTTP_PORT}/api/items"
+
+
+def test_allowed_request_is_forwarded_without_proxy_credentials(task: LiveTask) -> None:
+    status, _headers, body = exchange(task.socket, get(API, task.jwt, "X-Trace: 1\r\n"))
+    assert status == 200, body
+    seen = json.loads(body)
+    assert seen["path"] == "/api/items" and seen["headers"]["x-trace"] == "1"
+    assert "proxy-authorization" not in seen["headers"]  # the JWT stops at the gateway
+
+
+def test_basic_proxy_credentials_carry_the_jwt(task: LiveTask) -> None:
+    basic = base64.b64encode(f"task:{task.jwt}".encode()).decode()
+    status, _, _ = exchange(task.socket, get(API, None, f"Proxy-Authorization: Basic {basic}\r\n"))
+    assert status == 200
+
+
+def other_task_jwt(executor: Executor, task: LiveTask) -> str:
+    """The valid JWT of another live task, presented on this task's socket."""
+    other = LiveTask(executor)
+    task.others.append(other)
+    return other.jwt
+
+
+ADVERSARIAL = [
+    # name, request builder (task, executor) -> bytes, status, rule, reason fragment
+    ("no token", lambda t, e: get(API, None), 407, "identity", "no task token"),
+    ("garbage token", lambda t, e: get(API, "abc.def.ghi"), 407, "identity", "task token refused"),
+    (
+        "another task's token",
+        lambda t, e: get(API, other_task_jwt(e, t)),
+        407,
+        "identity",
+        "another task",
+    ),
+    (
+        "expired token",
+        lambda t, e: get(
+            API, e.credentials.minter.mint(t.id, t.grant, t.grant.digest(), time.time() - 120).jwt
+        ),
+        407,
+        "identity",
+        "expired",
+    ),
+    (
+        "metadata address",
+        lambda t, e: get("http://169.254.169.254/latest/meta-data/", t.jwt),
+        403,
+        "default-deny",
+        "no egress rule",
+    ),
+    (
+        "metadata, mapped IPv6",
+        lambda t, e: get("http://[::ffff:169.254.169.254]/", t.jwt),
+        403,
+        "default-deny",
+        "no egress rule",
+    ),
+    ("metadata, decimal", lambda t, e: get("http://2852039166/", t.jwt), 403, "default-deny", ""),
+    (
+        "loopback, hex, ungranted port",
+        lambda t, e: get(f"http://0x7f000001:{HTTP_PORT + 1}/api/", t.jwt),
+        403,
+        "egress[1] 127.0.0.1",
+        "port",
+    ),
+    (
+        "loopback, octal, ungranted port",
+        lambda t, e: get("http://0177.0.0.1:22/", t.jwt),
+        403,
+        "egress[1] 127.0.0.1",
+        "port 22",
+    ),
+    (
+        "loopback, short form, path outside",
+        lambda t, e: get(f"http://127.1:{HTTP_PORT}/admin", t.jwt),
+        403,
+        "egress[1] 127.0.0.1",
+        "path",
+    ),
+    (
+        "a name resolving to loopback",
+        lambda t, e: get(f"http://localhost:{HTTP_PORT}/", t.jwt),
+        403,
+        "ssrf",
+        "loopback",
+    ),
+    (
+        "dot segments",
+        lambda t, e: get(f"http://127.0.0.1:{HTTP_PORT}/api/../admin", t.jwt),
+        403,
+        "ambiguous-path",
+        "",
+    ),
+    (
+        "encoded dot segments",
+        lambda t, e: get(f"http://127.0.0.1:{HTTP_PORT}/api/%2e%2e/admin", t.jwt),
+        403,
+        "ambiguous-path",
+        "",
+    ),
+    (
+        "method not granted",
+        lambda t, e: get(API, t.jwt, method="DELETE"),
+        403,
+        "egress[1] 127.0.0.1",
+        "method DELETE",
+    ),
+    (
+        "host header mismatch",
+        lambda t, e: get(API, t.jwt, host="evil.example.com"),
+        403,
+        "host-mismatch",
+        "",
+    ),
+    (
+        "apex of a suffix rule",
+        lambda t, e: connect("example.com:443", t.jwt),
+        403,
+        "default-deny",
+        "",
+    ),
+    (
+        "look-alike of a suffix rule",
+        lambda t, e: connect("evil-example.com:443", t.jwt),
+        403,
+        "default-deny",
+        "",
+    ),
+    (
+        "suffix rule, wrong port",
+        lambda t, e: connect("a.example.com:8443", t.jwt),
+        403,
+        "egress[0] *.example.com",
+        "port 8443",
+    ),
+    (
+        "CONNECT host mismatch",
+        lambda t, e: connect(f"127.0.0.1:{TLS_PORT}", t.jwt, host="evil.test:443"),
+        403,
+        "host-mismatch",
+        "",
+    ),
+    (
+        "CONNECT to ssh on loopback",
+        lambda t, e: connect("127.0.0.1:22", t.jwt),
+        403,
+        "egress[1] 127.0.0.1",
+        "port 22",
+    ),
+    (
+        "https in absolute form",
+        lambda t, e: get(f"https://127.0.0.1:{TLS_PORT}/api/", t.jwt),
+        400,
+        "scheme",
+        "",
+    ),
+    (
+        "CL and TE together",
+        lambda t, e: (
+            f"POST {API} HTTP/1.1\r\nHost: 127.0.0.1:{HTTP_PORT}\r\n"
+            f"Proxy-Authorization: Bearer {t.jwt}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+            "0\r\n\r\n"
+        ).encode(),
+        400,
+        "smuggling",
+        "both Content-Length and Transfer-Encoding",
+    ),
+    (
+        "repeated Content-Length",
+        lambda t, e: (
+            f"POST {API} HTTP/1.1\r\nHost: 127.0.0.1:{HTTP_PORT}\r\n"
+            f"Proxy-Authorization: Bearer {t.jwt}\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx"
+        ).encode(),
+        400,
+        "smuggling",
+        "repeated Content-Length",
+    ),
+    (
+        "bad chunking",
+        lambda t, e: (
+            f"POST {API} HTTP/1.1\r\nHost: 127.0.0.1:{HTTP_PORT}\r\n"
+            f"Proxy-Authorization: Bearer {t.jwt}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+        ).encode(),
+        400,
+        "malformed",
+        "",
+    ),
+    (
+        "header name with a space",
+        lambda t, e: (
+            f"GET {API} HTTP/1.1\r\nHost: 127.0.0.1:{HTTP_PORT}\r\n"
+            f"Proxy-Authorization: Bearer {t.jwt}\r\nContent Length: 0\r\n\r\n"
+        ).encode(),
+        400,
+        "smuggling",
+        "",
+    ),
+    ("pipelined requests", lambda t, e: get(API, t.jwt) * 2, 400, "pipelining", ""),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "build", "status", "rule", "reason"),
+    ADVERSARIAL,
+    ids=[case[0] for case in ADVERSARIAL],
+)
+def test_adversarial_requests_are_denied_and_audited(
+    executor: Executor, task: LiveTask, name: str, build: Any, status: int, rule: str, reason: str
+) -> None:
+    if name == "pipelined requests":  # the first one is served, the second refused
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(task.socket)
+            sock.sendall(build(task, executor))
+            everything = b""
+            while chunk := sock.recv(65536):
+                everything += chunk
+        assert everything.count(b"HTTP/1.1 200") == 1 and b'"rule": "pipelining"' in everything
+        return
+    got, headers, body = exchange(task.socket, build(task, executor))
+    assert got == status, body
+    assert headers.get("x-airlock-denied") == rule, (headers, body)
+    answer = json.loads(body)
+    assert answer["rule"] == rule and reason in answer["reason"]
+    records = AuditLog(executor.store).records(task.id, denied=True)
+    assert records, "the denial was not audited"
+    last = records[-1]
+    assert last["agent"] == "web" and last["task"] == task.id and last["model"] == "m"
+    assert last["rule"] == rule and last["decision"] == "deny"
+
+
+def test_an_ended_task_is_refused(executor: Executor, task: LiveTask) -> None:
+    executor.store.redis.hset(executor.store.key(task.id), "state", S.TEARING_DOWN.value)
+    status, _, body = exchange(task.socket, get(API, task.jwt))
+    assert status == 407 and b"no longer live" in body
+
+
+def test_connect_tunnel_carries_tls(task: LiveTask, upstreams: Upstreams) -> None:
+    import ssl
+
+    with socket.socket(socket.AF_UNIX) as raw:
+        raw.settimeout(10)
+        raw.connect(task.socket)
+        raw.sendall(connect(f"127.0.0.1:{TLS_PORT}", task.jwt))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += raw.recv(1)
+        assert head.startswith(b"HTTP/1.1 200")
+        context = ssl.create_default_context(cadata=upstreams.ca_pem)
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(b"GET /api/secure HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            reply = b""
+            while chunk := tls.recv(65536):
+                reply += chunk
+    assert b'"path": "/api/secure"' in reply
+
+
+def test_tunnels_are_cut_when_the_task_ends(executor: Executor, upstreams: Upstreams) -> None:
+    live = LiveTask(executor)
+    with socket.socket(socket.AF_UNIX) as raw:
+        raw.settimeout(10)
+        raw.connect(live.socket)
+        raw.sendall(connect(f"127.0.0.1:{HTTP_PORT}", live.jwt))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += raw.recv(1)
+        assert head.startswith(b"HTTP/1.1 200")
+        receipt = live.end()
+        assert receipt["endpoint_removed"] is True
+        assert raw.recv(1) == b""  # the gateway closed the tunnel
+    assert not Path(live.socket).exists()
+
+
+CLIENTS = r"""
+import http.client, json, os, ssl, urllib.request, urllib.error
+api = "http://127.0.0.1:18080/api/from-container"
+print("urllib http", json.loads(urllib.request.urlopen(api, timeout=10).read())["path"])
+context = ssl.create_default_context(cadata=os.environ["UPSTREAM_CA"])
+body = urllib.request.urlopen("https://127.0.0.1:18443/api/tls", timeout=10, context=context).read()
+print("urllib https", json.loads(body)["path"])
+proxy = http.client.HTTPConnection("127.0.0.1", 3128, timeout=10)
+proxy.request("POST", api, body=b"x" * 100000, headers={"Proxy-Authorization": "Bearer " + open(os.environ["AIRLOCK_TOKEN_FILE"]).read()})
+answer = proxy.getresponse()
+print("http.client via proxy", answer.status, json.loads(answer.read())["body"])
+big = urllib.request.urlopen("http://127.0.0.1:18080/big", timeout=10).read()
+print("streamed", len(big))
+try:
+    urllib.request.urlopen("http://127.0.0.1:18080/admin", timeout=10)
+except urllib.error.HTTPError as exc:
+    print("denied", exc.code, exc.headers["X-Airlock-Denied"], json.loads(exc.read())["reason"])
+direct = http.client.HTTPConnection("127.0.0.1", 18080, timeout=5)
+try:
+    direct.request("GET", "/api/")
+    print("direct: connected")
+except OSError as exc:
+    print("direct:", type(exc).__name__)
+try:
+    import socket
+    socket.create_connection(("10.0.0.1", 80), timeout=3)
+    print("outside: connected")
+except OSError as exc:
+    print("outside:", exc.errno)
+"""
+
+
+def test_real_clients_in_a_sealed_container(
+    executor: Executor, store: Store, upstreams: Upstreams
+) -> None:
+    task_id = str(uuid.uuid4())
+    state = executor.execute(
+        task_id,
+        {
+            "agent": "web",
+            "command": ["python3", "-c", CLIENTS],
+            "env": {"UPSTREAM_CA": upstreams.ca_pem},
+        },
+    )
+    logs = "".join(text for _, text in store.iter_logs(task_id))
+    assert state is S.SUCCEEDED, logs
+    assert "urllib http /api/from-container" in logs
+    assert "urllib https /api/tls" in logs
+    assert "http.client via proxy 200 100000" in logs
+    assert f"streamed {1 << 20}" in logs
+    assert "denied 403 egress[1] 127.0.0.1 path is outside /api/, /big" in logs
+    assert "direct: ConnectionRefusedError" in logs  # the container's loopback is its own
+    assert "outside: 101" in logs  # ENETUNREACH: no route out but the gateway
+    records = AuditLog(store).records(task_id)
+    decisions = [(r["method"], r.get("path"), r["decision"]) for r in records]
+    assert ("GET", "/api/from-container", "allow") in decisions
+    assert ("CONNECT", None, "allow") in decisions
+    assert ("GET", "/admin", "deny") in decisions
+    post = next(r for r in records if r["method"] == "POST")
+    assert post["bytes_out"] == 100000 and post["status"] == 200
+    assert all(r["agent"] == "web" and r["task"] == task_id for r in records)
+
+
+def test_audit_chain_detects_tampering(settings: Any, store: Store) -> None:
+    isolated = Store(settings.redis_url, f"{settings.namespace}-audit")
+    log = AuditLog(isolated)
+    for i in range(5):
+        log.append({"task": "t", "decision": "allow", "n": i})
+    assert log.verify() == (5, [])
+    entries = list(log.entries())
+    isolated.redis.xdel(log.stream, entries[2][0])  # a record removed from the middle
+    count, problems = log.verify()
+    assert count == 4 and [p.what for p in problems] == [
+        "link broken: a record before it was removed or changed"
+    ]
+    forged = dict(entries[2][1], decision="deny")
+    isolated.redis.xadd(
+        log.stream,
+        {
+            "record": json.dumps(forged, sort_keys=True),
+            "prev": entries[2][2],
+            "hash": entries[2][3],
+        },
+    )
+    _, problems = log.verify()
+    assert "record changed after it was written" in [p.what for p in problems]
+    isolated.redis.delete(log.stream)
+    log2 = AuditLog(isolated)
+    for i in range(3):
+        log2.append({"n": i})
+    last = list(log2.entries())[-1][0]
+    isolated.redis.xdel(log2.stream, last)  # the newest record removed
+    _, problems = log2.verify()
+    assert any(p.what.startswith("chain ends early") for p in problems)
+    for key in isolated.redis.scan_iter(f"{settings.namespace}-audit:*"):
+        isolated.redis.delete(key)
