@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from orchestrator.config import Settings
 from orchestrator.egress.audit import AuditLog
 from orchestrator.egress.decide import Target, Verdict, decide_request
-from orchestrator.egress.proxy import bearer_token
+from orchestrator.egress.http import bearer_token
 from orchestrator.endpoint import EndpointServer
 from orchestrator.errors import AirlockError
 from orchestrator.identity import InvalidToken, Minter, Verifier, jwks_from_transit

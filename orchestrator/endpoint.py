@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from orchestrator.egress.addresses import IPAddress
-from orchestrator.egress.proxy import ProxyPolicy, Session
+from orchestrator.egress.http import ProxyPolicy
+from orchestrator.egress.proxy import Session
 
 log = logging.getLogger(__name__)
 SOCKET_NAME = "airlock.sock"

@@ -228,7 +228,10 @@ egress_covered(asked) if {
 
 # --- MCP tools -----------------------------------------------------------------------------
 
-agent_tools[key] := {"server": server.name, "url": server.url, "tool": tool.name, "args": tool.args, "default": tool.default} if {
+agent_tools[key] := {
+	"server": server.name, "url": server.url, "tool": tool.name, "args": tool.args,
+	"default": tool.default, "internal": server.internal,
+} if {
 	some server in agent.mcp
 	some tool in server.tools
 	key := sprintf("%s/%s", [server.name, tool.name])
@@ -238,7 +241,10 @@ tools := sort([tool_grant(tool) | some tool in agent_tools; tool.default]) if ta
 
 tools := sort({tool_grant(agent_tools[key]) | some key in task.scopes.tools; agent_tools[key]}) if task.scopes.tools != null
 
-tool_grant(tool) := {"server": tool.server, "url": tool.url, "tool": tool.tool, "args": tool.args}
+tool_grant(tool) := {
+	"server": tool.server, "url": tool.url, "tool": tool.tool, "args": tool.args,
+	"internal": tool.internal,
+}
 
 reasons contains msg if {
 	known

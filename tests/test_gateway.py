@@ -485,3 +485,145 @@ def test_audit_chain_detects_tampering(settings: Any, store: Store) -> None:
     assert any(p.what.startswith("chain ends early") for p in problems)
     for key in isolated.redis.scan_iter(f"{settings.namespace}-audit:*"):
         isolated.redis.delete(key)
+
+
+# --- MCP through the gateway, against a real MCP server ----------------------------------
+
+MCP_PORT = 18090
+MCP_URL = f"http://127.0.0.1:{MCP_PORT}/mcp"
+
+
+@pytest.fixture(scope="module")
+def mcp_server() -> Iterator[None]:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "mcp_server.py"), str(MCP_PORT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", MCP_PORT), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+class McpClient:
+    """A minimal streamable-HTTP MCP client that talks through a task's socket."""
+
+    def __init__(self, socket_path: str, jwt: str) -> None:
+        self.socket_path, self.jwt = socket_path, jwt
+        self.session: str | None = None
+
+    def post(self, message: Any) -> tuple[int, dict[str, str], Any]:
+        import http.client
+
+        class Conn(http.client.HTTPConnection):
+            def connect(inner) -> None:
+                inner.sock = socket.socket(socket.AF_UNIX)
+                inner.sock.settimeout(10)
+                inner.sock.connect(self.socket_path)
+
+        conn = Conn("gateway")
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json, text/event-stream",
+            "Proxy-Authorization": f"Bearer {self.jwt}",
+            "Host": f"127.0.0.1:{MCP_PORT}",
+        }
+        if self.session:
+            headers["Mcp-Session-Id"] = self.session
+        conn.request(
+            "POST",
+            MCP_URL,
+            body=json.dumps(message) if not isinstance(message, bytes) else message,
+            headers=headers,
+        )
+        response = conn.getresponse()
+        raw = response.read()
+        conn.close()
+        answer_headers = {k.lower(): v for k, v in response.getheaders()}
+        self.session = answer_headers.get("mcp-session-id", self.session)
+        if answer_headers.get("content-type", "").startswith("text/event-stream"):
+            data = [
+                json.loads(line[5:])
+                for line in raw.decode().splitlines()
+                if line.startswith("data:")
+            ]
+            return response.status, answer_headers, data[-1] if data else None
+        return response.status, answer_headers, json.loads(raw) if raw else None
+
+    def start(self) -> None:
+        status, _, answer = self.post(
+            {
+                "jsonrpc": "2.0",
+                "id": 0,
+                "method": "initialize",
+                "params": {
+                    "protocolVersion": "2025-06-18",
+                    "capabilities": {},
+                    "clientInfo": {"name": "airlock-test", "version": "1"},
+                },
+            }
+        )
+        assert status == 200 and answer["result"]["serverInfo"]["name"] == "airlock-test-tools"
+        self.post({"jsonrpc": "2.0", "method": "notifications/initialized"})
+
+
+def call(ident: int, tool: str, **arguments: Any) -> dict[str, Any]:
+    return {
+        "jsonrpc": "2.0",
+        "id": ident,
+        "method": "tools/call",
+        "params": {"name": tool, "arguments": arguments},
+    }
+
+
+def test_mcp_tools_are_checked_and_lists_filtered(
+    executor: Executor, task: LiveTask, mcp_server: None
+) -> None:
+    client = McpClient(task.socket, task.jwt)
+    client.start()
+    status, _, listed = client.post({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+    assert status == 200
+    assert sorted(t["name"] for t in listed["result"]["tools"]) == ["add", "read_file"]
+
+    status, _, added = client.post(call(2, "add", a=2, b=3))
+    assert status == 200 and added["result"]["structuredContent"]["result"] == 5
+
+    status, headers, denied = client.post(call(3, "shell", command="id"))
+    assert status == 403 and headers["x-airlock-denied"] == "default-deny"
+    assert denied["id"] == 3 and "tool tools/shell is not granted" in denied["error"]["message"]
+
+    status, _, outside = client.post(call(4, "read_file", path="/etc/passwd"))
+    assert (
+        status == 403 and "argument 'path' must start with '/docs/'" in outside["error"]["message"]
+    )
+    status, _, inside = client.post(call(5, "read_file", path="/docs/readme"))
+    assert status == 200 and "contents of /docs/readme" in json.dumps(inside)
+
+    status, _, batch = client.post([call(6, "add", a=1, b=1), call(7, "shell", command="id")])
+    assert status == 403 and [e["id"] for e in batch] == [6, 7]
+    assert (
+        "not sent" in batch[0]["error"]["message"] and "not granted" in batch[1]["error"]["message"]
+    )
+
+    status, _, malformed = client.post(b"{not json")
+    assert status == 403 and "body is not JSON" in malformed["error"]["message"]
+
+    tools = [
+        (r.get("tool"), r["decision"])
+        for r in AuditLog(executor.store).records(task.id)
+        if r.get("mcp_method") == "tools/call"
+    ]
+    assert (
+        ("add", "allow") in tools and ("shell", "deny") in tools and ("read_file", "deny") in tools
+    )

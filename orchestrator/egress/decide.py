@@ -79,6 +79,10 @@ def decide_request(grant: CompiledGrant, target: Target) -> Verdict:
         path = clean_path(target.path)
         if path is None:
             return deny("ambiguous-path", "path has dot segments or encoded separators", host)
+    if path is not None:
+        mcp = grant.mcp_server_for(host, target.port, path)
+        if mcp is not None:  # a granted MCP server: its messages are checked one by one
+            return Verdict(True, f"mcp {mcp[0]}", "granted MCP server", host, mcp[1])
     method = None if target.path is None else target.method  # a tunnel hides its methods
     check = grant.check_egress(host, target.port, method, path)
     return Verdict(check.allowed, check.rule, check.reason, host, check.internal)

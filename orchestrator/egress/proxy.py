@@ -9,237 +9,37 @@ form to exactly the address that was checked; CONNECT becomes a byte tunnel to i
 from __future__ import annotations
 
 import asyncio
-import base64
-import ipaddress
-import json
-import logging
-import socket
-import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import h11
 
-from orchestrator.egress.addresses import IPAddress, as_ip
-from orchestrator.egress.decide import Target, Verdict, decide_addresses
-
-log = logging.getLogger(__name__)
-MAX_HEAD = 16 * 1024
-IDLE_TIMEOUT_S = 60.0
-HOP_BY_HOP = {
-    b"connection",
-    b"keep-alive",
-    b"proxy-authorization",
-    b"proxy-connection",
-    b"proxy-authenticate",
-    b"te",
-    b"trailer",
-    b"upgrade",
-}
-
-
-class ProxyPolicy(Protocol):
-    """What the shell needs to know about the task whose socket it serves."""
-
-    def authenticate(self, header: str | None) -> str | None:
-        """None if the proxy credentials name this live task, else why not."""
-
-    def decide(self, target: Target) -> Verdict:
-        """The grant's verdict on a request (before DNS)."""
-
-    def granted_tunnel(self, authority: str) -> tuple[str, int] | None:
-        """A directly granted address (a database), bypassing the egress rules."""
-
-    def audit(self, record: dict[str, Any]) -> None:
-        """Record one decision, allowed or denied."""
-
-
-@dataclass
-class Exchange:
-    """The audit facts of one request, filled in as it goes."""
-
-    method: str
-    host: str = ""
-    port: int = 0
-    path: str | None = None
-    decision: str = "deny"
-    rule: str = ""
-    reason: str = ""
-    status: int = 0
-    bytes_out: int = 0
-    bytes_in: int = 0
-    started: float = field(default_factory=time.monotonic)
-
-    def record(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "host": self.host,
-            "port": self.port,
-            "path": self.path,
-            "decision": self.decision,
-            "rule": self.rule,
-            "reason": self.reason,
-            "status": self.status,
-            "bytes_out": self.bytes_out,
-            "bytes_in": self.bytes_in,
-            "duration_ms": round((time.monotonic() - self.started) * 1000, 2),
-        }
-
-
-class Refused(Exception):
-    def __init__(
-        self, status: int, rule: str, reason: str, headers: list[tuple[str, str]] | None = None
-    ):
-        self.status, self.rule, self.reason = status, rule, reason
-        self.headers = headers or []
-        super().__init__(reason)
-
-
-def smuggling_problem(head: bytes) -> str | None:
-    """Header framing that two HTTP parsers could read differently."""
-    names = [line.split(b":", 1)[0].strip().lower() for line in head.split(b"\r\n")[1:] if line]
-    if any(b" " in name or b"\t" in name for name in names):
-        return "whitespace in a header name"
-    lengths = names.count(b"content-length")
-    if lengths > 1:
-        return "repeated Content-Length"
-    if lengths and b"transfer-encoding" in names:
-        return "both Content-Length and Transfer-Encoding"
-    return None
-
-
-async def read_head(reader: asyncio.StreamReader, buffer: bytearray) -> bool:
-    """Fill `buffer` until it holds a whole request head; False on a clean end of stream."""
-    while b"\r\n\r\n" not in buffer:
-        if len(buffer) > MAX_HEAD:
-            raise Refused(431, "limits", "request head too large")
-        chunk = await asyncio.wait_for(reader.read(65536), IDLE_TIMEOUT_S)
-        if not chunk:
-            if buffer:
-                raise Refused(400, "malformed", "connection closed inside a request head")
-            return False
-        buffer += chunk
-    return True
-
-
-async def respond(
-    conn: h11.Connection,
-    writer: asyncio.StreamWriter,
-    status: int,
-    payload: dict[str, Any],
-    headers: list[tuple[str, str]] | None = None,
-) -> None:
-    data = json.dumps(payload).encode()
-    all_headers = [
-        ("content-type", "application/json"),
-        ("content-length", str(len(data))),
-        *(headers or []),
-    ]
-    writer.write(conn.send(h11.Response(status_code=status, headers=all_headers)) or b"")
-    writer.write(conn.send(h11.Data(data=data)) or b"")
-    writer.write(conn.send(h11.EndOfMessage()) or b"")
-    await writer.drain()
-
-
-def refusal(exc: Refused) -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
-    headers = [("x-airlock-denied", exc.rule), *exc.headers]
-    return (
-        exc.status,
-        {"error": "denied by airlock", "rule": exc.rule, "reason": exc.reason},
-        headers,
-    )
-
-
-async def resolve(host: str, port: int) -> list[IPAddress]:
-    """The gateway's own resolution: every address the name has, in resolver order."""
-    literal = as_ip(host)
-    if literal is not None:
-        return [literal]
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), 10)
-    except (TimeoutError, OSError):
-        return []
-    seen: list[IPAddress] = []
-    for info in infos:
-        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-        if address not in seen:
-            seen.append(address)
-    return seen
-
-
-async def connect_checked(
-    policy: ProxyPolicy, target: Target, exchange: Exchange, own: Callable[[], frozenset[IPAddress]]
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Decide, resolve, check every address, and connect to exactly the checked one."""
-    verdict = policy.decide(target)
-    exchange.host, exchange.rule, exchange.reason = verdict.host, verdict.rule, verdict.reason
-    if not verdict.allowed:
-        raise Refused(403, verdict.rule, verdict.reason)
-    addresses = await resolve(verdict.host, target.port)
-    verdict, chosen = decide_addresses(verdict, addresses, own())
-    if chosen is None:
-        exchange.rule, exchange.reason = verdict.rule, verdict.reason
-        raise Refused(403, verdict.rule, verdict.reason)
-    try:
-        return await asyncio.wait_for(asyncio.open_connection(str(chosen), target.port), 10)
-    except (TimeoutError, OSError) as exc:
-        raise Refused(502, "upstream", f"cannot connect to {chosen}:{target.port}: {exc}") from None
-
-
-def proxy_credentials(request: h11.Request) -> str | None:
-    for name, value in request.headers:
-        if name == b"proxy-authorization":
-            return value.decode("latin-1")
-    return None
-
-
-def bearer_token(header: str | None) -> str | None:
-    """The JWT from 'Bearer <jwt>' or from 'Basic base64(anything:<jwt>)' (proxy URLs)."""
-    if not header:
-        return None
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer":
-        return value.strip()
-    if scheme.lower() == "basic":
-        try:
-            return base64.b64decode(value.strip()).decode().partition(":")[2] or None
-        except (ValueError, UnicodeDecodeError):
-            return None
-    return None
-
-
-Pipe = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[int]]
-
-
-async def next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
-    while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        conn.receive_data(await asyncio.wait_for(reader.read(65536), IDLE_TIMEOUT_S))
-
-
-async def read_body(conn: h11.Connection, reader: asyncio.StreamReader, limit: int) -> bytes:
-    body = b""
-    while not isinstance(event := await next_event(conn, reader), h11.EndOfMessage):
-        if isinstance(event, h11.Data):
-            body += event.data
-            if len(body) > limit:
-                raise Refused(413, "limits", "request body too large")
-    return body
-
-
-def header(request: h11.Request, name: bytes) -> str | None:
-    for key, value in request.headers:
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
-ControlHandler = Callable[[str, str, bytes], Awaitable[tuple[int, dict[str, Any]]]]
+from orchestrator.egress.addresses import IPAddress
+from orchestrator.egress.decide import Target
+from orchestrator.egress.http import (
+    HOP_BY_HOP,
+    MAX_HEAD,
+    ControlHandler,
+    Exchange,
+    ProxyPolicy,
+    Refused,
+    connect_checked,
+    header,
+    next_event,
+    proxy_credentials,
+    read_body,
+    read_head,
+    refusal,
+    respond,
+    smuggling_problem,
+)
+from orchestrator.egress.mcp import (
+    MAX_MCP_BODY,
+    EventStreamFilter,
+    filter_json_body,
+    inspect_request,
+    refusal_body,
+)
 
 
 class Session:
@@ -330,7 +130,7 @@ class Session:
             exchange.path = url.path or "/"
             path = exchange.path + (f"?{url.query}" if url.query else "")
             self._authenticate(request)
-            up_reader, up_writer = await connect_checked(
+            up_reader, up_writer, verdict = await connect_checked(
                 self.policy,
                 Target(method, url.hostname, url.port or 80, path, header(request, b"host")),
                 exchange,
@@ -341,8 +141,12 @@ class Session:
             self.policy.audit(exchange.record())
             raise
         exchange.decision = "allow"
+        server = verdict.rule[4:] if verdict.rule.startswith("mcp ") else None
         try:
-            await self._relay(request, path, up_reader, up_writer, exchange)
+            if server is None:
+                await self._relay(request, path, up_reader, up_writer, exchange)
+            else:
+                await self._relay_mcp(request, path, up_reader, up_writer, exchange, server)
         except (h11.RemoteProtocolError, ValueError) as exc:
             exchange.decision, exchange.rule, exchange.status = "deny", "malformed", 400
             exchange.reason = f"bad request: {exc}"
@@ -351,6 +155,25 @@ class Session:
             up_writer.close()
             self.policy.audit(exchange.record())
         return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
+
+    def _send_request(
+        self,
+        upstream: h11.Connection,
+        writer: asyncio.StreamWriter,
+        request: h11.Request,
+        path: str,
+        body: bytes | None = None,
+    ) -> None:
+        headers = [(k, v) for k, v in request.headers if k not in HOP_BY_HOP]
+        if body is not None:  # re-framed: the inspected body goes as one piece
+            headers = [
+                (k, v) for k, v in headers if k not in (b"content-length", b"transfer-encoding")
+            ]
+            headers.append((b"content-length", str(len(body)).encode()))
+        headers.append((b"connection", b"close"))
+        writer.write(
+            upstream.send(h11.Request(method=request.method, target=path, headers=headers)) or b""
+        )
 
     async def _relay(
         self,
@@ -361,17 +184,7 @@ class Session:
         exchange: Exchange,
     ) -> None:
         upstream = h11.Connection(h11.CLIENT)
-        headers = [(k, v) for k, v in request.headers if k not in HOP_BY_HOP]
-        up_writer.write(
-            upstream.send(
-                h11.Request(
-                    method=request.method,
-                    target=path,
-                    headers=[*headers, (b"connection", b"close")],
-                )
-            )
-            or b""
-        )
+        self._send_request(upstream, up_writer, request, path)
         while not isinstance(event := await next_event(self.conn, self.reader), h11.EndOfMessage):
             if isinstance(event, h11.Data):
                 exchange.bytes_out += len(event.data)
@@ -379,19 +192,68 @@ class Session:
                 await up_writer.drain()
         up_writer.write(upstream.send(h11.EndOfMessage()) or b"")
         await up_writer.drain()
+        await self._relay_response(upstream, up_reader, exchange)
+
+    async def _relay_mcp(
+        self,
+        request: h11.Request,
+        path: str,
+        up_reader: asyncio.StreamReader,
+        up_writer: asyncio.StreamWriter,
+        exchange: Exchange,
+        server: str,
+    ) -> None:
+        """An MCP request: every JSON-RPC message decided, tool lists filtered on the way back."""
+        body = await read_body(self.conn, self.reader, MAX_MCP_BODY)
+        exchange.bytes_out = len(body)
+        calls, batch = inspect_request(self.policy.grant, server, body) if body else ([], False)
+        for call in calls:
+            self.policy.audit(
+                {
+                    **exchange.record(),
+                    "mcp_method": call.method,
+                    "tool": call.tool,
+                    "decision": "allow" if call.allowed else "deny",
+                    "rule": call.rule,
+                    "reason": call.reason,
+                }
+            )
+        if not all(call.allowed for call in calls):
+            exchange.decision, exchange.status = "deny", 403
+            exchange.rule = next(c.rule for c in calls if not c.allowed)
+            exchange.reason = "; ".join(c.reason for c in calls if not c.allowed)
+            refused = refusal_body(calls, batch)
+            self.writer.write(
+                self.conn.send(
+                    h11.Response(
+                        status_code=403,
+                        headers=[
+                            ("content-type", "application/json"),
+                            ("content-length", str(len(refused))),
+                            ("x-airlock-denied", exchange.rule),
+                        ],
+                    )
+                )
+                or b""
+            )
+            self.writer.write(self.conn.send(h11.Data(data=refused)) or b"")
+            self.writer.write(self.conn.send(h11.EndOfMessage()) or b"")
+            await self.writer.drain()
+            return
+        upstream = h11.Connection(h11.CLIENT)
+        self._send_request(upstream, up_writer, request, path, body)
+        up_writer.write(upstream.send(h11.Data(data=body)) or b"")
+        up_writer.write(upstream.send(h11.EndOfMessage()) or b"")
+        await up_writer.drain()
+        await self._relay_mcp_response(upstream, up_reader, exchange, server)
+
+    async def _relay_response(
+        self, upstream: h11.Connection, up_reader: asyncio.StreamReader, exchange: Exchange
+    ) -> None:
         while True:
             event = await next_event(upstream, up_reader)
             if isinstance(event, h11.Response):
-                exchange.status = event.status_code
-                kept = [(k, v) for k, v in event.headers if k not in HOP_BY_HOP]
-                self.writer.write(
-                    self.conn.send(
-                        h11.Response(
-                            status_code=event.status_code, headers=kept, reason=event.reason
-                        )
-                    )
-                    or b""
-                )
+                self._start_response(event, exchange)
             elif isinstance(event, h11.Data):
                 exchange.bytes_in += len(event.data)
                 self.writer.write(self.conn.send(h11.Data(data=event.data)) or b"")
@@ -400,6 +262,63 @@ class Session:
                 self.writer.write(self.conn.send(h11.EndOfMessage()) or b"")
                 await self.writer.drain()
                 return
+
+    async def _relay_mcp_response(
+        self,
+        upstream: h11.Connection,
+        up_reader: asyncio.StreamReader,
+        exchange: Exchange,
+        server: str,
+    ) -> None:
+        """An MCP server's answer: event streams filtered as they flow, JSON as a whole."""
+        response = await next_event(upstream, up_reader)
+        while not isinstance(response, h11.Response):
+            response = await next_event(upstream, up_reader)
+        kind = dict(response.headers).get(b"content-type", b"").split(b";")[0].strip()
+        stream = EventStreamFilter(self.policy.grant, server)
+        if kind != b"application/json":
+            self._start_response(response, exchange, reframe=True)
+        body = b""
+        while not isinstance(event := await next_event(upstream, up_reader), h11.EndOfMessage):
+            if not isinstance(event, h11.Data):
+                continue
+            exchange.bytes_in += len(event.data)
+            if kind == b"application/json":
+                body += event.data
+                if len(body) > MAX_MCP_BODY:
+                    raise Refused(502, "mcp-malformed", "MCP answer too large to inspect")
+            elif data := (stream.feed(event.data) if kind == b"text/event-stream" else event.data):
+                self.writer.write(self.conn.send(h11.Data(data=data)) or b"")
+                await self.writer.drain()
+        if kind == b"application/json":
+            filtered = filter_json_body(self.policy.grant, server, body)
+            self._start_response(response, exchange, reframe=True, length=len(filtered))
+            self.writer.write(self.conn.send(h11.Data(data=filtered)) or b"")
+        elif rest := stream.finish():
+            self.writer.write(self.conn.send(h11.Data(data=rest)) or b"")
+        self.writer.write(self.conn.send(h11.EndOfMessage()) or b"")
+        await self.writer.drain()
+
+    def _start_response(
+        self,
+        response: h11.Response,
+        exchange: Exchange,
+        reframe: bool = False,
+        length: int | None = None,
+    ) -> None:
+        """Send the upstream's status and headers; `reframe` when the body will change."""
+        exchange.status = response.status_code
+        kept = [(k, v) for k, v in response.headers if k not in HOP_BY_HOP]
+        if reframe:
+            kept = [(k, v) for k, v in kept if k not in (b"content-length", b"transfer-encoding")]
+            if length is not None:
+                kept.append((b"content-length", str(length).encode()))
+        self.writer.write(
+            self.conn.send(
+                h11.Response(status_code=response.status_code, headers=kept, reason=response.reason)
+            )
+            or b""
+        )
 
     async def connect(self, request: h11.Request, authority: str) -> None:
         exchange = Exchange("CONNECT")
@@ -415,7 +334,7 @@ class Session:
                 if not port.isdigit():
                     raise Refused(400, "malformed", "CONNECT needs host:port")
                 exchange.port = int(port)
-                up_reader, up_writer = await connect_checked(
+                up_reader, up_writer, _ = await connect_checked(
                     self.policy,
                     Target("CONNECT", host, int(port), None, header(request, b"host")),
                     exchange,

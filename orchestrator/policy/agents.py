@@ -50,6 +50,7 @@ class McpServer(_Frozen):
     name: Name
     url: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/\S*)?$")]
     tools: tuple[ToolRule, ...] = ()
+    internal: bool = Field(False, description="the server is on an internal address")
 
 
 class SecretRule(_Frozen):

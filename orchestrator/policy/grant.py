@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict
 
@@ -34,6 +35,7 @@ class ToolGrant(_Frozen):
     url: str
     tool: str
     args: dict[str, ArgConstraint] = {}
+    internal: bool = False
 
 
 class SecretGrant(_Frozen):
@@ -97,6 +99,29 @@ class CompiledGrant:
             else:
                 self._exact.setdefault(rule.host, []).append((name, rule, ports, methods))
         self._tools = {(t.server, t.tool): t for t in grant.tools}
+        self._servers: dict[tuple[str, int], list[tuple[str, str, bool]]] = {}
+        for tool in grant.tools:
+            url = urlsplit(tool.url)
+            if url.scheme == "http" and url.hostname:
+                where = (url.hostname.lower(), url.port or 80)
+                entry = (url.path or "/", tool.server, tool.internal)
+                if entry not in self._servers.setdefault(where, []):
+                    self._servers[where].append(entry)
+
+    def tools_of(self, server: str) -> frozenset[str]:
+        """The tools of one MCP server this task may call (and see listed)."""
+        return frozenset(tool for (name, tool) in self._tools if name == server)
+
+    def mcp_server_for(self, host: str, port: int, path: str) -> tuple[str, bool] | None:
+        """(server name, internal) when the request goes to a granted MCP server's URL."""
+        for prefix, server, internal in self._servers.get((host, port), ()):
+            if (
+                path == prefix
+                or path.startswith(prefix.rstrip("/") + "/")
+                or path.startswith(prefix + "?")
+            ):
+                return server, internal
+        return None
 
     def _candidates(
         self, host: str
