@@ -62,6 +62,9 @@ class Settings:
     heartbeat_s: float = 10.0
     # How often each worker's beat runs the reaper.
     reap_period_s: float = 60.0
+    # Per task: connections open at once on its endpoint, and requests over its lifetime.
+    gateway_max_connections: int = 64
+    gateway_max_requests: int = 100_000
     # Task JWTs name this audience; the gateway is who checks them.
     jwt_audience: str = "airlock-gateway"
     # Per-task endpoint directories (one socket each) live under this directory.
@@ -140,5 +143,11 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         jwt_audience=env.get("AIRLOCK_JWT_AUDIENCE") or d.jwt_audience,
         heartbeat_s=_get(env, "AIRLOCK_HEARTBEAT_S", d.heartbeat_s, _positive_float),
         reap_period_s=_get(env, "AIRLOCK_REAP_PERIOD_S", d.reap_period_s, _positive_float),
+        gateway_max_connections=_get(
+            env, "AIRLOCK_GATEWAY_MAX_CONNECTIONS", d.gateway_max_connections, _positive_int
+        ),
+        gateway_max_requests=_get(
+            env, "AIRLOCK_GATEWAY_MAX_REQUESTS", d.gateway_max_requests, _positive_int
+        ),
         endpoint_dir=Path(env.get("AIRLOCK_ENDPOINT_DIR") or d.endpoint_dir),
     )

@@ -50,6 +50,7 @@ class TaskEndpoint:
         verifier: Verifier,
         audit: AuditLog,
         context: dict[str, Any],
+        max_requests: int = 100_000,
     ) -> None:
         self.task_id = task_id
         self.given = given
@@ -66,6 +67,8 @@ class TaskEndpoint:
             **context,
         }
         self._wrap_tokens = {s.token for s in given.secrets}
+        self._requests = 0
+        self.max_requests = max_requests
         self._fetched = False
         self._lock = threading.Lock()
 
@@ -81,6 +84,12 @@ class TaskEndpoint:
         if claims.get("task_id") != self.task_id:
             return "task token of another task"
         return None
+
+    def count_request(self) -> str | None:
+        with self._lock:
+            self._requests += 1
+            over = self._requests > self.max_requests
+        return f"more than {self.max_requests} requests for this task" if over else None
 
     def decide(self, target: Target) -> Verdict:
         return decide_request(self.grant, target)
@@ -148,7 +157,9 @@ class Credentials:
         self.vault = Vault(settings.vault_addr, settings.vault_token)
         self.minter = Minter(self.vault, self.issuer, settings.jwt_audience)
         self.broker = Broker(self.vault, store, settings, self.minter)
-        self.endpoints = EndpointServer(settings.endpoint_dir / settings.namespace)
+        self.endpoints = EndpointServer(
+            settings.endpoint_dir / settings.namespace, settings.gateway_max_connections
+        )
         self.connections = _connections(settings)
         self.retry_delay_s = 0.5
         self.audit = AuditLog(store)
@@ -182,6 +193,7 @@ class Credentials:
             self._verifier,
             self.audit,
             context or {},
+            self.settings.gateway_max_requests,
         )
         return Handout(self.endpoints.open(task_id, handler), given)
 

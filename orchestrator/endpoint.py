@@ -47,11 +47,13 @@ class Handler(ProxyPolicy, Protocol):
 
 
 class EndpointServer:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, max_connections: int = 64) -> None:
         self.root = root
+        self.max_connections = max_connections
         self._loop = asyncio.new_event_loop()
         self._servers: dict[str, asyncio.AbstractServer] = {}
         self._sessions: dict[str, set[asyncio.Task[Any]]] = {}
+        self.handlers: dict[str, Handler] = {}
         self.own = own_addresses()
         self._thread = threading.Thread(
             target=self._loop.run_forever, daemon=True, name="airlock-endpoints"
@@ -78,12 +80,14 @@ class EndpointServer:
             )
 
         self._servers[task_id] = self._run(start())
+        self.handlers[task_id] = handler
         os.chmod(path, 0o666)  # the task's unprivileged user must be able to connect
         return directory
 
     def close(self, task_id: str) -> bool:
         """Stop serving the task and remove its directory; False if there was none."""
         server = self._servers.pop(task_id, None)
+        self.handlers.pop(task_id, None)
         if server is not None:
             server.close()
             for session in list(self._sessions.pop(task_id, ())):
@@ -109,6 +113,21 @@ class EndpointServer:
     ) -> None:
         current = asyncio.current_task()
         sessions = self._sessions.setdefault(task_id, set())
+        if len(sessions) >= self.max_connections:
+            handler.audit(
+                {
+                    "method": "?",
+                    "decision": "deny",
+                    "rule": "limits",
+                    "reason": f"more than {self.max_connections} connections at once",
+                }
+            )
+            writer.write(
+                b"HTTP/1.1 429 Too Many Requests\r\nx-airlock-denied: limits\r\n"
+                b"content-length: 0\r\nconnection: close\r\n\r\n"
+            )
+            writer.close()
+            return
         if current is not None:
             sessions.add(current)
 

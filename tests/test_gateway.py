@@ -627,3 +627,28 @@ def test_mcp_tools_are_checked_and_lists_filtered(
     assert (
         ("add", "allow") in tools and ("shell", "deny") in tools and ("read_file", "deny") in tools
     )
+
+
+def test_per_task_limits(executor: Executor, task: LiveTask, upstreams: Upstreams) -> None:
+    endpoints = executor.credentials.endpoints
+    endpoints.max_connections = 2
+    held = []
+    try:
+        for _ in range(2):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(10)
+            sock.connect(task.socket)
+            sock.sendall(connect(f"127.0.0.1:{HTTP_PORT}", task.jwt))
+            assert sock.recv(64).startswith(b"HTTP/1.1 200")
+            held.append(sock)
+        status, headers, _ = exchange(task.socket, get(API, task.jwt))
+        assert status == 429 and headers["x-airlock-denied"] == "limits"
+    finally:
+        endpoints.max_connections = 64
+        for sock in held:
+            sock.close()
+    endpoints.handlers[task.id].max_requests = 2  # type: ignore[attr-defined]
+    statuses = [exchange(task.socket, get(API, task.jwt))[0] for _ in range(3)]
+    assert statuses[-1] == 429
+    denied = AuditLog(executor.store).records(task.id, denied=True)
+    assert [r["rule"] for r in denied].count("limits") >= 2

@@ -54,6 +54,9 @@ class ProxyPolicy(Protocol):
     def audit(self, record: dict[str, Any]) -> None:
         """Record one decision, allowed or denied."""
 
+    def count_request(self) -> str | None:
+        """Count one more request of the task; why not, once it is over its limit."""
+
 
 @dataclass
 class Exchange:

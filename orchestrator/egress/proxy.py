@@ -116,6 +116,9 @@ class Session:
         return await self.forward(request, target)
 
     def _authenticate(self, request: h11.Request) -> None:
+        over = self.policy.count_request()
+        if over:
+            raise Refused(429, "limits", over)
         why = self.policy.authenticate(proxy_credentials(request))
         if why:
             raise Refused(407, "identity", why, [("proxy-authenticate", 'Bearer realm="airlock"')])
