@@ -340,6 +340,7 @@ def test_adversarial_requests_are_denied_and_audited(
     assert headers.get("x-airlock-denied") == rule, (headers, body)
     answer = json.loads(body)
     assert answer["rule"] == rule and reason in answer["reason"]
+    executor.credentials.audit.flush()
     records = AuditLog(executor.store).records(task.id, denied=True)
     assert records, "the denial was not audited"
     last = records[-1]
@@ -442,6 +443,7 @@ def test_real_clients_in_a_sealed_container(
     assert "denied 403 egress[1] 127.0.0.1 path is outside /api/, /big" in logs
     assert "direct: ConnectionRefusedError" in logs  # the container's loopback is its own
     assert "outside: 101" in logs  # ENETUNREACH: no route out but the gateway
+    executor.credentials.audit.flush()
     records = AuditLog(store).records(task_id)
     decisions = [(r["method"], r.get("path"), r["decision"]) for r in records]
     assert ("GET", "/api/from-container", "allow") in decisions
@@ -619,6 +621,7 @@ def test_mcp_tools_are_checked_and_lists_filtered(
     status, _, malformed = client.post(b"{not json")
     assert status == 403 and "body is not JSON" in malformed["error"]["message"]
 
+    executor.credentials.audit.flush()
     tools = [
         (r.get("tool"), r["decision"])
         for r in AuditLog(executor.store).records(task.id)
@@ -650,5 +653,6 @@ def test_per_task_limits(executor: Executor, task: LiveTask, upstreams: Upstream
     endpoints.handlers[task.id].max_requests = 2  # type: ignore[attr-defined]
     statuses = [exchange(task.socket, get(API, task.jwt))[0] for _ in range(3)]
     assert statuses[-1] == 429
+    executor.credentials.audit.flush()
     denied = AuditLog(executor.store).records(task.id, denied=True)
     assert [r["rule"] for r in denied].count("limits") >= 2

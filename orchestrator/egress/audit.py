@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.store import Store
 
 GENESIS = "0" * 64
+log = logging.getLogger(__name__)
 
 
 def record_hash(previous: str, record: dict[str, Any]) -> str:
@@ -41,6 +44,7 @@ class AuditLog:
         self.chain = chain or uuid.uuid4().hex[:12]
         self._head = GENESIS
         self._lock = threading.Lock()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit")
 
     @property
     def stream(self) -> str:
@@ -48,6 +52,21 @@ class AuditLog:
 
     def head_key(self, chain: str) -> str:
         return f"{self.store.ns}:audit:head:{chain}"
+
+    def submit(self, record: dict[str, Any]) -> None:
+        """Append in the background, in order, without holding up the request being served."""
+        record = {**record, "time": record.get("time", time.time())}
+        self._writer.submit(self._append_logged, record)
+
+    def _append_logged(self, record: dict[str, Any]) -> None:
+        try:
+            self.append(record)
+        except Exception:  # Redis down: the record is lost, loudly
+            log.exception("audit record lost: %s", record)
+
+    def flush(self) -> None:
+        """Wait until every submitted record is written."""
+        self._writer.submit(lambda: None).result(timeout=30)
 
     def append(self, record: dict[str, Any]) -> str:
         """Add one record to this writer's chain; returns its hash."""

@@ -172,10 +172,38 @@ async def resolve(host: str, port: int) -> list[IPAddress]:
     return seen
 
 
+@dataclass
+class Upstream:
+    """A connection to one checked address; plain HTTP ones are kept for the next request."""
+
+    key: tuple[str, int]
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    conn: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
+
+    def reusable(self) -> bool:
+        return (
+            self.conn.our_state is h11.DONE
+            and self.conn.their_state is h11.DONE
+            and not self.reader.at_eof()
+            and not self.writer.is_closing()
+        )
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 async def connect_checked(
-    policy: ProxyPolicy, target: Target, exchange: Exchange, own: Callable[[], frozenset[IPAddress]]
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Verdict]:
-    """Decide, resolve, check every address, and connect to exactly the checked one."""
+    policy: ProxyPolicy,
+    target: Target,
+    exchange: Exchange,
+    own: Callable[[], frozenset[IPAddress]],
+    pool: dict[tuple[str, int], Upstream] | None = None,
+) -> tuple[Upstream, Verdict]:
+    """Decide, resolve, check every address, and connect to exactly the checked one.
+
+    A kept connection is reused only when it goes to that same checked address and port.
+    """
     verdict = policy.decide(target)
     exchange.host, exchange.rule, exchange.reason = verdict.host, verdict.rule, verdict.reason
     if not verdict.allowed:
@@ -185,11 +213,13 @@ async def connect_checked(
     if chosen is None:
         exchange.rule, exchange.reason = verdict.rule, verdict.reason
         raise Refused(403, verdict.rule, verdict.reason)
+    key = (str(chosen), target.port)
+    kept = pool.pop(key, None) if pool is not None else None
+    if kept is not None and not kept.reader.at_eof() and not kept.writer.is_closing():
+        return kept, verdict
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(str(chosen), target.port), 10
-        )
-        return reader, writer, verdict
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(*key), 10)
+        return Upstream(key, reader, writer), verdict
     except (TimeoutError, OSError) as exc:
         raise Refused(502, "upstream", f"cannot connect to {chosen}:{target.port}: {exc}") from None
 

@@ -23,6 +23,7 @@ from orchestrator.egress.http import (
     Exchange,
     ProxyPolicy,
     Refused,
+    Upstream,
     connect_checked,
     header,
     next_event,
@@ -56,6 +57,8 @@ class Session:
         self.reader, self.writer = reader, writer
         self.control, self.policy, self.own = control, policy, own
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        # Upstream connections kept alive between this client's requests, by checked address.
+        self.pool: dict[tuple[str, int], Upstream] = {}
 
     async def run(self) -> None:
         buffer = bytearray()
@@ -90,6 +93,8 @@ class Session:
             pass
         finally:
             self.writer.close()
+            for upstream in self.pool.values():
+                upstream.close()
 
     async def _refuse(self, exc: Refused) -> None:
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -133,11 +138,12 @@ class Session:
             exchange.path = url.path or "/"
             path = exchange.path + (f"?{url.query}" if url.query else "")
             self._authenticate(request)
-            up_reader, up_writer, verdict = await connect_checked(
+            upstream, verdict = await connect_checked(
                 self.policy,
                 Target(method, url.hostname, url.port or 80, path, header(request, b"host")),
                 exchange,
                 self.own,
+                self.pool,
             )
         except Refused as exc:
             exchange.status, exchange.rule, exchange.reason = exc.status, exc.rule, exc.reason
@@ -147,16 +153,20 @@ class Session:
         server = verdict.rule[4:] if verdict.rule.startswith("mcp ") else None
         try:
             if server is None:
-                await self._relay(request, path, up_reader, up_writer, exchange)
+                await self._relay(request, path, upstream, exchange)
             else:
-                await self._relay_mcp(request, path, up_reader, up_writer, exchange, server)
+                await self._relay_mcp(request, path, upstream, exchange, server)
         except (h11.RemoteProtocolError, ValueError) as exc:
             exchange.decision, exchange.rule, exchange.status = "deny", "malformed", 400
             exchange.reason = f"bad request: {exc}"
             raise
         finally:
-            up_writer.close()
             self.policy.audit(exchange.record())
+            if upstream.reusable() and len(self.pool) < 4:
+                upstream.conn.start_next_cycle()
+                self.pool[upstream.key] = upstream
+            else:
+                upstream.close()
         return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
 
     def _send_request(
@@ -173,20 +183,14 @@ class Session:
                 (k, v) for k, v in headers if k not in (b"content-length", b"transfer-encoding")
             ]
             headers.append((b"content-length", str(len(body)).encode()))
-        headers.append((b"connection", b"close"))
         writer.write(
             upstream.send(h11.Request(method=request.method, target=path, headers=headers)) or b""
         )
 
     async def _relay(
-        self,
-        request: h11.Request,
-        path: str,
-        up_reader: asyncio.StreamReader,
-        up_writer: asyncio.StreamWriter,
-        exchange: Exchange,
+        self, request: h11.Request, path: str, upstream_: Upstream, exchange: Exchange
     ) -> None:
-        upstream = h11.Connection(h11.CLIENT)
+        upstream, up_reader, up_writer = upstream_.conn, upstream_.reader, upstream_.writer
         self._send_request(upstream, up_writer, request, path)
         while not isinstance(event := await next_event(self.conn, self.reader), h11.EndOfMessage):
             if isinstance(event, h11.Data):
@@ -198,13 +202,7 @@ class Session:
         await self._relay_response(upstream, up_reader, exchange)
 
     async def _relay_mcp(
-        self,
-        request: h11.Request,
-        path: str,
-        up_reader: asyncio.StreamReader,
-        up_writer: asyncio.StreamWriter,
-        exchange: Exchange,
-        server: str,
+        self, request: h11.Request, path: str, upstream_: Upstream, exchange: Exchange, server: str
     ) -> None:
         """An MCP request: every JSON-RPC message decided, tool lists filtered on the way back."""
         body = await read_body(self.conn, self.reader, MAX_MCP_BODY)
@@ -243,7 +241,7 @@ class Session:
             self.writer.write(self.conn.send(h11.EndOfMessage()) or b"")
             await self.writer.drain()
             return
-        upstream = h11.Connection(h11.CLIENT)
+        upstream, up_reader, up_writer = upstream_.conn, upstream_.reader, upstream_.writer
         self._send_request(upstream, up_writer, request, path, body)
         up_writer.write(upstream.send(h11.Data(data=body)) or b"")
         up_writer.write(upstream.send(h11.EndOfMessage()) or b"")
@@ -337,12 +335,13 @@ class Session:
                 if not port.isdigit():
                     raise Refused(400, "malformed", "CONNECT needs host:port")
                 exchange.port = int(port)
-                up_reader, up_writer, _ = await connect_checked(
+                tunnel, _ = await connect_checked(
                     self.policy,
                     Target("CONNECT", host, int(port), None, header(request, b"host")),
                     exchange,
                     self.own,
                 )
+                up_reader, up_writer = tunnel.reader, tunnel.writer
         except (TimeoutError, OSError) as exc:
             failure = Refused(502, "upstream", str(exc) or exc.__class__.__name__)
             exchange.status, exchange.rule, exchange.reason = 502, failure.rule, failure.reason

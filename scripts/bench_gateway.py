@@ -1,0 +1,214 @@
+"""Gateway benchmark: direct vs Airlock vs tinyproxy, against one local upstream, same run.
+
+Three processes so no two share a GIL: the upstream (a minimal keep-alive HTTP responder),
+this process (the Airlock gateway, serving a real task's endpoint with policy, JWT checks
+and audit on), and the load client. Reported: added latency per request at 1 connection
+(p50/p99 over the direct path) and requests/s at 16 connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+UPSTREAM_PORT, TINYPROXY_PORT = 18180, 18888
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
+
+
+# --- the upstream ---------------------------------------------------------------------------
+async def upstream() -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                close = b"connection: close" in head.lower()
+                writer.write(RESPONSE if not close else RESPONSE.replace(
+                    b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1))
+                await writer.drain()
+                if close:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", UPSTREAM_PORT, backlog=512)
+    async with server:
+        await server.serve_forever()
+
+
+# --- the client -----------------------------------------------------------------------------
+def request(proxied: bool, auth: str | None) -> bytes:
+    target = f"http://127.0.0.1:{UPSTREAM_PORT}/bench" if proxied else "/bench"
+    extra = f"Proxy-Authorization: Bearer {auth}\r\n" if auth else ""
+    return f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{UPSTREAM_PORT}\r\n{extra}\r\n".encode()
+
+
+async def open_path(path: dict[str, Any]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if path["kind"] == "unix":
+        return await asyncio.open_unix_connection(path["socket"])
+    return await asyncio.open_connection("127.0.0.1", path["port"])
+
+
+async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes) -> bool:
+    """One request and its answer; whether the connection stays open for the next."""
+    writer.write(data)
+    head = (await reader.readuntil(b"\r\n\r\n")).lower()
+    length = int(head.split(b"content-length:")[1].split(b"\r\n")[0])
+    await reader.readexactly(length)
+    return b"connection: close" not in head and not head.startswith(b"http/1.0")
+
+
+async def latency(path: dict[str, Any], count: int) -> list[float]:
+    data = request(path["proxied"], path.get("jwt"))
+    reader, writer = await open_path(path)
+    samples = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        if not await one(reader, writer, data) or path.get("fresh"):
+            writer.close()
+            reader, writer = await open_path(path)
+        samples.append(time.perf_counter() - t0)
+    writer.close()
+    return samples
+
+
+async def throughput(path: dict[str, Any], connections: int, seconds: float) -> float:
+    data = request(path["proxied"], path.get("jwt"))
+    stop = time.perf_counter() + seconds
+    done = 0
+
+    async def worker() -> None:
+        nonlocal done
+        reader, writer = await open_path(path)
+        while time.perf_counter() < stop:
+            if not await one(reader, writer, data) or path.get("fresh"):
+                writer.close()
+                reader, writer = await open_path(path)
+            done += 1
+        writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    return done / (time.perf_counter() - started)
+
+
+async def client(paths: list[dict[str, Any]], count: int, seconds: float) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for path in paths:
+        await latency(path, 200)  # warm up
+        samples = sorted(await latency(path, count))
+        results[path["name"]] = {
+            "p50": samples[len(samples) // 2], "p99": samples[int(len(samples) * 0.99)],
+            "rps16": await throughput(path, 16, seconds),
+        }
+    return results
+
+
+# --- the driver -----------------------------------------------------------------------------
+def start_tinyproxy(directory: Path) -> subprocess.Popen[bytes]:
+    conf = directory / "tinyproxy.conf"
+    conf.write_text(f"Port {TINYPROXY_PORT}\nListen 127.0.0.1\nTimeout 60\nMaxClients 256\n"
+                    f"LogLevel Critical\nLogFile \"{directory}/tinyproxy.log\"\nAllow 127.0.0.1\n"
+                    "DisableViaHeader Yes\n")
+    return subprocess.Popen(["tinyproxy", "-d", "-c", str(conf)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def live_task(directory: Path) -> tuple[Any, str, str, Any]:
+    from orchestrator import config
+    from orchestrator.credentials import Credentials
+    from orchestrator.policy.grant import Grant
+    from orchestrator.store import Store
+
+    settings = replace(config.load(), namespace=f"bench{uuid.uuid4().hex[:6]}",
+                       endpoint_dir=directory / "endpoints")
+    store = Store(settings.redis_url, settings.namespace)
+    credentials = Credentials(settings, store)
+    grant = Grant.model_validate({
+        "agent": "demo", "identity": "spiffe://bench/agent/demo", "on_behalf_of": None,
+        "image": "i", "runtime": "runc", "timeout_s": 600,
+        "limits": {"cpus": 1, "memory": 1 << 28, "pids": 64}, "secrets": [], "tools": [],
+        "egress": [{"host": "127.0.0.1", "ports": [UPSTREAM_PORT], "methods": ["GET"],
+                    "paths": ["/bench"], "internal": True}], "vault_policies": [],
+    })
+    task_id = str(uuid.uuid4())
+    store.create(task_id, {"agent": "demo"})
+    store.redis.hset(store.key(task_id), "state", "running")
+    handout = credentials.provision(task_id, grant, grant.digest(), time.time() + 600)
+    return credentials, task_id, str(handout.endpoint_dir / "airlock.sock"), handout
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_upstream":
+        asyncio.run(upstream())
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "_client":
+        spec = json.loads(sys.argv[2])
+        print(json.dumps(asyncio.run(client(spec["paths"], spec["count"], spec["seconds"]))))
+        return
+    run(int(os.environ.get("BENCH_COUNT", "2000")), float(os.environ.get("BENCH_SECONDS", "5")))
+
+
+def run(count: int, seconds: float) -> None:
+    if not shutil.which("tinyproxy"):
+        sys.exit("tinyproxy is not installed (apt-get install tinyproxy)")
+    directory = Path(tempfile.mkdtemp(prefix="airlock-bench-gw-"))
+    up = subprocess.Popen([sys.executable, __file__, "_upstream"])
+    tiny = start_tinyproxy(directory)
+    credentials, task_id, sock, handout = live_task(directory)
+    try:
+        time.sleep(1)
+        paths = [
+            {"name": "direct", "kind": "tcp", "port": UPSTREAM_PORT, "proxied": False},
+            {"name": "airlock", "kind": "unix", "socket": sock, "proxied": True,
+             "jwt": handout.provisioned.jwt.jwt},
+            # tinyproxy closes the client connection after each answer (without saying so)
+            {"name": "tinyproxy", "kind": "tcp", "port": TINYPROXY_PORT, "proxied": True,
+             "fresh": True},
+        ]
+        print(f"gateway: {count} sequential requests per path, then {seconds:.0f}s at 16 "
+              "connections; policy, JWT check and audit on for Airlock", flush=True)
+        out = subprocess.run([sys.executable, __file__, "_client",
+                              json.dumps({"paths": paths, "count": count, "seconds": seconds})],
+                             capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f"the load client failed:\n{out.stderr[-3000:]}")
+        results = json.loads(out.stdout)
+    finally:
+        credentials.revoke(task_id)
+        credentials.endpoints.shutdown()
+        for proc in (up, tiny):
+            proc.terminate()
+            proc.wait(timeout=10)
+        for key in credentials.store.redis.scan_iter(f"{credentials.settings.namespace}:*"):
+            credentials.store.redis.delete(key)
+        shutil.rmtree(directory, ignore_errors=True)
+    direct = results["direct"]
+    for name in ("direct", "airlock", "tinyproxy"):
+        r = results[name]
+        added = "" if name == "direct" else (
+            f"  added p50 {(r['p50'] - direct['p50']) * 1e3:6.3f} ms"
+            f"  p99 {(r['p99'] - direct['p99']) * 1e3:6.3f} ms")
+        print(f"  {name:<10} p50 {r['p50'] * 1e3:6.3f} ms  p99 {r['p99'] * 1e3:6.3f} ms  "
+              f"{r['rps16']:8.0f} req/s at 16 conns{added}")
+    airlock, tiny_r = results["airlock"], results["tinyproxy"]
+    print(f"  airlock vs tinyproxy: added p50 {(airlock['p50'] - direct['p50']) / max(tiny_r['p50'] - direct['p50'], 1e-9):.2f}x, "
+          f"req/s {airlock['rps16'] / tiny_r['rps16']:.2f}x")
+
+
+
+if __name__ == "__main__":
+    main()
