@@ -425,3 +425,20 @@ def audit_verify() -> None:
         click.echo(f"{problem.entry} (chain {problem.chain}): {problem.what}", err=True)
     click.echo(f"{count} records checked, {len(problems)} problems")
     sys.exit(1 if problems else 0)
+
+
+@main.command()
+def gateway() -> None:
+    """Serve every task endpoint of this host (workers run with AIRLOCK_GATEWAY=remote)."""
+    from dataclasses import replace
+
+    from orchestrator.credentials import Credentials
+    from orchestrator.gateway import CONTROL_SOCKET, GatewayService, LocalGateway
+    from orchestrator.store import Store
+
+    settings = replace(config.load(), gateway="local")
+    credentials = Credentials(settings, Store(settings.redis_url, settings.namespace))
+    assert isinstance(credentials.endpoints, LocalGateway)
+    service = GatewayService(credentials.endpoints, settings.endpoint_dir / CONTROL_SOCKET)
+    click.echo(f"airlock gateway: control socket {service.control}", err=True)
+    service.serve_forever()

@@ -62,6 +62,9 @@ class Settings:
     heartbeat_s: float = 10.0
     # How often each worker's beat runs the reaper.
     reap_period_s: float = 60.0
+    # "local": each worker serves its tasks' endpoints itself; "remote": the host's
+    # `airlock gateway` process does, steered over its control socket.
+    gateway: str = "local"
     # Per task: connections open at once on its endpoint, and requests over its lifetime.
     gateway_max_connections: int = 64
     gateway_max_requests: int = 100_000
@@ -98,6 +101,12 @@ def _positive_float(raw: str) -> float:
 def _name(raw: str) -> str:
     if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,62}", raw):
         raise ValueError("must be lower-case letters, digits, '.', '_' or '-'")
+    return raw
+
+
+def _gateway_mode(raw: str) -> str:
+    if raw not in ("local", "remote"):
+        raise ValueError("must be 'local' or 'remote'")
     return raw
 
 
@@ -143,6 +152,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         jwt_audience=env.get("AIRLOCK_JWT_AUDIENCE") or d.jwt_audience,
         heartbeat_s=_get(env, "AIRLOCK_HEARTBEAT_S", d.heartbeat_s, _positive_float),
         reap_period_s=_get(env, "AIRLOCK_REAP_PERIOD_S", d.reap_period_s, _positive_float),
+        gateway=_get(env, "AIRLOCK_GATEWAY", d.gateway, _gateway_mode),
         gateway_max_connections=_get(
             env, "AIRLOCK_GATEWAY_MAX_CONNECTIONS", d.gateway_max_connections, _positive_int
         ),

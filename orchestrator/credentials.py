@@ -19,7 +19,6 @@ from orchestrator.config import Settings
 from orchestrator.egress.audit import AuditLog
 from orchestrator.egress.decide import Target, Verdict, decide_request
 from orchestrator.egress.http import bearer_token
-from orchestrator.endpoint import EndpointServer
 from orchestrator.errors import AirlockError
 from orchestrator.identity import InvalidToken, Minter, Verifier, jwks_from_transit
 from orchestrator.lifecycle import TaskState
@@ -157,6 +156,9 @@ class Handout:
     provisioned: Provisioned
 
 
+from orchestrator.gateway import Gateway, LocalGateway, RemoteGateway  # noqa: E402
+
+
 class Credentials:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
@@ -164,13 +166,17 @@ class Credentials:
         self.vault = Vault(settings.vault_addr, settings.vault_token)
         self.minter = Minter(self.vault, self.issuer, settings.jwt_audience)
         self.broker = Broker(self.vault, store, settings, self.minter)
-        self.endpoints = EndpointServer(
-            settings.endpoint_dir / settings.namespace, settings.gateway_max_connections
-        )
         self.connections = _connections(settings)
         self.retry_delay_s = 0.5
         self.audit = AuditLog(store)
         self._verifier = self.verifier()
+        self.endpoints: Gateway = (
+            RemoteGateway(settings)
+            if settings.gateway == "remote"
+            else LocalGateway(
+                settings, store, self.broker, self._verifier, self.audit, self.connections
+            )
+        )
 
     @property
     def issuer(self) -> str:
@@ -190,19 +196,7 @@ class Credentials:
         """
         given = self.broker.provision(task_id, grant, grant_hash, deadline)
         self.store.update(task_id, {"jwt_jti": given.jwt.jti})
-        handler = TaskEndpoint(
-            task_id,
-            given,
-            self.broker,
-            self.store,
-            self.connections,
-            grant,
-            self._verifier,
-            self.audit,
-            context or {},
-            self.settings.gateway_max_requests,
-        )
-        return Handout(self.endpoints.open(task_id, handler), given)
+        return Handout(self.endpoints.open(task_id, given, grant, context or {}), given)
 
     def renew(self, handout: Handout) -> None:
         self.broker.renew(handout.provisioned)

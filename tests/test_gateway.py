@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import socket
 import time
 import uuid
@@ -633,7 +634,7 @@ def test_mcp_tools_are_checked_and_lists_filtered(
 
 
 def test_per_task_limits(executor: Executor, task: LiveTask, upstreams: Upstreams) -> None:
-    endpoints = executor.credentials.endpoints
+    endpoints = executor.credentials.endpoints.server  # type: ignore[attr-defined]
     endpoints.max_connections = 2
     held = []
     try:
@@ -656,3 +657,51 @@ def test_per_task_limits(executor: Executor, task: LiveTask, upstreams: Upstream
     executor.credentials.audit.flush()
     denied = AuditLog(executor.store).records(task.id, denied=True)
     assert [r["rule"] for r in denied].count("limits") >= 2
+
+
+def test_a_separate_gateway_process_serves_the_tasks(
+    settings: Any, store: Store, runtime: Any, vault: Any, upstreams: Upstreams
+) -> None:
+    """`airlock gateway` serves the endpoints; the worker only steers it (AIRLOCK_GATEWAY=remote)."""
+    import subprocess
+    import sys
+    import tempfile
+    from dataclasses import replace
+
+    from orchestrator.credentials import Credentials
+    from orchestrator.gateway import CONTROL_SOCKET
+    from tests.conftest import airlock_env
+
+    short = Path(tempfile.mkdtemp(prefix="al-"))  # unix socket paths are capped at 108 bytes
+    remote = replace(settings, gateway="remote", endpoint_dir=short)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "gateway"],
+        env=airlock_env(remote, AIRLOCK_ENDPOINT_DIR=str(remote.endpoint_dir)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        control = remote.endpoint_dir / CONTROL_SOCKET
+        for _ in range(100):
+            if control.exists():
+                break
+            time.sleep(0.05)
+        credentials = Credentials(remote, store)
+        executor = Executor(remote, store, runtime, credentials=credentials)
+        task_id = str(uuid.uuid4())
+        script = (
+            "import json, urllib.request; print(json.loads(urllib.request.urlopen("
+            f"'http://127.0.0.1:{HTTP_PORT}/api/remote', timeout=10).read())['path'])"
+        )
+        state = executor.execute(task_id, {"agent": "web", "command": ["python3", "-c", script]})
+        logs = "".join(text for _, text in store.iter_logs(task_id))
+        assert state is S.SUCCEEDED, (store.get(task_id)["reason"], logs)
+        assert logs == "/api/remote\n"
+        receipt = json.loads(store.get(task_id)["revocation"])
+        assert receipt["verified"] and receipt["endpoint_removed"] is True
+        assert not (remote.endpoint_dir / remote.namespace / task_id).exists()
+    finally:
+        proc.terminate()
+        _, errors = proc.communicate(timeout=10)
+        shutil.rmtree(short, ignore_errors=True)
+    assert proc.returncode in (0, -15), errors
