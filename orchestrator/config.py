@@ -65,6 +65,8 @@ class Settings:
     # "local": each worker serves its tasks' endpoints itself; "remote": the host's
     # `airlock gateway` process does, steered over its control socket.
     gateway: str = "local"
+    # Extra CA bundle for upstreams the gateway speaks TLS to (the system roots otherwise).
+    upstream_ca_file: Path | None = None
     # Per task: connections open at once on its endpoint, and requests over its lifetime.
     gateway_max_connections: int = 64
     gateway_max_requests: int = 100_000
@@ -153,6 +155,9 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         heartbeat_s=_get(env, "AIRLOCK_HEARTBEAT_S", d.heartbeat_s, _positive_float),
         reap_period_s=_get(env, "AIRLOCK_REAP_PERIOD_S", d.reap_period_s, _positive_float),
         gateway=_get(env, "AIRLOCK_GATEWAY", d.gateway, _gateway_mode),
+        upstream_ca_file=Path(env["AIRLOCK_UPSTREAM_CA_FILE"])
+        if env.get("AIRLOCK_UPSTREAM_CA_FILE")
+        else None,
         gateway_max_connections=_get(
             env, "AIRLOCK_GATEWAY_MAX_CONNECTIONS", d.gateway_max_connections, _positive_int
         ),

@@ -94,6 +94,9 @@ class TaskEndpoint:
         self._accepted = {token: now + min(ACCEPTED_FOR_S, left)}
         return None
 
+    def credential(self, name: str) -> str | None:
+        return self.given.injected.get(name)
+
     def count_request(self) -> str | None:
         with self._lock:
             self._requests += 1
@@ -145,7 +148,13 @@ class TaskEndpoint:
             {**s.bootstrap(), "connection": self.connections.get(s.kind)}
             for s in self.given.secrets
         ]
-        return 200, {"task_id": self.task_id, "jwt": self.given.jwt.jwt, "secrets": secrets}
+        placeholders = {name: f"airlock-placeholder:{name}" for name in self.given.injected}
+        return 200, {
+            "task_id": self.task_id,
+            "jwt": self.given.jwt.jwt,
+            "secrets": secrets,
+            "placeholders": placeholders,
+        }
 
 
 @dataclass

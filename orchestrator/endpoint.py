@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import ssl
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -47,8 +48,14 @@ class Handler(ProxyPolicy, Protocol):
 
 
 class EndpointServer:
-    def __init__(self, root: Path, max_connections: int = 64) -> None:
+    def __init__(
+        self, root: Path, max_connections: int = 64, upstream_ca_file: Path | None = None
+    ) -> None:
         self.root = root
+        # How the gateway checks upstreams it speaks TLS to (system roots unless told).
+        self.tls = ssl.create_default_context(
+            cafile=str(upstream_ca_file) if upstream_ca_file else None
+        )
         self.max_connections = max_connections
         self._loop = asyncio.new_event_loop()
         self._servers: dict[str, asyncio.AbstractServer] = {}
@@ -145,7 +152,7 @@ class EndpointServer:
                 return 500, {"error": f"internal error: {exc.__class__.__name__}"}
 
         try:
-            await Session(reader, writer, control, handler, lambda: self.own).run()
+            await Session(reader, writer, control, handler, lambda: self.own, self.tls).run()
         except asyncio.CancelledError:
             writer.close()  # the task ended: its open tunnels are cut
         finally:

@@ -63,7 +63,9 @@ class LocalGateway:
         self.settings, self.store, self.broker = settings, store, broker
         self.verifier, self.audit, self.connections = verifier, audit, connections
         self.server = EndpointServer(
-            settings.endpoint_dir / settings.namespace, settings.gateway_max_connections
+            settings.endpoint_dir / settings.namespace,
+            settings.gateway_max_connections,
+            settings.upstream_ca_file,
         )
 
     def open(self, task_id: str, given: Provisioned, grant: Grant, context: dict[str, Any]) -> Path:
@@ -113,6 +115,7 @@ def encode_handout(
             "expires_at": given.jwt.expires_at,
             "claims": given.jwt.claims,
         },
+        "injected": given.injected,
     }
 
 
@@ -122,6 +125,7 @@ def decode_handout(doc: dict[str, Any]) -> tuple[str, Provisioned, Grant, dict[s
         accessor=doc["accessor"],
         secrets=[WrappedSecret(**s) for s in doc["secrets"]],
         jwt=TaskToken(**doc["jwt"]),
+        injected=dict(doc.get("injected") or {}),
     )
     return doc["task_id"], given, Grant.model_validate(doc["grant"]), dict(doc["context"])
 

@@ -162,7 +162,7 @@ egress := sort({narrow(rule, asked) |
 
 rule_grant(rule) := {
 	"host": rule.host, "ports": rule.ports, "methods": rule.methods, "paths": rule.paths,
-	"internal": rule.internal,
+	"internal": rule.internal, "upstream_tls": rule.upstream_tls, "inject": rule.inject,
 }
 
 narrow(rule, asked) := {
@@ -171,6 +171,8 @@ narrow(rule, asked) := {
 	"methods": pick(asked.methods, rule.methods),
 	"paths": pick(asked.paths, rule.paths),
 	"internal": rule.internal,
+	"upstream_tls": rule.upstream_tls,
+	"inject": rule.inject,
 }
 
 pick(asked, allowed) := allowed if asked == null

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from orchestrator.egress.addresses import BadHost, IPAddress, as_ip, internal_reason, normalize_host
+from orchestrator.policy.agents import Injection
 from orchestrator.policy.grant import CompiledGrant
 
 
@@ -34,6 +35,8 @@ class Verdict:
     reason: str
     host: str = ""  # the normalized host, when it could be read
     internal: bool = False  # the matching rule may reach internal addresses
+    tls: bool = False  # speak TLS to the upstream
+    inject: Injection | None = None  # add this credential for the upstream
 
 
 def deny(rule: str, reason: str, host: str = "") -> Verdict:
@@ -85,7 +88,9 @@ def decide_request(grant: CompiledGrant, target: Target) -> Verdict:
             return Verdict(True, f"mcp {mcp[0]}", "granted MCP server", host, mcp[1])
     method = None if target.path is None else target.method  # a tunnel hides its methods
     check = grant.check_egress(host, target.port, method, path)
-    return Verdict(check.allowed, check.rule, check.reason, host, check.internal)
+    return Verdict(
+        check.allowed, check.rule, check.reason, host, check.internal, check.tls, check.inject
+    )
 
 
 def decide_addresses(

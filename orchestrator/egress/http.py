@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -56,6 +57,9 @@ class ProxyPolicy(Protocol):
 
     def count_request(self) -> str | None:
         """Count one more request of the task; why not, once it is over its limit."""
+
+    def credential(self, name: str) -> str | None:
+        """The real value behind an injection's placeholder (held by the gateway only)."""
 
 
 @dataclass
@@ -176,7 +180,7 @@ async def resolve(host: str, port: int) -> list[IPAddress]:
 class Upstream:
     """A connection to one checked address; plain HTTP ones are kept for the next request."""
 
-    key: tuple[str, int]
+    key: tuple[str, int, bool]
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     conn: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
@@ -198,7 +202,8 @@ async def connect_checked(
     target: Target,
     exchange: Exchange,
     own: Callable[[], frozenset[IPAddress]],
-    pool: dict[tuple[str, int], Upstream] | None = None,
+    pool: dict[tuple[str, int, bool], Upstream] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[Upstream, Verdict]:
     """Decide, resolve, check every address, and connect to exactly the checked one.
 
@@ -213,13 +218,24 @@ async def connect_checked(
     if chosen is None:
         exchange.rule, exchange.reason = verdict.rule, verdict.reason
         raise Refused(403, verdict.rule, verdict.reason)
-    key = (str(chosen), target.port)
+    key = (str(chosen), target.port, verdict.tls)
     kept = pool.pop(key, None) if pool is not None else None
     if kept is not None and not kept.reader.at_eof() and not kept.writer.is_closing():
         return kept, verdict
+    context = (tls or ssl.create_default_context()) if verdict.tls else None
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(*key), 10)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                str(chosen),
+                target.port,
+                ssl=context,
+                server_hostname=verdict.host if context else None,
+            ),
+            10,
+        )
         return Upstream(key, reader, writer), verdict
+    except ssl.SSLError as exc:
+        raise Refused(502, "upstream-tls", f"TLS to {verdict.host} failed: {exc.reason}") from None
     except (TimeoutError, OSError) as exc:
         raise Refused(502, "upstream", f"cannot connect to {chosen}:{target.port}: {exc}") from None
 

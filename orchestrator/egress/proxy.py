@@ -9,13 +9,14 @@ form to exactly the address that was checked; CONNECT becomes a byte tunnel to i
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import h11
 
 from orchestrator.egress.addresses import IPAddress
-from orchestrator.egress.decide import Target
+from orchestrator.egress.decide import Target, Verdict
 from orchestrator.egress.http import (
     HOP_BY_HOP,
     MAX_HEAD,
@@ -53,12 +54,14 @@ class Session:
         control: ControlHandler,
         policy: ProxyPolicy,
         own: Callable[[], frozenset[IPAddress]],
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.reader, self.writer = reader, writer
         self.control, self.policy, self.own = control, policy, own
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         # Upstream connections kept alive between this client's requests, by checked address.
-        self.pool: dict[tuple[str, int], Upstream] = {}
+        self.pool: dict[tuple[str, int, bool], Upstream] = {}
+        self.tls = tls
 
     async def run(self) -> None:
         buffer = bytearray()
@@ -144,6 +147,7 @@ class Session:
                 exchange,
                 self.own,
                 self.pool,
+                self.tls,
             )
         except Refused as exc:
             exchange.status, exchange.rule, exchange.reason = exc.status, exc.rule, exc.reason
@@ -153,7 +157,7 @@ class Session:
         server = verdict.rule[4:] if verdict.rule.startswith("mcp ") else None
         try:
             if server is None:
-                await self._relay(request, path, upstream, exchange)
+                await self._relay(request, path, upstream, exchange, self._injection(verdict))
             else:
                 await self._relay_mcp(request, path, upstream, exchange, server)
         except (h11.RemoteProtocolError, ValueError) as exc:
@@ -176,8 +180,16 @@ class Session:
         request: h11.Request,
         path: str,
         body: bytes | None = None,
+        inject: tuple[bytes, bytes | None] | None = None,
     ) -> None:
         headers = [(k, v) for k, v in request.headers if k not in HOP_BY_HOP]
+        if inject is not None:
+            # A credentialed upstream: whatever the task sent in that header is dropped, and
+            # the real credential added only when the gateway speaks TLS to the upstream.
+            name, value = inject
+            headers = [(k, v) for k, v in headers if k != name]
+            if value is not None:
+                headers.append((name, value))
         if body is not None:  # re-framed: the inspected body goes as one piece
             headers = [
                 (k, v) for k, v in headers if k not in (b"content-length", b"transfer-encoding")
@@ -187,11 +199,23 @@ class Session:
             upstream.send(h11.Request(method=request.method, target=path, headers=headers)) or b""
         )
 
+    def _injection(self, verdict: Verdict) -> tuple[bytes, bytes | None] | None:
+        if verdict.inject is None:
+            return None
+        value = self.policy.credential(verdict.inject.name) if verdict.tls else None
+        rendered = verdict.inject.template.format(value=value).encode() if value else None
+        return verdict.inject.header.encode(), rendered
+
     async def _relay(
-        self, request: h11.Request, path: str, upstream_: Upstream, exchange: Exchange
+        self,
+        request: h11.Request,
+        path: str,
+        upstream_: Upstream,
+        exchange: Exchange,
+        inject: tuple[bytes, bytes | None] | None = None,
     ) -> None:
         upstream, up_reader, up_writer = upstream_.conn, upstream_.reader, upstream_.writer
-        self._send_request(upstream, up_writer, request, path)
+        self._send_request(upstream, up_writer, request, path, inject=inject)
         while not isinstance(event := await next_event(self.conn, self.reader), h11.EndOfMessage):
             if isinstance(event, h11.Data):
                 exchange.bytes_out += len(event.data)

@@ -23,6 +23,16 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class Injection(_Frozen):
+    """A credential the gateway adds for one upstream; the task only ever sees a placeholder."""
+
+    name: Name = Field(description="the placeholder's name, AIRLOCK_CREDENTIAL_<NAME> in the task")
+    path: str = Field(min_length=1, description="Vault KV path holding the credential")
+    field: str = Field("token", min_length=1)
+    header: Annotated[str, Field(pattern=r"^[a-z0-9-]{1,64}$")] = "authorization"
+    template: Annotated[str, Field(pattern=r"\{value\}")] = "Bearer {value}"
+
+
 class EgressRule(_Frozen):
     host: HostPattern = Field(description="exact host name, or *.suffix for its subdomains")
     ports: tuple[Port, ...] = Field((443,), min_length=1)
@@ -31,6 +41,10 @@ class EgressRule(_Frozen):
     internal: bool = Field(
         False, description="may reach internal addresses (loopback, private ranges, metadata)"
     )
+    upstream_tls: bool = Field(
+        False, description="the task sends plain http://; the gateway speaks TLS upstream"
+    )
+    inject: Injection | None = None
     default: bool = True
 
 

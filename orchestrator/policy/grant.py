@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict
 
-from orchestrator.policy.agents import ArgConstraint
+from orchestrator.policy.agents import ArgConstraint, Injection
 
 
 class _Frozen(BaseModel):
@@ -28,6 +28,8 @@ class EgressGrant(_Frozen):
     methods: tuple[str, ...]
     paths: tuple[str, ...] = ()
     internal: bool = False
+    upstream_tls: bool = False
+    inject: Injection | None = None
 
 
 class ToolGrant(_Frozen):
@@ -64,6 +66,14 @@ class Grant(_Frozen):
     secrets: tuple[SecretGrant, ...]
     vault_policies: tuple[str, ...]
 
+    def injections(self) -> list[Injection]:
+        """Every distinct credential the gateway must hold for this task."""
+        seen: dict[str, Injection] = {}
+        for rule in self.egress:
+            if rule.inject and rule.inject.name not in seen:
+                seen[rule.inject.name] = rule.inject
+        return list(seen.values())
+
     def canonical_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
@@ -79,6 +89,8 @@ class Check:
     rule: str
     reason: str
     internal: bool = False  # the matching rule may reach internal addresses
+    tls: bool = False  # the gateway speaks TLS to the upstream
+    inject: Injection | None = None  # a credential the gateway adds for this upstream
 
 
 DENY_NO_RULE = Check(False, "default-deny", "no egress rule of the grant matches this host")
@@ -152,7 +164,7 @@ class CompiledGrant:
             elif path is not None and rule.paths and not path.startswith(rule.paths):
                 refusal = Check(False, name, f"path is outside {', '.join(rule.paths)}")
             else:
-                return Check(True, name, "granted", rule.internal)
+                return Check(True, name, "granted", rule.internal, rule.upstream_tls, rule.inject)
         return refusal
 
     def check_tool(self, server: str, tool: str, args: dict[str, Any]) -> Check:

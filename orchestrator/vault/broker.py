@@ -54,6 +54,8 @@ class Provisioned:
     accessor: str
     secrets: list[WrappedSecret]
     jwt: TaskToken
+    # Credentials only the gateway holds (injected into requests), by placeholder name.
+    injected: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 def secret_path(secret: SecretGrant) -> str:
@@ -107,9 +109,29 @@ class Broker:
         token, accessor = str(auth.get("client_token")), str(auth.get("accessor"))
         self.store.journal(task_id, token_accessor=accessor, created_at=self.clock())
         wrapped = [self._wrapped(task_id, token, secret) for secret in grant.secrets]
+        injected = {
+            inj.name: self._read_field(task_id, token, inj.path, inj.field)
+            for inj in grant.injections()
+        }
         jwt = self.minter.mint(task_id, grant, grant_hash, deadline)
         self.store.journal(task_id, jti=jwt.jti)
-        return Provisioned(token, accessor, wrapped, jwt)
+        return Provisioned(token, accessor, wrapped, jwt, injected)
+
+    def _read(self, task_id: str, token: str, path: str) -> dict[str, Any]:
+        """Read a secret with the task token; its lease is journaled before anything else."""
+        answer = self.vault.read(path, token=token) or {}
+        if answer.get("lease_id"):
+            self.store.journal_lease(task_id, str(answer["lease_id"]))
+        data = answer.get("data") or {}
+        if isinstance(data.get("data"), dict) and "metadata" in data:  # KV version 2
+            data = data["data"]
+        return dict(data)
+
+    def _read_field(self, task_id: str, token: str, path: str, name: str) -> str:
+        value = self._read(task_id, token, path).get(name)
+        if not isinstance(value, str) or not value:
+            raise VaultRefused(f"GET {path}: no field {name!r} to inject")
+        return value
 
     def _wrapped(self, task_id: str, token: str, secret: SecretGrant) -> WrappedSecret:
         """Read the secret with the task token, journal its lease, and wrap it for the runner.
@@ -119,12 +141,7 @@ class Broker:
         Read plainly, the lease hangs off the task token and dies with it.
         """
         path = secret_path(secret)
-        answer = self.vault.read(path, token=token) or {}
-        if answer.get("lease_id"):
-            self.store.journal_lease(task_id, str(answer["lease_id"]))
-        data = answer.get("data") or {}
-        if isinstance(data.get("data"), dict) and "metadata" in data:  # KV version 2
-            data = data["data"]
+        data = self._read(task_id, token, path)
         wrapped = (
             self.vault.write(
                 "sys/wrapping/wrap",
