@@ -177,8 +177,13 @@ def bootstrap():
             document.update(connection, host="127.0.0.1")
         write_private(os.path.join(SECRETS_DIR, secret["name"]), json.dumps(document))
     listen(PROXY_PORT, relay)
+    # Credentials the gateway injects: the task holds only a placeholder for each.
+    placeholders = {
+        "AIRLOCK_CREDENTIAL_" + name.upper().replace("-", "_"): value
+        for name, value in (boot.get("placeholders") or {}).items()
+    }
     return {"AIRLOCK_TOKEN_FILE": TOKEN_FILE, "AIRLOCK_SECRETS_DIR": SECRETS_DIR,
-            "PYTHONPATH": "/opt/airlock", **proxy_environment(boot["jwt"])}
+            "PYTHONPATH": "/opt/airlock", **placeholders, **proxy_environment(boot["jwt"])}
 
 
 def read_capped(path, budget):

@@ -96,6 +96,7 @@ def vault(settings: Settings) -> Vault:
         settings.vault_token_period_s,
     )
     vault.write("secret/data/airlock-tests/api", {"data": {"key": "kv-" + uuid.uuid4().hex}})
+    vault.write("secret/data/airlock-tests/upstream", {"data": {"token": "up-" + uuid.uuid4().hex}})
     return vault
 
 

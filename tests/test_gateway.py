@@ -18,20 +18,24 @@ from typing import Any
 
 import pytest
 
-from orchestrator.credentials import Handout
+from orchestrator.credentials import Credentials, Handout
 from orchestrator.egress.audit import AuditLog
 from orchestrator.executor import Executor
 from orchestrator.lifecycle import TaskState
 from orchestrator.spec import parse
 from orchestrator.store import Store
-from tests.upstream import HTTP_PORT, TLS_PORT, Upstreams
+from tests.upstream import HTTP_PORT, PLAIN_CREDENTIALED_PORT, TLS_PORT, Upstreams
 
 S = TaskState
 
 
 @pytest.fixture(scope="module")
-def upstreams(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstreams]:
+def upstreams(
+    tmp_path_factory: pytest.TempPathFactory, credentials: Credentials
+) -> Iterator[Upstreams]:
     servers = Upstreams(tmp_path_factory.mktemp("upstream"))
+    # The gateway speaks TLS to credentialed upstreams: it must trust the test's CA.
+    credentials.endpoints.server.tls.load_verify_locations(cadata=servers.ca_pem)  # type: ignore[attr-defined]
     yield servers
     servers.close()
 
@@ -705,3 +709,31 @@ def test_a_separate_gateway_process_serves_the_tasks(
         _, errors = proc.communicate(timeout=10)
         shutil.rmtree(short, ignore_errors=True)
     assert proc.returncode in (0, -15), errors
+
+
+def test_credentials_are_injected_only_over_tls_and_only_for_their_host(
+    task: LiveTask, vault: Any
+) -> None:
+    real = vault.read("secret/data/airlock-tests/upstream")["data"]["data"]["token"]
+    placeholder = "airlock-placeholder:upstream-token"
+
+    def seen(port: int, authorization: str) -> dict[str, str]:
+        url = f"http://127.0.0.1:{port}/api/credentialed"
+        status, _, body = exchange(
+            task.socket, get(url, task.jwt, f"Authorization: {authorization}\r\n")
+        )
+        assert status == 200, body
+        return dict(json.loads(body)["headers"])
+
+    # TLS upstream, credentialed: the client's copy is dropped, the real one added.
+    assert seen(TLS_PORT, "Bearer stolen-by-the-agent")["authorization"] == f"Bearer {real}"
+    assert seen(TLS_PORT, f"Bearer {placeholder}")["authorization"] == f"Bearer {real}"
+    # Plain HTTP upstream, credentialed: no credential ever goes out in the clear.
+    assert "authorization" not in seen(PLAIN_CREDENTIALED_PORT, f"Bearer {placeholder}")
+    # Not a credentialed host: the placeholder is passed on as it is, never replaced.
+    assert seen(HTTP_PORT, f"Bearer {placeholder}")["authorization"] == f"Bearer {placeholder}"
+    bootstrap = exchange(
+        task.socket, b"POST /v1/bootstrap HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    )
+    assert json.loads(bootstrap[2])["placeholders"] == {"upstream-token": placeholder}
+    assert real not in bootstrap[2].decode()

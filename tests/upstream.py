@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-HTTP_PORT, TLS_PORT = 18080, 18443
+HTTP_PORT, TLS_PORT, PLAIN_CREDENTIALED_PORT = 18080, 18443, 18082
 
 
 class Echo(http.server.BaseHTTPRequestHandler):
@@ -85,14 +85,15 @@ class Upstreams:
     def __init__(self, directory: Path) -> None:
         cert, key, self.ca_pem = self_signed(directory)
         self.http = http.server.ThreadingHTTPServer(("127.0.0.1", HTTP_PORT), Echo)
+        self.plain = http.server.ThreadingHTTPServer(("127.0.0.1", PLAIN_CREDENTIALED_PORT), Echo)
         self.tls = http.server.ThreadingHTTPServer(("127.0.0.1", TLS_PORT), Echo)
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(cert, key)
         self.tls.socket = context.wrap_socket(self.tls.socket, server_side=True)
-        for server in (self.http, self.tls):
+        for server in (self.http, self.tls, self.plain):
             threading.Thread(target=server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
-        for server in (self.http, self.tls):
+        for server in (self.http, self.tls, self.plain):
             server.shutdown()
             server.server_close()

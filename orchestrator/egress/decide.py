@@ -88,8 +88,15 @@ def decide_request(grant: CompiledGrant, target: Target) -> Verdict:
             return Verdict(True, f"mcp {mcp[0]}", "granted MCP server", host, mcp[1])
     method = None if target.path is None else target.method  # a tunnel hides its methods
     check = grant.check_egress(host, target.port, method, path)
+    tunnel = target.path is None  # the client speaks TLS itself: nothing to add, no TLS of ours
     return Verdict(
-        check.allowed, check.rule, check.reason, host, check.internal, check.tls, check.inject
+        check.allowed,
+        check.rule,
+        check.reason,
+        host,
+        check.internal,
+        check.tls and not tunnel,
+        None if tunnel else check.inject,
     )
 
 

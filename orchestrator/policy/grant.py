@@ -155,16 +155,19 @@ class CompiledGrant:
         candidates = self._candidates(host)
         if not candidates:
             return DENY_NO_RULE
-        refusal = DENY_NO_RULE
+        # Of several rules for the host, the refusal names the one that came closest.
+        refusal, closeness = DENY_NO_RULE, -1
         for name, rule, ports, methods in candidates:
             if port not in ports:
-                refusal = Check(False, name, f"port {port} is not granted for {rule.host}")
+                near = 0, Check(False, name, f"port {port} is not granted for {rule.host}")
             elif method is not None and method not in methods:
-                refusal = Check(False, name, f"method {method} is not granted for {rule.host}")
+                near = 1, Check(False, name, f"method {method} is not granted for {rule.host}")
             elif path is not None and rule.paths and not path.startswith(rule.paths):
-                refusal = Check(False, name, f"path is outside {', '.join(rule.paths)}")
+                near = 2, Check(False, name, f"path is outside {', '.join(rule.paths)}")
             else:
                 return Check(True, name, "granted", rule.internal, rule.upstream_tls, rule.inject)
+            if near[0] > closeness:
+                closeness, refusal = near
         return refusal
 
     def check_tool(self, server: str, tool: str, args: dict[str, Any]) -> Check:
