@@ -737,3 +737,44 @@ def test_credentials_are_injected_only_over_tls_and_only_for_their_host(
     )
     assert json.loads(bootstrap[2])["placeholders"] == {"upstream-token": placeholder}
     assert real not in bootstrap[2].decode()
+
+
+def test_real_clients_under_gvisor(executor: Executor, store: Store, upstreams: Upstreams) -> None:
+    if "runsc" not in executor.runtime.runtimes():
+        pytest.skip("runsc is not registered with this Docker engine")
+    task_id = str(uuid.uuid4())
+    script = (
+        "import json, urllib.request; print(json.loads(urllib.request.urlopen("
+        f"'http://127.0.0.1:{HTTP_PORT}/api/gvisor', timeout=10).read())['path'])"
+    )
+    state = executor.execute(task_id, {"agent": "web-gvisor", "command": ["python3", "-c", script]})
+    logs = "".join(text for _, text in store.iter_logs(task_id))
+    assert state is S.SUCCEEDED, (store.get(task_id)["reason"], logs)
+    assert logs == "/api/gvisor\n"
+    assert json.loads(store.get(task_id)["grant"])["runtime"] == "runsc"
+
+
+def test_the_gateway_resolves_once_and_connects_to_what_it_checked(
+    executor: Executor, task: LiveTask, upstreams: Upstreams
+) -> None:
+    """DNS rebinding: a second lookup would say 127.0.0.2; the gateway never makes one."""
+    loop = executor.credentials.endpoints.server._loop  # type: ignore[attr-defined]
+    answers = iter(["127.0.0.1", "127.0.0.2", "127.0.0.2"])
+    asked: list[str] = []
+    real = loop.getaddrinfo
+
+    async def rebinding(host: str, port: int, **kwargs: Any) -> Any:
+        if host != "rebind.test":
+            return await real(host, port, **kwargs)
+        asked.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), port))]
+
+    loop.getaddrinfo = rebinding
+    try:
+        status, _, body = exchange(
+            task.socket, get(f"http://rebind.test:{HTTP_PORT}/api/x", task.jwt)
+        )
+    finally:
+        loop.getaddrinfo = real
+    assert status == 200 and json.loads(body)["path"] == "/api/x"  # nothing listens on .2
+    assert asked == ["rebind.test"]
