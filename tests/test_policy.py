@@ -506,7 +506,13 @@ def test_policy_commands(settings: Settings, tmp_path: Path) -> None:
     report = json.loads(check.stdout)
     assert report["version"].startswith("sha256:") and all(t["passed"] for t in report["tests"])
     listed = airlock(settings, "agents", "list", "--json")
-    assert [a["name"] for a in json.loads(listed.stdout)] == ["dba", "sandboxed", "tester", "web", "web-gvisor"]
+    assert sorted(a["name"] for a in json.loads(listed.stdout)) == [
+        "dba",
+        "sandboxed",
+        "tester",
+        "web",
+        "web-gvisor",
+    ]
     shown = airlock(settings, "agents", "show", "tester")
     assert json.loads(shown.stdout)["max_timeout_s"] == 600
     assert airlock(settings, "agents", "show", "ghost").returncode == 2
