@@ -12,11 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import queue
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +44,11 @@ class AuditLog:
         self.chain = chain or uuid.uuid4().hex[:12]
         self._head = GENESIS
         self._lock = threading.Lock()
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit")
+        self._queue: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self._drained = threading.Condition(self._pending_lock)
 
     @property
     def stream(self) -> str:
@@ -54,34 +58,63 @@ class AuditLog:
         return f"{self.store.ns}:audit:head:{chain}"
 
     def submit(self, record: dict[str, Any]) -> None:
-        """Append in the background, in order, without holding up the request being served."""
-        record = {**record, "time": record.get("time", time.time())}
-        self._writer.submit(self._append_logged, record)
+        """Append in the background, in order, without holding up the request being served.
 
-    def _append_logged(self, record: dict[str, Any]) -> None:
-        try:
-            self.append(record)
-        except Exception:  # Redis down: the record is lost, loudly
-            log.exception("audit record lost: %s", record)
+        A writer thread takes everything queued meanwhile and writes it in one transaction,
+        so a busy gateway makes one Redis round trip per batch, not per request.
+        """
+        with self._pending_lock:
+            self._pending += 1
+        self._queue.put({**record, "time": record.get("time", time.time())})
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._write_loop, daemon=True, name="audit-writer"
+                    )
+                    self._thread.start()
 
-    def flush(self) -> None:
+    def _write_loop(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while not self._queue.empty() and len(batch) < 500:
+                batch.append(self._queue.get_nowait())
+            try:
+                self.append_many(batch)
+            except Exception:  # Redis down: the records are lost, loudly
+                log.exception("%d audit records lost", len(batch))
+            with self._pending_lock:
+                self._pending -= len(batch)
+                if self._pending == 0:
+                    self._drained.notify_all()
+
+    def flush(self, timeout_s: float = 30) -> None:
         """Wait until every submitted record is written."""
-        self._writer.submit(lambda: None).result(timeout=30)
+        with self._pending_lock:
+            self._drained.wait_for(lambda: self._pending == 0, timeout=timeout_s)
 
     def append(self, record: dict[str, Any]) -> str:
-        """Add one record to this writer's chain; returns its hash."""
+        """Add one record to this writer's chain now; returns its hash."""
+        return self.append_many([record])[-1]
+
+    def append_many(self, records: list[dict[str, Any]]) -> list[str]:
+        """Add records to this writer's chain in one transaction; their hashes."""
         with self._lock:
-            entry = {**record, "time": record.get("time", time.time()), "chain": self.chain}
-            digest = record_hash(self._head, entry)
+            head, digests = self._head, []
             pipe = self.store.redis.pipeline(transaction=True)
-            pipe.xadd(
-                self.stream,
-                {"record": json.dumps(entry, sort_keys=True), "prev": self._head, "hash": digest},
-            )
-            pipe.set(self.head_key(self.chain), digest)
+            for record in records:
+                entry = {**record, "time": record.get("time", time.time()), "chain": self.chain}
+                digest = record_hash(head, entry)
+                pipe.xadd(
+                    self.stream,
+                    {"record": json.dumps(entry, sort_keys=True), "prev": head, "hash": digest},
+                )
+                head = digest
+                digests.append(digest)
+            pipe.set(self.head_key(self.chain), head)
             pipe.execute()
-            self._head = digest
-            return digest
+            self._head = head
+            return digests
 
     def entries(self) -> Iterator[tuple[str, dict[str, Any], str, str]]:
         """(stream id, record, prev, hash), oldest first."""
