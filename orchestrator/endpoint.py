@@ -77,7 +77,9 @@ class EndpointServer:
     def open(self, task_id: str, handler: Handler) -> Path:
         """Create the task's socket; returns the directory to mount into its container."""
         directory = self.directory(task_id)
-        directory.mkdir(parents=True, exist_ok=False)
+        directory.mkdir(parents=True, exist_ok=True)
+        if (directory / SOCKET_NAME).exists():
+            raise FileExistsError(f"{directory} is already served")
         os.chmod(directory, 0o755)
         path = directory / SOCKET_NAME
 

@@ -11,6 +11,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +86,9 @@ class Executor:
         )
         self._runtimes: tuple[str, ...] | None = None
         self.credentials = credentials or Credentials(settings, store)
+        self._pool = ThreadPoolExecutor(
+            max_workers=2 * max(settings.worker_concurrency, 1), thread_name_prefix="provision"
+        )
 
     def deployment(self) -> Deployment:
         """What the policy needs to know about this worker host."""
@@ -195,7 +199,7 @@ class Executor:
         return True
 
     # -- provision and launch -----------------------------------------------------------
-    def _container_spec(self, run: Run, marker: str) -> ContainerSpec:
+    def _container_spec(self, run: Run, marker: str, endpoint_dir: str | None) -> ContainerSpec:
         spec, grant = run.spec, run.grant
         env = {
             **spec.env,
@@ -218,7 +222,7 @@ class Executor:
             agent=grant.agent,
             on_behalf_of=grant.on_behalf_of,
             runtime=None if grant.runtime == "runc" else grant.runtime,
-            endpoint_dir=str(run.handout.endpoint_dir) if run.handout else None,
+            endpoint_dir=endpoint_dir,
         )
 
     def _provision_and_launch(self, run: Run, outcome: Outcome) -> bool:
@@ -229,12 +233,31 @@ class Executor:
             "prompt_hash": run.spec.prompt_hash,
             "policy_version": self.store.get(run.task_id).get("policy_version"),
         }
-        run.handout = self.credentials.provision(
-            run.task_id, run.grant, run.grant.digest(), run.deadline, context
+        # Vault and the engine work at the same time: the container is created (not started)
+        # while the task's credentials are minted; its endpoint directory is known ahead.
+        endpoint_dir = self.credentials.endpoints.directory(run.task_id)
+        endpoint_dir.mkdir(parents=True, exist_ok=True)
+        minting = self._pool.submit(
+            self.credentials.provision,
+            run.task_id,
+            run.grant,
+            run.grant.digest(),
+            run.deadline,
+            context,
         )
         marker = secrets.token_hex(16)
-        run.container_id = self.runtime.create(self._container_spec(run, marker))
-        self.store.update(run.task_id, {"container_id": run.container_id})
+        try:
+            run.container_id = self.runtime.create(
+                self._container_spec(run, marker, str(endpoint_dir))
+            )
+            self.store.update(run.task_id, {"container_id": run.container_id})
+        finally:
+            try:
+                run.handout = minting.result()
+            except AirlockError:
+                if run.container_id is not None:
+                    raise
+                # the engine's error is the one to report; teardown revokes what was minted
         if self.store.take_signal(run.task_id) == SIGNAL_CANCEL:
             self._cancelled(run, outcome, started=False)
             return False
@@ -352,6 +375,8 @@ class Executor:
             )
         except AirlockError:
             log.exception("task %s: could not record teardown", run.task_id)
+        # The task is no longer live: its credentials go while its container is removed.
+        revoking = self._pool.submit(self.credentials.revoke, run.task_id)
         try:
             self._remove(run.task_id, run.container_id)
         except AirlockError as exc:
@@ -361,12 +386,11 @@ class Executor:
         finally:
             if run.pump:
                 run.pump.join(timeout=5)
-            self._revoke(run, outcome)
+            self._record_revocation(revoking.result(), outcome)
             self._try_advance(run.task_id, outcome.state, outcome.reason, **outcome.fields)
 
-    def _revoke(self, run: Run, outcome: Outcome) -> None:
-        """Revoke (and verify) whatever was minted for the task, even half-way through."""
-        receipt = self.credentials.revoke(run.task_id)
+    def _record_revocation(self, receipt: dict[str, Any], outcome: Outcome) -> None:
+        """The receipt of what was revoked (and verified), even half-way through a task."""
         outcome.fields["revocation"] = receipt
         if not receipt.get("verified"):
             outcome.fields["revocation_pending"] = 1
