@@ -442,3 +442,14 @@ def gateway() -> None:
     service = GatewayService(credentials.endpoints, settings.endpoint_dir / CONTROL_SOCKET)
     click.echo(f"airlock gateway: control socket {service.control}", err=True)
     service.serve_forever()
+
+
+@main.command("trace")
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True)
+def trace_command(task_id: str, as_json: bool) -> None:
+    """The task's life as one trace: every phase and egress decision, as a waterfall."""
+    spans = Client().trace(task_id)
+    if not spans:
+        fail(f"no spans stored for task {task_id} (traces go to OTLP when it is configured)", 1)
+    emit_json(spans) if as_json else render.waterfall(spans)

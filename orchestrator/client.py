@@ -19,7 +19,7 @@ from typing import Any
 
 from celery import Celery
 
-from orchestrator import config
+from orchestrator import config, telemetry
 from orchestrator.config import Settings
 from orchestrator.errors import IllegalTransition, ServiceUnavailable, TaskNotFound
 from orchestrator.executor import SIGNAL_CANCEL, record_fields
@@ -79,6 +79,7 @@ class Client:
         self.store = Store(
             self.settings.redis_url, self.settings.namespace, self.settings.record_ttl_s
         )
+        telemetry.setup(self.settings, "client")
 
     @cached_property
     def _celery(self) -> Celery:
@@ -91,22 +92,32 @@ class Client:
 
         Raises InvalidSpec (nothing recorded) or ServiceUnavailable (nothing left pending).
         """
-        from orchestrator.worker import TASK_NAME
-
         task = parse(spec)
         task_id = str(uuid.uuid4())
+        with telemetry.tracer().start_as_current_span(
+            "submit", attributes={"airlock.task_id": task_id, "airlock.agent": task.agent}
+        ):
+            self._enqueue(task_id, task, telemetry.inject())
+        telemetry.flush()
+        return task_id
+
+    def _enqueue(self, task_id: str, task: TaskSpec, traceparent: str | None) -> None:
+        from orchestrator.worker import TASK_NAME
+
         self.store.create(task_id, record_fields(task))
         try:
             self._celery.send_task(
                 TASK_NAME,
-                kwargs={"spec": task.model_dump(mode="json", exclude_none=True)},
+                kwargs={
+                    "spec": task.model_dump(mode="json", exclude_none=True),
+                    "traceparent": traceparent,
+                },
                 task_id=task_id,
                 queue=task.queue or self.settings.queue,
             )
         except Exception as exc:  # kombu raises many kinds; all mean "not enqueued"
             self._abandon(task_id, f"could not enqueue: {exc}")
             raise ServiceUnavailable("broker", str(exc)) from exc
-        return task_id
 
     def _abandon(self, task_id: str, reason: str) -> None:
         try:
@@ -193,6 +204,17 @@ class Client:
         records = self.store.recent(limit if state is None else max(limit * 10, 1000))
         shown = [present(r) for r in records if state is None or r["state"] == state]
         return shown[:limit]
+
+    def trace(self, task_id: str) -> list[dict[str, Any]]:
+        """The spans of the task's trace from the embedded store, in start order."""
+        from orchestrator.telemetry import RedisSpanExporter
+
+        trace_id = self.store.get(task_id).get("trace_id")
+        if not trace_id:
+            return []
+        telemetry.flush()
+        spans = RedisSpanExporter(self.store, self.settings.record_ttl_s).spans(trace_id)
+        return sorted(spans, key=lambda span: span["start"] or 0)
 
     def output(self, task_id: str) -> list[tuple[str, bytes]]:
         """The files the task left in /workspace/output, as (name, content)."""

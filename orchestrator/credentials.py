@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from opentelemetry.trace import Status, StatusCode
+
+from orchestrator import telemetry
 from orchestrator.config import Settings
 from orchestrator.egress.audit import AuditLog
 from orchestrator.egress.decide import Target, Verdict, decide_request
@@ -107,7 +110,45 @@ class TaskEndpoint:
         return decide_request(self.grant, target)
 
     def audit(self, record: dict[str, Any]) -> None:
-        self.audit_log.submit({**self.context, **record})
+        full = {**self.context, **record}
+        self._span(full)
+        self.audit_log.submit({k: v for k, v in full.items() if k != "traceparent"})
+
+    def _span(self, record: dict[str, Any]) -> None:
+        """One span per egress decision, under the task's run span."""
+        parent = telemetry.extract(record.get("traceparent"))
+        if parent is None:
+            return
+        end = time.time_ns()
+        start = end - int(float(record.get("duration_ms") or 0) * 1e6)
+        span = telemetry.tracer().start_span(
+            f"egress {record.get('method')} {record.get('host')}", context=parent, start_time=start
+        )
+        attributes = {
+            f"airlock.{k}": v
+            for k, v in record.items()
+            if k
+            in (
+                "task",
+                "agent",
+                "method",
+                "host",
+                "port",
+                "path",
+                "tool",
+                "decision",
+                "rule",
+                "reason",
+                "bytes_out",
+                "bytes_in",
+                "status",
+            )
+            and v is not None
+        }
+        span.set_attributes(attributes)
+        if record.get("decision") == "deny":
+            span.set_status(Status(StatusCode.ERROR, str(record.get("reason"))))
+        span.end(end_time=end)
 
     def __call__(
         self, method: str, target: str, body: dict[str, Any]

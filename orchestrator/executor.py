@@ -15,6 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry.trace import Status, StatusCode
+
+from orchestrator import telemetry
 from orchestrator.collect import LogPump, OutputFile, ResultScanner
 from orchestrator.config import TASK_USER, Settings
 from orchestrator.credentials import Credentials, Handout
@@ -51,6 +54,7 @@ class Run:
     deadline: float
     container_id: str | None = None
     handout: Handout | None = None
+    marker: str = ""
     pump: LogPump | None = None
     scanner: ResultScanner | None = None
     status: ExitStatus | None = None
@@ -86,6 +90,7 @@ class Executor:
         )
         self._runtimes: tuple[str, ...] | None = None
         self.credentials = credentials or Credentials(settings, store)
+        telemetry.setup(settings, "worker")
         self._pool = ThreadPoolExecutor(
             max_workers=2 * max(settings.worker_concurrency, 1), thread_name_prefix="provision"
         )
@@ -109,24 +114,62 @@ class Executor:
         )
 
     # -- entry point --------------------------------------------------------------------
-    def execute(self, task_id: str, spec_data: object) -> TaskState:
-        """Run one task to a terminal state and return it. Never leaves a container behind."""
-        admitted = self._admit(task_id, spec_data)
+    def execute(self, task_id: str, spec_data: object, traceparent: str | None = None) -> TaskState:
+        """Run one task to a terminal state and return it. Never leaves a container behind.
+
+        The whole life is one trace: `traceparent` (from the submitter) is its parent.
+        """
+        with telemetry.tracer().start_as_current_span(
+            "task", context=telemetry.extract(traceparent), attributes={"airlock.task_id": task_id}
+        ) as root:
+            state = self._execute(task_id, spec_data)
+            record = self.store.get(task_id)
+            root.set_attributes(
+                {
+                    "airlock.agent": record.get("agent", ""),
+                    "airlock.on_behalf_of": record.get("on_behalf_of", ""),
+                    "airlock.terminal_state": state.value,
+                    "airlock.reason": record.get("reason", ""),
+                }
+            )
+            if state is not S.SUCCEEDED:
+                root.set_status(Status(StatusCode.ERROR, record.get("reason", state.value)))
+            return state
+
+    def _execute(self, task_id: str, spec_data: object) -> TaskState:
+        with telemetry.tracer().start_as_current_span("admit") as span:
+            admitted = self._admit(task_id, spec_data)
+            record = self.store.get(task_id)
+            self.store.update(
+                task_id, {"trace_id": format(span.get_span_context().trace_id, "032x")}
+            )
+            span.set_attributes(
+                {
+                    "airlock.decision": "admit" if admitted else record["state"],
+                    "airlock.policy_version": record.get("policy_version", ""),
+                    "airlock.grant_hash": record.get("grant_hash", ""),
+                }
+            )
         if admitted is None:
-            return TaskState(self.store.get(task_id)["state"])
+            return TaskState(record["state"])
         spec, grant = admitted
         run = Run(task_id, spec, grant, deadline=self.clock() + grant.timeout_s)
         outcome = Outcome()
         try:
             if self._provision_and_launch(run, outcome):
-                self._wait(run, outcome)
+                with telemetry.tracer().start_as_current_span("run"):
+                    self.credentials.endpoints.trace(task_id, telemetry.inject())
+                    self._wait(run, outcome)
         except AirlockError as exc:
             outcome.state, outcome.reason = S.FAILED, f"error: {exc}"
         except Exception as exc:
             log.exception("task %s: unexpected error", task_id)
             outcome.state, outcome.reason = S.FAILED, f"internal error: {exc!r}"
         finally:
-            self._teardown(run, outcome)
+            with telemetry.tracer().start_as_current_span("teardown") as span:
+                self._teardown(run, outcome)
+                receipt = outcome.fields.get("revocation") or {}
+                span.set_attribute("airlock.revocation_verified", bool(receipt.get("verified")))
         return outcome.state
 
     # -- admit ---------------------------------------------------------------------------
@@ -208,6 +251,9 @@ class Executor:
             "AIRLOCK_RESULT_MARKER": marker,
             "AIRLOCK_OUTPUT_MAX_BYTES": str(self.settings.output_max_bytes),
         }
+        traceparent = telemetry.inject()
+        if traceparent:
+            env["TRACEPARENT"] = traceparent
         return ContainerSpec(
             task_id=run.task_id,
             namespace=self.settings.namespace,
@@ -227,6 +273,20 @@ class Executor:
 
     def _provision_and_launch(self, run: Run, outcome: Outcome) -> bool:
         """Create, attach and start the container; False if it was cancelled first."""
+        with telemetry.tracer().start_as_current_span(
+            "provision",
+            attributes={"airlock.image": run.grant.image, "airlock.runtime": run.grant.runtime},
+        ):
+            self._provision(run)
+        if self.store.take_signal(run.task_id) == SIGNAL_CANCEL:
+            self._cancelled(run, outcome, started=False)
+            return False
+        with telemetry.tracer().start_as_current_span("launch"):
+            self._launch(run)
+        return True
+
+    def _provision(self, run: Run) -> None:
+        """Mint the credentials and create (not start) the container, at the same time."""
         advance(self.store, run.task_id, S.PROVISIONING, "minting credentials")
         context = {
             "model": run.spec.model,
@@ -258,11 +318,13 @@ class Executor:
                 if run.container_id is not None:
                     raise
                 # the engine's error is the one to report; teardown revokes what was minted
-        if self.store.take_signal(run.task_id) == SIGNAL_CANCEL:
-            self._cancelled(run, outcome, started=False)
-            return False
+        run.marker = marker
+
+    def _launch(self, run: Run) -> None:
+        """Attach to the container's output, then start it: the command runs."""
+        assert run.container_id is not None
         # Enough room for the base64 of every output byte plus the frame's own JSON.
-        run.scanner = ResultScanner(marker, self.settings.output_max_bytes * 2 + 65536)
+        run.scanner = ResultScanner(run.marker, self.settings.output_max_bytes * 2 + 65536)
         run.pump = LogPump(
             chunks=self.runtime.attach(run.container_id),
             scanner=run.scanner,
@@ -273,7 +335,6 @@ class Executor:
         run.pump.start()
         self.runtime.start(run.container_id)
         advance(self.store, run.task_id, S.RUNNING, "command started", started_at=self.clock())
-        return True
 
     def _append_logs(self, task_id: str, texts: list[tuple[str, str]]) -> None:
         for stream, text in texts:

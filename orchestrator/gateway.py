@@ -45,6 +45,9 @@ class Gateway(Protocol):
 
     def directory(self, task_id: str) -> Path: ...
 
+    def trace(self, task_id: str, traceparent: str | None) -> None:
+        """The span the task's egress decisions are recorded under."""
+
     def shutdown(self) -> None: ...
 
 
@@ -93,6 +96,11 @@ class LocalGateway:
 
     def directory(self, task_id: str) -> Path:
         return self.server.directory(task_id)
+
+    def trace(self, task_id: str, traceparent: str | None) -> None:
+        handler = self.server.handlers.get(task_id)
+        if handler is not None and traceparent:
+            handler.context["traceparent"] = traceparent  # type: ignore[attr-defined]
 
     def shutdown(self) -> None:
         self.server.shutdown()
@@ -178,6 +186,10 @@ class RemoteGateway:
     def directory(self, task_id: str) -> Path:
         return self.root / task_id
 
+    def trace(self, task_id: str, traceparent: str | None) -> None:
+        if traceparent:
+            self._call({"op": "trace", "task_id": task_id, "traceparent": traceparent})
+
     def shutdown(self) -> None:
         pass
 
@@ -213,6 +225,9 @@ class GatewayService:
             return {"ok": True, "endpoint_dir": str(directory)}
         if op == "close":
             return {"ok": True, "removed": self.local.close(str(request["task_id"]))}
+        if op == "trace":
+            self.local.trace(str(request["task_id"]), str(request["traceparent"]))
+            return {"ok": True}
         if op == "ping":
             return {"ok": True, "tasks": len(self.local.server.handlers)}
         return {"ok": False, "error": f"unknown op {op!r}"}

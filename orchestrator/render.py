@@ -151,6 +151,40 @@ def audit_table(records: list[dict[str, Any]]) -> None:
     out.print(table)
 
 
+def waterfall(spans: list[dict[str, Any]], width: int = 40) -> None:
+    """Spans as an indented tree with bars on one time axis; failures and denials in red."""
+    children: dict[str | None, list[dict[str, Any]]] = {}
+    ids = {span["span_id"] for span in spans}
+    for span in spans:
+        parent = span["parent_id"] if span["parent_id"] in ids else None
+        children.setdefault(parent, []).append(span)
+    start = min(span["start"] for span in spans)
+    total = max(max(span["end"] or span["start"] for span in spans) - start, 1)
+    table = Table(box=None, header_style="bold")
+    for column in ("SPAN", "TIMELINE", "MS", "DETAIL"):
+        table.add_column(column, no_wrap=column != "DETAIL")
+
+    def add(span: dict[str, Any], depth: int) -> None:
+        begin = int((span["start"] - start) / total * width)
+        length = max(int(((span["end"] or span["start"]) - span["start"]) / total * width), 1)
+        failed = span["status"] == "ERROR"
+        style = "red" if failed else "cyan"
+        bar = " " * begin + f"[{style}]" + "█" * length + f"[/{style}]"
+        attrs = span["attributes"]
+        detail = span.get("status_description") or ""
+        if attrs.get("airlock.decision") in ("allow", "deny"):
+            detail = f"{attrs['airlock.decision']} ({attrs.get('airlock.rule', '')}) {detail}"
+        name = ("  " * depth) + (f"[red]{span['name']}[/red]" if failed else span["name"])
+        ms = ((span["end"] or span["start"]) - span["start"]) / 1e6
+        table.add_row(name, bar, f"{ms:.1f}", str(detail))
+        for child in children.get(span["span_id"], []):
+            add(child, depth + 1)
+
+    for root in children.get(None, []):
+        add(root, 0)
+    out.print(table)
+
+
 def write_log(stream: str, text: str) -> None:
     target = sys.stderr if stream == "stderr" else sys.stdout
     target.write(text)

@@ -54,8 +54,8 @@ def create_app(settings: Settings) -> Celery:
     executor = _LazyExecutor(settings)
 
     @app.task(name=TASK_NAME, bind=True)  # type: ignore[untyped-decorator]
-    def run(self: Task, spec: Any = None) -> str:
-        return executor.get().execute(str(self.request.id), spec).value
+    def run(self: Task, spec: Any = None, traceparent: str | None = None) -> str:
+        return executor.get().execute(str(self.request.id), spec, traceparent).value
 
     @app.task(name=REAP_TASK_NAME)  # type: ignore[untyped-decorator]
     def reap_orphans() -> int:

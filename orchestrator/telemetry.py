@@ -1,0 +1,135 @@
+"""Tracing, set up in one place: one trace per task, from submit to the last egress request.
+
+With OTEL_EXPORTER_OTLP_ENDPOINT set (and the OTLP exporter package installed), spans go to
+that collector; otherwise they go to an embedded store in Redis, bounded by count and age,
+which `airlock trace` reads. Context crosses process boundaries as a W3C traceparent:
+in the Celery message, in the container's TRACEPARENT, and into the gateway.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from orchestrator.config import Settings
+from orchestrator.store import Store
+
+log = logging.getLogger(__name__)
+PROPAGATOR = TraceContextTextMapPropagator()
+MAX_SPANS_PER_TRACE = 5000
+_provider: TracerProvider | None = None
+
+
+def span_record(span: ReadableSpan) -> dict[str, Any]:
+    context = span.get_span_context()
+    parent = span.parent
+    return {
+        "name": span.name,
+        "trace_id": format(context.trace_id, "032x") if context else "",
+        "span_id": format(context.span_id, "016x") if context else "",
+        "parent_id": format(parent.span_id, "016x") if parent else None,
+        "start": span.start_time,
+        "end": span.end_time,
+        "attributes": dict(span.attributes or {}),
+        "status": span.status.status_code.name,
+        "status_description": span.status.description,
+        "service": (span.resource.attributes.get("service.name") if span.resource else None),
+    }
+
+
+class RedisSpanExporter(SpanExporter):
+    """The embedded span store: one bounded list per trace, expiring with task records."""
+
+    def __init__(self, store: Store, max_age_s: int) -> None:
+        self.store = store
+        self.max_age_s = max_age_s
+
+    def key(self, trace_id: str) -> str:
+        return f"{self.store.ns}:trace:{trace_id}"
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            pipe = self.store.redis.pipeline(transaction=False)
+            for span in spans:
+                record = span_record(span)
+                key = self.key(record["trace_id"])
+                pipe.rpush(key, json.dumps(record, default=str))
+                pipe.ltrim(key, -MAX_SPANS_PER_TRACE, -1)
+                pipe.expire(key, self.max_age_s)
+            pipe.execute()
+        except Exception as exc:  # tracing must never take a task down
+            log.warning("spans not stored: %s", exc)
+            return SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS
+
+    def spans(self, trace_id: str) -> list[dict[str, Any]]:
+        return [json.loads(item) for item in self.store.redis.lrange(self.key(trace_id), 0, -1)]
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _exporter(settings: Settings) -> SpanExporter:
+    if settings.otel_endpoint:
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            exporter: SpanExporter = OTLPSpanExporter()  # reads the OTEL_EXPORTER_OTLP_* variables
+            return exporter
+        except ImportError:
+            log.warning(
+                "OTEL_EXPORTER_OTLP_ENDPOINT is set but the OTLP exporter is not "
+                "installed; keeping spans in Redis"
+            )
+    return RedisSpanExporter(Store(settings.redis_url, settings.namespace), settings.record_ttl_s)
+
+
+def setup(settings: Settings, component: str) -> TracerProvider:
+    """Install the tracer provider of this process (once)."""
+    global _provider
+    if _provider is None:
+        resource = Resource.create(
+            {
+                "service.name": f"{settings.otel_service_name}-{component}",
+                "service.namespace": settings.namespace,
+                "host.name": socket.gethostname(),
+            }
+        )
+        _provider = TracerProvider(resource=resource)
+        _provider.add_span_processor(
+            BatchSpanProcessor(_exporter(settings), schedule_delay_millis=200)
+        )
+        trace.set_tracer_provider(_provider)
+    return _provider
+
+
+def flush() -> None:
+    if _provider is not None:
+        _provider.force_flush(5000)
+
+
+def tracer() -> trace.Tracer:
+    return trace.get_tracer("airlock")
+
+
+def inject(context: Context | None = None) -> str | None:
+    """The traceparent of `context` (the current span by default)."""
+    carrier: dict[str, str] = {}
+    PROPAGATOR.inject(carrier, context=context)
+    return carrier.get("traceparent")
+
+
+def extract(traceparent: str | None) -> Context | None:
+    if not traceparent:
+        return None
+    return PROPAGATOR.extract({"traceparent": traceparent})
