@@ -99,3 +99,121 @@ def test_trace_command_from_submit_to_the_end(settings: Any, worker: Any) -> Non
     assert all(phase in named for phase in PHASES)
     human = airlock(settings, "trace", task_id)
     assert human.returncode == 0 and "teardown" in human.stdout and "█" in human.stdout
+
+
+class OtlpReceiver:
+    """A real OTLP/HTTP trace receiver: decodes the protobuf payloads the exporters send."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        received: list[dict[str, Any]] = []
+        self.spans = received
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.path == "/v1/traces":
+                    request = ExportTraceServiceRequest()
+                    request.ParseFromString(body)
+                    for resource_spans in request.resource_spans:
+                        service = {
+                            a.key: a.value.string_value for a in resource_spans.resource.attributes
+                        }["service.name"]
+                        for scope in resource_spans.scope_spans:
+                            for span in scope.spans:
+                                received.append(
+                                    {
+                                        "name": span.name,
+                                        "service": service,
+                                        "trace_id": span.trace_id.hex(),
+                                        "span_id": span.span_id.hex(),
+                                        "parent_id": span.parent_span_id.hex() or None,
+                                        "attributes": {a.key: a.value for a in span.attributes},
+                                    }
+                                )
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_spans_reach_an_otlp_collector_as_one_trace(
+    settings: Any,
+    store: Store,
+    upstreams: Upstreams,  # noqa: F811
+    tmp_path: Any,
+) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import airlock_env
+
+    receiver = OtlpReceiver()
+    queue = f"{settings.queue}-otlp"
+    otlp = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "AIRLOCK_QUEUE": queue}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "worker", "-c", "1", "--loglevel", "WARNING"],
+        env=airlock_env(settings, TMPDIR=str(tmp_path), **otlp),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        script = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{HTTP_PORT}/api/otlp')"
+        done = airlock(
+            settings,
+            "submit",
+            "-a",
+            "web",
+            "--wait",
+            "--json",
+            "--",
+            "python3",
+            "-c",
+            script,
+            **otlp,
+        )
+        assert done.returncode == 0, done.stderr
+        task_id = json.loads(done.stdout)["id"]
+        for _ in range(100):  # the worker's batch processor exports within a fraction of a second
+            names = {s["name"] for s in receiver.spans}
+            if {"submit", "task", "teardown"} <= names and any(
+                n.startswith("egress") for n in names
+            ):
+                break
+            time.sleep(0.1)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=20)
+        receiver.close()
+    named = spans_by_name(receiver.spans)
+    [root] = [
+        s for s in named["task"] if s["attributes"]["airlock.task_id"].string_value == task_id
+    ]
+    trace = [s for s in receiver.spans if s["trace_id"] == root["trace_id"]]
+    by_name = spans_by_name(trace)
+    assert by_name["submit"][0]["service"] == "airlock-client"
+    assert root["service"] == "airlock-worker"
+    assert root["parent_id"] == by_name["submit"][0]["span_id"]
+    for phase in PHASES:
+        assert by_name[phase][0]["parent_id"] == root["span_id"], phase
+    [egress] = [s for s in trace if s["name"].startswith("egress ")]
+    assert egress["parent_id"] == by_name["run"][0]["span_id"]
+    assert egress["attributes"]["airlock.decision"].string_value == "allow"
