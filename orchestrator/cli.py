@@ -453,3 +453,19 @@ def trace_command(task_id: str, as_json: bool) -> None:
     if not spans:
         fail(f"no spans stored for task {task_id} (traces go to OTLP when it is configured)", 1)
     emit_json(spans) if as_json else render.waterfall(spans)
+
+
+@main.command()
+@click.option("--limit", type=click.IntRange(1, 500), default=30, show_default=True)
+@click.option("--once", is_flag=True, help="print the view once and exit")
+@click.option("--json", "as_json", is_flag=True, help="one JSON snapshot (implies --once)")
+def watch(limit: int, once: bool, as_json: bool) -> None:
+    """A live view of runners: state, agent, age, egress allowed/denied, last event."""
+    client = Client()
+    if as_json:
+        emit_json(client.runners(limit))
+        return
+    if once:
+        render.out.print(render.runners_table(client.runners(limit)))
+        return
+    render.watch(client, limit)

@@ -205,6 +205,18 @@ class Client:
         shown = [present(r) for r in records if state is None or r["state"] == state]
         return shown[:limit]
 
+    def runners(self, limit: int = 30) -> list[dict[str, Any]]:
+        """The live view: recent tasks, live ones first, with their egress counts."""
+        tasks = self.tasks(limit=limit)
+        pipe = self.store.redis.pipeline(transaction=False)
+        for task in tasks:
+            pipe.hgetall(self.store.key(task["id"], "egress"))
+        for task, counts in zip(tasks, pipe.execute(), strict=True):
+            task["egress_allowed"] = int(counts.get("allow", 0))
+            task["egress_denied"] = int(counts.get("deny", 0))
+        live = [t for t in tasks if TaskState(t["state"]) not in TERMINAL]
+        return live + [t for t in tasks if TaskState(t["state"]) in TERMINAL]
+
     def trace(self, task_id: str) -> list[dict[str, Any]]:
         """The spans of the task's trace from the embedded store, in start order."""
         from orchestrator.telemetry import RedisSpanExporter

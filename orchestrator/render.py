@@ -185,6 +185,57 @@ def waterfall(spans: list[dict[str, Any]], width: int = 40) -> None:
     out.print(table)
 
 
+def _age(task: dict[str, Any]) -> str:
+    start = datetime.fromisoformat(task["created_at"]).timestamp() if task.get("created_at") else 0
+    end = (
+        datetime.fromisoformat(task["finished_at"]).timestamp()
+        if task.get("finished_at")
+        else time.time()
+    )
+    seconds = max(end - start, 0)
+    return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f}m"
+
+
+def runners_table(tasks: list[dict[str, Any]], last: dict[str, str] | None = None) -> Table:
+    table = Table(box=None, header_style="bold", title="airlock runners")
+    for column in ("TASK", "STATE", "AGENT", "AGE", "EGRESS", "LAST EVENT"):
+        table.add_column(column, no_wrap=column != "LAST EVENT", overflow="fold")
+    for task in tasks:
+        denied = task.get("egress_denied", 0)
+        egress = f"{task.get('egress_allowed', 0)} ok / " + (
+            f"[red]{denied} denied[/red]" if denied else "0 denied"
+        )
+        event = (last or {}).get(task["id"]) or task.get("reason", "")
+        table.add_row(
+            task["id"][:8],
+            styled_state(task["state"]),
+            task.get("agent") or "",
+            _age(task),
+            egress,
+            event,
+        )
+    return table
+
+
+def watch(client: Any, limit: int) -> None:
+    """Redraw in place on every state change (and every second, for ages and counts)."""
+    from rich.live import Live
+
+    last: dict[str, str] = {}
+    after = "$"
+    with Live(
+        runners_table(client.runners(limit), last), console=out, screen=False, auto_refresh=False
+    ) as live:
+        try:
+            while True:
+                for event in client.store.all_events(after, block_ms=1000):
+                    after = event.id
+                    last[event.task_id] = f"{event.state.value}: {event.reason}"
+                live.update(runners_table(client.runners(limit), last), refresh=True)
+        except KeyboardInterrupt:
+            pass
+
+
 def write_log(stream: str, text: str) -> None:
     target = sys.stderr if stream == "stderr" else sys.stdout
     target.write(text)

@@ -111,6 +111,10 @@ class AuditLog:
                 )
                 head = digest
                 digests.append(digest)
+                if entry.get("task") and entry.get("decision") in ("allow", "deny"):
+                    counts = f"{self.store.ns}:task:{entry['task']}:egress"
+                    pipe.hincrby(counts, str(entry["decision"]), 1)
+                    pipe.expire(counts, self.store.record_ttl_s)
             pipe.set(self.head_key(self.chain), head)
             pipe.execute()
             self._head = head

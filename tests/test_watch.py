@@ -1,0 +1,59 @@
+"""`airlock watch` in a real terminal: tmux runs it, the test reads the screen."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from tests.conftest import IN_CI, airlock, airlock_env
+
+
+def screen(session: str) -> str:
+    return subprocess.run(
+        ["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True, check=True
+    ).stdout
+
+
+def wait_for(session: str, *needles: str) -> str:
+    text = ""
+    for _ in range(200):
+        text = screen(session)
+        if all(needle in text for needle in needles):
+            return text
+        time.sleep(0.1)
+    return text
+
+
+def test_watch_shows_runners_live(settings: Any, worker: Any) -> None:
+    if shutil.which("tmux") is None:
+        if IN_CI:
+            pytest.fail("tmux is not installed (scripts/bootstrap installs it)")
+        pytest.skip("tmux is not installed")
+    env = airlock_env(settings)
+    exports = " ".join(
+        f"{k}={shlex.quote(v)}"
+        for k, v in env.items()
+        if k.startswith(("AIRLOCK_", "REDIS_", "VAULT_", "PATH"))
+    )
+    session = f"airlock-watch-{uuid.uuid4().hex[:6]}"
+    command = f"env {exports} {shlex.quote(sys.executable)} -m orchestrator watch"
+    subprocess.run(
+        ["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "40", command], check=True
+    )
+    try:
+        assert "airlock runners" in wait_for(session, "airlock runners")
+        task_id = airlock(settings, "submit", "-a", "tester", "--", "sleep", "2").stdout.strip()
+        running = wait_for(session, task_id[:8], "running")
+        assert task_id[:8] in running and "running" in running, running
+        done = wait_for(session, task_id[:8], "succeeded")
+        line = next(row for row in done.splitlines() if task_id[:8] in row)
+        assert "succeeded" in line and "tester" in line and "0 ok / 0 denied" in line, done
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], check=False)
