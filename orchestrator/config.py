@@ -65,6 +65,8 @@ class Settings:
     # "local": each worker serves its tasks' endpoints itself; "remote": the host's
     # `airlock gateway` process does, steered over its control socket.
     gateway: str = "local"
+    # Worker and gateway logs: "json" (one object per line, with task and trace ids) or "text".
+    log_format: str = "json"
     # Extra CA bundle for upstreams the gateway speaks TLS to (the system roots otherwise).
     upstream_ca_file: Path | None = None
     # Per task: connections open at once on its endpoint, and requests over its lifetime.
@@ -103,6 +105,12 @@ def _positive_float(raw: str) -> float:
 def _name(raw: str) -> str:
     if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,62}", raw):
         raise ValueError("must be lower-case letters, digits, '.', '_' or '-'")
+    return raw
+
+
+def _log_format(raw: str) -> str:
+    if raw not in ("json", "text"):
+        raise ValueError("must be 'json' or 'text'")
     return raw
 
 
@@ -155,6 +163,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         heartbeat_s=_get(env, "AIRLOCK_HEARTBEAT_S", d.heartbeat_s, _positive_float),
         reap_period_s=_get(env, "AIRLOCK_REAP_PERIOD_S", d.reap_period_s, _positive_float),
         gateway=_get(env, "AIRLOCK_GATEWAY", d.gateway, _gateway_mode),
+        log_format=_get(env, "AIRLOCK_LOG_FORMAT", d.log_format, _log_format),
         upstream_ca_file=Path(env["AIRLOCK_UPSTREAM_CA_FILE"])
         if env.get("AIRLOCK_UPSTREAM_CA_FILE")
         else None,

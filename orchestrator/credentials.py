@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from opentelemetry.trace import Status, StatusCode
 
-from orchestrator import telemetry
+from orchestrator import logs, telemetry
 from orchestrator.config import Settings
 from orchestrator.egress.audit import AuditLog
 from orchestrator.egress.decide import Target, Verdict, decide_request
@@ -110,6 +110,7 @@ class TaskEndpoint:
         return decide_request(self.grant, target)
 
     def audit(self, record: dict[str, Any]) -> None:
+        logs.current_task.set(self.task_id)
         full = {**self.context, **record}
         self._span(full)
         self.audit_log.submit({k: v for k, v in full.items() if k != "traceparent"})

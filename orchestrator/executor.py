@@ -17,7 +17,7 @@ from typing import Any
 
 from opentelemetry.trace import Status, StatusCode
 
-from orchestrator import telemetry
+from orchestrator import logs, telemetry
 from orchestrator.collect import LogPump, OutputFile, ResultScanner
 from orchestrator.config import TASK_USER, Settings
 from orchestrator.credentials import Credentials, Handout
@@ -119,6 +119,7 @@ class Executor:
 
         The whole life is one trace: `traceparent` (from the submitter) is its parent.
         """
+        logs.current_task.set(task_id)
         with telemetry.tracer().start_as_current_span(
             "task", context=telemetry.extract(traceparent), attributes={"airlock.task_id": task_id}
         ) as root:

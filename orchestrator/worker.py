@@ -20,7 +20,7 @@ from typing import Any
 from celery import Celery, Task
 from celery.signals import worker_ready
 
-from orchestrator import config
+from orchestrator import config, logs
 from orchestrator.config import Settings
 from orchestrator.executor import Executor
 from orchestrator.reaper import Reaped, reap, reap_credentials, reap_endpoints
@@ -110,6 +110,7 @@ def run_worker(
 ) -> None:
     """Start a worker in this process; returns when it is shut down."""
     settings = settings or config.load()
+    logs.configure(loglevel, settings.log_format)
     app = create_app(settings)
 
     @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]

@@ -217,3 +217,29 @@ def test_spans_reach_an_otlp_collector_as_one_trace(
     [egress] = [s for s in trace if s["name"].startswith("egress ")]
     assert egress["parent_id"] == by_name["run"][0]["span_id"]
     assert egress["attributes"]["airlock.decision"].string_value == "allow"
+
+
+def test_logs_are_json_with_task_and_trace_ids(settings: Any) -> None:
+    import logging
+
+    from orchestrator import logs, telemetry
+
+    telemetry.setup(settings, "worker")
+    record = logging.LogRecord(
+        "orchestrator.executor",
+        logging.WARNING,
+        __file__,
+        1,
+        "task %s: something happened",
+        ("t-1",),
+        None,
+    )
+    token = logs.current_task.set("t-1")
+    try:
+        with telemetry.tracer().start_as_current_span("probe") as span:
+            line = json.loads(logs.JsonFormatter().format(record))
+            expected_trace = format(span.get_span_context().trace_id, "032x")
+    finally:
+        logs.current_task.reset(token)
+    assert line["task_id"] == "t-1" and line["trace_id"] == expected_trace
+    assert line["level"] == "warning" and line["message"] == "task t-1: something happened"

@@ -21,12 +21,14 @@ def screen(session: str) -> str:
     ).stdout
 
 
-def wait_for(session: str, *needles: str) -> str:
+def row(session: str, task: str, needle: str) -> str:
+    """The screen line of `task` once it shows `needle` (or the last screen seen)."""
     text = ""
     for _ in range(200):
         text = screen(session)
-        if all(needle in text for needle in needles):
-            return text
+        for line in text.splitlines():
+            if task in line and needle in line:
+                return line
         time.sleep(0.1)
     return text
 
@@ -48,12 +50,11 @@ def test_watch_shows_runners_live(settings: Any, worker: Any) -> None:
         ["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "40", command], check=True
     )
     try:
-        assert "airlock runners" in wait_for(session, "airlock runners")
+        assert "airlock runners" in row(session, "airlock runners", "")
         task_id = airlock(settings, "submit", "-a", "tester", "--", "sleep", "2").stdout.strip()
-        running = wait_for(session, task_id[:8], "running")
-        assert task_id[:8] in running and "running" in running, running
-        done = wait_for(session, task_id[:8], "succeeded")
-        line = next(row for row in done.splitlines() if task_id[:8] in row)
-        assert "succeeded" in line and "tester" in line and "0 ok / 0 denied" in line, done
+        running = row(session, task_id[:8], "running")
+        assert "running" in running and "tester" in running, running
+        done = row(session, task_id[:8], "succeeded")
+        assert "succeeded" in done and "0 ok / 0 denied" in done and "exit code 0" in done, done
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], check=False)
