@@ -113,6 +113,9 @@ class TaskEndpoint:
         logs.current_task.set(self.task_id)
         full = {**self.context, **record}
         self._span(full)
+        telemetry.meters().egress.add(
+            1, {"decision": str(full.get("decision")), "agent": str(full.get("agent"))}
+        )
         self.audit_log.submit({k: v for k, v in full.items() if k != "traceparent"})
 
     def _span(self, record: dict[str, Any]) -> None:

@@ -55,6 +55,8 @@ class Run:
     container_id: str | None = None
     handout: Handout | None = None
     marker: str = ""
+    admitted_at: float = field(default_factory=time.time)
+    started: bool = False
     pump: LogPump | None = None
     scanner: ResultScanner | None = None
     status: ExitStatus | None = None
@@ -125,6 +127,9 @@ class Executor:
         ) as root:
             state = self._execute(task_id, spec_data)
             record = self.store.get(task_id)
+            telemetry.meters().tasks.add(
+                1, {"state": state.value, "agent": record.get("agent", "")}
+            )
             root.set_attributes(
                 {
                     "airlock.agent": record.get("agent", ""),
@@ -167,6 +172,8 @@ class Executor:
             log.exception("task %s: unexpected error", task_id)
             outcome.state, outcome.reason = S.FAILED, f"internal error: {exc!r}"
         finally:
+            if run.started:
+                telemetry.meters().running.add(-1)
             with telemetry.tracer().start_as_current_span("teardown") as span:
                 self._teardown(run, outcome)
                 receipt = outcome.fields.get("revocation") or {}
@@ -336,6 +343,11 @@ class Executor:
         run.pump.start()
         self.runtime.start(run.container_id)
         advance(self.store, run.task_id, S.RUNNING, "command started", started_at=self.clock())
+        telemetry.meters().running.add(1)
+        run.started = True
+        telemetry.meters().start_latency.record(
+            self.clock() - run.admitted_at, {"runtime": run.grant.runtime}
+        )
 
     def _append_logs(self, task_id: str, texts: list[tuple[str, str]]) -> None:
         for stream, text in texts:
@@ -454,6 +466,8 @@ class Executor:
     def _record_revocation(self, receipt: dict[str, Any], outcome: Outcome) -> None:
         """The receipt of what was revoked (and verified), even half-way through a task."""
         outcome.fields["revocation"] = receipt
+        if not receipt.get("verified"):
+            telemetry.meters().revocation_failures.add(1)
         if not receipt.get("verified"):
             outcome.fields["revocation_pending"] = 1
 

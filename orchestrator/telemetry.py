@@ -14,8 +14,10 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.context import Context
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -105,6 +107,7 @@ def setup(settings: Settings, component: str) -> TracerProvider:
                 "host.name": socket.gethostname(),
             }
         )
+        _setup_metrics(settings, resource)
         _provider = TracerProvider(resource=resource)
         _provider.add_span_processor(
             BatchSpanProcessor(_exporter(settings), schedule_delay_millis=200)
@@ -116,6 +119,53 @@ def setup(settings: Settings, component: str) -> TracerProvider:
 def flush() -> None:
     if _provider is not None:
         _provider.force_flush(5000)
+    if _meters is not None:
+        _meters.force_flush(5000)
+
+
+class Metrics:
+    """The instruments ops watch. Exported over OTLP when a collector is configured."""
+
+    def __init__(self) -> None:
+        meter = metrics.get_meter("airlock")
+        self.tasks = meter.create_counter("airlock.tasks", description="tasks by terminal state")
+        self.start_latency = meter.create_histogram(
+            "airlock.start_latency", unit="s", description="admission to command running"
+        )
+        self.running = meter.create_up_down_counter(
+            "airlock.running", description="tasks whose command is running"
+        )
+        self.egress = meter.create_counter(
+            "airlock.egress.decisions", description="egress decisions by outcome"
+        )
+        self.revocation_failures = meter.create_counter(
+            "airlock.revocation.failures", description="teardowns whose revocation was not verified"
+        )
+
+
+_meters: MeterProvider | None = None
+_metrics: Metrics | None = None
+
+
+def meters() -> Metrics:
+    global _metrics
+    if _metrics is None:
+        _metrics = Metrics()
+    return _metrics
+
+
+def _setup_metrics(settings: Settings, resource: Resource) -> None:
+    global _meters
+    readers = []
+    if settings.otel_endpoint:
+        try:
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+        except ImportError:
+            log.warning("OTLP metric exporter not installed; metrics are not exported")
+    _meters = MeterProvider(resource=resource, metric_readers=readers)
+    metrics.set_meter_provider(_meters)
 
 
 def tracer() -> trace.Tracer:

@@ -113,11 +113,23 @@ class OtlpReceiver:
         )
 
         received: list[dict[str, Any]] = []
+        metric_names: set[str] = set()
         self.spans = received
+        self.metrics = metric_names
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.path == "/v1/metrics":
+                    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+                        ExportMetricsServiceRequest,
+                    )
+
+                    export = ExportMetricsServiceRequest()
+                    export.ParseFromString(body)
+                    for resource_metrics in export.resource_metrics:
+                        for scope in resource_metrics.scope_metrics:
+                            metric_names.update(m.name for m in scope.metrics)
                 if self.path == "/v1/traces":
                     request = ExportTraceServiceRequest()
                     request.ParseFromString(body)
@@ -168,7 +180,11 @@ def test_spans_reach_an_otlp_collector_as_one_trace(
 
     receiver = OtlpReceiver()
     queue = f"{settings.queue}-otlp"
-    otlp = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "AIRLOCK_QUEUE": queue}
+    otlp = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+        "AIRLOCK_QUEUE": queue,
+        "OTEL_METRIC_EXPORT_INTERVAL": "300",
+    }
     worker = subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "worker", "-c", "1", "--loglevel", "WARNING"],
         env=airlock_env(settings, TMPDIR=str(tmp_path), **otlp),
@@ -194,8 +210,11 @@ def test_spans_reach_an_otlp_collector_as_one_trace(
         task_id = json.loads(done.stdout)["id"]
         for _ in range(100):  # the worker's batch processor exports within a fraction of a second
             names = {s["name"] for s in receiver.spans}
-            if {"submit", "task", "teardown"} <= names and any(
-                n.startswith("egress") for n in names
+            exported = {"airlock.tasks", "airlock.start_latency", "airlock.egress.decisions"}
+            if (
+                {"submit", "task", "teardown"} <= names
+                and exported <= receiver.metrics
+                and any(n.startswith("egress") for n in names)
             ):
                 break
             time.sleep(0.1)
@@ -217,6 +236,12 @@ def test_spans_reach_an_otlp_collector_as_one_trace(
     [egress] = [s for s in trace if s["name"].startswith("egress ")]
     assert egress["parent_id"] == by_name["run"][0]["span_id"]
     assert egress["attributes"]["airlock.decision"].string_value == "allow"
+    assert {
+        "airlock.tasks",
+        "airlock.start_latency",
+        "airlock.egress.decisions",
+        "airlock.running",
+    } <= receiver.metrics
 
 
 def test_logs_are_json_with_task_and_trace_ids(settings: Any) -> None:
