@@ -43,6 +43,8 @@ class Settings:
     worker_concurrency: int = 4
     otel_service_name: str = "airlock"
     otel_endpoint: str | None = None
+    # Off: no spans at all (for measuring what tracing costs).
+    tracing: bool = True
     policy_dir: Path = CHECKOUT / "policies"
     agents_dir: Path = CHECKOUT / "agents"
     trust_domain: str = "airlock.local"
@@ -146,6 +148,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         ),
         otel_service_name=env.get("OTEL_SERVICE_NAME") or d.otel_service_name,
         otel_endpoint=env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+        tracing=env.get("AIRLOCK_TRACING", "on").lower() not in ("off", "0", "false"),
         policy_dir=Path(env.get("AIRLOCK_POLICY_DIR") or d.policy_dir),
         agents_dir=Path(env.get("AIRLOCK_AGENTS_DIR") or d.agents_dir),
         trust_domain=_get(env, "AIRLOCK_TRUST_DOMAIN", d.trust_domain, _name),

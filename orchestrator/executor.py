@@ -7,6 +7,7 @@ lifecycle.advance, so a task that was cancelled or finished elsewhere is never o
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import secrets
 import time
@@ -306,6 +307,7 @@ class Executor:
         endpoint_dir = self.credentials.endpoints.directory(run.task_id)
         endpoint_dir.mkdir(parents=True, exist_ok=True)
         minting = self._pool.submit(
+            contextvars.copy_context().run,  # the Vault calls' spans belong to this task's trace
             self.credentials.provision,
             run.task_id,
             run.grant,
@@ -450,7 +452,9 @@ class Executor:
         except AirlockError:
             log.exception("task %s: could not record teardown", run.task_id)
         # The task is no longer live: its credentials go while its container is removed.
-        revoking = self._pool.submit(self.credentials.revoke, run.task_id)
+        revoking = self._pool.submit(
+            contextvars.copy_context().run, self.credentials.revoke, run.task_id
+        )
         try:
             self._remove(run.task_id, run.container_id)
         except AirlockError as exc:

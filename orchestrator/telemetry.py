@@ -99,6 +99,9 @@ def _exporter(settings: Settings) -> SpanExporter:
 def setup(settings: Settings, component: str) -> TracerProvider:
     """Install the tracer provider of this process (once)."""
     global _provider
+    if _provider is None and not settings.tracing:
+        _provider = TracerProvider()  # records nothing: no processor, no exporter
+        return _provider
     if _provider is None:
         resource = Resource.create(
             {

@@ -42,14 +42,16 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def show(name: str, values: list[float], base: list[float] | None = None) -> dict[str, float]:
+def show(
+    name: str, values: list[float], base: list[float] | None = None, against: str = "raw"
+) -> dict[str, float]:
     p50, p95 = pct(values, 0.5) * 1000, pct(values, 0.95) * 1000
     row = {"p50_ms": round(p50, 1), "p95_ms": round(p95, 1)}
     line = f"  {name:<42} p50 {p50:7.1f} ms   p95 {p95:7.1f} ms"
     if base:
         ratio = statistics.median(values) / statistics.median(base)
         row["ratio_p50"] = round(ratio, 3)
-        line += f"   {ratio:5.2f}x raw"
+        line += f"   {ratio:5.2f}x {against}"
     print(line, flush=True)
     return row
 
@@ -90,9 +92,13 @@ def airlock_run(client: Client) -> tuple[float, float]:
     return running.at - t0_wall, total
 
 
-def start_worker(settings: Settings, tmp: str) -> subprocess.Popen[bytes]:
+def start_worker(settings: Settings, tmp: str, **extra: str) -> subprocess.Popen[bytes]:
     env = dict(
-        os.environ, AIRLOCK_NAMESPACE=settings.namespace, AIRLOCK_QUEUE=settings.queue, TMPDIR=tmp
+        os.environ,
+        AIRLOCK_NAMESPACE=settings.namespace,
+        AIRLOCK_QUEUE=settings.queue,
+        TMPDIR=tmp,
+        **extra,
     )
     return subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "worker", "-c", "4", "--loglevel", "WARNING"],
@@ -296,15 +302,64 @@ def bench_secrets(runs: int) -> dict[str, object]:
     }
 
 
+def bench_tracing(runs: int) -> dict[str, object]:
+    """Start latency with the worker's tracing on and off, interleaved in one run."""
+    ns = f"bench{uuid.uuid4().hex[:6]}"
+    on = replace(config.load(), namespace=ns, queue=f"{ns}-on")
+    off = replace(on, queue=f"{ns}-off")
+    clients = {"on": Client(on), "off": Client(off)}
+    samples: dict[str, list[tuple[float, float]]] = {"on": [], "off": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        workers = [start_worker(on, tmp), start_worker(off, tmp, AIRLOCK_TRACING="off")]
+        try:
+            for _ in range(3):
+                for client in clients.values():
+                    airlock_run(client)
+            print(
+                f"tracing: {runs} runs each of a trivial task, worker tracing on vs off", flush=True
+            )
+            for _ in range(runs):
+                for name, client in clients.items():
+                    samples[name].append(airlock_run(client))
+        finally:
+            for worker in workers:
+                worker.terminate()
+                worker.wait(timeout=30)
+            for key in clients["on"].store.redis.scan_iter(f"{ns}:*"):
+                clients["on"].store.redis.delete(key)
+    off_running = [s[0] for s in samples["off"]]
+    off_total = [s[1] for s in samples["off"]]
+    return {
+        "off_running": show("tracing off: submit -> command running", off_running),
+        "on_running": show(
+            "tracing on:  submit -> command running",
+            [s[0] for s in samples["on"]],
+            off_running,
+            "tracing off",
+        ),
+        "off_total": show("tracing off: submit -> finished", off_total),
+        "on_total": show(
+            "tracing on:  submit -> finished",
+            [s[1] for s in samples["on"]],
+            off_total,
+            "tracing off",
+        ),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="scripts/bench")
-    parser.add_argument("what", choices=["start", "policy", "secrets"])
+    parser.add_argument("what", choices=["start", "policy", "secrets", "tracing"])
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args()
-    result = {"start": bench_start, "policy": bench_policy, "secrets": bench_secrets}[args.what](
-        args.runs
-    )
+    benches = {
+        "start": bench_start,
+        "policy": bench_policy,
+        "secrets": bench_secrets,
+        "tracing": bench_tracing,
+    }
+    result = benches[args.what](args.runs)
     if args.json:
         print(json.dumps(result, indent=2))
 

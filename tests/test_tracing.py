@@ -60,6 +60,12 @@ def test_a_task_is_one_trace_with_the_gateway_under_its_run(
     assert admit["airlock.grant_hash"].startswith("sha256:")
     assert admit["airlock.policy_version"].startswith("sha256:")
     assert named["teardown"][0]["attributes"]["airlock.revocation_verified"] is True
+    vault = {s["name"]: s["parent_id"] for s in spans if s["name"].startswith("vault ")}
+    provision, teardown = named["provision"][0]["span_id"], named["teardown"][0]["span_id"]
+    assert vault["vault POST auth/token/create/airlock-web"] == provision
+    assert vault["vault POST transit/sign/airlock-task-jwt"] == provision
+    assert vault["vault POST auth/token/revoke-accessor"] == teardown
+    assert vault["vault POST auth/token/lookup-accessor"] == teardown  # the verification
 
 
 def test_a_rejected_task_says_why_in_its_trace(executor: Executor) -> None:

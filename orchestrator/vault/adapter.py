@@ -12,6 +12,7 @@ from typing import Any
 import hvac
 import hvac.exceptions
 import requests
+from opentelemetry import trace
 
 from orchestrator.errors import ServiceUnavailable, VaultRefused
 
@@ -41,6 +42,22 @@ class Vault:
         (Vault answered no) or ServiceUnavailable (Vault did not answer, or is sealed).
         """
         headers = {"X-Vault-Token": token or self.token or ""}
+        # One span per call: method and path only (paths hold no secret values).
+        with trace.get_tracer("airlock").start_as_current_span(
+            f"vault {method} {path}",
+            attributes={"vault.path": path, "vault.wrapped": bool(wrap_ttl)},
+        ):
+            return self._call(method, path, data, headers, wrap_ttl, missing_ok)
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        data: dict[str, Any] | None,
+        headers: dict[str, str],
+        wrap_ttl: str | None,
+        missing_ok: bool,
+    ) -> dict[str, Any] | None:
         try:
             response = self._client.adapter.request(
                 method, f"/v1/{path}", headers=headers, json=data, wrap_ttl=wrap_ttl
