@@ -290,7 +290,14 @@ class Executor:
         if self.store.take_signal(run.task_id) == SIGNAL_CANCEL:
             self._cancelled(run, outcome, started=False)
             return False
-        with telemetry.tracer().start_as_current_span("launch"):
+        with telemetry.tracer().start_as_current_span(
+            "launch",
+            attributes={
+                "airlock.container_id": run.container_id or "",
+                "airlock.image": run.grant.image,
+                "airlock.isolation": run.grant.runtime,
+            },
+        ):
             self._launch(run)
         return True
 
@@ -426,6 +433,16 @@ class Executor:
 
     # -- collect -------------------------------------------------------------------------
     def _collect(self, run: Run, outcome: Outcome) -> None:
+        with telemetry.tracer().start_as_current_span("collect") as span:
+            self._gather(run, outcome)
+            span.set_attributes(
+                {
+                    "airlock.exit_code": outcome.fields.get("exit_code", -1),
+                    "airlock.log_bytes": outcome.fields.get("logs_bytes", 0),
+                }
+            )
+
+    def _gather(self, run: Run, outcome: Outcome) -> None:
         if run.pump and not run.pump.join(timeout=10):
             log.warning("task %s: output stream did not end", run.task_id)
         fields: dict[str, Any] = {}

@@ -274,3 +274,43 @@ def test_logs_are_json_with_task_and_trace_ids(settings: Any) -> None:
         logs.current_task.reset(token)
     assert line["task_id"] == "t-1" and line["trace_id"] == expected_trace
     assert line["level"] == "warning" and line["message"] == "task t-1: something happened"
+
+
+def test_vault_down_and_cancel_say_why_in_their_traces(
+    settings: Any, store: Store, runtime: Any, executor: Executor
+) -> None:
+    import threading
+    import time
+    from dataclasses import replace
+
+    from orchestrator.credentials import Credentials
+
+    cut_off = replace(settings, vault_addr="http://127.0.0.1:1")
+    credentials = Credentials(cut_off, store)
+    try:
+        broken = Executor(cut_off, store, runtime, credentials=credentials)
+        task_id = str(uuid.uuid4())
+        assert broken.execute(task_id, {"agent": "tester", "command": ["true"]}) is (
+            TaskState.FAILED
+        )
+    finally:
+        credentials.endpoints.shutdown()
+    named = spans_by_name(Client(settings).trace(task_id))
+    assert named["task"][0]["status_description"].startswith("error: vault is unreachable")
+    assert named["provision"][0]["status"] == "ERROR"
+
+    cancelled = str(uuid.uuid4())
+    runner = threading.Thread(
+        target=executor.execute, args=(cancelled, {"agent": "tester", "command": ["sleep", "60"]})
+    )
+    runner.start()
+    for _ in range(300):
+        if store.redis.exists(store.key(cancelled)) and store.get(cancelled)["state"] == "running":
+            break
+        time.sleep(0.02)
+    Client(settings).cancel(cancelled, by="alice")
+    runner.join(timeout=30)
+    root = spans_by_name(Client(settings).trace(cancelled))["task"][0]
+    assert root["attributes"]["airlock.terminal_state"] == "cancelled"
+    assert root["status_description"] == "cancelled by alice"
+    assert "collect" in spans_by_name(Client(settings).trace(cancelled))
