@@ -432,13 +432,14 @@ def gateway() -> None:
     """Serve every task endpoint of this host (workers run with AIRLOCK_GATEWAY=remote)."""
     from dataclasses import replace
 
-    from orchestrator import logs
+    from orchestrator import logs, telemetry
     from orchestrator.credentials import Credentials
     from orchestrator.gateway import CONTROL_SOCKET, GatewayService, LocalGateway
     from orchestrator.store import Store
 
     settings = replace(config.load(), gateway="local")
     logs.configure("INFO", settings.log_format)
+    telemetry.setup(settings, "gateway")
     credentials = Credentials(settings, Store(settings.redis_url, settings.namespace))
     assert isinstance(credentials.endpoints, LocalGateway)
     service = GatewayService(credentials.endpoints, settings.endpoint_dir / CONTROL_SOCKET)
