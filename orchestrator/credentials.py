@@ -112,11 +112,14 @@ class TaskEndpoint:
     def audit(self, record: dict[str, Any]) -> None:
         logs.current_task.set(self.task_id)
         full = {**self.context, **record}
-        self._span(full)
+        self._span(full)  # before the traceparent is taken out of the record
         telemetry.meters().egress.add(
             1, {"decision": str(full.get("decision")), "agent": str(full.get("agent"))}
         )
-        self.audit_log.submit({k: v for k, v in full.items() if k != "traceparent"})
+        traceparent = str(full.pop("traceparent", "") or "")
+        if traceparent.count("-") == 3:
+            full["trace_id"] = traceparent.split("-")[1]
+        self.audit_log.submit(full)
 
     def _span(self, record: dict[str, Any]) -> None:
         """One span per egress decision, under the task's run span."""

@@ -60,6 +60,11 @@ def test_a_task_is_one_trace_with_the_gateway_under_its_run(
     assert admit["airlock.grant_hash"].startswith("sha256:")
     assert admit["airlock.policy_version"].startswith("sha256:")
     assert named["teardown"][0]["attributes"]["airlock.revocation_verified"] is True
+    executor.credentials.audit.flush()
+    from orchestrator.egress.audit import AuditLog
+
+    audited = AuditLog(store).records(task_id)
+    assert {r["trace_id"] for r in audited} == {store.get(task_id)["trace_id"]}
     vault = {s["name"]: s["parent_id"] for s in spans if s["name"].startswith("vault ")}
     provision, teardown = named["provision"][0]["span_id"], named["teardown"][0]["span_id"]
     assert vault["vault POST auth/token/create/airlock-web"] == provision
