@@ -20,9 +20,10 @@ from typing import Any
 from celery import Celery
 
 from orchestrator import config, telemetry
+from orchestrator.admission import record_fields
 from orchestrator.config import Settings
 from orchestrator.errors import IllegalTransition, ServiceUnavailable, TaskNotFound
-from orchestrator.executor import SIGNAL_CANCEL, record_fields
+from orchestrator.executor import SIGNAL_CANCEL
 from orchestrator.lifecycle import TERMINAL, TaskState, advance
 from orchestrator.spec import TaskSpec, parse
 from orchestrator.store import Event, Store

@@ -19,15 +19,16 @@ from typing import Any
 from opentelemetry.trace import Status, StatusCode
 
 from orchestrator import logs, telemetry
+from orchestrator.admission import Admission, heartbeat
 from orchestrator.collect import LogPump, OutputFile, ResultScanner
 from orchestrator.config import TASK_USER, Settings
 from orchestrator.credentials import Credentials, Handout
-from orchestrator.errors import AirlockError, IllegalTransition, InvalidSpec, PolicyError
-from orchestrator.lifecycle import TERMINAL, TaskState, advance
-from orchestrator.policy.engine import Decision, Deployment, PolicyEngine
+from orchestrator.errors import AirlockError
+from orchestrator.lifecycle import TERMINAL, TaskState, advance, try_advance
+from orchestrator.policy.engine import Deployment, PolicyEngine
 from orchestrator.policy.grant import Grant
 from orchestrator.runtime.base import ContainerSpec, ExitStatus, Runtime
-from orchestrator.spec import TaskSpec, parse
+from orchestrator.spec import TaskSpec
 from orchestrator.store import Store
 
 log = logging.getLogger(__name__)
@@ -63,17 +64,6 @@ class Run:
     status: ExitStatus | None = None
 
 
-def record_fields(spec: TaskSpec) -> dict[str, Any]:
-    """The fields a new task record starts with."""
-    return {
-        "agent": spec.agent,
-        "spec": spec.to_json(),
-        "queue": spec.queue,
-        "on_behalf_of": spec.on_behalf_of,
-        "timeout_s": spec.timeout_s,
-    }
-
-
 class Executor:
     def __init__(
         self,
@@ -88,33 +78,19 @@ class Executor:
         self.store = store
         self.runtime = runtime
         self.clock = clock
-        self.policy = policy or PolicyEngine(
-            settings.policy_dir, settings.agents_dir, self.deployment
-        )
-        self._runtimes: tuple[str, ...] | None = None
+        self.admission = Admission(settings, store, runtime, policy, self._remove)
         self.credentials = credentials or Credentials(settings, store)
         telemetry.setup(settings, "worker")
         self._pool = ThreadPoolExecutor(
             max_workers=2 * max(settings.worker_concurrency, 1), thread_name_prefix="provision"
         )
 
+    @property
+    def policy(self) -> PolicyEngine:
+        return self.admission.policy
+
     def deployment(self) -> Deployment:
-        """What the policy needs to know about this worker host."""
-        if self._runtimes is None:
-            self._runtimes = tuple(sorted(self.runtime.runtimes()))
-        s = self.settings
-        return Deployment(
-            runner_image=s.runner_image,
-            runtimes=self._runtimes,
-            default_timeout_s=s.default_timeout_s,
-            default_limits={
-                "cpus": s.default_cpus,
-                "memory": s.default_memory,
-                "pids": s.default_pids,
-            },
-            max_timeout_s=s.max_timeout_s,
-            trust_domain=s.trust_domain,
-        )
+        return self.admission.deployment()
 
     # -- entry point --------------------------------------------------------------------
     def execute(self, task_id: str, spec_data: object, traceparent: str | None = None) -> TaskState:
@@ -145,7 +121,7 @@ class Executor:
 
     def _execute(self, task_id: str, spec_data: object) -> TaskState:
         with telemetry.tracer().start_as_current_span("admit") as span:
-            admitted = self._admit(task_id, spec_data)
+            admitted = self.admission.admit(task_id, spec_data)
             record = self.store.get(task_id)
             self.store.update(
                 task_id, {"trace_id": format(span.get_span_context().trace_id, "032x")}
@@ -182,73 +158,8 @@ class Executor:
         return outcome.state
 
     # -- admit ---------------------------------------------------------------------------
-    def _admit(self, task_id: str, spec_data: object) -> tuple[TaskSpec, Grant] | None:
-        """Record the task if a raw producer enqueued it, validate it, decide it by policy.
-
-        Returns None when the task must not run here: rejected, already taken, or ended.
-        """
-        try:
-            spec = parse(spec_data)
-        except InvalidSpec as exc:
-            agent = spec_data.get("agent") if isinstance(spec_data, Mapping) else None
-            self.store.create(task_id, {"agent": agent if isinstance(agent, str) else "?"})
-            self._try_advance(task_id, S.REJECTED, "; ".join(exc.problems))
-            return None
-        self.store.create(task_id, record_fields(spec))
-        if TaskState(self.store.get(task_id)["state"]) is S.PENDING:
-            decision = self._decide(task_id, spec)
-            if decision is None or decision.grant is None:
-                return None
-            grant = decision.grant
-            fields = {
-                "grant": grant.canonical_json(),
-                "grant_hash": grant.digest(),
-                "policy_version": decision.policy_version,
-            }
-            if self._try_advance(task_id, S.ADMITTED, "admitted by policy", **fields):
-                self._heartbeat(task_id)
-                return spec, grant
-        state = TaskState(self.store.get(task_id)["state"])
-        if state not in TERMINAL:
-            self._recover(task_id, state)
-        return None
-
-    def _decide(self, task_id: str, spec: TaskSpec) -> Decision | None:
-        """The policy's decision; a refusal (or no decision) is recorded on the task."""
-        try:
-            decision = self.policy.admit(spec)
-        except PolicyError as exc:  # fail closed: no policy, no task
-            self._try_advance(task_id, S.REJECTED, "; ".join(exc.problems))
-            return None
-        except AirlockError as exc:
-            self._try_advance(task_id, S.FAILED, f"error: {exc}")
-            return None
-        if decision.grant is None:
-            self._try_advance(
-                task_id,
-                S.REJECTED,
-                "; ".join(decision.reasons),
-                policy_version=decision.policy_version,
-            )
-        return decision
-
-    def _recover(self, task_id: str, state: TaskState) -> None:
-        """A redelivered task that a lost worker had started: finish its teardown."""
-        if state is not S.TEARING_DOWN:
-            reason = f"worker lost while {state}"
-            self._try_advance(task_id, S.TEARING_DOWN, reason, outcome=S.FAILED.value)
-        record = self.store.get(task_id)
-        self._remove(task_id, record.get("container_id"))
-        outcome = TaskState(record.get("outcome") or S.FAILED.value)
-        self._try_advance(task_id, outcome, record.get("reason", "worker lost"))
-
     def _try_advance(self, task_id: str, target: TaskState, reason: str, **fields: Any) -> bool:
-        try:
-            advance(self.store, task_id, target, reason, **fields)
-        except IllegalTransition as exc:
-            log.info("task %s: %s", task_id, exc)
-            return False
-        return True
+        return try_advance(self.store, task_id, target, reason, **fields)
 
     # -- provision and launch -----------------------------------------------------------
     def _container_spec(self, run: Run, marker: str, endpoint_dir: str | None) -> ContainerSpec:
@@ -406,7 +317,7 @@ class Executor:
                 return
 
     def _heartbeat(self, task_id: str) -> None:
-        self.store.heartbeat(task_id, self.settings.heartbeat_s * 3)
+        heartbeat(self.store, self.settings, task_id)
 
     def _cancelled(self, run: Run, outcome: Outcome, started: bool) -> None:
         by = self.store.get(run.task_id).get("cancel_requested_by") or "unknown"

@@ -7,8 +7,11 @@ allow. The check and the write are one atomic step in the store, so two writers 
 
 from __future__ import annotations
 
+import logging
 from enum import Enum
 from typing import TYPE_CHECKING, Any
+
+from orchestrator.errors import IllegalTransition
 
 if TYPE_CHECKING:
     from orchestrator.store import Store
@@ -31,6 +34,7 @@ class TaskState(str, Enum):
 
 
 S = TaskState
+log = logging.getLogger(__name__)
 
 TERMINAL = frozenset({S.SUCCEEDED, S.FAILED, S.TIMED_OUT, S.CANCELLED, S.REJECTED})
 # Outcomes a teardown may end in; REJECTED never needs one, nothing was started.
@@ -65,3 +69,13 @@ def advance(store: Store, task_id: str, target: TaskState, reason: str, **fields
     (a task that already ended included), TaskNotFound if there is no such task.
     """
     return store.compare_and_set_state(task_id, sources(target), target, reason, fields)
+
+
+def try_advance(store: Store, task_id: str, target: TaskState, reason: str, **fields: Any) -> bool:
+    """advance(), where losing a race (the task moved on meanwhile) is not an error."""
+    try:
+        advance(store, task_id, target, reason, **fields)
+    except IllegalTransition as exc:
+        log.info("task %s: %s", task_id, exc)
+        return False
+    return True
