@@ -266,3 +266,18 @@ def watch(limit: int, once: bool, as_json: bool) -> None:
         render.out.print(render.runners_table(client.runners(limit)))
         return
     render.watch(client, limit)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def doctor(as_json: bool) -> None:
+    """Check Docker, Redis, Vault and its setup, the gateway, the policy bundle, the runner
+    image and clock skew; say how to fix what is wrong (exit 1 if anything is)."""
+    from orchestrator.doctor import Doctor
+
+    findings = Doctor(config.load()).run()
+    if as_json:
+        emit_json([f.to_json() for f in findings])
+    else:
+        render.findings(findings)
+    sys.exit(0 if all(f.ok for f in findings) else 1)

@@ -236,6 +236,14 @@ def watch(client: Any, limit: int) -> None:
             pass
 
 
+def findings(items: list[Any]) -> None:
+    for item in items:
+        mark = "[green]ok[/green]     " if item.ok else "[red]PROBLEM[/red]"
+        out.print(f"{mark} {item.check:<14} {item.detail}")
+        if not item.ok:
+            out.print(f"        {'':<14} fix: {item.fix}")
+
+
 def write_log(stream: str, text: str) -> None:
     target = sys.stderr if stream == "stderr" else sys.stdout
     target.write(text)
