@@ -6,6 +6,7 @@ so that one message can never start a second container for the same task.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -52,6 +53,7 @@ class Admission:
         )
         self._remove = remove
         self._runtimes: tuple[str, ...] | None = None
+        self.worker_name = socket.gethostname()
 
     def deployment(self) -> Deployment:
         """What the policy needs to know about this worker host."""
@@ -93,6 +95,7 @@ class Admission:
                 "grant": grant.canonical_json(),
                 "grant_hash": grant.digest(),
                 "policy_version": decision.policy_version,
+                "worker": self.worker_name,
             }
             if self._try_advance(task_id, S.ADMITTED, "admitted by policy", **fields):
                 heartbeat(self.store, self.settings, task_id)

@@ -66,6 +66,7 @@ def present(record: Mapping[str, str]) -> dict[str, Any]:
         "grant_hash",
         "policy_version",
         "jwt_jti",
+        "worker",
     ):
         if record.get(name):
             out[name] = record[name]

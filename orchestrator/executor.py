@@ -86,6 +86,15 @@ class Executor:
         )
 
     @property
+    def worker_name(self) -> str:
+        """Which worker runs the task (recorded on it): its Celery node name."""
+        return self.admission.worker_name
+
+    @worker_name.setter
+    def worker_name(self, name: str) -> None:
+        self.admission.worker_name = name
+
+    @property
     def policy(self) -> PolicyEngine:
         return self.admission.policy
 

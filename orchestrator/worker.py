@@ -55,7 +55,9 @@ def create_app(settings: Settings) -> Celery:
 
     @app.task(name=TASK_NAME, bind=True)  # type: ignore[untyped-decorator]
     def run(self: Task, spec: Any = None, traceparent: str | None = None) -> str:
-        return executor.get().execute(str(self.request.id), spec, traceparent).value
+        runner = executor.get()
+        runner.worker_name = str(self.request.hostname or runner.worker_name)
+        return runner.execute(str(self.request.id), spec, traceparent).value
 
     @app.task(name=REAP_TASK_NAME)  # type: ignore[untyped-decorator]
     def reap_orphans() -> int:
@@ -126,7 +128,7 @@ def run_worker(
         f"--concurrency={concurrency or settings.worker_concurrency}",
         f"--queues={','.join(queues or [settings.queue])}",
         f"--loglevel={loglevel}",
-        f"--hostname=airlock-{settings.namespace}@%h",
+        f"--hostname=airlock-{'-'.join(queues or [settings.queue])}@%h",
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",

@@ -1,0 +1,71 @@
+"""Worker pools: each worker serves its own queues with its own endpoint directory, and a
+task lands in the pool its spec names."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import airlock, airlock_env
+
+
+def test_tasks_land_in_the_pool_they_name(settings: Any, vault: Any, runtime: Any) -> None:
+    pools = {}
+    workers = []
+    try:
+        for pool in ("fast", "batch"):
+            queue = f"{settings.queue}-{pool}"
+            endpoints = Path(tempfile.mkdtemp(prefix=f"al-{pool}-"))
+            pools[pool] = (queue, endpoints)
+            workers.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "orchestrator",
+                        "worker",
+                        "-Q",
+                        queue,
+                        "-c",
+                        "2",
+                        "--loglevel",
+                        "WARNING",
+                    ],
+                    env=airlock_env(
+                        settings, AIRLOCK_ENDPOINT_DIR=str(endpoints), TMPDIR=str(endpoints)
+                    ),
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        landed = {}
+        for pool, (queue, _) in pools.items():
+            script = "import os; print(os.path.exists('/run/airlock-endpoint/airlock.sock'))"
+            done = airlock(
+                settings,
+                "submit",
+                "-a",
+                "tester",
+                "--queue",
+                queue,
+                "--wait",
+                "--json",
+                "--",
+                "python3",
+                "-c",
+                script,
+            )
+            assert done.returncode == 0, done.stderr
+            result = json.loads(done.stdout)
+            assert result["logs"] == "True\n"
+            landed[pool] = result["worker"]
+        assert landed["fast"].startswith(f"airlock-{pools['fast'][0]}@")
+        assert landed["batch"].startswith(f"airlock-{pools['batch'][0]}@")
+    finally:
+        for worker in workers:
+            worker.terminate()
+            worker.wait(timeout=20)
