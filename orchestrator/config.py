@@ -26,6 +26,8 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 @dataclass(frozen=True)
 class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # The Celery broker: Redis by default; RabbitMQ (amqp://) works too, Redis stays the store.
+    broker_url: str | None = None
     # Prefix of every Redis key and the default Celery queue; lets deployments share a Redis.
     namespace: str = "airlock"
     docker_host: str | None = None
@@ -132,6 +134,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     namespace = _get(env, "AIRLOCK_NAMESPACE", d.namespace, _name)
     return Settings(
         redis_url=env.get("REDIS_URL") or d.redis_url,
+        broker_url=env.get("AIRLOCK_BROKER_URL") or None,
         namespace=namespace,
         docker_host=env.get("DOCKER_HOST") or None,
         vault_addr=env.get("VAULT_ADDR") or d.vault_addr,

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> Celery:
-    app = Celery("airlock", broker=settings.redis_url, set_as_current=False)
+    app = Celery("airlock", broker=settings.broker_url or settings.redis_url, set_as_current=False)
     app.conf.update(
         task_default_queue=settings.queue,
         task_serializer="json",

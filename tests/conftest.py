@@ -141,6 +141,7 @@ def airlock_env(settings: Settings, **extra: str) -> dict[str, str]:
         AIRLOCK_AGENTS_DIR=str(settings.agents_dir),
         AIRLOCK_POLICY_DIR=str(settings.policy_dir),
         AIRLOCK_ENDPOINT_DIR=str(settings.endpoint_dir),
+        AIRLOCK_BROKER_URL=settings.broker_url or "",
         # Tests create bare containers on purpose; only an explicit gc may reap them.
         AIRLOCK_REAP_PERIOD_S="3600",
     )

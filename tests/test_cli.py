@@ -1,17 +1,77 @@
-"""The `airlock` command end to end: a real worker process, real Redis, real containers."""
+"""The `airlock` command end to end: a real worker process, real Redis, real containers.
+
+Every test here runs twice: with Redis as the Celery broker, and with RabbitMQ (Redis
+staying the store).
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
 from orchestrator.config import Settings
 from orchestrator.runtime.docker_engine import DockerRuntime
 from orchestrator.store import Store
-from tests.conftest import airlock
+from tests.conftest import IN_CI, ROOT, airlock, airlock_env
+
+
+@pytest.fixture(scope="session", params=["redis", "rabbitmq"])
+def settings(request: pytest.FixtureRequest, settings: Settings) -> Settings:
+    if request.param == "redis":
+        return settings
+    url = os.environ.get("AIRLOCK_RABBITMQ_URL") or "amqp://guest:guest@127.0.0.1:5672//"
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=2).close()
+    except OSError as exc:
+        message = f"RabbitMQ is not available: {exc} (run scripts/bootstrap)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return replace(settings, broker_url=url, queue=f"{settings.queue}-amqp")
+
+
+@pytest.fixture(scope="module")
+def worker(
+    settings: Settings,
+    store: Store,
+    runtime: DockerRuntime,
+    vault: object,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A real `airlock worker` on this module's broker and queue."""
+    name = "amqp" if settings.broker_url else "redis"
+    log = open(ROOT / ".airlock" / "log" / f"worker-{settings.namespace}-{name}.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "worker",
+            "--concurrency",
+            "4",
+            "--loglevel",
+            "WARNING",
+        ],
+        env=airlock_env(settings, TMPDIR=str(tmp_path_factory.mktemp("worker"))),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    yield proc
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.close()
 
 
 def submit_json(settings: Settings, *args: str) -> tuple[int, dict]:  # type: ignore[type-arg]
