@@ -21,10 +21,16 @@ from celery import Celery
 
 from orchestrator import config, telemetry
 from orchestrator.admission import record_fields
-from orchestrator.config import Settings
-from orchestrator.errors import IllegalTransition, ServiceUnavailable, TaskNotFound
+from orchestrator.config import Settings, gvisor_queue
+from orchestrator.errors import (
+    AirlockError,
+    IllegalTransition,
+    ServiceUnavailable,
+    TaskNotFound,
+)
 from orchestrator.executor import SIGNAL_CANCEL
 from orchestrator.lifecycle import TERMINAL, TaskState, advance
+from orchestrator.policy.agents import load_agent
 from orchestrator.spec import TaskSpec, parse
 from orchestrator.store import Event, Store
 
@@ -115,11 +121,25 @@ class Client:
                     "traceparent": traceparent,
                 },
                 task_id=task_id,
-                queue=task.queue or self.settings.queue,
+                queue=self.route(task),
             )
         except Exception as exc:  # kombu raises many kinds; all mean "not enqueued"
             self._abandon(task_id, f"could not enqueue: {exc}")
             raise ServiceUnavailable("broker", str(exc)) from exc
+
+    def route(self, task: TaskSpec) -> str:
+        """The queue a task goes to: its own `queue`, else by its agent's isolation class.
+
+        gVisor agents go to `<queue>-gvisor`, served only by hosts that have runsc. Where the
+        registry is not readable here, the default queue (admission still decides).
+        """
+        if task.queue:
+            return task.queue
+        try:
+            agent = load_agent(self.settings.agents_dir / f"{task.agent}.yaml")
+        except AirlockError:
+            return self.settings.queue
+        return gvisor_queue(self.settings) if agent.isolation == "gvisor" else self.settings.queue
 
     def _abandon(self, task_id: str, reason: str) -> None:
         try:

@@ -112,6 +112,11 @@ def _name(raw: str) -> str:
     return raw
 
 
+def gvisor_queue(settings: Settings) -> str:
+    """The queue of tasks that need the gVisor isolation class."""
+    return f"{settings.queue}-gvisor"
+
+
 def _log_format(raw: str) -> str:
     if raw not in ("json", "text"):
         raise ValueError("must be 'json' or 'text'")

@@ -21,7 +21,8 @@ from celery import Celery, Task
 from celery.signals import worker_ready
 
 from orchestrator import config, logs
-from orchestrator.config import Settings
+from orchestrator.config import Settings, gvisor_queue
+from orchestrator.errors import AirlockError
 from orchestrator.executor import Executor
 from orchestrator.reaper import Reaped, reap, reap_credentials, reap_endpoints
 
@@ -104,6 +105,17 @@ def build_executor(settings: Settings) -> Executor:
     )
 
 
+def default_queues(settings: Settings) -> list[str]:
+    """The default queue, and the gVisor queue when this host's engine has runsc."""
+    from orchestrator.runtime.docker_engine import DockerRuntime
+
+    try:
+        gvisor = "runsc" in DockerRuntime(settings.docker_host).runtimes()
+    except AirlockError:
+        gvisor = False
+    return [settings.queue, gvisor_queue(settings)] if gvisor else [settings.queue]
+
+
 def run_worker(
     settings: Settings | None = None,
     queues: list[str] | None = None,
@@ -113,6 +125,7 @@ def run_worker(
     """Start a worker in this process; returns when it is shut down."""
     settings = settings or config.load()
     logs.configure(loglevel, settings.log_format)
+    queues = queues or default_queues(settings)
     app = create_app(settings)
 
     @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
