@@ -216,11 +216,26 @@ def check(path: Path) -> None:
 @click.option("--queue", "-Q", "queues", multiple=True, help="queue to serve (repeatable)")
 @click.option("--concurrency", "-c", type=click.IntRange(1, 256), help="tasks at once")
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(queues: tuple[str, ...], concurrency: int | None, loglevel: str) -> None:
+@click.option(
+    "--beat/--no-beat",
+    default=True,
+    show_default=True,
+    help="also run the periodic reaper (off where `airlock beat` runs)",
+)
+def worker(queues: tuple[str, ...], concurrency: int | None, loglevel: str, beat: bool) -> None:
     """Run a worker that executes tasks from the queue."""
     from orchestrator.worker import run_worker
 
-    run_worker(config.load(), list(queues) or None, concurrency, loglevel)
+    run_worker(config.load(), list(queues) or None, concurrency, loglevel, beat)
+
+
+@main.command()
+@click.option("--loglevel", default="INFO", show_default=True)
+def beat(loglevel: str) -> None:
+    """Run the periodic scheduler alone (the reaper), for workers started with --no-beat."""
+    from orchestrator.worker import run_beat
+
+    run_beat(config.load(), loglevel)
 
 
 # The operator's commands (agents, policy, vault, gateway, audit, trace, watch, gc).

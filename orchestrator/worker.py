@@ -121,8 +121,12 @@ def run_worker(
     queues: list[str] | None = None,
     concurrency: int | None = None,
     loglevel: str = "INFO",
+    beat: bool = True,
 ) -> None:
-    """Start a worker in this process; returns when it is shut down."""
+    """Start a worker in this process; returns when it is shut down.
+
+    With `beat`, it also runs the periodic reaper (turn it off where `airlock beat` runs).
+    """
     settings = settings or config.load()
     logs.configure(loglevel, settings.log_format)
     queues = queues or default_queues(settings)
@@ -135,8 +139,7 @@ def run_worker(
     beat_schedule = Path(tempfile.gettempdir()) / f"airlock-beat-{settings.namespace}"
     argv = [
         "worker",
-        "--beat",
-        f"--schedule={beat_schedule}",
+        *(["--beat", f"--schedule={beat_schedule}"] if beat else []),
         "--pool=threads",
         f"--concurrency={concurrency or settings.worker_concurrency}",
         f"--queues={','.join(queues or [settings.queue])}",
@@ -147,3 +150,11 @@ def run_worker(
         "--without-heartbeat",
     ]
     app.worker_main(argv)
+
+
+def run_beat(settings: Settings | None = None, loglevel: str = "INFO") -> None:
+    """The periodic scheduler alone (one per deployment): it enqueues the reaper."""
+    settings = settings or config.load()
+    logs.configure(loglevel, settings.log_format)
+    schedule = Path(tempfile.gettempdir()) / f"airlock-beat-{settings.namespace}"
+    create_app(settings).start(["beat", f"--schedule={schedule}", f"--loglevel={loglevel}"])

@@ -38,9 +38,16 @@ def rendered() -> dict:  # type: ignore[type-arg]
 def test_the_stack_validates_and_keeps_its_promises() -> None:
     config = rendered()
     services = config["services"]
-    assert {"redis", "vault", "postgres", "gateway", "worker", "otel-collector", "jaeger"} <= set(
-        services
-    )
+    assert {
+        "redis",
+        "vault",
+        "postgres",
+        "gateway",
+        "worker",
+        "beat",
+        "otel-collector",
+        "jaeger",
+    } <= set(services)
     for name, service in services.items():
         if name != "cli":
             assert service.get("restart") in ("unless-stopped", "always"), name

@@ -70,3 +70,61 @@ def test_gc_command(settings: Settings, runtime: DockerRuntime, store: Store) ->
     assert real.returncode == 0 and f"(task {orphan}): no task record" in real.stdout
     assert runtime.list_managed(settings.namespace) == []
     assert uuid.UUID(orphan)
+
+
+def test_beat_schedules_the_reaper_on_the_workers(
+    settings: Settings, runtime: DockerRuntime, store: Store, vault: object, tmp_path: object
+) -> None:
+    """`airlock beat` enqueues the reaper; a `--no-beat` worker runs it; the orphan goes."""
+    import subprocess
+    import sys
+    from dataclasses import replace
+
+    from tests.conftest import airlock_env
+
+    isolated = replace(settings, queue=f"{settings.queue}-beat")
+    env = airlock_env(isolated, AIRLOCK_REAP_PERIOD_S="1", TMPDIR=str(tmp_path))
+
+    def gone(task_id: str) -> bool:
+        for _ in range(300):
+            if all(c.task_id != task_id for c in runtime.list_managed(settings.namespace)):
+                return True
+            time.sleep(0.1)
+        return False
+
+    # The worker reaps once as it starts; this first orphan shows it is up and has done so.
+    first = container_for(settings, runtime, store, None, time.time() + 60)
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "orchestrator",
+                "worker",
+                "--no-beat",
+                "-c",
+                "1",
+                "-Q",
+                isolated.queue,
+                "--loglevel",
+                "WARNING",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
+        subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "beat", "--loglevel", "WARNING"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
+    ]
+    try:
+        assert gone(first)
+        later = container_for(settings, runtime, store, None, time.time() + 60)
+        assert gone(later)  # only a scheduled reap can have taken this one
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=20)
