@@ -32,9 +32,6 @@ from orchestrator.vault.broker import Broker, Provisioned
 from orchestrator.vault.setup import JWT_KEY
 
 log = logging.getLogger(__name__)
-# Where the endpoint directory appears inside the container (beside, not inside, the tmpfs:
-# gVisor does not mount a bind inside a tmpfs).
-CONTAINER_ENDPOINT = "/run/airlock-endpoint"
 LIVE_STATES = frozenset({TaskState.PROVISIONING.value, TaskState.RUNNING.value})
 # A verified task token is trusted again, without re-checking, for this long: signature,
 # audience and liveness are re-checked at most once a second per task. (The endpoint itself

@@ -35,7 +35,6 @@ from orchestrator.egress.proxy import Session
 
 log = logging.getLogger(__name__)
 SOCKET_NAME = "airlock.sock"
-MAX_BODY = 64 * 1024
 
 
 class Handler(ProxyPolicy, Protocol):

@@ -4,7 +4,6 @@
     ├── ConfigError               no          2   a setting in the environment is malformed
     ├── InvalidSpec               no          2   the task spec failed validation
     ├── PolicyError               no          2   the agent registry or Rego bundle is broken
-    ├── TaskRejected              no          2   admission refused the task
     ├── TaskNotFound              no          2   no record for that task id
     ├── IllegalTransition         no          -   a state change the lifecycle forbids
     ├── ServiceUnavailable        yes         3   Redis, Docker or Vault cannot be reached
@@ -48,10 +47,6 @@ class PolicyError(AirlockError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("policy bundle invalid:\n  " + "\n  ".join(problems))
-
-
-class TaskRejected(AirlockError):
-    exit_code = 2
 
 
 class TaskNotFound(AirlockError):

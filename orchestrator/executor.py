@@ -11,7 +11,7 @@ import contextvars
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +24,7 @@ from orchestrator.collect import LogPump, OutputFile, ResultScanner
 from orchestrator.config import TASK_USER, Settings
 from orchestrator.credentials import Credentials, Handout
 from orchestrator.errors import AirlockError
-from orchestrator.lifecycle import TERMINAL, TaskState, advance, try_advance
+from orchestrator.lifecycle import TaskState, advance, try_advance
 from orchestrator.policy.engine import Deployment, PolicyEngine
 from orchestrator.policy.grant import Grant
 from orchestrator.runtime.base import ContainerSpec, ExitStatus, Runtime
@@ -420,7 +420,3 @@ class Executor:
         for container in self.runtime.list_managed(self.settings.namespace):
             if container.task_id == task_id:
                 self.runtime.remove(container.id)
-
-
-def is_terminal(record: Mapping[str, str]) -> bool:
-    return TaskState(record["state"]) in TERMINAL

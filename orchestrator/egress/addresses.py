@@ -21,8 +21,6 @@ _V4_PART = re.compile(r"^(0x[0-9a-f]*|0[0-7]*|[1-9][0-9]*)$")
 CGNAT = ipaddress.ip_network("100.64.0.0/10")
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
-SIX_TO_FOUR = ipaddress.ip_network("2002::/16")
-TEREDO = ipaddress.ip_network("2001::/32")
 METADATA = {
     ipaddress.ip_address("169.254.169.254"),  # AWS, GCP, Azure, OpenStack, DigitalOcean
     ipaddress.ip_address("169.254.170.2"),  # AWS ECS task metadata

@@ -12,7 +12,7 @@ import posixpath
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from orchestrator.egress.addresses import BadHost, IPAddress, as_ip, internal_reason, normalize_host
+from orchestrator.egress.addresses import BadHost, IPAddress, internal_reason, normalize_host
 from orchestrator.policy.agents import Injection
 from orchestrator.policy.grant import CompiledGrant
 
@@ -121,8 +121,3 @@ def decide_addresses(
                     "ssrf", f"{verdict.host} resolves to {address}, {why}", verdict.host
                 ), None
     return verdict, addresses[0]
-
-
-def literal_address(host: str) -> IPAddress | None:
-    """The address itself when the host is an IP literal (no DNS involved)."""
-    return as_ip(host)

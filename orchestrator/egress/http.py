@@ -262,9 +262,6 @@ def bearer_token(header: str | None) -> str | None:
     return None
 
 
-Pipe = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[int]]
-
-
 async def next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
     while True:
         event = conn.next_event()
