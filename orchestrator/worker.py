@@ -55,7 +55,18 @@ def create_app(settings: Settings) -> Celery:
     executor = _LazyExecutor(settings)
 
     @app.task(name=TASK_NAME, bind=True)  # type: ignore[untyped-decorator]
-    def run(self: Task, spec: Any = None, traceparent: str | None = None) -> str:
+    def run(self: Task, *args: Any, **kwargs: Any) -> str:
+        # Any producer may send anything: a malformed message is recorded as a rejected
+        # task (the spec parser says why), never an exception that stops the worker.
+        spec = kwargs.pop("spec", args[0] if args else None)
+        traceparent = kwargs.pop("traceparent", None)
+        if kwargs or len(args) > 1:
+            spec = {
+                "agent": spec.get("agent") if isinstance(spec, dict) else None,
+                "message": f"unexpected message fields: {sorted(kwargs) or len(args)}",
+            }
+        if not isinstance(traceparent, str) or len(traceparent) > 128:
+            traceparent = None
         runner = executor.get()
         runner.worker_name = str(self.request.hostname or runner.worker_name)
         return runner.execute(str(self.request.id), spec, traceparent).value

@@ -1,0 +1,59 @@
+"""Raw Celery messages of every wrong shape: refused with a reason, and the worker keeps serving."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from orchestrator.client import Client
+from orchestrator.config import Settings
+from orchestrator.worker import TASK_NAME
+
+BAD = [
+    ("spec is a string", {"spec": "rm -rf /"}, "spec: expected an object, got str"),
+    ("spec is a list", {"spec": [1, 2, 3]}, "spec: expected an object, got list"),
+    ("no spec", {}, "spec: expected an object, got NoneType"),
+    (
+        "unknown fields",
+        {"spec": {"agent": "tester", "command": ["true"], "privileged": True}},
+        "privileged: Extra inputs are not permitted",
+    ),
+    (
+        "wrong types",
+        {"spec": {"agent": 7, "command": [1], "timeout_s": "soon"}},
+        "timeout_s: Input should be a valid integer",
+    ),
+    (
+        "huge command",
+        {"spec": {"agent": "tester", "command": ["x" * 200_000]}},
+        "command.0: String should have at most 8192 characters",
+    ),
+    (
+        "unexpected message fields",
+        {"spec": {"agent": "tester", "command": ["true"]}, "privileged": True},
+        "message: Extra inputs are not permitted",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "reason"), BAD, ids=[b[0] for b in BAD])
+def test_bad_messages_are_rejected_and_the_worker_keeps_serving(
+    settings: Settings, worker: Any, runtime: Any, name: str, kwargs: dict[str, Any], reason: str
+) -> None:
+    client = Client(settings)
+    task_id = str(uuid.uuid4())
+    client._celery.send_task(TASK_NAME, kwargs=kwargs, task_id=task_id, queue=settings.queue)
+    for _ in range(300):
+        if client.store.redis.exists(client.store.key(task_id)):
+            status = client.wait(task_id, timeout_s=30)
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"{name}: the worker recorded nothing")
+    assert status["state"] == "rejected" and reason in status["reason"], status
+    assert all(c.task_id != task_id for c in runtime.list_managed(settings.namespace))
+    follow_up = client.submit({"agent": "tester", "command": ["true"]})
+    assert client.wait(follow_up, timeout_s=60)["state"] == "succeeded"
