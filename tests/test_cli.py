@@ -23,8 +23,8 @@ from orchestrator.store import Store
 from tests.conftest import IN_CI, ROOT, airlock, airlock_env
 
 
-@pytest.fixture(scope="session", params=["redis", "rabbitmq"])
-def settings(request: pytest.FixtureRequest, settings: Settings) -> Settings:
+@pytest.fixture(scope="module", params=["redis", "rabbitmq"])
+def cli_settings(request: pytest.FixtureRequest, settings: Settings) -> Settings:
     if request.param == "redis":
         return settings
     url = os.environ.get("AIRLOCK_RABBITMQ_URL") or "amqp://guest:guest@127.0.0.1:5672//"
@@ -40,15 +40,15 @@ def settings(request: pytest.FixtureRequest, settings: Settings) -> Settings:
 
 @pytest.fixture(scope="module")
 def worker(
-    settings: Settings,
+    cli_settings: Settings,
     store: Store,
     runtime: DockerRuntime,
     vault: object,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A real `airlock worker` on this module's broker and queue."""
-    name = "amqp" if settings.broker_url else "redis"
-    log = open(ROOT / ".airlock" / "log" / f"worker-{settings.namespace}-{name}.log", "wb")  # noqa: SIM115
+    name = "amqp" if cli_settings.broker_url else "redis"
+    log = open(ROOT / ".airlock" / "log" / f"worker-{cli_settings.namespace}-{name}.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -60,7 +60,7 @@ def worker(
             "--loglevel",
             "WARNING",
         ],
-        env=airlock_env(settings, TMPDIR=str(tmp_path_factory.mktemp("worker"))),
+        env=airlock_env(cli_settings, TMPDIR=str(tmp_path_factory.mktemp("worker"))),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -74,15 +74,15 @@ def worker(
     log.close()
 
 
-def submit_json(settings: Settings, *args: str) -> tuple[int, dict]:  # type: ignore[type-arg]
-    proc = airlock(settings, "submit", "--agent", "tester", "--wait", "--json", *args)
+def submit_json(cli_settings: Settings, *args: str) -> tuple[int, dict]:  # type: ignore[type-arg]
+    proc = airlock(cli_settings, "submit", "--agent", "tester", "--wait", "--json", *args)
     assert proc.stdout, proc.stderr
     return proc.returncode, json.loads(proc.stdout)
 
 
-def test_submit_wait_json(settings: Settings, worker: subprocess.Popen[bytes]) -> None:
+def test_submit_wait_json(cli_settings: Settings, worker: subprocess.Popen[bytes]) -> None:
     code, result = submit_json(
-        settings,
+        cli_settings,
         "--env",
         "GREETING=hi",
         "--",
@@ -95,9 +95,9 @@ def test_submit_wait_json(settings: Settings, worker: subprocess.Popen[bytes]) -
     assert result["logs"] == "hi there\n"
     for key in ("id", "state", "reason", "exit_code", "agent", "created_at", "finished_at"):
         assert key in result
-    status = json.loads(airlock(settings, "status", result["id"], "--json").stdout)
+    status = json.loads(airlock(cli_settings, "status", result["id"], "--json").stdout)
     assert {k: v for k, v in result.items() if k != "logs"} == status
-    out = airlock(settings, "output", result["id"])
+    out = airlock(cli_settings, "output", result["id"])
     assert out.stdout == "42"
 
 
@@ -109,37 +109,43 @@ def test_submit_wait_json(settings: Settings, worker: subprocess.Popen[bytes]) -
     ],
 )
 def test_exit_codes(
-    settings: Settings, worker: subprocess.Popen[bytes], command: list[str], code: int, state: str
+    cli_settings: Settings,
+    worker: subprocess.Popen[bytes],
+    command: list[str],
+    code: int,
+    state: str,
 ) -> None:
-    got, result = submit_json(settings, "--timeout", "1", "--", *command)
+    got, result = submit_json(cli_settings, "--timeout", "1", "--", *command)
     assert (got, result["state"]) == (code, state)
 
 
-def test_human_output_and_logs(settings: Settings, worker: subprocess.Popen[bytes]) -> None:
-    proc = airlock(settings, "submit", "-a", "tester", "--wait", "--", "sh", "-c", "echo visible")
+def test_human_output_and_logs(cli_settings: Settings, worker: subprocess.Popen[bytes]) -> None:
+    proc = airlock(
+        cli_settings, "submit", "-a", "tester", "--wait", "--", "sh", "-c", "echo visible"
+    )
     assert proc.returncode == 0
     assert "visible" in proc.stdout and "succeeded: exit code 0" in proc.stdout
     assert "running" in proc.stderr  # progress lines
     task_id = proc.stdout.split("task ")[1].split()[0]
-    assert airlock(settings, "logs", task_id).stdout == "visible\n"
-    listed = json.loads(airlock(settings, "list", "--json", "--state", "succeeded").stdout)
+    assert airlock(cli_settings, "logs", task_id).stdout == "visible\n"
+    listed = json.loads(airlock(cli_settings, "list", "--json", "--state", "succeeded").stdout)
     assert task_id in [t["id"] for t in listed]
-    assert task_id in airlock(settings, "list").stdout
+    assert task_id in airlock(cli_settings, "list").stdout
 
 
 def test_cancel_running_task(
-    settings: Settings, store: Store, worker: subprocess.Popen[bytes]
+    cli_settings: Settings, store: Store, worker: subprocess.Popen[bytes]
 ) -> None:
-    task_id = airlock(settings, "submit", "-a", "tester", "--", "sleep", "60").stdout.strip()
+    task_id = airlock(cli_settings, "submit", "-a", "tester", "--", "sleep", "60").stdout.strip()
     for _ in range(200):
         if store.get(task_id)["state"] == "running":
             break
         time.sleep(0.05)
-    proc = airlock(settings, "cancel", task_id)
+    proc = airlock(cli_settings, "cancel", task_id)
     assert proc.returncode == 0 and "cancel requested" in proc.stdout
     status = {}
     for _ in range(200):
-        status = json.loads(airlock(settings, "status", task_id, "--json").stdout)
+        status = json.loads(airlock(cli_settings, "status", task_id, "--json").stdout)
         if status["state"] == "cancelled":
             break
         time.sleep(0.05)
@@ -147,10 +153,10 @@ def test_cancel_running_task(
 
 
 def test_logs_follow_streams_until_the_end(
-    settings: Settings, worker: subprocess.Popen[bytes]
+    cli_settings: Settings, worker: subprocess.Popen[bytes]
 ) -> None:
     task_id = airlock(
-        settings,
+        cli_settings,
         "submit",
         "-a",
         "tester",
@@ -159,41 +165,41 @@ def test_logs_follow_streams_until_the_end(
         "-c",
         "for i in 1 2 3; do echo line $i; sleep 0.2; done",
     ).stdout.strip()
-    proc = airlock(settings, "logs", "--follow", task_id)
+    proc = airlock(cli_settings, "logs", "--follow", task_id)
     assert proc.stdout == "line 1\nline 2\nline 3\n"
 
 
 def test_invalid_spec_is_refused_and_nothing_queued(
-    settings: Settings, store: Store, runtime: DockerRuntime
+    cli_settings: Settings, store: Store, runtime: DockerRuntime
 ) -> None:
     before = store.redis.zcard(store.index_key)
-    proc = airlock(settings, "submit", "--agent", "Bad Agent", "--memory", "lots", "--", "true")
+    proc = airlock(cli_settings, "submit", "--agent", "Bad Agent", "--memory", "lots", "--", "true")
     assert proc.returncode == 2
     assert "agent: must be lower-case" in proc.stderr and "limits.memory:" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert store.redis.zcard(store.index_key) == before
-    assert store.redis.llen(settings.queue) == 0
-    assert runtime.list_managed(settings.namespace) == []
+    assert store.redis.llen(cli_settings.queue) == 0
+    assert runtime.list_managed(cli_settings.namespace) == []
 
 
-def test_spec_file_and_schema(settings: Settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    schema = json.loads(airlock(settings, "spec", "schema").stdout)
+def test_spec_file_and_schema(cli_settings: Settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    schema = json.loads(airlock(cli_settings, "spec", "schema").stdout)
     assert schema["title"] == "Airlock task spec"
     bad = tmp_path / "bad.yaml"
     bad.write_text("agent: tester\ncommand: []\ntimeout_s: -1\n")
-    proc = airlock(settings, "spec", "check", str(bad))
+    proc = airlock(cli_settings, "spec", "check", str(bad))
     assert proc.returncode == 2 and "timeout_s:" in proc.stderr and "command:" in proc.stderr
 
 
-def test_unreachable_redis_exits_3(settings: Settings) -> None:
+def test_unreachable_redis_exits_3(cli_settings: Settings) -> None:
     proc = airlock(
-        settings, "submit", "-a", "tester", "--", "true", REDIS_URL="redis://127.0.0.1:1/0"
+        cli_settings, "submit", "-a", "tester", "--", "true", REDIS_URL="redis://127.0.0.1:1/0"
     )
     assert proc.returncode == 3
     assert proc.stderr.startswith("airlock: redis is unreachable")
     assert "Traceback" not in proc.stderr
 
 
-def test_unknown_task(settings: Settings) -> None:
-    proc = airlock(settings, "status", "nope")
+def test_unknown_task(cli_settings: Settings) -> None:
+    proc = airlock(cli_settings, "status", "nope")
     assert proc.returncode == 2 and "no task with id 'nope'" in proc.stderr
