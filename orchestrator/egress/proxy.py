@@ -139,6 +139,7 @@ class Session:
             if url.scheme != "http" or not url.hostname:
                 raise Refused(400, "scheme", "only absolute http:// URLs; use CONNECT for TLS")
             exchange.path = url.path or "/"
+            exchange.port = url.port or 80
             path = exchange.path + (f"?{url.query}" if url.query else "")
             self._authenticate(request)
             upstream, verdict = await connect_checked(
