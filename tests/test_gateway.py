@@ -455,7 +455,7 @@ def test_real_clients_in_a_sealed_container(
     assert ("CONNECT", None, "allow") in decisions
     assert ("GET", "/admin", "deny") in decisions
     post = next(r for r in records if r["method"] == "POST")
-    assert post["bytes_out"] == 100000 and post["status"] == 200
+    assert post["bytes_out"] == 100000 and post["status"] == 200 and post["port"] == HTTP_PORT
     assert all(r["agent"] == "web" and r["task"] == task_id for r in records)
 
 
