@@ -57,6 +57,7 @@ class Run:
     container_id: str | None = None
     handout: Handout | None = None
     marker: str = ""
+    policy_version: str = ""
     admitted_at: float = field(default_factory=time.time)
     started: bool = False
     pump: LogPump | None = None
@@ -145,7 +146,13 @@ class Executor:
         if admitted is None:
             return TaskState(record["state"])
         spec, grant = admitted
-        run = Run(task_id, spec, grant, deadline=self.clock() + grant.timeout_s)
+        run = Run(
+            task_id,
+            spec,
+            grant,
+            deadline=self.clock() + grant.timeout_s,
+            policy_version=record.get("policy_version", ""),
+        )
         outcome = Outcome()
         try:
             if self._provision_and_launch(run, outcome):
@@ -227,7 +234,7 @@ class Executor:
         context = {
             "model": run.spec.model,
             "prompt_hash": run.spec.prompt_hash,
-            "policy_version": self.store.get(run.task_id).get("policy_version"),
+            "policy_version": run.policy_version,
         }
         # Vault and the engine work at the same time: the container is created (not started)
         # while the task's credentials are minted; its endpoint directory is known ahead.

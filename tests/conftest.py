@@ -7,6 +7,7 @@ tests that need it, except under CI=true, where it fails them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -149,6 +150,34 @@ def airlock_env(settings: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def running(
+    settings: Settings, *argv: str, log: str | None = None, **env: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """An `airlock` process (worker, beat, gateway) for the test; stopped on the way out.
+
+    With `log`, its output goes to .airlock/log/<log>.log for a look after a failure.
+    """
+    sink = open(ROOT / ".airlock" / "log" / f"{log}.log", "wb") if log else None  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", *argv, "--loglevel", "WARNING"],
+        env=airlock_env(settings, **env),
+        stdout=sink or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT if sink else subprocess.DEVNULL,
+    )
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if sink:
+            sink.close()
+
+
 @pytest.fixture(scope="session")
 def worker(
     settings: Settings,
@@ -158,30 +187,11 @@ def worker(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A real `airlock worker` process serving this session's queue."""
-    log = open(ROOT / ".airlock" / "log" / f"worker-{settings.namespace}.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "orchestrator",
-            "worker",
-            "--concurrency",
-            "4",
-            "--loglevel",
-            "WARNING",
-        ],
-        env=airlock_env(settings, TMPDIR=str(tmp_path_factory.mktemp("worker"))),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    yield proc
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
+    tmp = str(tmp_path_factory.mktemp("worker"))
+    with running(
+        settings, "worker", "--concurrency", "4", log=f"worker-{settings.namespace}", TMPDIR=tmp
+    ) as proc:
+        yield proc
 
 
 def airlock(

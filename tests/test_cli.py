@@ -10,7 +10,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -20,7 +19,7 @@ import pytest
 from orchestrator.config import Settings
 from orchestrator.runtime.docker_engine import DockerRuntime
 from orchestrator.store import Store
-from tests.conftest import IN_CI, ROOT, airlock, airlock_env
+from tests.conftest import IN_CI, airlock, running
 
 
 @pytest.fixture(scope="module", params=["redis", "rabbitmq"])
@@ -48,30 +47,16 @@ def worker(
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A real `airlock worker` on this module's broker and queue."""
     name = "amqp" if cli_settings.broker_url else "redis"
-    log = open(ROOT / ".airlock" / "log" / f"worker-{cli_settings.namespace}-{name}.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "orchestrator",
-            "worker",
-            "--concurrency",
-            "4",
-            "--loglevel",
-            "WARNING",
-        ],
-        env=airlock_env(cli_settings, TMPDIR=str(tmp_path_factory.mktemp("worker"))),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    yield proc
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
+    tmp = str(tmp_path_factory.mktemp("worker"))
+    with running(
+        cli_settings,
+        "worker",
+        "--concurrency",
+        "4",
+        log=f"worker-{cli_settings.namespace}-{name}",
+        TMPDIR=tmp,
+    ) as proc:
+        yield proc
 
 
 def submit_json(cli_settings: Settings, *args: str) -> tuple[int, dict]:  # type: ignore[type-arg]

@@ -1,49 +1,45 @@
 """Worker pools: each worker serves its own queues with its own endpoint directory, and a
-task lands in the pool its spec names."""
+task lands in the pool its spec names (or its agent's isolation class implies)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import subprocess
-import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import airlock, airlock_env
+import pytest
+
+from orchestrator.client import Client
+from tests.conftest import airlock, running
+
+
+def pool_worker(stack: contextlib.ExitStack, settings: Any, queue: str, concurrency: int) -> None:
+    """A worker serving only `queue`, with an endpoint directory of its own."""
+    endpoints = Path(tempfile.mkdtemp(prefix="al-pool-"))
+    stack.enter_context(
+        running(
+            settings,
+            "worker",
+            "-Q",
+            queue,
+            "-c",
+            str(concurrency),
+            AIRLOCK_ENDPOINT_DIR=str(endpoints),
+            TMPDIR=str(endpoints),
+        )
+    )
 
 
 def test_tasks_land_in_the_pool_they_name(settings: Any, vault: Any, runtime: Any) -> None:
-    pools = {}
-    workers = []
-    try:
-        for pool in ("fast", "batch"):
-            queue = f"{settings.queue}-{pool}"
-            endpoints = Path(tempfile.mkdtemp(prefix=f"al-{pool}-"))
-            pools[pool] = (queue, endpoints)
-            workers.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "orchestrator",
-                        "worker",
-                        "-Q",
-                        queue,
-                        "-c",
-                        "2",
-                        "--loglevel",
-                        "WARNING",
-                    ],
-                    env=airlock_env(
-                        settings, AIRLOCK_ENDPOINT_DIR=str(endpoints), TMPDIR=str(endpoints)
-                    ),
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
+    pools = {pool: f"{settings.queue}-{pool}" for pool in ("fast", "batch")}
+    with contextlib.ExitStack() as stack:
+        for queue in pools.values():
+            pool_worker(stack, settings, queue, 2)
         landed = {}
-        for pool, (queue, _) in pools.items():
+        for pool, queue in pools.items():
             script = "import os; print(os.path.exists('/run/airlock-endpoint/airlock.sock'))"
             done = airlock(
                 settings,
@@ -63,50 +59,18 @@ def test_tasks_land_in_the_pool_they_name(settings: Any, vault: Any, runtime: An
             result = json.loads(done.stdout)
             assert result["logs"] == "True\n"
             landed[pool] = result["worker"]
-        assert landed["fast"].startswith(f"airlock-{pools['fast'][0]}@")
-        assert landed["batch"].startswith(f"airlock-{pools['batch'][0]}@")
-    finally:
-        for worker in workers:
-            worker.terminate()
-            worker.wait(timeout=20)
+    assert landed["fast"].startswith(f"airlock-{pools['fast']}@")
+    assert landed["batch"].startswith(f"airlock-{pools['batch']}@")
 
 
 def test_gvisor_agents_route_to_the_gvisor_pool(settings: Any, vault: Any, runtime: Any) -> None:
-    from dataclasses import replace
-
-    from orchestrator.client import Client
-
     if "runsc" not in runtime.runtimes():
-        import pytest
-
         pytest.skip("runsc is not registered with this Docker engine")
     routed = replace(settings, queue=f"{settings.queue}-route")
     plain, gvisor = routed.queue, f"{routed.queue}-gvisor"
-    workers = []
-    try:
+    with contextlib.ExitStack() as stack:
         for queue in (plain, gvisor):
-            endpoints = Path(tempfile.mkdtemp(prefix="al-route-"))
-            workers.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "orchestrator",
-                        "worker",
-                        "-Q",
-                        queue,
-                        "-c",
-                        "1",
-                        "--loglevel",
-                        "WARNING",
-                    ],
-                    env=airlock_env(
-                        settings, AIRLOCK_ENDPOINT_DIR=str(endpoints), TMPDIR=str(endpoints)
-                    ),
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
+            pool_worker(stack, settings, queue, 1)
         client = Client(routed)
         sandboxed = client.submit({"agent": "sandboxed", "command": ["true"]})
         ordinary = client.submit({"agent": "tester", "command": ["true"]})
@@ -114,10 +78,6 @@ def test_gvisor_agents_route_to_the_gvisor_pool(settings: Any, vault: Any, runti
             name: client.wait(task, timeout_s=120)
             for name, task in (("sandboxed", sandboxed), ("ordinary", ordinary))
         }
-        assert done["sandboxed"]["state"] == "succeeded", done["sandboxed"]
-        assert done["sandboxed"]["worker"].startswith(f"airlock-{gvisor}@")
-        assert done["ordinary"]["worker"].startswith(f"airlock-{plain}@")
-    finally:
-        for worker in workers:
-            worker.terminate()
-            worker.wait(timeout=20)
+    assert done["sandboxed"]["state"] == "succeeded", done["sandboxed"]
+    assert done["sandboxed"]["worker"].startswith(f"airlock-{gvisor}@")
+    assert done["ordinary"]["worker"].startswith(f"airlock-{plain}@")

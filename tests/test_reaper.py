@@ -11,7 +11,7 @@ from orchestrator.lifecycle import TaskState
 from orchestrator.reaper import DEADLINE_GRACE_S, reap
 from orchestrator.runtime.docker_engine import DockerRuntime
 from orchestrator.store import Store
-from tests.conftest import airlock
+from tests.conftest import airlock, running
 from tests.test_runtime import make_spec
 
 
@@ -76,14 +76,9 @@ def test_beat_schedules_the_reaper_on_the_workers(
     settings: Settings, runtime: DockerRuntime, store: Store, vault: object, tmp_path: object
 ) -> None:
     """`airlock beat` enqueues the reaper; a `--no-beat` worker runs it; the orphan goes."""
-    import subprocess
-    import sys
     from dataclasses import replace
 
-    from tests.conftest import airlock_env
-
     isolated = replace(settings, queue=f"{settings.queue}-beat")
-    env = airlock_env(isolated, AIRLOCK_REAP_PERIOD_S="1", TMPDIR=str(tmp_path))
 
     def gone(task_id: str) -> bool:
         for _ in range(300):
@@ -94,37 +89,20 @@ def test_beat_schedules_the_reaper_on_the_workers(
 
     # The worker reaps once as it starts; this first orphan shows it is up and has done so.
     first = container_for(settings, runtime, store, None, time.time() + 60)
-    processes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "orchestrator",
-                "worker",
-                "--no-beat",
-                "-c",
-                "1",
-                "-Q",
-                isolated.queue,
-                "--loglevel",
-                "WARNING",
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+    with (
+        running(
+            isolated,
+            "worker",
+            "--no-beat",
+            "-c",
+            "1",
+            "-Q",
+            isolated.queue,
+            AIRLOCK_REAP_PERIOD_S="1",
+            TMPDIR=str(tmp_path),
         ),
-        subprocess.Popen(
-            [sys.executable, "-m", "orchestrator", "beat", "--loglevel", "WARNING"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        ),
-    ]
-    try:
+        running(isolated, "beat", AIRLOCK_REAP_PERIOD_S="1", TMPDIR=str(tmp_path)),
+    ):
         assert gone(first)
         later = container_for(settings, runtime, store, None, time.time() + 60)
         assert gone(later)  # only a scheduled reap can have taken this one
-    finally:
-        for process in processes:
-            process.terminate()
-            process.wait(timeout=20)

@@ -10,7 +10,7 @@ from orchestrator.client import Client
 from orchestrator.executor import Executor
 from orchestrator.lifecycle import TaskState
 from orchestrator.store import Store
-from tests.conftest import airlock
+from tests.conftest import airlock, running
 from tests.test_gateway import upstreams  # noqa: F401  (the fixture)
 from tests.upstream import HTTP_PORT, Upstreams
 
@@ -183,11 +183,7 @@ def test_spans_reach_an_otlp_collector_as_one_trace(
     upstreams: Upstreams,  # noqa: F811
     tmp_path: Any,
 ) -> None:
-    import subprocess
-    import sys
     import time
-
-    from tests.conftest import airlock_env
 
     receiver = OtlpReceiver()
     queue = f"{settings.queue}-otlp"
@@ -196,42 +192,35 @@ def test_spans_reach_an_otlp_collector_as_one_trace(
         "AIRLOCK_QUEUE": queue,
         "OTEL_METRIC_EXPORT_INTERVAL": "300",
     }
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "worker", "-c", "1", "--loglevel", "WARNING"],
-        env=airlock_env(settings, TMPDIR=str(tmp_path), **otlp),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    exported = {"airlock.tasks", "airlock.start_latency", "airlock.egress.decisions"}
     try:
-        script = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{HTTP_PORT}/api/otlp')"
-        done = airlock(
-            settings,
-            "submit",
-            "-a",
-            "web",
-            "--wait",
-            "--json",
-            "--",
-            "python3",
-            "-c",
-            script,
-            **otlp,
-        )
-        assert done.returncode == 0, done.stderr
-        task_id = json.loads(done.stdout)["id"]
-        for _ in range(100):  # the worker's batch processor exports within a fraction of a second
-            names = {s["name"] for s in receiver.spans}
-            exported = {"airlock.tasks", "airlock.start_latency", "airlock.egress.decisions"}
-            if (
-                {"submit", "task", "teardown"} <= names
-                and exported <= receiver.metrics
-                and any(n.startswith("egress") for n in names)
-            ):
-                break
-            time.sleep(0.1)
+        with running(settings, "worker", "-c", "1", TMPDIR=str(tmp_path), **otlp):
+            script = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{HTTP_PORT}/api/otlp')"
+            done = airlock(
+                settings,
+                "submit",
+                "-a",
+                "web",
+                "--wait",
+                "--json",
+                "--",
+                "python3",
+                "-c",
+                script,
+                **otlp,
+            )
+            assert done.returncode == 0, done.stderr
+            task_id = json.loads(done.stdout)["id"]
+            for _ in range(100):  # the worker's batch processor exports within a moment
+                names = {s["name"] for s in receiver.spans}
+                if (
+                    {"submit", "task", "teardown"} <= names
+                    and exported <= receiver.metrics
+                    and any(n.startswith("egress") for n in names)
+                ):
+                    break
+                time.sleep(0.1)
     finally:
-        worker.terminate()
-        worker.wait(timeout=20)
         receiver.close()
     named = spans_by_name(receiver.spans)
     [root] = [
