@@ -72,6 +72,7 @@ class TaskEndpoint:
         self._wrap_tokens = {s.token for s in given.secrets}
         self._accepted: dict[str, float] = {}
         self._requests = 0
+        self._verdicts: dict[Target, Verdict] = {}
         self.max_requests = max_requests
         self._fetched = False
         self._lock = threading.Lock()
@@ -104,7 +105,13 @@ class TaskEndpoint:
         return f"more than {self.max_requests} requests for this task" if over else None
 
     def decide(self, target: Target) -> Verdict:
-        return decide_request(self.grant, target)
+        # The grant never changes during the task, so a verdict holds for the same target.
+        verdict = self._verdicts.get(target)
+        if verdict is None:
+            if len(self._verdicts) >= 512:
+                self._verdicts.clear()
+            verdict = self._verdicts[target] = decide_request(self.grant, target)
+        return verdict
 
     def audit(self, record: dict[str, Any]) -> None:
         logs.current_task.set(self.task_id)

@@ -11,6 +11,7 @@ address (mapped, compatible, NAT64, 6to4, Teredo).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -59,6 +60,7 @@ def parse_ipv4_loose(host: str) -> ipaddress.IPv4Address | None:
     return ipaddress.IPv4Address(number)
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_host(raw: str) -> str:
     """The canonical spelling of a host (from a URL, Host header or CONNECT target)."""
     host = raw.strip().lower()
@@ -84,6 +86,7 @@ def normalize_host(raw: str) -> str:
     return host
 
 
+@functools.lru_cache(maxsize=4096)
 def as_ip(host: str) -> IPAddress | None:
     try:
         return ipaddress.ip_address(host)

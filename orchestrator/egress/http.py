@@ -121,7 +121,7 @@ async def read_head(reader: asyncio.StreamReader, buffer: bytearray) -> bool:
     while b"\r\n\r\n" not in buffer:
         if len(buffer) > MAX_HEAD:
             raise Refused(431, "limits", "request head too large")
-        chunk = await asyncio.wait_for(reader.read(65536), IDLE_TIMEOUT_S)
+        chunk = await read_chunk(reader)
         if not chunk:
             if buffer:
                 raise Refused(400, "malformed", "connection closed inside a request head")
@@ -262,12 +262,18 @@ def bearer_token(header: str | None) -> str | None:
     return None
 
 
+async def read_chunk(reader: asyncio.StreamReader) -> bytes:
+    """The next bytes from a peer; TimeoutError after the idle timeout."""
+    async with asyncio.timeout(IDLE_TIMEOUT_S):
+        return await reader.read(65536)
+
+
 async def next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
     while True:
         event = conn.next_event()
         if event is not h11.NEED_DATA:
             return event
-        conn.receive_data(await asyncio.wait_for(reader.read(65536), IDLE_TIMEOUT_S))
+        conn.receive_data(await read_chunk(reader))
 
 
 async def read_body(conn: h11.Connection, reader: asyncio.StreamReader, limit: int) -> bytes:

@@ -30,6 +30,7 @@ from orchestrator.egress.http import (
     next_event,
     proxy_credentials,
     read_body,
+    read_chunk,
     read_head,
     refusal,
     respond,
@@ -276,18 +277,28 @@ class Session:
     async def _relay_response(
         self, upstream: h11.Connection, up_reader: asyncio.StreamReader, exchange: Exchange
     ) -> None:
+        """Stream the upstream's answer back; what is already parsed goes out in one write."""
+        out = bytearray()
         while True:
-            event = await next_event(upstream, up_reader)
-            if isinstance(event, h11.Response):
-                self._start_response(event, exchange)
+            event = upstream.next_event()
+            if event is h11.NEED_DATA:
+                if out:
+                    self.writer.write(bytes(out))
+                    out.clear()
+                    await self.writer.drain()
+                upstream.receive_data(await read_chunk(up_reader))
+            elif isinstance(event, h11.Response):
+                out += self._start_response(event, exchange)
             elif isinstance(event, h11.Data):
                 exchange.bytes_in += len(event.data)
-                self.writer.write(self.conn.send(h11.Data(data=event.data)) or b"")
-                await self.writer.drain()
+                out += self.conn.send(h11.Data(data=event.data)) or b""
             elif isinstance(event, h11.EndOfMessage):
-                self.writer.write(self.conn.send(h11.EndOfMessage()) or b"")
+                out += self.conn.send(h11.EndOfMessage()) or b""
+                self.writer.write(bytes(out))
                 await self.writer.drain()
                 return
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ConnectionResetError("the upstream closed inside its answer")
 
     async def _relay_mcp_response(
         self,
@@ -303,7 +314,7 @@ class Session:
         kind = dict(response.headers).get(b"content-type", b"").split(b";")[0].strip()
         stream = EventStreamFilter(self.policy.grant, server)
         if kind != b"application/json":
-            self._start_response(response, exchange, reframe=True)
+            self.writer.write(self._start_response(response, exchange, reframe=True))
         body = b""
         while not isinstance(event := await next_event(upstream, up_reader), h11.EndOfMessage):
             if not isinstance(event, h11.Data):
@@ -318,7 +329,9 @@ class Session:
                 await self.writer.drain()
         if kind == b"application/json":
             filtered = filter_json_body(self.policy.grant, server, body)
-            self._start_response(response, exchange, reframe=True, length=len(filtered))
+            self.writer.write(
+                self._start_response(response, exchange, reframe=True, length=len(filtered))
+            )
             self.writer.write(self.conn.send(h11.Data(data=filtered)) or b"")
         elif rest := stream.finish():
             self.writer.write(self.conn.send(h11.Data(data=rest)) or b"")
@@ -331,15 +344,17 @@ class Session:
         exchange: Exchange,
         reframe: bool = False,
         length: int | None = None,
-    ) -> None:
-        """Send the upstream's status and headers; `reframe` when the body will change."""
+    ) -> bytes:
+        """The upstream's status and headers, as sent on; `reframe` when the body will change."""
         exchange.status = response.status_code
-        kept = [(k, v) for k, v in response.headers if k not in HOP_BY_HOP]
+        kept: list[tuple[bytes, bytes]] | h11._headers.Headers = response.headers
+        if reframe or any(k in HOP_BY_HOP for k, _ in response.headers):
+            kept = [(k, v) for k, v in response.headers if k not in HOP_BY_HOP]
         if reframe:
             kept = [(k, v) for k, v in kept if k not in (b"content-length", b"transfer-encoding")]
             if length is not None:
                 kept.append((b"content-length", str(length).encode()))
-        self.writer.write(
+        return (
             self.conn.send(
                 h11.Response(status_code=response.status_code, headers=kept, reason=response.reason)
             )
