@@ -125,7 +125,13 @@ class Admission:
         return decision
 
     def _recover(self, task_id: str, state: TaskState) -> None:
-        """A redelivered task that a lost worker had started: finish its teardown."""
+        """A redelivered task that a lost worker had started: finish its teardown.
+
+        A worker that still heartbeats for it is not lost (the broker delivered the message
+        twice): it finishes the task itself, and this delivery does nothing.
+        """
+        if self.store.has_owner(task_id):
+            return
         if state is not S.TEARING_DOWN:
             reason = f"worker lost while {state}"
             self._try_advance(task_id, S.TEARING_DOWN, reason, outcome=S.FAILED.value)

@@ -30,7 +30,7 @@ DEADLINE_GRACE_S = 30.0
 
 @dataclass(frozen=True)
 class Reaped:
-    kind: str  # container, credentials or endpoint
+    kind: str  # container, task, credentials or endpoint
     id: str
     task_id: str
     why: str
@@ -94,6 +94,26 @@ def reap(
     return done
 
 
+# States in which a task has a worker that heartbeats for it (pending ones wait in the queue).
+OWNED = frozenset(TaskState) - TERMINAL - {TaskState.PENDING}
+
+
+def reap_tasks(
+    store: Store, runtime: Runtime, namespace: str, dry_run: bool = False
+) -> list[Reaped]:
+    """End live tasks that no worker owns and that have no container: nobody will end them."""
+    done = []
+    containers = {c.task_id for c in runtime.list_managed(namespace)}
+    for task_id, state in store.live_tasks().items():
+        if state not in OWNED or task_id in containers or store.has_owner(task_id):
+            continue
+        why = f"its worker was lost while {state.value} and it has no container"
+        if not dry_run:
+            _end(store, task_id, state, f"reaped: {why}")
+        done.append(Reaped("task", task_id, task_id, why, not dry_run))
+    return done
+
+
 def reap_credentials(store: Store, credentials: Credentials, dry_run: bool = False) -> list[Reaped]:
     """Revoke the journaled credentials of every task that is no longer live."""
     done = []
@@ -110,6 +130,8 @@ def reap_credentials(store: Store, credentials: Credentials, dry_run: bool = Fal
             if state is not None:
                 pending = 0 if removed else 1
                 store.update(task_id, {"revocation": receipt, "revocation_pending": pending})
+                verdict = "revoked and verified" if removed else "revocation not verified yet"
+                store.note(task_id, f"reaper: credentials {verdict} ({why})")
         done.append(Reaped("credentials", fields.get("token_accessor", ""), task_id, why, removed))
     return done
 
@@ -120,6 +142,8 @@ def reap_endpoints(store: Store, credentials: Credentials, dry_run: bool = False
     for task_id in credentials.endpoints.stale(lambda t: _not_live(_state(store, t)) is None):
         why = _not_live(_state(store, task_id)) or "not live"
         removed = False if dry_run else credentials.endpoints.close(task_id)
+        if removed:
+            store.note(task_id, f"reaper: endpoint removed ({why})")
         done.append(
             Reaped("endpoint", str(credentials.endpoints.directory(task_id)), task_id, why, removed)
         )

@@ -203,7 +203,39 @@ class Store:
             self.redis.zrem(self.index_key, *gone)
         return [rec for rec in records if rec]
 
+    @_guard
+    def live_tasks(self) -> dict[str, TaskState]:
+        """Every recorded task that has not ended, with its state."""
+        ids: list[str] = self.redis.zrange(self.index_key, 0, -1)
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hget(self.key(task_id), "state")
+        states = pipe.execute()
+        return {
+            task_id: TaskState(state)
+            for task_id, state in zip(ids, states, strict=True)
+            if state and TaskState(state) not in TERMINAL
+        }
+
     # -- events -----------------------------------------------------------------------
+    @_guard
+    def note(self, task_id: str, reason: str) -> None:
+        """An event that is not a state change (what the reaper did for an ended task, say)."""
+        state = self.redis.hget(self.key(task_id), "state")
+        if not state:
+            return
+        event = {
+            "task": task_id,
+            "state": state,
+            "from": state,
+            "reason": reason,
+            "at": self.clock(),
+        }
+        pipe = self.redis.pipeline()
+        pipe.xadd(self.key(task_id, "events"), event)
+        pipe.xadd(self.events_key, event, maxlen=GLOBAL_EVENTS_MAXLEN, approximate=True)
+        pipe.execute()
+
     @_guard
     def events(self, task_id: str, after: str = "0", block_ms: int | None = None) -> list[Event]:
         """Events of one task after stream id `after`; waits up to `block_ms` for the first."""

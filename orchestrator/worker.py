@@ -24,7 +24,7 @@ from orchestrator import config, logs
 from orchestrator.config import Settings, gvisor_queue
 from orchestrator.errors import AirlockError
 from orchestrator.executor import Executor
-from orchestrator.reaper import Reaped, reap, reap_credentials, reap_endpoints
+from orchestrator.reaper import Reaped, reap, reap_credentials, reap_endpoints, reap_tasks
 
 TASK_NAME = "airlock.run"
 REAP_TASK_NAME = "airlock.reap"
@@ -79,9 +79,11 @@ def create_app(settings: Settings) -> Celery:
 
 
 def reap_now(executor: Executor, dry_run: bool = False) -> list[Reaped]:
-    """Containers first (ending overrun tasks), then the credentials and endpoints they had."""
+    """Containers first (ending overrun tasks), then live tasks nobody runs any more, then
+    the credentials and endpoints of every task that has ended."""
     store, credentials = executor.store, executor.credentials
     found = reap(store, executor.runtime, executor.settings.namespace, dry_run)
+    found += reap_tasks(store, executor.runtime, executor.settings.namespace, dry_run)
     found += reap_credentials(store, credentials, dry_run)
     found += reap_endpoints(store, credentials, dry_run)
     for item in found:

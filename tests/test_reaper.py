@@ -8,7 +8,7 @@ import uuid
 
 from orchestrator.config import Settings
 from orchestrator.lifecycle import TaskState
-from orchestrator.reaper import DEADLINE_GRACE_S, reap
+from orchestrator.reaper import DEADLINE_GRACE_S, reap, reap_tasks
 from orchestrator.runtime.docker_engine import DockerRuntime
 from orchestrator.store import Store
 from tests.conftest import airlock, running
@@ -59,6 +59,44 @@ def test_reap_takes_only_orphans(settings: Settings, runtime: DockerRuntime, sto
     assert store.get(live)["state"] == "running"
     for container in runtime.list_managed(settings.namespace):
         runtime.remove(container.id)
+
+
+def test_live_tasks_nobody_runs_are_ended(
+    settings: Settings, runtime: DockerRuntime, store: Store
+) -> None:
+    """A task whose worker died before it had a container: the record must not stay live."""
+
+    def task(state: TaskState, owned: bool) -> str:
+        task_id = str(uuid.uuid4())
+        store.create(task_id, {"agent": "tester"})
+        store.redis.hset(store.key(task_id), "state", state.value)
+        if owned:
+            store.heartbeat(task_id, 60)
+        return task_id
+
+    lost = task(TaskState.PROVISIONING, owned=False)
+    lost_running = task(TaskState.RUNNING, owned=False)
+    working = task(TaskState.PROVISIONING, owned=True)
+    queued = task(TaskState.PENDING, owned=False)
+    with_container = container_for(
+        settings, runtime, store, TaskState.RUNNING, time.time() + 60, owned=False
+    )
+
+    planned = {r.task_id for r in reap_tasks(store, runtime, settings.namespace, dry_run=True)}
+    assert {lost, lost_running} <= planned
+    assert not planned & {working, queued, with_container}  # containers are reap()'s part
+    assert store.get(lost)["state"] == "provisioning"  # a dry run changes nothing
+
+    reap_tasks(store, runtime, settings.namespace)
+    for task_id in (lost, lost_running):
+        record = store.get(task_id)
+        assert record["state"] == "failed", record
+        assert "worker was lost" in record["reason"]
+        assert [e.state.value for e in store.events(task_id)][-2:] == ["tearing_down", "failed"]
+    assert store.get(working)["state"] == "provisioning"
+    assert store.get(queued)["state"] == "pending"
+    reap(store, runtime, settings.namespace)
+    assert store.get(with_container)["state"] == "failed"
 
 
 def test_gc_command(settings: Settings, runtime: DockerRuntime, store: Store) -> None:
