@@ -35,8 +35,10 @@ from orchestrator.identity import (
 from orchestrator.lifecycle import TaskState
 from orchestrator.policy.grant import Grant
 from orchestrator.runtime.docker_engine import DockerRuntime
+from orchestrator.spec import parse
 from orchestrator.store import Store
 from orchestrator.vault.adapter import Vault
+from orchestrator.vault.broker import WRAPPING
 from orchestrator.vault.setup import JWT_KEY
 from tests.conftest import ROOT, airlock, airlock_env
 
@@ -116,6 +118,26 @@ def test_database_task_queries_postgres_and_everything_is_revoked(
     assert not (
         executor.settings.endpoint_dir / executor.settings.namespace / status["id"]
     ).exists()
+
+
+def test_wrapped_copies_a_task_never_took_are_revoked_with_it(
+    executor: Executor, credentials: Credentials, store: Store, vault: Vault
+) -> None:
+    """A task that dies before it unwraps: its wrapped secrets must not outlive it."""
+    task_id = str(uuid.uuid4())
+    store.create(task_id, {"agent": "dba"})
+    grant = executor.policy.admit(parse({"agent": "dba", "command": ["true"]})).grant
+    assert grant is not None
+    handout = credentials.provision(task_id, grant, grant.digest(), time.time() + 60)
+    tokens = [s.token for s in handout.provisioned.secrets]
+    assert len(tokens) == 2 and all(vault.write("sys/wrapping/lookup", {"token": t}) for t in tokens)
+    receipt = credentials.revoke(task_id)
+    assert receipt["verified"] is True
+    assert len(receipt["wrapped"]) == 2 and all(w["verified"] for w in receipt["wrapped"])
+    for token in tokens:
+        with pytest.raises(VaultRefused):
+            vault.write("sys/wrapping/lookup", {"token": token})
+    assert store.journaled(task_id) == ({}, set())
 
 
 def test_secrets_land_only_in_the_containers_tmpfs(
@@ -267,7 +289,10 @@ def test_worker_killed_mid_task_is_cleaned_up_by_the_reaper(
         task_id = client.submit({"agent": "dba", "command": ["sleep", "120"], "timeout_s": 200})
         assert list(_wait_for_state(store, task_id, S.RUNNING, limit_s=60)) == [S.RUNNING]
         accessor = store.journaled(task_id)[0]["token_accessor"]
-        [lease] = store.journaled(task_id)[1]
+        journaled = store.journaled(task_id)[1]
+        wrapping = {e.removeprefix(WRAPPING) for e in journaled if e.startswith(WRAPPING)}
+        [lease] = journaled - {WRAPPING + w for w in wrapping}
+        assert len(wrapping) == 2  # one wrapped copy per secret, journaled before handover
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
         while store.has_owner(task_id):  # the heartbeat lapses within 3 beats
@@ -285,6 +310,9 @@ def test_worker_killed_mid_task_is_cleaned_up_by_the_reaper(
             vault.write("auth/token/lookup-accessor", {"accessor": accessor})
         with pytest.raises(VaultRefused):
             vault.write("sys/leases/lookup", {"lease_id": lease})
+        for accessor in wrapping:
+            with pytest.raises(VaultRefused):
+                vault.write("auth/token/lookup-accessor", {"accessor": accessor})
         assert store.journaled(task_id) == ({}, set())
     finally:
         if worker.poll() is None:

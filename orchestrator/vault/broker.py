@@ -28,6 +28,7 @@ from orchestrator.vault.setup import entity_alias, token_role
 
 log = logging.getLogger(__name__)
 WRAP_TTL_S = 120
+WRAPPING = "wrapping:"  # journal entries for wrapping tokens, by accessor
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,8 @@ class Broker:
         info = wrapped.get("wrap_info") or {}
         if not info.get("token"):
             raise VaultRefused("sys/wrapping/wrap: Vault did not wrap the secret")
+        # A task that never unwraps (it died first) must not leave the wrapped copy behind.
+        self.store.journal_lease(task_id, WRAPPING + str(info.get("accessor", "")))
         return WrappedSecret(
             secret.name, secret.kind, str(info["token"]), str(info.get("creation_path"))
         )
@@ -184,8 +187,12 @@ class Broker:
         receipt: dict[str, Any] = {"at": self.clock(), "leases": [], "token": None}
         done = set()
         for lease in sorted(leases):
-            entry = self._revoke_lease(lease)
-            receipt["leases"].append(entry)
+            if lease.startswith(WRAPPING):  # unwrapped already, or cut now
+                entry = self._revoke_token(lease.removeprefix(WRAPPING))
+                receipt.setdefault("wrapped", []).append(entry)
+            else:
+                entry = self._revoke_lease(lease)
+                receipt["leases"].append(entry)
             if entry["verified"]:
                 done.add(lease)
         accessor = fields.get("token_accessor")
