@@ -5,6 +5,7 @@ Like the rest of the CLI they parse, delegate and render, nothing more.
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -237,6 +238,8 @@ def gateway() -> None:
     credentials = Credentials(settings, Store(settings.redis_url, settings.namespace))
     assert isinstance(credentials.endpoints, LocalGateway)
     service = GatewayService(credentials.endpoints, settings.endpoint_dir / CONTROL_SOCKET)
+    # Stopped as a service is stopped (SIGTERM): close every endpoint and the control socket.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     click.echo(f"airlock gateway: control socket {service.control}", err=True)
     service.serve_forever()
 

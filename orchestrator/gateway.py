@@ -16,6 +16,7 @@ import os
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,6 +32,7 @@ from orchestrator.vault.broker import Broker, Provisioned, WrappedSecret
 
 log = logging.getLogger(__name__)
 CONTROL_SOCKET = "gateway.sock"
+RESTART_WAIT_S = 10.0  # how long a worker waits for a restarting gateway
 
 
 class Gateway(Protocol):
@@ -145,11 +147,25 @@ class RemoteGateway:
         self.root = settings.endpoint_dir / settings.namespace
         self.control = settings.endpoint_dir / CONTROL_SOCKET
 
+    def _connect(self) -> socket.socket:
+        """The control socket; while the gateway restarts (refused, or not there yet), retried
+        for up to RESTART_WAIT_S."""
+        give_up = time.monotonic() + RESTART_WAIT_S
+        while True:
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(30)
+            try:
+                sock.connect(str(self.control))
+                return sock
+            except (ConnectionRefusedError, FileNotFoundError):
+                sock.close()
+                if time.monotonic() > give_up:
+                    raise
+                time.sleep(0.2)
+
     def _call(self, request: dict[str, Any]) -> dict[str, Any]:
         try:
-            with socket.socket(socket.AF_UNIX) as sock:
-                sock.settimeout(30)
-                sock.connect(str(self.control))
+            with self._connect() as sock:
                 sock.sendall(json.dumps(request).encode() + b"\n")
                 with sock.makefile("rb") as reply:
                     answer = json.loads(reply.readline() or b"{}")

@@ -666,10 +666,15 @@ def test_per_task_limits(executor: Executor, task: LiveTask, upstreams: Upstream
 def test_a_separate_gateway_process_serves_the_tasks(
     settings: Any, store: Store, runtime: Any, vault: Any, upstreams: Upstreams
 ) -> None:
-    """`airlock gateway` serves the endpoints; the worker only steers it (AIRLOCK_GATEWAY=remote)."""
+    """`airlock gateway` serves the endpoints; the worker only steers it (AIRLOCK_GATEWAY=remote).
+
+    A worker rides out a gateway restart, and a stopped gateway leaves no socket behind.
+    """
+    import signal
     import subprocess
     import sys
     import tempfile
+    import threading
     from dataclasses import replace
 
     from orchestrator.credentials import Credentials
@@ -678,37 +683,57 @@ def test_a_separate_gateway_process_serves_the_tasks(
 
     short = Path(tempfile.mkdtemp(prefix="al-"))  # unix socket paths are capped at 108 bytes
     remote = replace(settings, gateway="remote", endpoint_dir=short)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "gateway"],
-        env=airlock_env(remote, AIRLOCK_ENDPOINT_DIR=str(remote.endpoint_dir)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    control = remote.endpoint_dir / CONTROL_SOCKET
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start_gateway() -> None:
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "orchestrator", "gateway"],
+                env=airlock_env(remote, AIRLOCK_ENDPOINT_DIR=str(remote.endpoint_dir)),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        )
+
+    def run_task(path: str) -> None:
+        task_id = str(uuid.uuid4())
+        script = (
+            "import json, urllib.request; print(json.loads(urllib.request.urlopen("
+            f"'http://127.0.0.1:{HTTP_PORT}{path}', timeout=10).read())['path'])"
+        )
+        state = executor.execute(task_id, {"agent": "web", "command": ["python3", "-c", script]})
+        logs = "".join(text for _, text in store.iter_logs(task_id))
+        assert state is S.SUCCEEDED, (store.get(task_id)["reason"], logs)
+        assert logs == f"{path}\n"
+        receipt = json.loads(store.get(task_id)["revocation"])
+        assert receipt["verified"] and receipt["endpoint_removed"] is True
+        assert not (remote.endpoint_dir / remote.namespace / task_id).exists()
+
+    start_gateway()
     try:
-        control = remote.endpoint_dir / CONTROL_SOCKET
         for _ in range(100):
             if control.exists():
                 break
             time.sleep(0.05)
         credentials = Credentials(remote, store)
         executor = Executor(remote, store, runtime, credentials=credentials)
-        task_id = str(uuid.uuid4())
-        script = (
-            "import json, urllib.request; print(json.loads(urllib.request.urlopen("
-            f"'http://127.0.0.1:{HTTP_PORT}/api/remote', timeout=10).read())['path'])"
-        )
-        state = executor.execute(task_id, {"agent": "web", "command": ["python3", "-c", script]})
-        logs = "".join(text for _, text in store.iter_logs(task_id))
-        assert state is S.SUCCEEDED, (store.get(task_id)["reason"], logs)
-        assert logs == "/api/remote\n"
-        receipt = json.loads(store.get(task_id)["revocation"])
-        assert receipt["verified"] and receipt["endpoint_removed"] is True
-        assert not (remote.endpoint_dir / remote.namespace / task_id).exists()
+        run_task("/api/remote")
+        procs[0].send_signal(signal.SIGKILL)  # a crash: its socket file stays, refusing
+        procs[0].wait()
+        restart = threading.Timer(1.0, start_gateway)
+        restart.start()
+        run_task("/api/after-restart")  # the worker waited for the new gateway
+        restart.join()
     finally:
-        proc.terminate()
-        _, errors = proc.communicate(timeout=10)
+        procs[-1].terminate()
+        _, errors = procs[-1].communicate(timeout=10)
+        left = control.exists()
         shutil.rmtree(short, ignore_errors=True)
-    assert proc.returncode in (0, -15), errors
+        for proc in procs[:-1]:
+            proc.communicate(timeout=10)
+    assert procs[-1].returncode == 0, errors
+    assert not left  # stopped as a service is stopped, it removed its control socket
 
 
 def test_credentials_are_injected_only_over_tls_and_only_for_their_host(
