@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from orchestrator.errors import IllegalTransition, ServiceUnavailable, TaskNotFound
 from orchestrator.lifecycle import TERMINAL, TaskState
@@ -99,8 +101,14 @@ class Store:
         namespace: str = "airlock",
         record_ttl_s: int = 7 * 24 * 3600,
         clock: Callable[[], float] = time.time,
+        ride_out_s: float = 0.0,
     ) -> None:
-        self.redis = redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+        """`ride_out_s`: how long a call keeps retrying while Redis is unreachable (a worker
+        rides out a Redis restart; the CLI answers at once)."""
+        retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), _retries_for(ride_out_s))
+        self.redis = redis.Redis.from_url(
+            url, decode_responses=True, health_check_interval=30, retry=retry
+        )
         self.ns = namespace
         self.record_ttl_s = record_ttl_s
         self.clock = clock
@@ -357,6 +365,14 @@ class Store:
 
     def close(self) -> None:
         self.redis.close()
+
+
+def _retries_for(seconds: float) -> int:
+    """How many retries of a capped exponential backoff (0.1 s, 0.2 s ... 1 s) span `seconds`."""
+    retries, waited, step = 0, 0.0, 0.1
+    while waited < seconds:
+        waited, step, retries = waited + step, min(step * 2, 1.0), retries + 1
+    return retries
 
 
 def _pairs(fields: Mapping[str, Any]) -> Iterator[tuple[str, str]]:

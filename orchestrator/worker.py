@@ -113,7 +113,7 @@ def build_executor(settings: Settings) -> Executor:
     pool = settings.worker_concurrency * 3 + 2
     return Executor(
         settings,
-        Store(settings.redis_url, settings.namespace, settings.record_ttl_s),
+        Store(settings.redis_url, settings.namespace, settings.record_ttl_s, ride_out_s=15),
         DockerRuntime(settings.docker_host, max_pool_size=pool),
     )
 
