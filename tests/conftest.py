@@ -35,6 +35,11 @@ ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Chaos tests restart host services (dockerd among them): they go after all others."""
+    items.sort(key=lambda item: item.get_closest_marker("chaos") is not None)
+
+
 def _service_missing(what: str, exc: Exception) -> None:
     message = f"{what} is not available: {exc} (run scripts/bootstrap)"
     if IN_CI:
