@@ -80,6 +80,11 @@ class Settings:
     jwt_audience: str = "airlock-gateway"
     # Per-task endpoint directories (one socket each) live under this directory.
     endpoint_dir: Path = Path("/run/airlock/endpoints")
+    # Warm pool: runners each worker keeps started ahead of time, for the runner image under
+    # runc and under gVisor; recycled after pool_max_age_s. 0: no pool (every start is cold).
+    pool_size: int = 0
+    pool_gvisor_size: int = 0
+    pool_max_age_s: float = 600.0
 
 
 def _get(env: Mapping[str, str], name: str, default: T, parse: Callable[[str], T]) -> T:
@@ -96,6 +101,13 @@ def _positive_int(raw: str) -> int:
     value = int(raw)
     if value <= 0:
         raise ValueError("must be a positive integer")
+    return value
+
+
+def _count(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 64:
+        raise ValueError("must be between 0 and 64")
     return value
 
 
@@ -185,4 +197,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             env, "AIRLOCK_GATEWAY_MAX_REQUESTS", d.gateway_max_requests, _positive_int
         ),
         endpoint_dir=Path(env.get("AIRLOCK_ENDPOINT_DIR") or d.endpoint_dir),
+        pool_size=_get(env, "AIRLOCK_POOL_SIZE", d.pool_size, _count),
+        pool_gvisor_size=_get(env, "AIRLOCK_POOL_GVISOR_SIZE", d.pool_gvisor_size, _count),
+        pool_max_age_s=_get(env, "AIRLOCK_POOL_MAX_AGE_S", d.pool_max_age_s, _positive_float),
     )

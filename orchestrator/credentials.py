@@ -250,13 +250,22 @@ class Credentials:
         grant_hash: str,
         deadline: float,
         context: dict[str, Any] | None = None,
+        member: str | None = None,
+        launch: dict[str, Any] | None = None,
     ) -> Handout:
         """Mint, journal and open. Raises ServiceUnavailable or VaultRefused.
 
-        `context` (model, prompt hash, policy version) goes on every audit record.
+        `context` (model, prompt hash, policy version) goes on every audit record. With
+        `member`, the endpoint of that warm runner is bound to the task and its runner is
+        handed `launch` (its command and environment) once the credentials exist.
         """
         given = self.broker.provision(task_id, grant, grant_hash, deadline)
         self.store.update(task_id, {"jwt_jti": given.jwt.jti})
+        if member is not None:
+            directory = self.endpoints.claim(
+                member, task_id, given, grant, context or {}, launch or {}
+            )
+            return Handout(directory, given)
         return Handout(self.endpoints.open(task_id, given, grant, context or {}), given)
 
     def renew(self, handout: Handout) -> None:

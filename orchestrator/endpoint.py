@@ -63,48 +63,78 @@ class EndpointServer:
         self._servers: dict[str, asyncio.AbstractServer] = {}
         self._sessions: dict[str, set[asyncio.Task[Any]]] = {}
         self.handlers: dict[str, Handler] = {}
+        self._routes: dict[str, dict[str, str]] = {}
+        self._dirs: dict[str, Path] = {}
+        self._claims: dict[str, Handler] = {}  # a claimed warm runner's first endpoint
         self.own = own_addresses()
         self._thread = threading.Thread(
             target=self._loop.run_forever, daemon=True, name="airlock-endpoints"
         )
         self._thread.start()
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
     def _run(self, coro: Any) -> Any:
         future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self._loop)
         return future.result(timeout=30)
 
-    def directory(self, task_id: str) -> Path:
-        return self.root / task_id
+    def directory(self, key: str) -> Path:
+        return self._dirs.get(key) or self.root / key
 
-    def open(self, task_id: str, handler: Handler) -> Path:
-        """Create the task's socket; returns the directory to mount into its container."""
-        directory = self.directory(task_id)
+    def open(self, key: str, handler: Handler, directory: Path | None = None) -> Path:
+        """Serve a socket for `key` (a task, or an unclaimed pool member); the directory to
+        mount into its container."""
+        directory = directory or self.directory(key)
         directory.mkdir(parents=True, exist_ok=True)
         if (directory / SOCKET_NAME).exists():
             raise FileExistsError(f"{directory} is already served")
         os.chmod(directory, 0o755)
         path = directory / SOCKET_NAME
+        route = {"key": key}  # whom the socket speaks for: changes once, when a member is claimed
 
         async def start() -> asyncio.AbstractServer:
             return await asyncio.start_unix_server(
-                lambda r, w: self._serve(task_id, r, w, handler), path=str(path)
+                lambda r, w: self._serve(route, r, w), path=str(path)
             )
 
-        self._servers[task_id] = self._run(start())
-        self.handlers[task_id] = handler
+        self._servers[key] = self._run(start())
+        self.handlers[key] = handler
+        self._routes[key], self._dirs[key] = route, directory
         os.chmod(path, 0o666)  # the task's unprivileged user must be able to connect
         return directory
 
-    def close(self, task_id: str) -> bool:
+    def rebind(self, old: str, new: str, handler: Handler) -> Path:
+        """A pool member's socket now speaks for task `new`, with that task's handler.
+
+        Connections opened before keep the handler they started with (the member's own
+        wait for its claim); every later one gets the task's.
+        """
+        route = self._routes.pop(old)
+        # The runner may ask for its task only now (it started after the claim).
+        self._claims[new] = self.handlers[old]
+        self._servers[new] = self._servers.pop(old)
+        self._dirs[new] = self._dirs.pop(old)
+        self._sessions[new] = self._sessions.pop(old, set())
+        self.handlers[new] = handler
+        self._routes[new] = route
+        route["key"] = new
+        self.handlers.pop(old, None)
+        return self._dirs[new]
+
+    def close(self, key: str) -> bool:
         """Stop serving the task and remove its directory; False if there was none."""
-        server = self._servers.pop(task_id, None)
-        self.handlers.pop(task_id, None)
+        server = self._servers.pop(key, None)
+        self.handlers.pop(key, None)
+        self._claims.pop(key, None)
+        self._routes.pop(key, None)
+        directory = self._dirs.pop(key, None) or self.directory(key)
         if server is not None:
             server.close()
-            for session in list(self._sessions.pop(task_id, ())):
+            for session in list(self._sessions.pop(key, ())):
                 self._loop.call_soon_threadsafe(session.cancel)
             self._run(server.wait_closed())
-        directory = self.directory(task_id)
         existed = directory.exists()
         shutil.rmtree(directory, ignore_errors=True)
         return server is not None or existed
@@ -116,44 +146,26 @@ class EndpointServer:
         return [p.name for p in self.root.iterdir() if p.is_dir() and not live(p.name)]
 
     async def _serve(
-        self,
-        task_id: str,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        handler: Handler,
+        self, route: dict[str, str], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        task_id = route["key"]
+        handler = self.handlers.get(task_id)
+        if handler is None:  # closed while this connection was accepted
+            writer.close()
+            return
         current = asyncio.current_task()
         sessions = self._sessions.setdefault(task_id, set())
         if len(sessions) >= self.max_connections:
-            handler.audit(
-                {
-                    "method": "?",
-                    "decision": "deny",
-                    "rule": "limits",
-                    "reason": f"more than {self.max_connections} connections at once",
-                }
-            )
-            writer.write(
-                b"HTTP/1.1 429 Too Many Requests\r\nx-airlock-denied: limits\r\n"
-                b"content-length: 0\r\nconnection: close\r\n\r\n"
-            )
-            writer.close()
+            self._refuse_over_limit(handler, writer)
             return
         if current is not None:
             sessions.add(current)
 
         async def control(method: str, target: str, body: bytes) -> tuple[int, dict[str, Any]]:
-            try:
-                document = json.loads(body) if body else {}
-            except json.JSONDecodeError:
-                return 400, {"error": "body is not JSON"}
-            if not isinstance(document, dict):
-                return 400, {"error": "body must be a JSON object"}
-            try:
-                return await self._loop.run_in_executor(None, handler, method, target, document)
-            except Exception as exc:  # a failing handler must not take the loop down
-                log.exception("endpoint handler failed")
-                return 500, {"error": f"internal error: {exc.__class__.__name__}"}
+            claimed = self._claims.get(task_id)
+            if claimed is not None and target == "/v1/claim":
+                return await self._control(claimed, method, target, body)
+            return await self._control(handler, method, target, body)
 
         try:
             await Session(reader, writer, control, handler, lambda: self.own, self.tls).run()
@@ -162,6 +174,41 @@ class EndpointServer:
         finally:
             if current is not None:
                 sessions.discard(current)
+
+    async def _control(
+        self, handler: Handler, method: str, target: str, body: bytes
+    ) -> tuple[int, dict[str, Any]]:
+        """One JSON control request, answered by the handler on the thread pool."""
+        waiting = getattr(handler, "answer", None)  # an unclaimed warm runner's endpoint
+        if waiting is not None:
+            answer: tuple[int, dict[str, Any]] = await waiting(method, target)
+            return answer
+        try:
+            document = json.loads(body) if body else {}
+        except json.JSONDecodeError:
+            return 400, {"error": "body is not JSON"}
+        if not isinstance(document, dict):
+            return 400, {"error": "body must be a JSON object"}
+        try:
+            return await self._loop.run_in_executor(None, handler, method, target, document)
+        except Exception as exc:  # a failing handler must not take the loop down
+            log.exception("endpoint handler failed")
+            return 500, {"error": f"internal error: {exc.__class__.__name__}"}
+
+    def _refuse_over_limit(self, handler: Handler, writer: asyncio.StreamWriter) -> None:
+        handler.audit(
+            {
+                "method": "?",
+                "decision": "deny",
+                "rule": "limits",
+                "reason": f"more than {self.max_connections} connections at once",
+            }
+        )
+        writer.write(
+            b"HTTP/1.1 429 Too Many Requests\r\nx-airlock-denied: limits\r\n"
+            b"content-length: 0\r\nconnection: close\r\n\r\n"
+        )
+        writer.close()
 
     def shutdown(self) -> None:
         for task_id in list(self._servers):

@@ -27,6 +27,7 @@ from orchestrator.errors import AirlockError
 from orchestrator.lifecycle import TaskState, advance, try_advance
 from orchestrator.policy.engine import Deployment, PolicyEngine
 from orchestrator.policy.grant import Grant
+from orchestrator.pool import Limits, Member, WarmPool
 from orchestrator.runtime.base import ContainerSpec, ExitStatus, Runtime
 from orchestrator.spec import TaskSpec
 from orchestrator.store import Store
@@ -74,6 +75,7 @@ class Executor:
         policy: PolicyEngine | None = None,
         credentials: Credentials | None = None,
         clock: Callable[[], float] = time.time,
+        pool: WarmPool | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -81,6 +83,7 @@ class Executor:
         self.clock = clock
         self.admission = Admission(settings, store, runtime, policy, self._remove)
         self.credentials = credentials or Credentials(settings, store)
+        self.pool = pool
         telemetry.setup(settings, "worker")
         self._pool = ThreadPoolExecutor(
             max_workers=2 * max(settings.worker_concurrency, 1), thread_name_prefix="provision"
@@ -178,24 +181,27 @@ class Executor:
         return try_advance(self.store, task_id, target, reason, **fields)
 
     # -- provision and launch -----------------------------------------------------------
-    def _container_spec(self, run: Run, marker: str, endpoint_dir: str | None) -> ContainerSpec:
-        spec, grant = run.spec, run.grant
+    def _task_env(self, run: Run, marker: str) -> dict[str, str]:
         env = {
-            **spec.env,
+            **run.spec.env,
             "AIRLOCK_TASK_ID": run.task_id,
-            "AIRLOCK_AGENT": spec.agent,
+            "AIRLOCK_AGENT": run.spec.agent,
             "AIRLOCK_RESULT_MARKER": marker,
             "AIRLOCK_OUTPUT_MAX_BYTES": str(self.settings.output_max_bytes),
         }
         traceparent = telemetry.inject()
         if traceparent:
             env["TRACEPARENT"] = traceparent
+        return env
+
+    def _container_spec(self, run: Run, marker: str, endpoint_dir: str | None) -> ContainerSpec:
+        spec, grant = run.spec, run.grant
         return ContainerSpec(
             task_id=run.task_id,
             namespace=self.settings.namespace,
             image=grant.image,
             command=spec.command,
-            env=env,
+            env=self._task_env(run, marker),
             user=TASK_USER,
             cpus=grant.limits.cpus,
             memory=grant.limits.memory,
@@ -209,6 +215,9 @@ class Executor:
 
     def _provision_and_launch(self, run: Run, outcome: Outcome) -> bool:
         """Create, attach and start the container; False if it was cancelled first."""
+        member = self._claim(run)
+        if member is not None:
+            return self._warm_start(run, outcome, member)
         with telemetry.tracer().start_as_current_span(
             "provision",
             attributes={"airlock.image": run.grant.image, "airlock.runtime": run.grant.runtime},
@@ -228,14 +237,19 @@ class Executor:
             self._launch(run)
         return True
 
-    def _provision(self, run: Run) -> None:
-        """Mint the credentials and create (not start) the container, at the same time."""
-        advance(self.store, run.task_id, S.PROVISIONING, "minting credentials")
-        context = {
+    @staticmethod
+    def _context(run: Run) -> dict[str, Any]:
+        """What every audit record of the task carries."""
+        return {
             "model": run.spec.model,
             "prompt_hash": run.spec.prompt_hash,
             "policy_version": run.policy_version,
         }
+
+    def _provision(self, run: Run) -> None:
+        """Mint the credentials and create (not start) the container, at the same time."""
+        advance(self.store, run.task_id, S.PROVISIONING, "minting credentials")
+        context = self._context(run)
         # Vault and the engine work at the same time: the container is created (not started)
         # while the task's credentials are minted; its endpoint directory is known ahead.
         endpoint_dir = self.credentials.endpoints.directory(run.task_id)
@@ -264,8 +278,49 @@ class Executor:
                 # the engine's error is the one to report; teardown revokes what was minted
         run.marker = marker
 
-    def _launch(self, run: Run) -> None:
-        """Attach to the container's output, then start it: the command runs."""
+    def _claim(self, run: Run) -> Member | None:
+        if self.pool is None:
+            return None
+        limits = run.grant.limits
+        return self.pool.claim(
+            run.grant.image, run.grant.runtime, Limits(limits.cpus, limits.memory, limits.pids)
+        )
+
+    def _warm_start(self, run: Run, outcome: Outcome, member: Member) -> bool:
+        """A warm runner: bind it to the task, mint the credentials, hand it the command."""
+        with telemetry.tracer().start_as_current_span(
+            "provision",
+            attributes={
+                "airlock.image": run.grant.image,
+                "airlock.runtime": run.grant.runtime,
+                "airlock.warm_runner": member.key,
+            },
+        ):
+            advance(self.store, run.task_id, S.PROVISIONING, "claimed a warm runner")
+            run.container_id = member.container_id
+            self.store.pool_claimed(member.key, run.task_id)
+            self.store.update(
+                run.task_id, {"container_id": member.container_id, "warm_runner": member.key}
+            )
+            if self.store.take_signal(run.task_id) == SIGNAL_CANCEL:
+                self._cancelled(run, outcome, started=False)
+                return False
+            run.marker = secrets.token_hex(16)
+            self._attach(run)  # before the runner learns its command: no output is missed
+            launch = {"command": list(run.spec.command), "env": self._task_env(run, run.marker)}
+            run.handout = self.credentials.provision(
+                run.task_id,
+                run.grant,
+                run.grant.digest(),
+                run.deadline,
+                self._context(run),
+                member=member.key,
+                launch=launch,
+            )
+        self._running(run)
+        return True
+
+    def _attach(self, run: Run) -> None:
         assert run.container_id is not None
         # Enough room for the base64 of every output byte plus the frame's own JSON.
         run.scanner = ResultScanner(run.marker, self.settings.output_max_bytes * 2 + 65536)
@@ -277,7 +332,15 @@ class Executor:
             max_bytes=self.settings.log_max_bytes,
         )
         run.pump.start()
+
+    def _launch(self, run: Run) -> None:
+        """Attach to the container's output, then start it: the command runs."""
+        assert run.container_id is not None
+        self._attach(run)
         self.runtime.start(run.container_id)
+        self._running(run)
+
+    def _running(self, run: Run) -> None:
         advance(self.store, run.task_id, S.RUNNING, "command started", started_at=self.clock())
         telemetry.meters().running.add(1)
         run.started = True

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from orchestrator.config import Settings
 from orchestrator.egress.audit import AuditLog
-from orchestrator.endpoint import EndpointServer
+from orchestrator.endpoint import EndpointServer, Handler
 from orchestrator.errors import ServiceUnavailable
 from orchestrator.identity import TaskToken, Verifier
 from orchestrator.policy.grant import Grant
@@ -38,6 +38,20 @@ RESTART_WAIT_S = 10.0  # how long a worker waits for a restarting gateway
 class Gateway(Protocol):
     def open(self, task_id: str, given: Provisioned, grant: Grant, context: dict[str, Any]) -> Path:
         """Start serving the task's endpoint; the directory to mount into its container."""
+
+    def open_member(self, member: str) -> Path:
+        """Serve an unclaimed warm-pool member's endpoint (it speaks for nobody)."""
+
+    def claim(
+        self,
+        member: str,
+        task_id: str,
+        given: Provisioned,
+        grant: Grant,
+        context: dict[str, Any],
+        launch: dict[str, Any],
+    ) -> Path:
+        """Bind the member's endpoint to the task, then hand the runner its `launch`."""
 
     def close(self, task_id: str) -> bool:
         """Stop serving it, cut its connections, remove its directory."""
@@ -74,9 +88,39 @@ class LocalGateway:
         )
 
     def open(self, task_id: str, given: Provisioned, grant: Grant, context: dict[str, Any]) -> Path:
+        return self.server.open(task_id, self._handler(task_id, given, grant, context))
+
+    def open_member(self, member: str) -> Path:
+        from orchestrator.pool import MemberEndpoint
+
+        return self.server.open(member, MemberEndpoint(member, self.server.loop))
+
+    def claim(
+        self,
+        member: str,
+        task_id: str,
+        given: Provisioned,
+        grant: Grant,
+        context: dict[str, Any],
+        launch: dict[str, Any],
+    ) -> Path:
+        from orchestrator.pool import MemberEndpoint
+
+        waiting = self.server.handlers.get(member)
+        if not isinstance(waiting, MemberEndpoint):
+            raise ServiceUnavailable("gateway", f"warm runner {member} is not served here")
+        directory = self.server.rebind(
+            member, task_id, self._handler(task_id, given, grant, context)
+        )
+        waiting.release(launch)
+        return directory
+
+    def _handler(
+        self, task_id: str, given: Provisioned, grant: Grant, context: dict[str, Any]
+    ) -> Handler:
         from orchestrator.credentials import TaskEndpoint
 
-        handler = TaskEndpoint(
+        return TaskEndpoint(
             task_id,
             given,
             self.broker,
@@ -88,7 +132,6 @@ class LocalGateway:
             context,
             self.settings.gateway_max_requests,
         )
-        return self.server.open(task_id, handler)
 
     def close(self, task_id: str) -> bool:
         return self.server.close(task_id)
@@ -181,6 +224,26 @@ class RemoteGateway:
         )
         return Path(answer["endpoint_dir"])
 
+    def open_member(self, member: str) -> Path:
+        return Path(self._call({"op": "open_member", "member": member})["endpoint_dir"])
+
+    def claim(
+        self,
+        member: str,
+        task_id: str,
+        given: Provisioned,
+        grant: Grant,
+        context: dict[str, Any],
+        launch: dict[str, Any],
+    ) -> Path:
+        request = {
+            "op": "claim",
+            "member": member,
+            "launch": launch,
+            "handout": encode_handout(task_id, given, grant, context),
+        }
+        return Path(self._call(request)["endpoint_dir"])
+
     def close(self, task_id: str) -> bool:
         try:
             return bool(self._call({"op": "close", "task_id": task_id})["removed"])
@@ -238,6 +301,15 @@ class GatewayService:
         if op == "open":
             task_id, given, grant, context = decode_handout(request["handout"])
             directory = self.local.open(task_id, given, grant, context)
+            return {"ok": True, "endpoint_dir": str(directory)}
+        if op == "open_member":
+            directory = self.local.open_member(str(request["member"]))
+            return {"ok": True, "endpoint_dir": str(directory)}
+        if op == "claim":
+            task_id, given, grant, context = decode_handout(request["handout"])
+            directory = self.local.claim(
+                str(request["member"]), task_id, given, grant, context, dict(request["launch"])
+            )
             return {"ok": True, "endpoint_dir": str(directory)}
         if op == "close":
             return {"ok": True, "removed": self.local.close(str(request["task_id"]))}

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from orchestrator.errors import IllegalTransition, TaskNotFound
 from orchestrator.lifecycle import TERMINAL, TaskState, advance
+from orchestrator.pool import is_member
 from orchestrator.runtime.base import ManagedContainer, Runtime
 from orchestrator.store import Store
 
@@ -81,17 +82,41 @@ def reap(
     done = []
     now = clock()
     for container in runtime.list_managed(namespace):
-        state = _state(store, container.task_id)
-        why = orphan_reason(container, state, store.has_owner(container.task_id), now)
+        task_id = _task_of(store, container.task_id)
+        if is_member(task_id):  # a warm runner no task has claimed
+            why = member_orphan_reason(container, store.has_owner(task_id), now)
+            if why is not None:
+                removed = False if dry_run else runtime.remove(container.id)
+                if not dry_run:
+                    store.pool_forget(task_id)
+                done.append(Reaped("container", container.id, task_id, why, removed))
+            continue
+        state = _state(store, task_id)
+        why = orphan_reason(container, state, store.has_owner(task_id), now)
         if why is None:
             continue
         removed = False
         if not dry_run:
             removed = runtime.remove(container.id)
             if state is not None and state not in TERMINAL:
-                _end(store, container.task_id, state, f"reaped: container {why}")
-        done.append(Reaped("container", container.id, container.task_id, why, removed))
+                _end(store, task_id, state, f"reaped: container {why}")
+        done.append(Reaped("container", container.id, task_id, why, removed))
     return done
+
+
+def _task_of(store: Store, key: str) -> str:
+    """The task a container (or endpoint) belongs to: a claimed warm runner's is its task's."""
+    if is_member(key):
+        return store.pool_task(key) or key
+    return key
+
+
+def member_orphan_reason(container: ManagedContainer, owned: bool, now: float) -> str | None:
+    if now > container.deadline:
+        return "warm runner past its maximum age"
+    if not owned:
+        return "warm runner of a worker that stopped sending heartbeats"
+    return None
 
 
 # States in which a task has a worker that heartbeats for it (pending ones wait in the queue).
@@ -103,7 +128,7 @@ def reap_tasks(
 ) -> list[Reaped]:
     """End live tasks that no worker owns and that have no container: nobody will end them."""
     done = []
-    containers = {c.task_id for c in runtime.list_managed(namespace)}
+    containers = {_task_of(store, c.task_id) for c in runtime.list_managed(namespace)}
     for task_id, state in store.live_tasks().items():
         if state not in OWNED or task_id in containers or store.has_owner(task_id):
             continue
@@ -139,8 +164,15 @@ def reap_credentials(store: Store, credentials: Credentials, dry_run: bool = Fal
 def reap_endpoints(store: Store, credentials: Credentials, dry_run: bool = False) -> list[Reaped]:
     """Remove endpoint directories whose task is no longer live."""
     done = []
-    for task_id in credentials.endpoints.stale(lambda t: _not_live(_state(store, t)) is None):
-        why = _not_live(_state(store, task_id)) or "not live"
+
+    def why_not_live(key: str) -> str | None:
+        task_id = _task_of(store, key)
+        if is_member(task_id):
+            return None if store.has_owner(task_id) else "warm runner of a stopped worker"
+        return _not_live(_state(store, task_id))
+
+    for task_id in credentials.endpoints.stale(lambda t: why_not_live(t) is None):
+        why = why_not_live(task_id) or "not live"
         removed = False if dry_run else credentials.endpoints.close(task_id)
         if removed:
             store.note(task_id, f"reaper: endpoint removed ({why})")

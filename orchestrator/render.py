@@ -196,7 +196,12 @@ def _age(task: dict[str, Any]) -> str:
     return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f}m"
 
 
-def runners_table(tasks: list[dict[str, Any]], last: dict[str, str] | None = None) -> Table:
+def runners_table(
+    tasks: list[dict[str, Any]],
+    last: dict[str, str] | None = None,
+    warm: dict[str, dict[str, Any]] | None = None,
+) -> Table:
+    """Task runners, and the warm ones waiting for a task (`warm`: the pool's members)."""
     table = Table(box=None, header_style="bold", title="airlock runners")
     for column in ("TASK", "STATE", "AGENT", "AGE", "EGRESS", "LAST EVENT"):
         table.add_column(column, no_wrap=column != "LAST EVENT", overflow="fold")
@@ -214,6 +219,16 @@ def runners_table(tasks: list[dict[str, Any]], last: dict[str, str] | None = Non
             egress,
             event,
         )
+    for member, info in sorted((warm or {}).items(), key=lambda m: m[1].get("since", 0)):
+        age = {"created_at": datetime.fromtimestamp(float(info.get("since", 0))).isoformat()}
+        table.add_row(
+            member,
+            "[cyan]warm[/cyan]",
+            "",
+            _age(age),
+            "-",
+            f"ready for a task: {info.get('image')} ({info.get('runtime')})",
+        )
     return table
 
 
@@ -224,14 +239,18 @@ def watch(client: Any, limit: int) -> None:
     last: dict[str, str] = {}
     after = "$"
     with Live(
-        runners_table(client.runners(limit), last), console=out, screen=False, auto_refresh=False
+        runners_table(client.runners(limit), last, client.store.pool_members()),
+        console=out,
+        screen=False,
+        auto_refresh=False,
     ) as live:
         try:
             while True:
                 for event in client.store.all_events(after, block_ms=1000):
                     after = event.id
                     last[event.task_id] = f"{event.state.value}: {event.reason}"
-                live.update(runners_table(client.runners(limit), last), refresh=True)
+                table = runners_table(client.runners(limit), last, client.store.pool_members())
+                live.update(table, refresh=True)
         except KeyboardInterrupt:
             pass
 

@@ -106,8 +106,14 @@ class Store:
         """`ride_out_s`: how long a call keeps retrying while Redis is unreachable (a worker
         rides out a Redis restart; the CLI answers at once)."""
         retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), _retries_for(ride_out_s))
+        # Reads wait longer than any blocking call the store makes (wait_signal: seconds).
         self.redis = redis.Redis.from_url(
-            url, decode_responses=True, health_check_interval=30, retry=retry
+            url,
+            decode_responses=True,
+            health_check_interval=30,
+            retry=retry,
+            socket_timeout=60,
+            socket_connect_timeout=5,
         )
         self.ns = namespace
         self.record_ttl_s = record_ttl_s
@@ -304,6 +310,34 @@ class Store:
     @_guard
     def has_owner(self, task_id: str) -> bool:
         return bool(self.redis.exists(self.key(task_id, "owner")))
+
+    # -- warm pool ------------------------------------------------------------------------
+    @property
+    def pool_key(self) -> str:
+        return f"{self.ns}:pool"
+
+    @_guard
+    def pool_register(self, member: str, fields: Mapping[str, Any]) -> None:
+        """A ready member (shown by `airlock watch`)."""
+        self.redis.hset(self.pool_key, member, json.dumps(dict(fields)))
+
+    @_guard
+    def pool_forget(self, member: str) -> None:
+        self.redis.hdel(self.pool_key, member)
+
+    @_guard
+    def pool_members(self) -> dict[str, dict[str, Any]]:
+        return {k: json.loads(v) for k, v in self.redis.hgetall(self.pool_key).items()}
+
+    @_guard
+    def pool_claimed(self, member: str, task_id: str) -> None:
+        """The member now runs this task: the reaper judges its container by the task."""
+        self.redis.set(f"{self.ns}:member:{member}", task_id, ex=self.record_ttl_s)
+
+    @_guard
+    def pool_task(self, member: str) -> str | None:
+        task_id: str | None = self.redis.get(f"{self.ns}:member:{member}")
+        return task_id
 
     # -- credential journal -------------------------------------------------------------
     # Written before a credential is handed out, removed only after its revocation was

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutdown
 
 from orchestrator import config, logs
 from orchestrator.config import Settings, gvisor_queue
 from orchestrator.errors import AirlockError
 from orchestrator.executor import Executor
+from orchestrator.pool import WarmPool, pool_sizes
 from orchestrator.reaper import Reaped, reap, reap_credentials, reap_endpoints, reap_tasks
 
 TASK_NAME = "airlock.run"
@@ -53,6 +54,7 @@ def create_app(settings: Settings) -> Celery:
         },
     )
     executor = _LazyExecutor(settings)
+    app.airlock_executor = executor
 
     @app.task(name=TASK_NAME, bind=True)  # type: ignore[untyped-decorator]
     def run(self: Task, *args: Any, **kwargs: Any) -> str:
@@ -102,20 +104,29 @@ class _LazyExecutor:
     def get(self) -> Executor:
         with self._lock:
             if self._executor is None:
-                self._executor = build_executor(self.settings)
+                self._executor = build_executor(self.settings, warm_pool=True)
             return self._executor
 
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._executor is not None and self._executor.pool is not None:
+                self._executor.pool.shutdown()
 
-def build_executor(settings: Settings) -> Executor:
+
+def build_executor(settings: Settings, warm_pool: bool = False) -> Executor:
+    """The worker's executor; with `warm_pool`, its warm runners start filling at once."""
     from orchestrator.runtime.docker_engine import DockerRuntime
     from orchestrator.store import Store
 
-    pool = settings.worker_concurrency * 3 + 2
-    return Executor(
-        settings,
-        Store(settings.redis_url, settings.namespace, settings.record_ttl_s, ride_out_s=15),
-        DockerRuntime(settings.docker_host, max_pool_size=pool),
-    )
+    connections = settings.worker_concurrency * 3 + 2
+    store = Store(settings.redis_url, settings.namespace, settings.record_ttl_s, ride_out_s=15)
+    runtime = DockerRuntime(settings.docker_host, max_pool_size=connections)
+    executor = Executor(settings, store, runtime)
+    if warm_pool and (settings.pool_size or settings.pool_gvisor_size):
+        sizes = pool_sizes(settings, runtime.runtimes())
+        executor.pool = WarmPool(settings, store, runtime, executor.credentials.endpoints, sizes)
+        executor.pool.start()
+    return executor
 
 
 def default_queues(settings: Settings) -> list[str]:
@@ -148,6 +159,11 @@ def run_worker(
     @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
     def reap_at_start(**_: Any) -> None:
         reap_now(build_executor(settings))
+        app.airlock_executor.get()  # the warm pool starts filling now, not at the first task
+
+    @worker_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
+    def remove_warm_runners(**_: Any) -> None:
+        app.airlock_executor.shutdown()
 
     beat_schedule = Path(tempfile.gettempdir()) / f"airlock-beat-{settings.namespace}"
     argv = [

@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 
 OUTPUT_DIR = "/workspace/output"
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
@@ -28,6 +29,10 @@ WRAPPED_AT = "sys/wrapping/wrap"
 
 
 class BootstrapError(Exception):
+    pass
+
+
+class EndpointUnreachable(BootstrapError):
     pass
 
 
@@ -50,7 +55,9 @@ def endpoint_call(path, body):
         conn.request("POST", path, json.dumps(body), {"content-type": "application/json"})
         response = conn.getresponse()
         answer = json.loads(response.read() or b"{}")
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        raise EndpointUnreachable(f"{path}: {exc}") from None
+    except ValueError as exc:
         raise BootstrapError(f"{path}: {exc}") from None
     finally:
         conn.close()
@@ -182,8 +189,13 @@ def bootstrap():
         "AIRLOCK_CREDENTIAL_" + name.upper().replace("-", "_"): value
         for name, value in (boot.get("placeholders") or {}).items()
     }
-    return {"AIRLOCK_TOKEN_FILE": TOKEN_FILE, "AIRLOCK_SECRETS_DIR": SECRETS_DIR,
-            "PYTHONPATH": "/opt/airlock", **placeholders, **proxy_environment(boot["jwt"])}
+    return {
+        "AIRLOCK_TOKEN_FILE": TOKEN_FILE,
+        "AIRLOCK_SECRETS_DIR": SECRETS_DIR,
+        "PYTHONPATH": "/opt/airlock",
+        **placeholders,
+        **proxy_environment(boot["jwt"]),
+    }
 
 
 def read_capped(path, budget):
@@ -254,13 +266,37 @@ def run(argv, env):
     return 128 - code if code < 0 else code
 
 
+def await_claim():
+    """A warm runner: wait on the endpoint until a task claims it; its command and env.
+
+    Until then the endpoint speaks for nobody: this runner holds no identity and no secret.
+    """
+    while True:
+        try:
+            answer = endpoint_call("/v1/claim", {})
+        except EndpointUnreachable:
+            time.sleep(0.2)  # the gateway is restarting; the member waits
+            continue
+        if answer.get("launch"):
+            return answer["launch"]
+
+
 def main(argv):
+    env = dict(os.environ)
+    if argv == ["--pool"]:
+        try:
+            launch = await_claim()
+        except BootstrapError as exc:
+            print(f"airlock-runner: no task: {exc}", file=sys.stderr, flush=True)
+            return BOOTSTRAP_FAILED
+        env.pop("AIRLOCK_POOL_MEMBER", None)
+        env.update(launch["env"])
+        argv = list(launch["command"])
     if argv[:1] == ["--"]:
         argv = argv[1:]
     if not argv:
         print("airlock-runner: no command given", file=sys.stderr, flush=True)
         return 2
-    env = dict(os.environ)
     marker = env.pop("AIRLOCK_RESULT_MARKER", "")
     max_bytes = int(env.pop("AIRLOCK_OUTPUT_MAX_BYTES", "1048576"))
     try:

@@ -1,8 +1,8 @@
 """For agent code inside an Airlock task: read the task's token and secrets.
 
-    import airlock_task
-    jwt = airlock_task.token()                 # the task JWT, for the gateway and tools
-    db = airlock_task.secret("reporting-db")   # {"username", "password", "host", ...}
+import airlock_task
+jwt = airlock_task.token()                 # the task JWT, for the gateway and tools
+db = airlock_task.secret("reporting-db")   # {"username", "password", "host", ...}
 """
 
 import json

@@ -410,7 +410,7 @@ class Chaos:
         return self.cancel_storm()
 
     def cancel_storm(self) -> str:
-        live = [t for t in self.kinds if self.state(t) not in TERMINAL]
+        live = [t for t in list(self.kinds) if self.state(t) not in TERMINAL]
         chosen = [t for t in live if self.kinds[t] == "cancel"] or live
         chosen = self.random.sample(chosen, min(6, len(chosen)))
 
@@ -450,7 +450,9 @@ class Chaos:
         that faults land while tasks are in flight over the whole run."""
         for i in range(self.count):
             kind = ROTATION[i % len(ROTATION)]
-            while sum(self.state(t) not in TERMINAL for t in self.kinds) >= 2 * self.concurrency:
+            while (
+                sum(self.state(t) not in TERMINAL for t in list(self.kinds)) >= 2 * self.concurrency
+            ):
                 time.sleep(0.2)
             for _ in range(300):  # Redis or the broker may be down for a moment
                 try:
@@ -464,7 +466,7 @@ class Chaos:
         say(f"chaos: all {self.count} tasks submitted")
 
     def ended(self) -> collections.Counter[str]:
-        states = collections.Counter(str(self.state(t) or "unknown") for t in self.kinds)
+        states = collections.Counter(str(self.state(t) or "unknown") for t in list(self.kinds))
         return states
 
     def wait_quiet(self, timeout_s: float) -> None:

@@ -7,10 +7,14 @@ import uuid
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as examples
+from hypothesis import strategies as st
 
 from orchestrator.client import Client
 from orchestrator.config import Settings
 from orchestrator.worker import TASK_NAME
+from tests.test_spec import json_values
 
 BAD = [
     ("spec is a string", {"spec": "rm -rf /"}, "spec: expected an object, got str"),
@@ -57,3 +61,41 @@ def test_bad_messages_are_rejected_and_the_worker_keeps_serving(
     assert all(c.task_id != task_id for c in runtime.list_managed(settings.namespace))
     follow_up = client.submit({"agent": "tester", "command": ["true"]})
     assert client.wait(follow_up, timeout_s=60)["state"] == "succeeded"
+
+
+# Messages a careless or hostile producer could send: specs built from the real field names
+# with values of any JSON shape, and now and then fields the message must not have.
+spec_fields = st.sampled_from(["agent", "command", "timeout_s", "limits", "env", "labels", "x"])
+messages = st.fixed_dictionaries(
+    {
+        "spec": st.one_of(
+            json_values,
+            st.dictionaries(spec_fields, json_values, max_size=5).map(
+                lambda d: {"agent": "tester", **d}
+            ),
+        )
+    },
+    optional={"traceparent": json_values, "extra": json_values},
+)
+
+
+@examples(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(messages)
+def test_any_message_ends_with_a_reason_and_leaves_nothing(
+    settings: Settings, worker: Any, runtime: Any, kwargs: dict[str, Any]
+) -> None:
+    client = Client(settings)
+    task_id = str(uuid.uuid4())
+    client._celery.send_task(TASK_NAME, kwargs=kwargs, task_id=task_id, queue=settings.queue)
+    for _ in range(600):
+        if client.store.redis.exists(client.store.key(task_id)):
+            break
+        time.sleep(0.05)
+    status = client.wait(task_id, timeout_s=60)
+    assert status["state"] in ("rejected", "failed", "succeeded", "timed_out"), status
+    assert status["reason"], status
+    assert all(c.task_id != task_id for c in runtime.list_managed(settings.namespace))

@@ -130,7 +130,9 @@ def test_wrapped_copies_a_task_never_took_are_revoked_with_it(
     assert grant is not None
     handout = credentials.provision(task_id, grant, grant.digest(), time.time() + 60)
     tokens = [s.token for s in handout.provisioned.secrets]
-    assert len(tokens) == 2 and all(vault.write("sys/wrapping/lookup", {"token": t}) for t in tokens)
+    assert len(tokens) == 2 and all(
+        vault.write("sys/wrapping/lookup", {"token": t}) for t in tokens
+    )
     receipt = credentials.revoke(task_id)
     assert receipt["verified"] is True
     assert len(receipt["wrapped"]) == 2 and all(w["verified"] for w in receipt["wrapped"])

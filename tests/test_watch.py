@@ -33,22 +33,27 @@ def row(session: str, task: str, needle: str) -> str:
     return text
 
 
-def test_watch_shows_runners_live(settings: Any, worker: Any) -> None:
-    if shutil.which("tmux") is None:
-        if IN_CI:
-            pytest.fail("tmux is not installed (scripts/bootstrap installs it)")
-        pytest.skip("tmux is not installed")
+def start_watch(settings: Any, session: str) -> None:
+    """`airlock watch` in a detached tmux session of 160x40."""
     env = airlock_env(settings)
     exports = " ".join(
         f"{k}={shlex.quote(v)}"
         for k, v in env.items()
         if k.startswith(("AIRLOCK_", "REDIS_", "VAULT_", "PATH"))
     )
-    session = f"airlock-watch-{uuid.uuid4().hex[:6]}"
     command = f"env {exports} {shlex.quote(sys.executable)} -m orchestrator watch"
     subprocess.run(
         ["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "40", command], check=True
     )
+
+
+def test_watch_shows_runners_live(settings: Any, worker: Any) -> None:
+    if shutil.which("tmux") is None:
+        if IN_CI:
+            pytest.fail("tmux is not installed (scripts/bootstrap installs it)")
+        pytest.skip("tmux is not installed")
+    session = f"airlock-watch-{uuid.uuid4().hex[:6]}"
+    start_watch(settings, session)
     try:
         assert "airlock runners" in row(session, "airlock runners", "")
         task_id = airlock(settings, "submit", "-a", "tester", "--", "sleep", "2").stdout.strip()

@@ -1,0 +1,277 @@
+"""The warm pool: runners created and started ahead of time, bound to a task only when claimed.
+
+A member is a sealed runner container like any other (no network, hardened, the deployment's
+default limits) whose runner waits on its own endpoint socket, which speaks for nobody: it
+answers only the runner's "what is my task?" and refuses everything else. It holds no
+identity and no credentials. A claim binds the member to one task: only then are the grant,
+Vault token, secrets and JWT minted, the socket rebound to the task, and the command handed
+to the runner. A member serves exactly one task and is removed with it; members older than
+the maximum age are recycled; a background thread keeps the pool full. Tasks whose image,
+isolation class or limits no member has take the cold path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.config import TASK_USER, Settings
+from orchestrator.egress.decide import Target, Verdict, deny
+from orchestrator.errors import AirlockError
+from orchestrator.policy.grant import CompiledGrant, Grant
+from orchestrator.runtime.base import ContainerSpec, Runtime
+from orchestrator.store import Store
+
+if TYPE_CHECKING:
+    from orchestrator.gateway import Gateway
+
+log = logging.getLogger(__name__)
+MEMBER_PREFIX = "pool-"
+CLAIM_POLL_S = 20.0  # a waiting runner asks again after this long (it never times out)
+UNCLAIMED = "no task has claimed this runner yet"
+
+
+def is_member(key: str) -> bool:
+    return key.startswith(MEMBER_PREFIX)
+
+
+@dataclass(frozen=True)
+class Limits:
+    cpus: float
+    memory: int
+    pids: int
+
+
+@dataclass(frozen=True)
+class Member:
+    key: str
+    image: str
+    runtime: str  # isolation class: runc or runsc
+    limits: Limits
+    container_id: str
+    directory: Path
+    created_at: float
+
+
+class MemberEndpoint:
+    """The endpoint of an unclaimed member: it speaks for nobody and allows nothing.
+
+    Its one request is the runner's POST /v1/claim, answered when a task claims the member
+    (or after CLAIM_POLL_S with {"wait": true}, and the runner asks again).
+    """
+
+    def __init__(self, key: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.key, self._loop = key, loop
+        self.grant = CompiledGrant(
+            Grant.model_validate(
+                {
+                    "agent": "unclaimed",
+                    "identity": "",
+                    "on_behalf_of": None,
+                    "image": "",
+                    "runtime": "runc",
+                    "timeout_s": 1,
+                    "limits": {"cpus": 1, "memory": 1 << 24, "pids": 1},
+                    "secrets": [],
+                    "tools": [],
+                    "egress": [],
+                    "vault_policies": [],
+                }
+            )
+        )  # an empty grant: allows nothing
+        self._claimed = asyncio.Event()
+        self._launch: dict[str, Any] | None = None
+        self._handed = False
+
+    def release(self, launch: dict[str, Any]) -> None:
+        """Hand the runner its task (command and environment); from any thread."""
+        self._launch = launch
+        self._loop.call_soon_threadsafe(self._claimed.set)
+
+    async def answer(self, method: str, target: str) -> tuple[int, dict[str, Any]]:
+        if (method, target) != ("POST", "/v1/claim"):
+            return 403, {"error": UNCLAIMED}
+        if self._handed:
+            return 409, {"error": "this runner's task was handed over already"}
+        try:
+            await asyncio.wait_for(self._claimed.wait(), CLAIM_POLL_S)
+        except TimeoutError:
+            return 200, {"wait": True}
+        if self._handed:  # two waiting requests: only one gets the task
+            return 409, {"error": "this runner's task was handed over already"}
+        self._handed = True
+        return 200, {"launch": self._launch}
+
+    def __call__(
+        self, method: str, target: str, body: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]]:
+        return 403, {"error": UNCLAIMED}
+
+    # -- the proxy's policy: nothing, for nobody ---------------------------------------------
+    def authenticate(self, header: str | None) -> str | None:
+        return UNCLAIMED
+
+    def decide(self, target: Target) -> Verdict:
+        return deny("unclaimed", UNCLAIMED)
+
+    def granted_tunnel(self, authority: str) -> tuple[str, int] | None:
+        return None
+
+    def audit(self, record: dict[str, Any]) -> None:
+        log.warning("unclaimed runner %s tried: %s", self.key, record)
+
+    def count_request(self) -> str | None:
+        return None
+
+    def credential(self, name: str) -> str | None:
+        return None
+
+
+class WarmPool:
+    """This worker's members, per (image, isolation class), refilled in the background."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        runtime: Runtime,
+        gateway: Gateway,
+        sizes: dict[tuple[str, str], int],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings, self.store, self.runtime, self.gateway = settings, store, runtime, gateway
+        self.sizes = {key: n for key, n in sizes.items() if n > 0}
+        self.clock = clock
+        self.limits = Limits(settings.default_cpus, settings.default_memory, settings.default_pids)
+        self._ready: dict[tuple[str, str], list[Member]] = {key: [] for key in self.sizes}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- claims ---------------------------------------------------------------------------
+    def claim(self, image: str, runtime: str, limits: Limits) -> Member | None:
+        """A ready member for a task with this image, isolation class and limits, or None."""
+        if limits != self.limits:
+            return None
+        with self._lock:
+            ready = self._ready.get((image, runtime))
+            member = ready.pop(0) if ready else None
+        if member is not None:
+            self.store.pool_forget(member.key)
+            self._wake.set()  # refill
+        return member
+
+    def ready(self) -> int:
+        with self._lock:
+            return sum(len(members) for members in self._ready.values())
+
+    # -- upkeep ---------------------------------------------------------------------------
+    def start(self) -> WarmPool:
+        if self.sizes and self._thread is None:
+            self._thread = threading.Thread(target=self._run, daemon=True, name="warm-pool")
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.tend()
+            except AirlockError as exc:  # the engine or Redis is away: try again shortly
+                log.warning("warm pool: %s", exc)
+            except Exception:
+                log.exception("warm pool upkeep failed")
+            self._wake.wait(self.settings.heartbeat_s)
+            self._wake.clear()
+
+    def tend(self) -> None:
+        """One round: heartbeat the members, recycle the old ones, fill up to size."""
+        now = self.clock()
+        with self._lock:
+            members = [m for ready in self._ready.values() for m in ready]
+            old = [m for m in members if now - m.created_at > self.settings.pool_max_age_s]
+            for ready in self._ready.values():
+                ready[:] = [m for m in ready if m not in old]
+        for member in members:
+            if member not in old:
+                self.store.heartbeat(member.key, self.settings.heartbeat_s * 3)
+        for member in old:
+            self.discard(member, "recycled: older than the maximum age")
+        for key, size in self.sizes.items():
+            while not self._stopping.is_set() and len(self._ready[key]) < size:
+                member = self._make(*key)
+                with self._lock:
+                    self._ready[key].append(member)
+
+    def _make(self, image: str, runtime: str) -> Member:
+        key = MEMBER_PREFIX + secrets.token_hex(8)
+        created = self.clock()
+        self.store.heartbeat(key, self.settings.heartbeat_s * 3)
+        directory = self.gateway.open_member(key)
+        spec = ContainerSpec(
+            task_id=key,
+            namespace=self.settings.namespace,
+            image=image,
+            command=("--pool",),
+            env={"AIRLOCK_POOL_MEMBER": key},
+            user=TASK_USER,
+            cpus=self.limits.cpus,
+            memory=self.limits.memory,
+            pids=self.limits.pids,
+            # The reaper's backstop: no member, however used, outlives this.
+            deadline=created + self.settings.pool_max_age_s + self.settings.max_timeout_s + 60,
+            agent="",
+            runtime=None if runtime == "runc" else runtime,
+            endpoint_dir=str(directory),
+        )
+        container_id = ""
+        try:
+            container_id = self.runtime.create(spec)
+            self.runtime.start(container_id)
+        except AirlockError:
+            if container_id:
+                self.runtime.remove(container_id)
+            self.gateway.close(key)
+            raise
+        member = Member(key, image, runtime, self.limits, container_id, directory, created)
+        self.store.pool_register(key, {"image": image, "runtime": runtime, "since": created})
+        return member
+
+    def discard(self, member: Member, why: str) -> None:
+        log.info("warm pool: removing %s (%s)", member.key, why)
+        self.store.pool_forget(member.key)
+        try:
+            self.runtime.remove(member.container_id)
+        finally:
+            self.gateway.close(member.key)
+
+    def shutdown(self) -> None:
+        """Stop refilling and remove every member that no task claimed."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        with self._lock:
+            members = [m for ready in self._ready.values() for m in ready]
+            for ready in self._ready.values():
+                ready.clear()
+        for member in members:
+            try:
+                self.discard(member, "the worker is stopping")
+            except AirlockError as exc:
+                log.warning("warm pool: %s left for the reaper: %s", member.key, exc)
+
+
+def pool_sizes(settings: Settings, runtimes: frozenset[str]) -> dict[tuple[str, str], int]:
+    """The pools this worker keeps: the runner image under runc, and under gVisor if present."""
+    sizes = {(settings.runner_image, "runc"): settings.pool_size}
+    if "runsc" in runtimes:
+        sizes[(settings.runner_image, "runsc")] = settings.pool_gvisor_size
+    return sizes
