@@ -56,7 +56,9 @@ def show(
     return row
 
 
-def raw_run(runtime: DockerRuntime, settings: Settings) -> tuple[float, float]:
+def raw_run(
+    runtime: DockerRuntime, settings: Settings, isolation: str | None = None
+) -> tuple[float, float]:
     """Create/start/wait/remove with the same arguments an Airlock task container gets."""
     spec = ContainerSpec(
         task_id=str(uuid.uuid4()),
@@ -70,6 +72,7 @@ def raw_run(runtime: DockerRuntime, settings: Settings) -> tuple[float, float]:
         pids=256,
         deadline=time.time() + 300,
         agent="bench",
+        runtime=isolation,
     )
     create, host = container_config(spec)
     api = runtime.api
@@ -82,17 +85,37 @@ def raw_run(runtime: DockerRuntime, settings: Settings) -> tuple[float, float]:
     return running, time.perf_counter() - t0
 
 
-def airlock_run(client: Client) -> tuple[float, float]:
+def airlock_run(
+    client: Client, agent: str = "demo", warm: bool | None = None
+) -> tuple[float, float]:
     t0_wall, t0 = time.time(), time.perf_counter()
-    task_id = client.submit({"agent": "demo", "command": ["true"]})
+    task_id = client.submit({"agent": agent, "command": ["true"]})
     status = client.wait(task_id, timeout_s=60)
     total = time.perf_counter() - t0
     assert status["state"] == "succeeded", status
+    if warm is not None:
+        assert ("warm_runner" in status) == warm, status
     running = next(e for e in client.store.events(task_id) if e.state is TaskState.RUNNING)
     return running.at - t0_wall, total
 
 
-def start_worker(settings: Settings, tmp: str, **extra: str) -> subprocess.Popen[bytes]:
+def wait_warm(client: Client, count: int) -> None:
+    """Until the pool holds `count` ready members (a claim's refill is in the background)."""
+    for _ in range(600):
+        if len(client.store.pool_members()) >= count:
+            return
+        time.sleep(0.01)
+    raise RuntimeError("the warm pool did not fill")
+
+
+def warm_run(client: Client, agent: str, members: int) -> tuple[float, float]:
+    wait_warm(client, members)
+    return airlock_run(client, agent, warm=True)
+
+
+def start_worker(
+    settings: Settings, tmp: str, *argv: str, concurrency: int = 4, **extra: str
+) -> subprocess.Popen[bytes]:
     env = dict(
         os.environ,
         AIRLOCK_NAMESPACE=settings.namespace,
@@ -101,52 +124,129 @@ def start_worker(settings: Settings, tmp: str, **extra: str) -> subprocess.Popen
         **extra,
     )
     return subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "worker", "-c", "4", "--loglevel", "WARNING"],
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "worker",
+            "-c",
+            str(concurrency),
+            *argv,
+            "--loglevel",
+            "WARNING",
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
 
 
+def throughput(run: Callable[[], object], tasks: int, concurrency: int) -> float:
+    """Tasks per minute with `concurrency` of them in flight at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for result in [pool.submit(run) for _ in range(tasks)]:
+            result.result()
+    return tasks / (time.perf_counter() - t0) * 60
+
+
 def bench_start(runs: int) -> dict[str, object]:
+    """Cold and warm starts, gVisor, and throughput, each beside its raw baseline."""
     ns = f"bench{uuid.uuid4().hex[:6]}"
     settings = replace(config.load(), namespace=ns, queue=ns)
+    warm_queue = f"{ns}-warm"
     runtime = DockerRuntime(settings.docker_host)
-    client = Client(settings)
+    gvisor = "runsc" in runtime.runtimes()
+    cold, warm = Client(settings), Client(replace(settings, queue=warm_queue))
     with tempfile.TemporaryDirectory() as tmp:
-        worker = start_worker(settings, tmp)
+        workers = [
+            start_worker(settings, tmp),  # serves the default queue (and its gVisor queue)
+            start_worker(
+                settings,
+                tmp,
+                "-Q",
+                warm_queue,
+                *(["-Q", f"{warm_queue}-gvisor"] if gvisor else []),
+                concurrency=1,
+                AIRLOCK_POOL_SIZE="2",
+                AIRLOCK_POOL_GVISOR_SIZE="2" if gvisor else "0",
+            ),
+        ]
         try:
-            samples: dict[str, list[tuple[float, float]]] = {"raw": [], "airlock": []}
+            samples: dict[str, list[tuple[float, float]]] = {}
             runners: dict[str, Callable[[], tuple[float, float]]] = {
                 "raw": lambda: raw_run(runtime, settings),
-                "airlock": lambda: airlock_run(client),
+                "cold": lambda: airlock_run(cold, warm=False),
+                "warm": lambda: warm_run(warm, "demo", 2 + 2 * gvisor),
             }
-            for _ in range(3):  # warm up both paths (image cache, connections, imports)
+            if gvisor:
+                runners["gvisor_raw"] = lambda: raw_run(runtime, settings, "runsc")
+                runners["gvisor_cold"] = lambda: airlock_run(cold, "ops", warm=False)
+                runners["gvisor_warm"] = lambda: warm_run(warm, "ops", 4)
+            for _ in range(3):  # warm up every path (image cache, connections, imports)
                 for run in runners.values():
                     run()
             print(f"start: {runs} runs each of a trivial task (`true`), interleaved", flush=True)
             for i in range(runs):
                 for name, run in runners.items():
-                    samples[name].append(run())
+                    samples.setdefault(name, []).append(run())
                 if (i + 1) % 10 == 0:
                     print(f"  ... {i + 1}/{runs}", file=sys.stderr, flush=True)
+            tasks = max(runs, 40)
+            print(f"  ... throughput: {tasks} tasks at concurrency 4", file=sys.stderr, flush=True)
+            rates = {
+                "raw": throughput(lambda: raw_run(runtime, settings), tasks, 4),
+                "airlock": throughput(lambda: airlock_run(cold), tasks, 4),
+            }
         finally:
-            worker.terminate()
-            worker.wait(timeout=30)
-            for key in client.store.redis.scan_iter(f"{ns}:*"):
-                client.store.redis.delete(key)
-    raw_start = [s[0] for s in samples["raw"]]
-    raw_total = [s[1] for s in samples["raw"]]
-    return {
-        "raw_create_start": show("raw docker create+start", raw_start),
-        "raw_total": show("raw docker create+start+wait+remove", raw_total),
-        "airlock_running": show(
-            "airlock submit -> command running", [s[0] for s in samples["airlock"]], raw_start
+            for worker in workers:
+                worker.terminate()
+            for worker in workers:
+                worker.wait(timeout=60)
+            for key in cold.store.redis.scan_iter(f"{ns}:*"):
+                cold.store.redis.delete(key)
+    return report_start(samples, rates)
+
+
+def report_start(
+    samples: dict[str, list[tuple[float, float]]], rates: dict[str, float]
+) -> dict[str, object]:
+    def first(name: str) -> list[float]:
+        return [s[0] for s in samples[name]]
+
+    def total(name: str) -> list[float]:
+        return [s[1] for s in samples[name]]
+
+    result: dict[str, object] = {
+        "raw_create_start": show("raw docker create+start", first("raw")),
+        "raw_total": show("raw docker create+start+wait+remove", total("raw")),
+        "cold_running": show(
+            "airlock cold: submit -> command running", first("cold"), first("raw")
         ),
-        "airlock_total": show(
-            "airlock submit -> finished (torn down)", [s[1] for s in samples["airlock"]], raw_total
+        "cold_total": show("airlock cold: submit -> torn down", total("cold"), total("raw")),
+        "warm_running": show(
+            "airlock warm: submit -> command running", first("warm"), first("raw")
         ),
+        "warm_total": show("airlock warm: submit -> torn down", total("warm"), total("raw")),
     }
+    if "gvisor_raw" in samples:
+        result["gvisor_raw_create_start"] = show("raw gVisor create+start", first("gvisor_raw"))
+        result["gvisor_cold_running"] = show(
+            "airlock gVisor cold: -> command running", first("gvisor_cold"), first("gvisor_raw")
+        )
+        result["gvisor_warm_running"] = show(
+            "airlock gVisor warm: -> command running", first("gvisor_warm"), first("gvisor_raw")
+        )
+    ratio = rates["airlock"] / rates["raw"]
+    print(
+        f"  {'throughput at concurrency 4 (tasks/min)':<42} raw {rates['raw']:6.0f}   "
+        f"airlock {rates['airlock']:6.0f}   {ratio:5.2f}x raw",
+        flush=True,
+    )
+    result["throughput"] = {**{k: round(v) for k, v in rates.items()}, "ratio": round(ratio, 3)}
+    return result
 
 
 def bench_policy(runs: int) -> dict[str, object]:
