@@ -56,10 +56,14 @@ def show(
     return row
 
 
+RAW_ENDPOINT = tempfile.mkdtemp(prefix="airlock-bench-raw-")
+
+
 def raw_run(
     runtime: DockerRuntime, settings: Settings, isolation: str | None = None
 ) -> tuple[float, float]:
-    """Create/start/wait/remove with the same arguments an Airlock task container gets."""
+    """Create/start/wait/remove with the same arguments an Airlock task container gets
+    (its endpoint directory mount included)."""
     spec = ContainerSpec(
         task_id=str(uuid.uuid4()),
         namespace=settings.namespace,
@@ -73,6 +77,7 @@ def raw_run(
         deadline=time.time() + 300,
         agent="bench",
         runtime=isolation,
+        endpoint_dir=RAW_ENDPOINT,
     )
     create, host = container_config(spec)
     api = runtime.api
