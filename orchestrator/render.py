@@ -204,7 +204,20 @@ def runners_table(
     """Task runners, and the warm ones waiting for a task (`warm`: the pool's members)."""
     table = Table(box=None, header_style="bold", title="airlock runners")
     for column in ("TASK", "STATE", "AGENT", "AGE", "EGRESS", "LAST EVENT"):
-        table.add_column(column, no_wrap=column != "LAST EVENT", overflow="fold")
+        if column == "AGENT":  # a name a raw producer made up must not crowd out the events
+            table.add_column(column, no_wrap=True, max_width=16, overflow="ellipsis")
+        else:
+            table.add_column(column, no_wrap=column != "LAST EVENT", overflow="fold")
+    for member, info in sorted((warm or {}).items(), key=lambda m: m[1].get("since", 0)):
+        age = {"created_at": datetime.fromtimestamp(float(info.get("since", 0))).isoformat()}
+        table.add_row(
+            member[:13],  # pool-<8 hex>, as wide as the task ids beside it allow
+            "[cyan]warm[/cyan]",
+            "",
+            _age(age),
+            "-",
+            f"ready: {info.get('image')} ({info.get('runtime')})",
+        )
     for task in tasks:
         denied = task.get("egress_denied", 0)
         egress = f"{task.get('egress_allowed', 0)} ok / " + (
@@ -218,16 +231,6 @@ def runners_table(
             _age(task),
             egress,
             event,
-        )
-    for member, info in sorted((warm or {}).items(), key=lambda m: m[1].get("since", 0)):
-        age = {"created_at": datetime.fromtimestamp(float(info.get("since", 0))).isoformat()}
-        table.add_row(
-            member,
-            "[cyan]warm[/cyan]",
-            "",
-            _age(age),
-            "-",
-            f"ready for a task: {info.get('image')} ({info.get('runtime')})",
         )
     return table
 

@@ -264,8 +264,8 @@ def test_a_worker_keeps_its_pool_shows_it_and_removes_it_when_stopped(
             session = f"airlock-warm-{uuid.uuid4().hex[:6]}"
             start_watch(settings, session)
             try:
-                line = row(session, member, "warm")
-                assert "ready for" in line, line
+                line = row(session, member[:13], "warm")
+                assert "ready" in line, line
             finally:
                 subprocess.run(["tmux", "kill-session", "-t", session], check=False)
         client = Client(replace(settings, queue=queue))

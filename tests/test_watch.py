@@ -41,7 +41,10 @@ def start_watch(settings: Any, session: str) -> None:
         for k, v in env.items()
         if k.startswith(("AIRLOCK_", "REDIS_", "VAULT_", "PATH"))
     )
-    command = f"env {exports} {shlex.quote(sys.executable)} -m orchestrator watch"
+    # The pane's size, stated: an inherited COLUMNS would otherwise win over the terminal's.
+    command = (
+        f"env COLUMNS=160 LINES=40 {exports} {shlex.quote(sys.executable)} -m orchestrator watch"
+    )
     subprocess.run(
         ["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "40", command], check=True
     )
@@ -60,6 +63,8 @@ def test_watch_shows_runners_live(settings: Any, worker: Any) -> None:
         running = row(session, task_id[:8], "running")
         assert "running" in running and "tester" in running, running
         done = row(session, task_id[:8], "succeeded")
-        assert "succeeded" in done and "0 ok / 0 denied" in done and "exit code 0" in done, done
+        assert "succeeded" in done and "0 ok / 0 denied" in done and "exit code 0" in done, screen(
+            session
+        )
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], check=False)
