@@ -120,7 +120,8 @@ def build_executor(settings: Settings, warm_pool: bool = False) -> Executor:
 
     connections = settings.worker_concurrency * 3 + 2
     store = Store(settings.redis_url, settings.namespace, settings.record_ttl_s, ride_out_s=15)
-    runtime = DockerRuntime(settings.docker_host, max_pool_size=connections)
+    # A worker rides out an engine restart of a few seconds instead of failing its tasks.
+    runtime = DockerRuntime(settings.docker_host, max_pool_size=connections, ride_out_s=15)
     executor = Executor(settings, store, runtime)
     if warm_pool and (settings.pool_size or settings.pool_gvisor_size):
         sizes = pool_sizes(settings, runtime.runtimes())

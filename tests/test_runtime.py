@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import gc
+import threading
 import time
 import uuid
+from pathlib import Path
+
+import pytest
 
 from orchestrator.config import TASK_USER, Settings
+from orchestrator.errors import ServiceUnavailable
 from orchestrator.runtime.base import ContainerSpec
 from orchestrator.runtime.docker_engine import DockerRuntime, container_config
 
@@ -78,3 +84,23 @@ def test_engine_applies_every_setting(settings: Settings, runtime: DockerRuntime
         assert runtime.remove(container_id) is True
     assert runtime.remove(container_id) is False
     assert all(c.id != container_id for c in runtime.list_managed(settings.namespace))
+
+
+# docker-py leaves the socket of a failed connect to the garbage collector.
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+def test_a_worker_runtime_rides_out_an_engine_restart(tmp_path: Path) -> None:
+    """Calls that could not connect are repeated while the engine comes back (a restart)."""
+    socket_path = tmp_path / "docker.sock"
+    impatient = DockerRuntime(f"unix://{socket_path}")
+    patient = DockerRuntime(f"unix://{socket_path}", ride_out_s=20)
+    with pytest.raises(ServiceUnavailable):
+        impatient.ping()  # nothing there, and no patience: at once
+    back = threading.Timer(1.0, lambda: socket_path.symlink_to("/var/run/docker.sock"))
+    back.start()
+    try:
+        patient.ping()  # the engine "comes back" a second later
+    finally:
+        back.join()
+        del impatient, patient
+        gc.collect()  # while this test's warning filter holds
+    assert socket_path.is_symlink()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
@@ -92,26 +93,59 @@ def container_config(spec: ContainerSpec) -> tuple[dict[str, Any], dict[str, Any
 
 
 def _translate(method: Callable[P, R]) -> Callable[P, R]:
-    """Map docker-py and transport errors onto Airlock's error tree."""
+    """Map docker-py and transport errors onto Airlock's error tree.
+
+    A runtime with `ride_out_s` repeats a call that could not even connect (the engine is
+    restarting: nothing was sent, so repeating is safe) until the engine is back or that
+    long has passed.
+    """
 
     @functools.wraps(method)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return method(*args, **kwargs)
-        except docker.errors.ImageNotFound as exc:
-            raise ImageNotFound(f"image not found: {exc.explanation}") from exc
-        except docker.errors.APIError as exc:
-            raise RuntimeFailure(f"docker: {exc.explanation or exc}") from exc
-        except (requests.ConnectionError, docker.errors.DockerException) as exc:
-            raise ServiceUnavailable("docker", str(exc)) from exc
+        give_up = time.monotonic() + float(getattr(args[0], "ride_out_s", 0.0))
+        while True:
+            try:
+                return method(*args, **kwargs)
+            except (requests.ConnectionError, docker.errors.DockerException) as exc:
+                if _never_sent(exc) and time.monotonic() < give_up:
+                    time.sleep(0.2)
+                    continue
+                raise _translated(exc) from exc
 
     return wrapper
 
 
+def _translated(exc: Exception) -> Exception:
+    if isinstance(exc, docker.errors.ImageNotFound):
+        return ImageNotFound(f"image not found: {exc.explanation}")
+    if isinstance(exc, docker.errors.APIError):
+        return RuntimeFailure(f"docker: {exc.explanation or exc}")
+    return ServiceUnavailable("docker", str(exc))
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """Whether a transport error happened while connecting (the request never left)."""
+    seen: list[object] = [exc]
+    while seen:
+        item = seen.pop()
+        if isinstance(item, (FileNotFoundError, ConnectionRefusedError)):
+            return True
+        if isinstance(item, BaseException):
+            seen.extend(item.args)
+            if item.__cause__ is not None:
+                seen.append(item.__cause__)
+    return False
+
+
 class DockerRuntime:
     def __init__(
-        self, base_url: str | None = None, timeout: float = 60, max_pool_size: int = 10
+        self,
+        base_url: str | None = None,
+        timeout: float = 60,
+        max_pool_size: int = 10,
+        ride_out_s: float = 0.0,
     ) -> None:
+        self.ride_out_s = ride_out_s
         # A pinned API version: no round trip at construction, so an engine that is down
         # surfaces as ServiceUnavailable on the first call, where the task can record it.
         try:
