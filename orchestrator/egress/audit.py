@@ -9,6 +9,7 @@ stored head.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -23,12 +24,18 @@ from typing import Any
 from orchestrator.store import Store
 
 GENESIS = "0" * 64
+BATCH_WINDOW_S = 0.005
 log = logging.getLogger(__name__)
 
 
-def record_hash(previous: str, record: dict[str, Any]) -> str:
-    canonical = json.dumps(record, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(f"{previous}\n{canonical}".encode()).hexdigest()
+def canonical(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"))
+
+
+def record_hash(previous: str, record: dict[str, Any], text: str | None = None) -> str:
+    """The chain link of `record` after `previous` (`text`: its canonical JSON, if known)."""
+    text = canonical(record) if text is None else text
+    return hashlib.sha256(f"{previous}\n{text}".encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -77,8 +84,14 @@ class AuditLog:
     def _write_loop(self) -> None:
         while True:
             batch = [self._queue.get()]
-            while not self._queue.empty() and len(batch) < 500:
-                batch.append(self._queue.get_nowait())
+            # Gather what arrives in the next few milliseconds: one transaction for many
+            # requests instead of one each (and less time taken from the serving thread).
+            until = time.monotonic() + BATCH_WINDOW_S
+            while len(batch) < 500 and (left := until - time.monotonic()) > 0:
+                try:
+                    batch.append(self._queue.get(timeout=left))
+                except queue.Empty:
+                    break
             try:
                 self.append_many(batch)
             except Exception:  # Redis down: the records are lost, loudly
@@ -102,19 +115,20 @@ class AuditLog:
         with self._lock:
             head, digests = self._head, []
             pipe = self.store.redis.pipeline(transaction=True)
+            decided: collections.Counter[tuple[str, str]] = collections.Counter()
             for record in records:
                 entry = {**record, "time": record.get("time", time.time()), "chain": self.chain}
-                digest = record_hash(head, entry)
-                pipe.xadd(
-                    self.stream,
-                    {"record": json.dumps(entry, sort_keys=True), "prev": head, "hash": digest},
-                )
+                text = canonical(entry)
+                digest = record_hash(head, entry, text)
+                pipe.xadd(self.stream, {"record": text, "prev": head, "hash": digest})
                 head = digest
                 digests.append(digest)
                 if entry.get("task") and entry.get("decision") in ("allow", "deny"):
-                    counts = f"{self.store.ns}:task:{entry['task']}:egress"
-                    pipe.hincrby(counts, str(entry["decision"]), 1)
-                    pipe.expire(counts, self.store.record_ttl_s)
+                    decided[(str(entry["task"]), str(entry["decision"]))] += 1
+            for (task, decision), count in decided.items():
+                counts = f"{self.store.ns}:task:{task}:egress"
+                pipe.hincrby(counts, decision, count)
+                pipe.expire(counts, self.store.record_ttl_s)
             pipe.set(self.head_key(self.chain), head)
             pipe.execute()
             self._head = head
