@@ -43,20 +43,25 @@ BAD = [
 ]
 
 
+def send_raw(
+    client: Client, settings: Settings, kwargs: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """A raw Celery message, as any producer could send it; the task's id and end."""
+    task_id = str(uuid.uuid4())
+    client._celery.send_task(TASK_NAME, kwargs=kwargs, task_id=task_id, queue=settings.queue)
+    for _ in range(600):
+        if client.store.redis.exists(client.store.key(task_id)):
+            return task_id, client.wait(task_id, timeout_s=60)
+        time.sleep(0.05)
+    pytest.fail(f"the worker recorded nothing for {kwargs!r:.200}")
+
+
 @pytest.mark.parametrize(("name", "kwargs", "reason"), BAD, ids=[b[0] for b in BAD])
 def test_bad_messages_are_rejected_and_the_worker_keeps_serving(
     settings: Settings, worker: Any, runtime: Any, name: str, kwargs: dict[str, Any], reason: str
 ) -> None:
     client = Client(settings)
-    task_id = str(uuid.uuid4())
-    client._celery.send_task(TASK_NAME, kwargs=kwargs, task_id=task_id, queue=settings.queue)
-    for _ in range(300):
-        if client.store.redis.exists(client.store.key(task_id)):
-            status = client.wait(task_id, timeout_s=30)
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail(f"{name}: the worker recorded nothing")
+    task_id, status = send_raw(client, settings, kwargs)
     assert status["state"] == "rejected" and reason in status["reason"], status
     assert all(c.task_id != task_id for c in runtime.list_managed(settings.namespace))
     follow_up = client.submit({"agent": "tester", "command": ["true"]})
@@ -88,14 +93,7 @@ messages = st.fixed_dictionaries(
 def test_any_message_ends_with_a_reason_and_leaves_nothing(
     settings: Settings, worker: Any, runtime: Any, kwargs: dict[str, Any]
 ) -> None:
-    client = Client(settings)
-    task_id = str(uuid.uuid4())
-    client._celery.send_task(TASK_NAME, kwargs=kwargs, task_id=task_id, queue=settings.queue)
-    for _ in range(600):
-        if client.store.redis.exists(client.store.key(task_id)):
-            break
-        time.sleep(0.05)
-    status = client.wait(task_id, timeout_s=60)
+    task_id, status = send_raw(Client(settings), settings, kwargs)
     assert status["state"] in ("rejected", "failed", "succeeded", "timed_out"), status
     assert status["reason"], status
     assert all(c.task_id != task_id for c in runtime.list_managed(settings.namespace))
