@@ -356,7 +356,8 @@ def bench_secrets(runs: int) -> dict[str, object]:
     )
 
     def raw() -> tuple[float, float]:
-        """The Vault calls alone: token, creds, wrap, sign; then lease and token revocation."""
+        """The Vault calls alone: token, creds, wrap, sign; then lease, token and wrapping
+        token revocation (an unused wrapped copy must not outlive the task either)."""
         t0 = time.perf_counter()
         auth = vault.write(
             "auth/token/create/airlock-dba",
@@ -364,11 +365,15 @@ def bench_secrets(runs: int) -> dict[str, object]:
         )
         token = auth["auth"]["client_token"]  # type: ignore[index]
         creds = vault.read("database/creds/airlock-tests-readonly", token=token) or {}
-        vault.write("sys/wrapping/wrap", {"secret": creds.get("data")}, token=token, wrap_ttl="60s")
+        wrapped = vault.write(
+            "sys/wrapping/wrap", {"secret": creds.get("data")}, token=token, wrap_ttl="60s"
+        )
         vault.write("transit/sign/airlock-task-jwt", {"input": "YWJj"})
         t1 = time.perf_counter()
         vault.write("sys/leases/revoke", {"lease_id": creds["lease_id"], "sync": True})
         vault.write("auth/token/revoke-accessor", {"accessor": auth["auth"]["accessor"]})  # type: ignore[index]
+        wrap_accessor = wrapped["wrap_info"]["accessor"]  # type: ignore[index]
+        vault.write("auth/token/revoke-accessor", {"accessor": wrap_accessor})
         return t1 - t0, time.perf_counter() - t1
 
     def airlock() -> tuple[float, float]:
@@ -393,7 +398,7 @@ def bench_secrets(runs: int) -> dict[str, object]:
     print(f"secrets: {runs} runs each, one database secret (dynamic PostgreSQL role) per task")
     return {
         "raw_provision": show("raw Vault: token+creds+wrap+sign", [s[0] for s in samples["raw"]]),
-        "raw_teardown": show("raw Vault: lease+token revoke", [s[1] for s in samples["raw"]]),
+        "raw_teardown": show("raw Vault: lease+token+wrap revoke", [s[1] for s in samples["raw"]]),
         "airlock_provision": show(
             "airlock provision (journal, endpoint, JWT)",
             [s[0] for s in samples["airlock"]],
