@@ -201,3 +201,23 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         pool_gvisor_size=_get(env, "AIRLOCK_POOL_GVISOR_SIZE", d.pool_gvisor_size, _count),
         pool_max_age_s=_get(env, "AIRLOCK_POOL_MAX_AGE_S", d.pool_max_age_s, _positive_float),
     )
+
+
+# Proxy settings an HTTP client would take from the environment.
+_PROXY_ENV = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
+def proxies_in_env(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the environment names any proxy.
+
+    When none is named, HTTP clients need not look (requests reads the whole environment on
+    every request to find proxies: most of a worker's CPU per task otherwise).
+    """
+    env = os.environ if environ is None else environ
+    return any(key.lower() in _PROXY_ENV for key in env)
+
+
+def ca_bundle_from_env(environ: Mapping[str, str] | None = None) -> str | None:
+    """The CA bundle requests would take from the environment, if one is named."""
+    env = os.environ if environ is None else environ
+    return env.get("REQUESTS_CA_BUNDLE") or env.get("CURL_CA_BUNDLE") or None

@@ -12,6 +12,7 @@ import docker.errors
 import docker.utils.socket
 import requests
 
+from orchestrator.config import proxies_in_env
 from orchestrator.errors import ImageNotFound, RuntimeFailure, ServiceUnavailable
 from orchestrator.runtime.base import (
     LABEL_AGENT,
@@ -154,6 +155,10 @@ class DockerRuntime:
                 version=API_VERSION,
                 timeout=timeout,
                 max_pool_size=max_pool_size,
+            )
+            # The engine's socket needs no proxy: do not search the environment per call.
+            self.api.trust_env = proxies_in_env() and not self.api.base_url.startswith(
+                "http+docker://localhost"
             )
         except docker.errors.DockerException as exc:
             raise ServiceUnavailable("docker", str(exc)) from exc

@@ -7,6 +7,7 @@ is ServiceUnavailable; a refusal is VaultRefused, with Vault's own words.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import hvac
@@ -14,6 +15,7 @@ import hvac.exceptions
 import requests
 from opentelemetry import trace
 
+from orchestrator.config import ca_bundle_from_env, proxies_in_env
 from orchestrator.errors import ServiceUnavailable, VaultRefused
 
 
@@ -23,7 +25,18 @@ class Vault:
         self.token = token
         # No default token on the client: each request carries the token it acts with.
         # (hvac falls back to VAULT_TOKEN when given None; that must not happen here.)
-        self._client = hvac.Client(url=addr, token=None, timeout=timeout)
+        # The environment is read once here, not on every request: its proxies (if any
+        # are named, requests keeps looking them up) and its CA bundle.
+        session = requests.Session()
+        session.trust_env = proxies_in_env()
+        bundle = None if os.environ.get("VAULT_CACERT") else ca_bundle_from_env()
+        self._client = hvac.Client(
+            url=addr,
+            token=None,
+            timeout=timeout,
+            session=session,
+            **({"verify": bundle} if bundle else {}),
+        )
         self._client.token = None
 
     def call(
