@@ -308,15 +308,19 @@ class Executor:
             run.marker = secrets.token_hex(16)
             self._attach(run)  # before the runner learns its command: no output is missed
             launch = {"command": list(run.spec.command), "env": self._task_env(run, run.marker)}
-            run.handout = self.credentials.provision(
-                run.task_id,
-                run.grant,
-                run.grant.digest(),
-                run.deadline,
-                self._context(run),
-                member=member.key,
-                launch=launch,
-            )
+            try:
+                run.handout = self.credentials.provision(
+                    run.task_id,
+                    run.grant,
+                    run.grant.digest(),
+                    run.deadline,
+                    self._context(run),
+                    member=member.key,
+                    launch=launch,
+                )
+            except AirlockError:
+                self.credentials.endpoints.close(member.key)  # never bound to the task
+                raise
         self._running(run)
         return True
 

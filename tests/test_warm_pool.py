@@ -279,3 +279,23 @@ def test_a_worker_keeps_its_pool_shows_it_and_removes_it_when_stopped(
     # Stopped (SIGTERM): its unclaimed members went with it.
     assert members(runtime, settings) == set()
     assert store.pool_members() == {}
+
+
+def test_a_warm_claim_that_cannot_get_credentials_leaves_nothing(
+    settings: Settings, store: Store, runtime: DockerRuntime
+) -> None:
+    cut_off = replace(settings, vault_addr="http://127.0.0.1:1")
+    credentials = Credentials(cut_off, store)
+    pool = make_pool(cut_off, store, runtime, credentials, size=1)
+    try:
+        pool.tend()
+        [member] = pool._ready[(settings.runner_image, "runc")]
+        executor = Executor(cut_off, store, runtime, credentials=credentials, pool=pool)
+        state, status = run(executor, "tester", ["true"])
+        assert state is S.FAILED and "vault is unreachable" in status["reason"], status
+        assert status["warm_runner"] == member.key
+        assert all(c.id != member.container_id for c in runtime.list_managed(settings.namespace))
+        assert not member.directory.exists()  # its endpoint went with it, not to the reaper
+    finally:
+        pool.shutdown()
+        credentials.endpoints.shutdown()
