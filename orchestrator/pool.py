@@ -192,18 +192,25 @@ class WarmPool:
             self._wake.clear()
 
     def tend(self) -> None:
-        """One round: heartbeat the members, recycle the old ones, fill up to size."""
+        """One round: heartbeat the members, replace the old and the dead, fill up to size."""
         now = self.clock()
-        with self._lock:
+        running = {c.id for c in self.runtime.list_managed(self.settings.namespace) if c.running}
+        with self._lock:  # only members still ready: a claimed one is its task's now
             members = [m for ready in self._ready.values() for m in ready]
-            old = [m for m in members if now - m.created_at > self.settings.pool_max_age_s]
+            old = [
+                m
+                for m in members
+                if now - m.created_at > self.settings.pool_max_age_s
+                or m.container_id not in running
+            ]
             for ready in self._ready.values():
                 ready[:] = [m for m in ready if m not in old]
         for member in members:
             if member not in old:
                 self.store.heartbeat(member.key, self.settings.heartbeat_s * 3)
         for member in old:
-            self.discard(member, "recycled: older than the maximum age")
+            why = "not running" if member.container_id not in running else "past its maximum age"
+            self.discard(member, why)
         for key, size in self.sizes.items():
             while not self._stopping.is_set() and len(self._ready[key]) < size:
                 member = self._make(*key)

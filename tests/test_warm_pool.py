@@ -299,3 +299,21 @@ def test_a_warm_claim_that_cannot_get_credentials_leaves_nothing(
     finally:
         pool.shutdown()
         credentials.endpoints.shutdown()
+
+
+def test_a_member_that_died_is_replaced_not_handed_out(
+    settings: Settings, store: Store, runtime: DockerRuntime, credentials: Credentials
+) -> None:
+    pool = make_pool(settings, store, runtime, credentials, size=1)
+    try:
+        pool.tend()
+        [dead] = pool._ready[(settings.runner_image, "runc")]
+        runtime.api.kill(dead.container_id)
+        runtime.wait(dead.container_id)
+        pool.tend()
+        [fresh] = pool._ready[(settings.runner_image, "runc")]
+        assert fresh.key != dead.key
+        assert all(c.id != dead.container_id for c in runtime.list_managed(settings.namespace))
+        assert not dead.directory.exists()
+    finally:
+        pool.shutdown()
