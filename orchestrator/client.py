@@ -171,7 +171,7 @@ class Client:
             block = 1000 if give_up is None else int(max(give_up - time.monotonic(), 0) * 1000)
             if give_up is not None and block <= 0:
                 return present(record)
-            for event in self.store.events(task_id, after, block_ms=min(max(block, 1), 10_000)):
+            for event in self.store.events(task_id, after, block_ms=max(block, 1)):
                 after = event.id
                 if on_event:
                     on_event(event)
@@ -185,8 +185,7 @@ class Client:
             left = give_up - time.monotonic()
             if record["state"] != TaskState.PENDING.value or left <= 0:
                 return present(record)
-            block = min(max(int(left * 1000), 1), 10_000)  # well inside the socket's timeout
-            for event in self.store.events(task_id, after, block_ms=block):
+            for event in self.store.events(task_id, after, block_ms=max(int(left * 1000), 1)):
                 after = event.id
 
     def logs(self, task_id: str, follow: bool = False) -> Iterator[tuple[str, str]]:

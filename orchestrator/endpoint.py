@@ -26,6 +26,7 @@ import ssl
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,6 +49,18 @@ class Handler(ProxyPolicy, Protocol):
         """Answer one JSON control request of the task."""
 
 
+@dataclass
+class Route:
+    """One socket, and whom it speaks for: a task, or a warm runner until its claim."""
+
+    key: str
+    directory: Path
+    server: asyncio.AbstractServer | None = None
+    # After a claim: the runner's own endpoint, which still answers its POST /v1/claim (a
+    # runner that started after the claim asks only then).
+    claim: Handler | None = None
+
+
 class EndpointServer:
     def __init__(
         self, root: Path, max_connections: int = 64, upstream_ca_file: Path | None = None
@@ -60,12 +73,9 @@ class EndpointServer:
         self.max_connections = max_connections
         # uvloop: a third less CPU per proxied request than asyncio's own loop.
         self._loop = uvloop.new_event_loop()
-        self._servers: dict[str, asyncio.AbstractServer] = {}
         self._sessions: dict[str, set[asyncio.Task[Any]]] = {}
         self.handlers: dict[str, Handler] = {}
-        self._routes: dict[str, dict[str, str]] = {}
-        self._dirs: dict[str, Path] = {}
-        self._claims: dict[str, Handler] = {}  # a claimed warm runner's first endpoint
+        self._routes: dict[str, Route] = {}
         self.own = own_addresses()
         self._thread = threading.Thread(
             target=self._loop.run_forever, daemon=True, name="airlock-endpoints"
@@ -81,27 +91,28 @@ class EndpointServer:
         return future.result(timeout=30)
 
     def directory(self, key: str) -> Path:
-        return self._dirs.get(key) or self.root / key
+        route = self._routes.get(key)
+        return route.directory if route else self.root / key
 
-    def open(self, key: str, handler: Handler, directory: Path | None = None) -> Path:
+    def open(self, key: str, handler: Handler) -> Path:
         """Serve a socket for `key` (a task, or an unclaimed pool member); the directory to
         mount into its container."""
-        directory = directory or self.directory(key)
+        directory = self.directory(key)
         directory.mkdir(parents=True, exist_ok=True)
         if (directory / SOCKET_NAME).exists():
             raise FileExistsError(f"{directory} is already served")
         os.chmod(directory, 0o755)
         path = directory / SOCKET_NAME
-        route = {"key": key}  # whom the socket speaks for: changes once, when a member is claimed
+        route = Route(key, directory)
 
         async def start() -> asyncio.AbstractServer:
             return await asyncio.start_unix_server(
                 lambda r, w: self._serve(route, r, w), path=str(path)
             )
 
-        self._servers[key] = self._run(start())
+        route.server = self._run(start())
         self.handlers[key] = handler
-        self._routes[key], self._dirs[key] = route, directory
+        self._routes[key] = route
         os.chmod(path, 0o666)  # the task's unprivileged user must be able to connect
         return directory
 
@@ -112,24 +123,18 @@ class EndpointServer:
         wait for its claim); every later one gets the task's.
         """
         route = self._routes.pop(old)
-        # The runner may ask for its task only now (it started after the claim).
-        self._claims[new] = self.handlers[old]
-        self._servers[new] = self._servers.pop(old)
-        self._dirs[new] = self._dirs.pop(old)
+        route.key, route.claim = new, self.handlers.pop(old)
+        self._routes[new] = route
         self._sessions[new] = self._sessions.pop(old, set())
         self.handlers[new] = handler
-        self._routes[new] = route
-        route["key"] = new
-        self.handlers.pop(old, None)
-        return self._dirs[new]
+        return route.directory
 
     def close(self, key: str) -> bool:
         """Stop serving the task and remove its directory; False if there was none."""
-        server = self._servers.pop(key, None)
+        directory = self.directory(key)
+        route = self._routes.pop(key, None)
+        server = route.server if route else None
         self.handlers.pop(key, None)
-        self._claims.pop(key, None)
-        self._routes.pop(key, None)
-        directory = self._dirs.pop(key, None) or self.directory(key)
         if server is not None:
             server.close()
             for session in list(self._sessions.pop(key, ())):
@@ -146,9 +151,9 @@ class EndpointServer:
         return [p.name for p in self.root.iterdir() if p.is_dir() and not live(p.name)]
 
     async def _serve(
-        self, route: dict[str, str], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, route: Route, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        task_id = route["key"]
+        task_id = route.key
         handler = self.handlers.get(task_id)
         if handler is None:  # closed while this connection was accepted
             writer.close()
@@ -162,9 +167,8 @@ class EndpointServer:
             sessions.add(current)
 
         async def control(method: str, target: str, body: bytes) -> tuple[int, dict[str, Any]]:
-            claimed = self._claims.get(task_id)
-            if claimed is not None and target == "/v1/claim":
-                return await self._control(claimed, method, target, body)
+            if route.claim is not None and target == "/v1/claim":
+                return await self._control(route.claim, method, target, body)
             return await self._control(handler, method, target, body)
 
         try:
@@ -211,7 +215,7 @@ class EndpointServer:
         writer.close()
 
     def shutdown(self) -> None:
-        for task_id in list(self._servers):
+        for task_id in list(self._routes):
             self.close(task_id)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)

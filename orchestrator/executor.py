@@ -27,7 +27,7 @@ from orchestrator.errors import AirlockError
 from orchestrator.lifecycle import TaskState, advance, try_advance
 from orchestrator.policy.engine import Deployment, PolicyEngine
 from orchestrator.policy.grant import Grant
-from orchestrator.pool import Limits, Member, WarmPool
+from orchestrator.pool import Member, WarmPool
 from orchestrator.runtime.base import ContainerSpec, ExitStatus, Runtime
 from orchestrator.spec import TaskSpec
 from orchestrator.store import Store
@@ -281,10 +281,7 @@ class Executor:
     def _claim(self, run: Run) -> Member | None:
         if self.pool is None:
             return None
-        limits = run.grant.limits
-        return self.pool.claim(
-            run.grant.image, run.grant.runtime, Limits(limits.cpus, limits.memory, limits.pids)
-        )
+        return self.pool.claim(run.grant.image, run.grant.runtime, run.grant.limits)
 
     def _warm_start(self, run: Run, outcome: Outcome, member: Member) -> bool:
         """A warm runner: bind it to the task, mint the credentials, hand it the command."""

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from orchestrator.config import TASK_USER, Settings
 from orchestrator.egress.decide import Target, Verdict, deny
 from orchestrator.errors import AirlockError
-from orchestrator.policy.grant import CompiledGrant, Grant
+from orchestrator.policy.grant import CompiledGrant, Grant, GrantLimits
 from orchestrator.runtime.base import ContainerSpec, Runtime
 from orchestrator.store import Store
 
@@ -43,18 +43,11 @@ def is_member(key: str) -> bool:
 
 
 @dataclass(frozen=True)
-class Limits:
-    cpus: float
-    memory: int
-    pids: int
-
-
-@dataclass(frozen=True)
 class Member:
     key: str
     image: str
     runtime: str  # isolation class: runc or runsc
-    limits: Limits
+    limits: GrantLimits
     container_id: str
     directory: Path
     created_at: float
@@ -69,23 +62,7 @@ class MemberEndpoint:
 
     def __init__(self, key: str, loop: asyncio.AbstractEventLoop) -> None:
         self.key, self._loop = key, loop
-        self.grant = CompiledGrant(
-            Grant.model_validate(
-                {
-                    "agent": "unclaimed",
-                    "identity": "",
-                    "on_behalf_of": None,
-                    "image": "",
-                    "runtime": "runc",
-                    "timeout_s": 1,
-                    "limits": {"cpus": 1, "memory": 1 << 24, "pids": 1},
-                    "secrets": [],
-                    "tools": [],
-                    "egress": [],
-                    "vault_policies": [],
-                }
-            )
-        )  # an empty grant: allows nothing
+        self.grant = CompiledGrant(Grant.build("unclaimed", identity=""))  # allows nothing
         self._claimed = asyncio.Event()
         self._launch: dict[str, Any] | None = None
         self._handed = False
@@ -149,7 +126,9 @@ class WarmPool:
         self.settings, self.store, self.runtime, self.gateway = settings, store, runtime, gateway
         self.sizes = {key: n for key, n in sizes.items() if n > 0}
         self.clock = clock
-        self.limits = Limits(settings.default_cpus, settings.default_memory, settings.default_pids)
+        self.limits = GrantLimits(
+            cpus=settings.default_cpus, memory=settings.default_memory, pids=settings.default_pids
+        )
         self._ready: dict[tuple[str, str], list[Member]] = {key: [] for key in self.sizes}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -157,7 +136,7 @@ class WarmPool:
         self._thread: threading.Thread | None = None
 
     # -- claims ---------------------------------------------------------------------------
-    def claim(self, image: str, runtime: str, limits: Limits) -> Member | None:
+    def claim(self, image: str, runtime: str, limits: GrantLimits) -> Member | None:
         """A ready member for a task with this image, isolation class and limits, or None."""
         if limits != self.limits:
             return None

@@ -29,6 +29,7 @@ from orchestrator.lifecycle import TERMINAL, TaskState
 P = ParamSpec("P")
 R = TypeVar("R")
 GLOBAL_EVENTS_MAXLEN = 10_000
+MAX_BLOCK_MS = 10_000  # the longest a blocking read waits before returning empty
 
 _CREATE = (
     """
@@ -106,7 +107,7 @@ class Store:
         """`ride_out_s`: how long a call keeps retrying while Redis is unreachable (a worker
         rides out a Redis restart; the CLI answers at once)."""
         retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), _retries_for(ride_out_s))
-        # Reads wait longer than any blocking call the store makes (wait_signal: seconds).
+        # Reads wait longer than any blocking call the store makes (MAX_BLOCK_MS at most).
         self.redis = redis.Redis.from_url(
             url,
             decode_responses=True,
@@ -254,12 +255,12 @@ class Store:
     def events(self, task_id: str, after: str = "0", block_ms: int | None = None) -> list[Event]:
         """Events of one task after stream id `after`; waits up to `block_ms` for the first."""
         key = self.key(task_id, "events")
-        answer = self.redis.xread({key: after}, block=block_ms)
+        answer = self.redis.xread({key: after}, block=_capped(block_ms))
         return [_event(entry_id, data) for _, entries in answer for entry_id, data in entries]
 
     @_guard
     def all_events(self, after: str = "$", block_ms: int | None = None) -> list[Event]:
-        answer = self.redis.xread({self.events_key: after}, block=block_ms, count=1000)
+        answer = self.redis.xread({self.events_key: after}, block=_capped(block_ms), count=1000)
         return [_event(entry_id, data) for _, entries in answer for entry_id, data in entries]
 
     # -- logs -------------------------------------------------------------------------
@@ -272,7 +273,7 @@ class Store:
         self, task_id: str, after: str = "0", block_ms: int | None = None
     ) -> list[tuple[str, str, str]]:
         """(entry id, stream name, text) chunks after `after`."""
-        answer = self.redis.xread({self.key(task_id, "logs"): after}, block=block_ms)
+        answer = self.redis.xread({self.key(task_id, "logs"): after}, block=_capped(block_ms))
         return [(eid, d["s"], d["d"]) for _, entries in answer for eid, d in entries]
 
     def iter_logs(self, task_id: str) -> Iterator[tuple[str, str]]:
@@ -293,7 +294,8 @@ class Store:
     @_guard
     def wait_signal(self, task_id: str, timeout_s: float) -> str | None:
         """Block until a signal arrives or `timeout_s` passes (None)."""
-        answer = self.redis.blpop([self.key(task_id, "signal")], timeout=max(timeout_s, 0.01))
+        wait_s = min(max(timeout_s, 0.01), MAX_BLOCK_MS / 1000)
+        answer = self.redis.blpop([self.key(task_id, "signal")], timeout=wait_s)
         return None if answer is None else str(answer[1])
 
     @_guard
@@ -399,6 +401,11 @@ class Store:
 
     def close(self) -> None:
         self.redis.close()
+
+
+def _capped(block_ms: int | None) -> int | None:
+    """A blocking read's wait, kept well inside the socket's timeout (callers loop)."""
+    return None if block_ms is None else min(block_ms, MAX_BLOCK_MS)
 
 
 def _retries_for(seconds: float) -> int:

@@ -32,7 +32,8 @@ REAP_TASK_NAME = "airlock.reap"
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings) -> Celery:
+def create_app(settings: Settings, executor: _LazyExecutor | None = None) -> Celery:
+    """The Celery app; a worker passes the executor its tasks run on (built on first use)."""
     app = Celery("airlock", broker=settings.broker_url or settings.redis_url, set_as_current=False)
     app.conf.update(
         task_default_queue=settings.queue,
@@ -53,8 +54,7 @@ def create_app(settings: Settings) -> Celery:
             "airlock-reap": {"task": REAP_TASK_NAME, "schedule": settings.reap_period_s},
         },
     )
-    executor = _LazyExecutor(settings)
-    app.airlock_executor = executor
+    executor = executor or _LazyExecutor(settings)
 
     @app.task(name=TASK_NAME, bind=True)  # type: ignore[untyped-decorator]
     def run(self: Task, *args: Any, **kwargs: Any) -> str:
@@ -155,16 +155,17 @@ def run_worker(
     settings = settings or config.load()
     logs.configure(loglevel, settings.log_format)
     queues = queues or default_queues(settings)
-    app = create_app(settings)
+    executor = _LazyExecutor(settings)
+    app = create_app(settings, executor)
 
     @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
     def reap_at_start(**_: Any) -> None:
         reap_now(build_executor(settings))
-        app.airlock_executor.get()  # the warm pool starts filling now, not at the first task
+        executor.get()  # the warm pool starts filling now, not at the first task
 
     @worker_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
     def remove_warm_runners(**_: Any) -> None:
-        app.airlock_executor.shutdown()
+        executor.shutdown()
 
     beat_schedule = Path(tempfile.gettempdir()) / f"airlock-beat-{settings.namespace}"
     argv = [

@@ -339,20 +339,13 @@ def bench_secrets(runs: int) -> dict[str, object]:
     )
     store = Store(settings.redis_url, ns)
     credentials = Credentials(settings, store)
-    grant = Grant.model_validate(
-        {
-            "agent": "dba",
-            "identity": "spiffe://bench/agent/dba",
-            "on_behalf_of": None,
-            "image": "i",
-            "runtime": "runc",
-            "timeout_s": 60,
-            "limits": {"cpus": 1, "memory": 1 << 28, "pids": 64},
-            "egress": [],
-            "tools": [],
-            "secrets": [{"name": "db", "kind": "database", "role": "airlock-tests-readonly"}],
-            "vault_policies": [],
-        }
+    grant = Grant.build(
+        "dba",
+        identity="spiffe://bench/agent/dba",
+        image="i",
+        timeout_s=60,
+        limits={"cpus": 1, "memory": 1 << 28, "pids": 64},
+        secrets=[{"name": "db", "kind": "database", "role": "airlock-tests-readonly"}],
     )
 
     def raw() -> tuple[float, float]:

@@ -137,13 +137,12 @@ def live_task(directory: Path) -> tuple[Any, str, str, Any]:
                        endpoint_dir=directory / "endpoints")
     store = Store(settings.redis_url, settings.namespace)
     credentials = Credentials(settings, store)
-    grant = Grant.model_validate({
-        "agent": "demo", "identity": "spiffe://bench/agent/demo", "on_behalf_of": None,
-        "image": "i", "runtime": "runc", "timeout_s": 600,
-        "limits": {"cpus": 1, "memory": 1 << 28, "pids": 64}, "secrets": [], "tools": [],
-        "egress": [{"host": "127.0.0.1", "ports": [UPSTREAM_PORT], "methods": ["GET"],
-                    "paths": ["/bench"], "internal": True}], "vault_policies": [],
-    })
+    grant = Grant.build(
+        "demo", identity="spiffe://bench/agent/demo", image="i", timeout_s=600,
+        limits={"cpus": 1, "memory": 1 << 28, "pids": 64},
+        egress=[{"host": "127.0.0.1", "ports": [UPSTREAM_PORT], "methods": ["GET"],
+                 "paths": ["/bench"], "internal": True}],
+    )
     task_id = str(uuid.uuid4())
     store.create(task_id, {"agent": "demo"})
     store.redis.hset(store.key(task_id), "state", "running")

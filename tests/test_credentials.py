@@ -326,20 +326,13 @@ def test_worker_killed_mid_task_is_cleaned_up_by_the_reaper(
 
 @pytest.fixture(scope="module")
 def grant() -> Grant:
-    return Grant.model_validate(
-        {
-            "agent": "dba",
-            "identity": "spiffe://airlock.test/agent/dba",
-            "on_behalf_of": "alice",
-            "image": "i",
-            "runtime": "runc",
-            "timeout_s": 60,
-            "limits": {"cpus": 1, "memory": 1 << 28, "pids": 64},
-            "egress": [],
-            "tools": [],
-            "secrets": [],
-            "vault_policies": [],
-        }
+    return Grant.build(
+        "dba",
+        identity="spiffe://airlock.test/agent/dba",
+        on_behalf_of="alice",
+        image="i",
+        timeout_s=60,
+        limits={"cpus": 1, "memory": 1 << 28, "pids": 64},
     )
 
 

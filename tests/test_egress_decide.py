@@ -11,35 +11,23 @@ from orchestrator.egress.decide import Target, clean_path, decide_addresses, dec
 from orchestrator.policy.grant import CompiledGrant, Grant
 
 GRANT = CompiledGrant(
-    Grant.model_validate(
-        {
-            "agent": "a",
-            "identity": "spiffe://t/agent/a",
-            "on_behalf_of": None,
-            "image": "i",
-            "runtime": "runc",
-            "timeout_s": 10,
-            "limits": {"cpus": 1, "memory": 1 << 30, "pids": 10},
-            "egress": [
-                {
-                    "host": "*.example.com",
-                    "ports": [443],
-                    "methods": ["GET", "CONNECT"],
-                    "paths": [],
-                },
-                {"host": "api.test", "ports": [80], "methods": ["GET", "POST"], "paths": ["/v1/"]},
-                {
-                    "host": "127.0.0.1",
-                    "ports": [8080],
-                    "methods": ["GET"],
-                    "paths": [],
-                    "internal": True,
-                },
-            ],
-            "tools": [],
-            "secrets": [],
-            "vault_policies": [],
-        }
+    Grant.build(
+        "a",
+        identity="spiffe://t/agent/a",
+        image="i",
+        timeout_s=10,
+        limits={"cpus": 1, "memory": 1 << 30, "pids": 10},
+        egress=[
+            {"host": "*.example.com", "ports": [443], "methods": ["GET", "CONNECT"], "paths": []},
+            {"host": "api.test", "ports": [80], "methods": ["GET", "POST"], "paths": ["/v1/"]},
+            {
+                "host": "127.0.0.1",
+                "ports": [8080],
+                "methods": ["GET"],
+                "paths": [],
+                "internal": True,
+            },
+        ],
     )
 )
 

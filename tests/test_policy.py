@@ -378,40 +378,24 @@ EGRESS_CHECKS = [
 
 def compiled() -> CompiledGrant:
     return CompiledGrant(
-        Grant.model_validate(
-            {
-                "agent": "a",
-                "identity": "spiffe://t/agent/a",
-                "on_behalf_of": None,
-                "image": "i",
-                "runtime": "runc",
-                "timeout_s": 10,
-                "limits": {"cpus": 1, "memory": 1 << 30, "pids": 10},
-                "egress": [
-                    {
-                        "host": "*.example.com",
-                        "ports": [443],
-                        "methods": ["GET", "HEAD"],
-                        "paths": [],
-                    },
-                    {
-                        "host": "docs.test",
-                        "ports": [80, 443],
-                        "methods": ["GET"],
-                        "paths": ["/api/"],
-                    },
-                ],
-                "tools": [
-                    {
-                        "server": "git",
-                        "url": "https://g/mcp",
-                        "tool": "clone",
-                        "args": {"url": {"prefix": "https://g/"}, "depth": {"one_of": [1, 10]}},
-                    }
-                ],
-                "secrets": [],
-                "vault_policies": [],
-            }
+        Grant.build(
+            "a",
+            identity="spiffe://t/agent/a",
+            image="i",
+            timeout_s=10,
+            limits={"cpus": 1, "memory": 1 << 30, "pids": 10},
+            egress=[
+                {"host": "*.example.com", "ports": [443], "methods": ["GET", "HEAD"], "paths": []},
+                {"host": "docs.test", "ports": [80, 443], "methods": ["GET"], "paths": ["/api/"]},
+            ],
+            tools=[
+                {
+                    "server": "git",
+                    "url": "https://g/mcp",
+                    "tool": "clone",
+                    "args": {"url": {"prefix": "https://g/"}, "depth": {"one_of": [1, 10]}},
+                }
+            ],
         )
     )
 

@@ -66,6 +66,27 @@ class Grant(_Frozen):
     secrets: tuple[SecretGrant, ...]
     vault_policies: tuple[str, ...]
 
+    @classmethod
+    def build(cls, agent: str, **fields: Any) -> Grant:
+        """A grant of `agent` with just `fields` set, and nothing else allowed: no egress,
+        tools or secrets unless given (an unclaimed warm runner's; tests; benchmarks)."""
+        return cls.model_validate(
+            {
+                "agent": agent,
+                "identity": f"spiffe://airlock.local/agent/{agent}",
+                "on_behalf_of": None,
+                "image": "",
+                "runtime": "runc",
+                "timeout_s": 1,
+                "limits": {"cpus": 1, "memory": 1 << 24, "pids": 1},
+                "egress": [],
+                "tools": [],
+                "secrets": [],
+                "vault_policies": [],
+                **fields,
+            }
+        )
+
     def injections(self) -> list[Injection]:
         """Every distinct credential the gateway must hold for this task."""
         seen: dict[str, Injection] = {}
