@@ -34,8 +34,11 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings, executor: _LazyExecutor | None = None) -> Celery:
     """The Celery app; a worker passes the executor its tasks run on (built on first use)."""
-    app = Celery("airlock", broker=settings.broker_url or settings.redis_url, set_as_current=False)
+    broker = settings.broker_url or settings.redis_url
+    app = Celery("airlock", broker=broker, set_as_current=False)
     app.conf.update(
+        # Plain redis:// URLs get kombu's Redis transport with a shared client (see broker.py).
+        broker_transport="orchestrator.broker:Transport" if broker.startswith("redis://") else None,
         task_default_queue=settings.queue,
         task_serializer="json",
         accept_content=["json"],

@@ -63,10 +63,11 @@ def raw_run(
     runtime: DockerRuntime, settings: Settings, isolation: str | None = None
 ) -> tuple[float, float]:
     """Create/start/wait/remove with the same arguments an Airlock task container gets
-    (its endpoint directory mount included)."""
+    (its endpoint directory mount included). Its own namespace: the workers' reapers would
+    take a container of theirs that no task owns."""
     spec = ContainerSpec(
         task_id=str(uuid.uuid4()),
-        namespace=settings.namespace,
+        namespace=f"{settings.namespace}-raw",
         image=settings.runner_image,
         command=("true",),
         env={"AIRLOCK_TASK_ID": "x"},

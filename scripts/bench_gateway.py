@@ -35,8 +35,11 @@ async def upstream() -> None:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 close = b"connection: close" in head.lower()
-                writer.write(RESPONSE if not close else RESPONSE.replace(
-                    b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1))
+                writer.write(
+                    RESPONSE
+                    if not close
+                    else RESPONSE.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+                )
                 await writer.drain()
                 if close:
                     break
@@ -111,7 +114,8 @@ async def client(paths: list[dict[str, Any]], count: int, seconds: float) -> dic
         await latency(path, 200)  # warm up
         samples = sorted(await latency(path, count))
         results[path["name"]] = {
-            "p50": samples[len(samples) // 2], "p99": samples[int(len(samples) * 0.99)],
+            "p50": samples[len(samples) // 2],
+            "p99": samples[int(len(samples) * 0.99)],
             "rps16": await throughput(path, 16, seconds),
         }
     return results
@@ -120,11 +124,14 @@ async def client(paths: list[dict[str, Any]], count: int, seconds: float) -> dic
 # --- the driver -----------------------------------------------------------------------------
 def start_tinyproxy(directory: Path) -> subprocess.Popen[bytes]:
     conf = directory / "tinyproxy.conf"
-    conf.write_text(f"Port {TINYPROXY_PORT}\nListen 127.0.0.1\nTimeout 60\nMaxClients 256\n"
-                    f"LogLevel Critical\nLogFile \"{directory}/tinyproxy.log\"\nAllow 127.0.0.1\n"
-                    "DisableViaHeader Yes\n")
-    return subprocess.Popen(["tinyproxy", "-d", "-c", str(conf)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    conf.write_text(
+        f"Port {TINYPROXY_PORT}\nListen 127.0.0.1\nTimeout 60\nMaxClients 256\n"
+        f'LogLevel Critical\nLogFile "{directory}/tinyproxy.log"\nAllow 127.0.0.1\n'
+        "DisableViaHeader Yes\n"
+    )
+    return subprocess.Popen(
+        ["tinyproxy", "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
 
 def live_task(directory: Path) -> tuple[Any, str, str, Any]:
@@ -133,15 +140,28 @@ def live_task(directory: Path) -> tuple[Any, str, str, Any]:
     from orchestrator.policy.grant import Grant
     from orchestrator.store import Store
 
-    settings = replace(config.load(), namespace=f"bench{uuid.uuid4().hex[:6]}",
-                       endpoint_dir=directory / "endpoints")
+    settings = replace(
+        config.load(),
+        namespace=f"bench{uuid.uuid4().hex[:6]}",
+        endpoint_dir=directory / "endpoints",
+    )
     store = Store(settings.redis_url, settings.namespace)
     credentials = Credentials(settings, store)
     grant = Grant.build(
-        "demo", identity="spiffe://bench/agent/demo", image="i", timeout_s=600,
+        "demo",
+        identity="spiffe://bench/agent/demo",
+        image="i",
+        timeout_s=600,
         limits={"cpus": 1, "memory": 1 << 28, "pids": 64},
-        egress=[{"host": "127.0.0.1", "ports": [UPSTREAM_PORT], "methods": ["GET"],
-                 "paths": ["/bench"], "internal": True}],
+        egress=[
+            {
+                "host": "127.0.0.1",
+                "ports": [UPSTREAM_PORT],
+                "methods": ["GET"],
+                "paths": ["/bench"],
+                "internal": True,
+            }
+        ],
     )
     task_id = str(uuid.uuid4())
     store.create(task_id, {"agent": "demo"})
@@ -172,17 +192,37 @@ def run(count: int, seconds: float) -> None:
         time.sleep(1)
         paths = [
             {"name": "direct", "kind": "tcp", "port": UPSTREAM_PORT, "proxied": False},
-            {"name": "airlock", "kind": "unix", "socket": sock, "proxied": True,
-             "jwt": handout.provisioned.jwt.jwt},
+            {
+                "name": "airlock",
+                "kind": "unix",
+                "socket": sock,
+                "proxied": True,
+                "jwt": handout.provisioned.jwt.jwt,
+            },
             # tinyproxy closes the client connection after each answer (without saying so)
-            {"name": "tinyproxy", "kind": "tcp", "port": TINYPROXY_PORT, "proxied": True,
-             "fresh": True},
+            {
+                "name": "tinyproxy",
+                "kind": "tcp",
+                "port": TINYPROXY_PORT,
+                "proxied": True,
+                "fresh": True,
+            },
         ]
-        print(f"gateway: {count} sequential requests per path, then {seconds:.0f}s at 16 "
-              "connections; policy, JWT check and audit on for Airlock", flush=True)
-        out = subprocess.run([sys.executable, __file__, "_client",
-                              json.dumps({"paths": paths, "count": count, "seconds": seconds})],
-                             capture_output=True, text=True)
+        print(
+            f"gateway: {count} sequential requests per path, then {seconds:.0f}s at 16 "
+            "connections; policy, JWT check and audit on for Airlock",
+            flush=True,
+        )
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "_client",
+                json.dumps({"paths": paths, "count": count, "seconds": seconds}),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if out.returncode:
             sys.exit(f"the load client failed:\n{out.stderr[-3000:]}")
         results = json.loads(out.stdout)
@@ -198,16 +238,24 @@ def run(count: int, seconds: float) -> None:
     direct = results["direct"]
     for name in ("direct", "airlock", "tinyproxy"):
         r = results[name]
-        added = "" if name == "direct" else (
-            f"  added p50 {(r['p50'] - direct['p50']) * 1e3:6.3f} ms"
-            f"  p99 {(r['p99'] - direct['p99']) * 1e3:6.3f} ms")
-        print(f"  {name:<10} p50 {r['p50'] * 1e3:6.3f} ms  p99 {r['p99'] * 1e3:6.3f} ms  "
-              f"{r['rps16']:8.0f} req/s at 16 conns{added}")
+        added = (
+            ""
+            if name == "direct"
+            else (
+                f"  added p50 {(r['p50'] - direct['p50']) * 1e3:6.3f} ms"
+                f"  p99 {(r['p99'] - direct['p99']) * 1e3:6.3f} ms"
+            )
+        )
+        print(
+            f"  {name:<10} p50 {r['p50'] * 1e3:6.3f} ms  p99 {r['p99'] * 1e3:6.3f} ms  "
+            f"{r['rps16']:8.0f} req/s at 16 conns{added}"
+        )
     airlock, tiny_r = results["airlock"], results["tinyproxy"]
     added = (airlock["p50"] - direct["p50"]) / max(tiny_r["p50"] - direct["p50"], 1e-9)
-    print(f"  airlock vs tinyproxy: added p50 {added:.2f}x, "
-          f"req/s {airlock['rps16'] / tiny_r['rps16']:.2f}x")
-
+    print(
+        f"  airlock vs tinyproxy: added p50 {added:.2f}x, "
+        f"req/s {airlock['rps16'] / tiny_r['rps16']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

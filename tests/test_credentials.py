@@ -3,6 +3,7 @@ revoked and verified at the end, and revoked by the reaper when a worker dies.""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -453,3 +454,23 @@ def test_verification_from_a_jwks_url(credentials: Credentials, grant: Grant) ->
         assert remote.verify(token.jwt)["jti"] == token.jti
     finally:
         server.stop()
+
+
+def test_only_vault_not_knowing_a_token_verifies_its_revocation(
+    settings: Settings, credentials: Credentials, vault: Vault
+) -> None:
+    """Verification asks Vault to look the token up: "invalid accessor" is the only yes.
+    A lookup Vault refuses (here: a token without permission) verifies nothing."""
+    created = vault.write("auth/token/create", {"policies": ["default"], "ttl": "5m"})
+    accessor = created["auth"]["accessor"]  # type: ignore[index]
+    blind = copy.copy(credentials.broker)
+    blind.vault = Vault(settings.vault_addr, "hvs.not-a-token")
+    try:
+        refused = blind._revoke_token(accessor)
+        assert refused["revoked"] is False and refused["verified"] is False
+        assert vault.write("auth/token/lookup-accessor", {"accessor": accessor})
+        revoked = credentials.broker._revoke_token(accessor)
+        assert revoked["revoked"] is True and revoked["verified"] is True
+        assert blind._revoke_token(accessor)["verified"] is False  # still only a refusal
+    finally:
+        vault.write("auth/token/revoke-accessor", {"accessor": accessor}, absent_ok=True)

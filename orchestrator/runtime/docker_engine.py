@@ -6,12 +6,14 @@ import functools
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, ParamSpec, TypeVar
+from urllib.parse import quote
 
 import docker
 import docker.errors
 import docker.utils.socket
 import requests
 
+from orchestrator import http1
 from orchestrator.config import proxies_in_env
 from orchestrator.errors import ImageNotFound, RuntimeFailure, ServiceUnavailable
 from orchestrator.runtime.base import (
@@ -34,6 +36,7 @@ CREDENTIALS = "/run/airlock"
 ENDPOINT = "/run/airlock-endpoint"
 # Docker Engine 20.10, the oldest engine supported; newer engines all speak it.
 API_VERSION = "1.41"
+DEFAULT_ENGINE = "unix:///var/run/docker.sock"
 
 
 def container_config(spec: ContainerSpec) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -107,7 +110,7 @@ def _translate(method: Callable[P, R]) -> Callable[P, R]:
         while True:
             try:
                 return method(*args, **kwargs)
-            except (requests.ConnectionError, docker.errors.DockerException) as exc:
+            except (requests.ConnectionError, docker.errors.DockerException, OSError) as exc:
                 if _never_sent(exc) and time.monotonic() < give_up:
                     time.sleep(0.2)
                     continue
@@ -121,6 +124,8 @@ def _translated(exc: Exception) -> Exception:
         return ImageNotFound(f"image not found: {exc.explanation}")
     if isinstance(exc, docker.errors.APIError):
         return RuntimeFailure(f"docker: {exc.explanation or exc}")
+    if isinstance(exc, OSError) and not isinstance(exc, http1.ProtocolError):
+        return ServiceUnavailable("docker", exc.strerror or str(exc) or type(exc).__name__)
     return ServiceUnavailable("docker", str(exc))
 
 
@@ -138,7 +143,22 @@ def _never_sent(exc: BaseException) -> bool:
     return False
 
 
+class EngineRefused(Exception):
+    """The engine answered a hot-path call with an error status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
 class DockerRuntime:
+    """The engine, through docker-py, except the four calls every task makes (create, start,
+    wait, remove): those go through `http1`, at a sixth of docker-py's CPU per call.
+
+    Engine addresses: unix:// and tcp:// (plain HTTP), as DOCKER_HOST names them.
+    """
+
     def __init__(
         self,
         base_url: str | None = None,
@@ -147,11 +167,15 @@ class DockerRuntime:
         ride_out_s: float = 0.0,
     ) -> None:
         self.ride_out_s = ride_out_s
+        try:
+            self.engine = http1.Client(base_url or DEFAULT_ENGINE, timeout=timeout)
+        except ValueError as exc:
+            raise ServiceUnavailable("docker", f"{exc}: use unix:// or tcp://") from None
         # A pinned API version: no round trip at construction, so an engine that is down
         # surfaces as ServiceUnavailable on the first call, where the task can record it.
         try:
             self.api = docker.APIClient(
-                base_url=base_url or "unix:///var/run/docker.sock",
+                base_url=base_url or DEFAULT_ENGINE,
                 version=API_VERSION,
                 timeout=timeout,
                 max_pool_size=max_pool_size,
@@ -171,13 +195,29 @@ class DockerRuntime:
     def runtimes(self) -> frozenset[str]:
         return frozenset(self.api.info().get("Runtimes") or {"runc": {}})
 
+    def _call(self, method: str, path: str, body: Any = None, timeout: float | None = 60.0) -> Any:
+        """One engine call on the hot path; its JSON answer. Raises EngineRefused, OSError."""
+        answer = self.engine.request(method, f"/v{API_VERSION}{path}", body, timeout=timeout)
+        if answer.status_code >= 400:
+            try:
+                message = str(answer.json().get("message") or answer.text)
+            except ValueError:
+                message = answer.text
+            raise EngineRefused(answer.status_code, message.strip())
+        return answer.json() if answer.content else None
+
     @_translate
     def create(self, spec: ContainerSpec) -> str:
         create, host = container_config(spec)
-        created = self.api.create_container(
+        config = self.api.create_container_config(
             host_config=self.api.create_host_config(**host), **create
         )
-        return str(created["Id"])
+        try:
+            return str(self._call("POST", "/containers/create", config)["Id"])
+        except EngineRefused as exc:
+            if exc.status == 404:
+                raise ImageNotFound(f"image not found: {exc.message}") from None
+            raise RuntimeFailure(f"docker: {exc.message}") from None
 
     @_translate
     def attach(self, container_id: str) -> Iterator[tuple[str, bytes]]:
@@ -205,11 +245,17 @@ class DockerRuntime:
 
     @_translate
     def start(self, container_id: str) -> None:
-        self.api.start(container_id)
+        try:
+            self._call("POST", f"/containers/{quote(container_id)}/start")
+        except EngineRefused as exc:
+            raise RuntimeFailure(f"docker: {exc.message}") from None
 
     @_translate
     def wait(self, container_id: str) -> ExitStatus:
-        result = self.api.wait(container_id)
+        try:
+            result = self._call("POST", f"/containers/{quote(container_id)}/wait", timeout=None)
+        except EngineRefused as exc:
+            raise RuntimeFailure(f"docker: {exc.message}") from None
         code = int(result.get("StatusCode", -1))
         oom = False
         if code == 137:  # SIGKILL: the kernel's OOM killer or our own stop
@@ -227,13 +273,11 @@ class DockerRuntime:
     @_translate
     def remove(self, container_id: str) -> bool:
         try:
-            self.api.remove_container(container_id, v=True, force=True)
-        except docker.errors.NotFound:
-            return False
-        except docker.errors.APIError as exc:
-            if "already in progress" in str(exc.explanation or ""):
+            self._call("DELETE", f"/containers/{quote(container_id)}?v=1&force=1")
+        except EngineRefused as exc:
+            if exc.status == 404 or "already in progress" in exc.message:
                 return False
-            raise
+            raise RuntimeFailure(f"docker: {exc.message}") from None
         return True
 
     @_translate

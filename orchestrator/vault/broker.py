@@ -229,11 +229,12 @@ class Broker:
         return entry
 
     def _gone(self, path: str, body: dict[str, str]) -> bool:
-        """Vault says it does not know this lease or token any more."""
+        """Vault says it does not know this lease or token any more.
+
+        Only that answer counts: a refused lookup (no permission) verifies nothing.
+        """
         try:
-            self.vault.write(path, body)
-        except VaultRefused:
-            return True
+            return self.vault.write(path, body, absent_ok=True) is None
         except AirlockError as exc:
             log.warning("could not verify revocation at %s: %s", path, exc)
         return False
