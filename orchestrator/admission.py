@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.config import Settings
@@ -20,6 +21,15 @@ from orchestrator.spec import TaskSpec, parse
 from orchestrator.store import Store
 
 S = TaskState
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A task the policy let in, with what it was granted."""
+
+    spec: TaskSpec
+    grant: Grant
+    policy_version: str
 
 
 def record_fields(spec: TaskSpec) -> dict[str, Any]:
@@ -73,47 +83,51 @@ class Admission:
             trust_domain=s.trust_domain,
         )
 
-    def admit(self, task_id: str, spec_data: object) -> tuple[TaskSpec, Grant] | None:
+    def admit(
+        self, task_id: str, spec_data: object, fields: Mapping[str, Any] | None = None
+    ) -> Admitted | None:
         """Record the task if a raw producer enqueued it, validate it, decide it by policy.
+        `fields` go on the record with the decision (the trace id).
 
         Returns None when the task must not run here: rejected, already taken, or ended.
         """
+        extra = dict(fields or {})
         try:
             spec = parse(spec_data)
         except InvalidSpec as exc:
             agent = spec_data.get("agent") if isinstance(spec_data, Mapping) else None
             self.store.create(task_id, {"agent": agent if isinstance(agent, str) else "?"})
-            self._try_advance(task_id, S.REJECTED, "; ".join(exc.problems))
+            self._try_advance(task_id, S.REJECTED, "; ".join(exc.problems), **extra)
             return None
-        self.store.create(task_id, record_fields(spec))
-        if TaskState(self.store.get(task_id)["state"]) is S.PENDING:
-            decision = self._decide(task_id, spec)
+        state = self.store.record(task_id, record_fields(spec)) or S.PENDING
+        if state is S.PENDING:
+            decision = self._decide(task_id, spec, extra)
             if decision is None or decision.grant is None:
                 return None
             grant = decision.grant
-            fields = {
+            extra |= {
                 "grant": grant.canonical_json(),
                 "grant_hash": grant.digest(),
                 "policy_version": decision.policy_version,
                 "worker": self.worker_name,
             }
-            if self._try_advance(task_id, S.ADMITTED, "admitted by policy", **fields):
+            if self._try_advance(task_id, S.ADMITTED, "admitted by policy", **extra):
                 heartbeat(self.store, self.settings, task_id)
-                return spec, grant
-        state = TaskState(self.store.get(task_id)["state"])
+                return Admitted(spec, grant, decision.policy_version)
+            state = TaskState(self.store.get(task_id)["state"])
         if state not in TERMINAL:
             self._recover(task_id, state)
         return None
 
-    def _decide(self, task_id: str, spec: TaskSpec) -> Decision | None:
+    def _decide(self, task_id: str, spec: TaskSpec, extra: dict[str, Any]) -> Decision | None:
         """The policy's decision; a refusal (or no decision) is recorded on the task."""
         try:
             decision = self.policy.admit(spec)
         except PolicyError as exc:  # fail closed: no policy, no task
-            self._try_advance(task_id, S.REJECTED, "; ".join(exc.problems))
+            self._try_advance(task_id, S.REJECTED, "; ".join(exc.problems), **extra)
             return None
         except AirlockError as exc:
-            self._try_advance(task_id, S.FAILED, f"error: {exc}")
+            self._try_advance(task_id, S.FAILED, f"error: {exc}", **extra)
             return None
         if decision.grant is None:
             self._try_advance(
@@ -121,6 +135,7 @@ class Admission:
                 S.REJECTED,
                 "; ".join(decision.reasons),
                 policy_version=decision.policy_version,
+                **extra,
             )
         return decision
 

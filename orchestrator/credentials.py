@@ -260,7 +260,6 @@ class Credentials:
         handed `launch` (its command and environment) once the credentials exist.
         """
         given = self.broker.provision(task_id, grant, grant_hash, deadline)
-        self.store.update(task_id, {"jwt_jti": given.jwt.jti})
         if member is not None:
             directory = self.endpoints.claim(
                 member, task_id, given, grant, context or {}, launch or {}

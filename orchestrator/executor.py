@@ -115,46 +115,44 @@ class Executor:
         with telemetry.tracer().start_as_current_span(
             "task", context=telemetry.extract(traceparent), attributes={"airlock.task_id": task_id}
         ) as root:
-            state = self._execute(task_id, spec_data)
-            record = self.store.get(task_id)
-            telemetry.meters().tasks.add(
-                1, {"state": state.value, "agent": record.get("agent", "")}
-            )
+            state, summary = self._execute(task_id, spec_data)
+            agent = summary.get("agent", "")
+            telemetry.meters().tasks.add(1, {"state": state.value, "agent": agent})
             root.set_attributes(
                 {
-                    "airlock.agent": record.get("agent", ""),
-                    "airlock.on_behalf_of": record.get("on_behalf_of", ""),
+                    "airlock.agent": agent,
+                    "airlock.on_behalf_of": summary.get("on_behalf_of") or "",
                     "airlock.terminal_state": state.value,
-                    "airlock.reason": record.get("reason", ""),
+                    "airlock.reason": summary.get("reason", ""),
                 }
             )
             if state is not S.SUCCEEDED:
-                root.set_status(Status(StatusCode.ERROR, record.get("reason", state.value)))
+                root.set_status(Status(StatusCode.ERROR, summary.get("reason") or state.value))
             return state
 
-    def _execute(self, task_id: str, spec_data: object) -> TaskState:
+    def _execute(self, task_id: str, spec_data: object) -> tuple[TaskState, dict[str, str]]:
+        """The task's end state, and what its trace says of it (agent, owner, reason)."""
         with telemetry.tracer().start_as_current_span("admit") as span:
-            admitted = self.admission.admit(task_id, spec_data)
-            record = self.store.get(task_id)
-            self.store.update(
-                task_id, {"trace_id": format(span.get_span_context().trace_id, "032x")}
-            )
+            trace_id = format(span.get_span_context().trace_id, "032x")
+            admitted = self.admission.admit(task_id, spec_data, {"trace_id": trace_id})
+            if admitted is None:
+                record = self.store.get(task_id)
+                span.set_attribute("airlock.decision", record["state"])
+                return TaskState(record["state"]), record
             span.set_attributes(
                 {
-                    "airlock.decision": "admit" if admitted else record["state"],
-                    "airlock.policy_version": record.get("policy_version", ""),
-                    "airlock.grant_hash": record.get("grant_hash", ""),
+                    "airlock.decision": "admit",
+                    "airlock.policy_version": admitted.policy_version,
+                    "airlock.grant_hash": admitted.grant.digest(),
                 }
             )
-        if admitted is None:
-            return TaskState(record["state"])
-        spec, grant = admitted
+        spec, grant = admitted.spec, admitted.grant
         run = Run(
             task_id,
             spec,
             grant,
             deadline=self.clock() + grant.timeout_s,
-            policy_version=record.get("policy_version", ""),
+            policy_version=admitted.policy_version,
         )
         outcome = Outcome()
         try:
@@ -174,7 +172,8 @@ class Executor:
                 self._teardown(run, outcome)
                 receipt = outcome.fields.get("revocation") or {}
                 span.set_attribute("airlock.revocation_verified", bool(receipt.get("verified")))
-        return outcome.state
+        summary = {"agent": spec.agent, "on_behalf_of": spec.on_behalf_of or ""}
+        return outcome.state, {**summary, "reason": outcome.reason}
 
     # -- admit ---------------------------------------------------------------------------
     def _try_advance(self, task_id: str, target: TaskState, reason: str, **fields: Any) -> bool:
@@ -265,10 +264,11 @@ class Executor:
         )
         marker = secrets.token_hex(16)
         try:
+            # Its id goes on the record with the next state (a lost worker's container is
+            # found by its labels).
             run.container_id = self.runtime.create(
                 self._container_spec(run, marker, str(endpoint_dir))
             )
-            self.store.update(run.task_id, {"container_id": run.container_id})
         finally:
             try:
                 run.handout = minting.result()
@@ -342,7 +342,14 @@ class Executor:
         self._running(run)
 
     def _running(self, run: Run) -> None:
-        advance(self.store, run.task_id, S.RUNNING, "command started", started_at=self.clock())
+        advance(
+            self.store,
+            run.task_id,
+            S.RUNNING,
+            "command started",
+            started_at=self.clock(),
+            container_id=run.container_id,
+        )
         telemetry.meters().running.add(1)
         run.started = True
         telemetry.meters().start_latency.record(

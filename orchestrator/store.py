@@ -33,13 +33,14 @@ MAX_BLOCK_MS = 10_000  # the longest a blocking read waits before returning empt
 
 _CREATE = (
     """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local current = redis.call('HGET', KEYS[1], 'state')
+if current then return current end
 redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('ZADD', KEYS[4], ARGV[1], ARGV[2])
 local ev = {'task', ARGV[2], 'state', 'pending', 'reason', 'submitted', 'at', ARGV[1]}
 redis.call('XADD', KEYS[2], '*', unpack(ev))
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', %d, '*', unpack(ev))
-return 1
+return ''
 """
     % GLOBAL_EVENTS_MAXLEN
 )
@@ -142,6 +143,12 @@ class Store:
     @_guard
     def create(self, task_id: str, fields: Mapping[str, Any]) -> bool:
         """Record a new pending task. False if it already exists (a redelivered message)."""
+        return self.record(task_id, fields) is None
+
+    @_guard
+    def record(self, task_id: str, fields: Mapping[str, Any]) -> TaskState | None:
+        """Record a new pending task, in one round trip with finding out whether it existed:
+        None if it was recorded now, else the state the existing record is in."""
         now = self.clock()
         flat = _flatten(
             {
@@ -154,7 +161,8 @@ class Store:
             }
         )
         keys = [self.key(task_id), self.key(task_id, "events"), self.events_key, self.index_key]
-        return bool(self._create(keys=keys, args=[now, task_id, *flat]))
+        existing = self._create(keys=keys, args=[now, task_id, *flat])
+        return TaskState(existing) if existing else None
 
     @_guard
     def get(self, task_id: str) -> dict[str, str]:
@@ -349,10 +357,15 @@ class Store:
         return f"{self.ns}:credentials"
 
     @_guard
-    def journal(self, task_id: str, **fields: Any) -> None:
+    def journal(
+        self, task_id: str, on_task: Mapping[str, Any] | None = None, **fields: Any
+    ) -> None:
+        """Journal what was minted for the task; `on_task` goes on its record at once."""
         pipe = self.redis.pipeline()
         pipe.hset(f"{self.ns}:cred:{task_id}", mapping=dict(_pairs(fields)))
         pipe.sadd(self.journal_index, task_id)
+        if on_task:
+            pipe.hset(self.key(task_id), mapping=dict(_pairs(on_task)))
         pipe.execute()
 
     @_guard

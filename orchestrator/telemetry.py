@@ -60,12 +60,15 @@ class RedisSpanExporter(SpanExporter):
         return f"{self.store.ns}:trace:{trace_id}"
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        by_trace: dict[str, list[str]] = {}
+        for span in spans:
+            record = span_record(span)
+            by_trace.setdefault(record["trace_id"], []).append(json.dumps(record, default=str))
         try:
             pipe = self.store.redis.pipeline(transaction=False)
-            for span in spans:
-                record = span_record(span)
-                key = self.key(record["trace_id"])
-                pipe.rpush(key, json.dumps(record, default=str))
+            for trace_id, records in by_trace.items():
+                key = self.key(trace_id)
+                pipe.rpush(key, *records)
                 pipe.ltrim(key, -MAX_SPANS_PER_TRACE, -1)
                 pipe.expire(key, self.max_age_s)
             pipe.execute()
@@ -167,12 +170,18 @@ def _setup_metrics(settings: Settings, resource: Resource) -> None:
             readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
         except ImportError:
             log.warning("OTLP metric exporter not installed; metrics are not exported")
+    if not readers:
+        return  # nothing would read them: the instruments stay no-ops, at no cost per task
     _meters = MeterProvider(resource=resource, metric_readers=readers)
     metrics.set_meter_provider(_meters)
 
 
+# A proxy: it finds the provider set up later (get_tracer builds a new tracer per call).
+_TRACER = trace.get_tracer("airlock")
+
+
 def tracer() -> trace.Tracer:
-    return trace.get_tracer("airlock")
+    return _TRACER
 
 
 def inject(context: Context | None = None) -> str | None:

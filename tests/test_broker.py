@@ -25,7 +25,9 @@ def test_redis_urls_get_the_shared_client_transport(settings: Settings) -> None:
                 held = channel.client.hexists(channel.unacked_key, message.delivery_tag)
                 message.ack()
                 # Held for redelivery until acknowledged, then let go.
-                assert held and not channel.client.hexists(channel.unacked_key, message.delivery_tag)
+                assert held and not channel.client.hexists(
+                    channel.unacked_key, message.delivery_tag
+                )
         finally:
             queue.clear()
             queue.close()

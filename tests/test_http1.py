@@ -84,13 +84,15 @@ def scripted() -> Iterator[Callable[..., Scripted]]:
         server.close()
 
 
-OK_JSON = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"a": true}'
+OK_JSON = (
+    b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"a": true}'
+)
 
 
 def test_keep_alive_json_and_chunks(scripted: Callable[..., Scripted]) -> None:
     chunked = (
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-        b"4;ext=1\r\n{\"b\"\r\n6\r\n: [1]}\r\n0\r\nTrailer: x\r\n\r\n"
+        b'4;ext=1\r\n{"b"\r\n6\r\n: [1]}\r\n0\r\nTrailer: x\r\n\r\n'
     )
     server = scripted([OK_JSON, chunked, b"HTTP/1.1 204 No Content\r\n\r\n"])
     client = http1.Client(server.url)

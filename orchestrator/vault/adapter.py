@@ -18,6 +18,8 @@ from orchestrator import http1
 from orchestrator.config import ca_bundle_from_env, proxies_in_env, vault_tls
 from orchestrator.errors import ServiceUnavailable, VaultRefused
 
+_TRACER = trace.get_tracer("airlock")  # a proxy for whichever provider is set up
+
 
 class Vault:
     def __init__(self, addr: str, token: str | None, timeout: float = 10.0) -> None:
@@ -64,7 +66,7 @@ class Vault:
         """
         headers = {"X-Vault-Token": token or self.token or ""}
         # One span per call: method and path only (paths hold no secret values).
-        with trace.get_tracer("airlock").start_as_current_span(
+        with _TRACER.start_as_current_span(
             f"vault {method} {path}",
             attributes={"vault.path": path, "vault.wrapped": bool(wrap_ttl)},
         ):

@@ -115,7 +115,7 @@ class Broker:
             for inj in grant.injections()
         }
         jwt = self.minter.mint(task_id, grant, grant_hash, deadline)
-        self.store.journal(task_id, jti=jwt.jti)
+        self.store.journal(task_id, on_task={"jwt_jti": jwt.jti}, jti=jwt.jti)
         return Provisioned(token, accessor, wrapped, jwt, injected)
 
     def _read(self, task_id: str, token: str, path: str) -> dict[str, Any]:
