@@ -5,7 +5,8 @@ docker-py and hvac) one such call costs the worker about 0.4 ms of CPU, six time
 call itself needs: most of that is requests preparing, merging and wrapping, and http.client
 parsing headers with the email package. This client keeps connections alive over a unix
 socket or TCP (with TLS when given a context), writes the request in one send, and reads the
-answer whole, by Content-Length or chunks. Streams (attach, logs, events) are not its job.
+answer whole, by Content-Length or chunks. `upgrade` hands over a connection the server
+switched to a raw stream (the engine's attach).
 
 Errors are OSError: a connection that could not be made raises what connect() raised
 (ConnectionRefusedError, FileNotFoundError: nothing was sent), anything later raises
@@ -84,6 +85,22 @@ class _Connection:
     def close(self) -> None:
         self.reader.close()
         self.sock.close()
+
+
+class Stream:
+    """A connection given over to a raw stream: read from `reader` (what the server sent
+    after its answer's head included), then close."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+        self.reader = conn.reader
+
+    def close(self) -> None:
+        try:
+            self._conn.sock.shutdown(socket.SHUT_RDWR)  # wakes a reader blocked on it
+        except OSError:
+            pass
+        self._conn.close()
 
 
 class Client:
@@ -169,6 +186,28 @@ class Client:
             conn.close()
         return response
 
+    def upgrade(self, method: str, path: str) -> tuple[Response, Stream | None]:
+        """Ask for the connection to become a raw stream (Upgrade: tcp). On 101 (or a 200
+        that streams), the stream, on a connection of its own with no timeout; otherwise the
+        answer and None."""
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self._host}\r\nContent-Length: 0\r\n"
+        message = (head + "Connection: Upgrade\r\nUpgrade: tcp\r\n\r\n").encode("latin-1")
+        conn = self._connect()
+        try:
+            conn.sock.sendall(message)
+            status_line = conn.reader.readline(65537)
+            version, _, rest = status_line.decode("latin-1").partition(" ")
+            if version.startswith("HTTP/1.") and rest[:3] in ("101", "200"):
+                headers = self._headers(conn, method, path)
+                conn.sock.settimeout(None)  # a quiet task must not time its output out
+                return Response(int(rest[:3]), rest[4:].strip(), headers, b"", path), Stream(conn)
+            response, _ = self._read(conn, status_line, method, path)
+        except BaseException:
+            conn.close()
+            raise
+        conn.close()
+        return response, None
+
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
@@ -224,17 +263,7 @@ class Client:
         code, _, reason = rest.partition(" ")
         if not version.startswith("HTTP/1.") or not code.isdigit():
             raise ProtocolError(f"{method} {path}: not an HTTP/1.1 answer: {status_line[:80]!r}")
-        headers = Headers()
-        for _ in range(MAX_HEADER_LINES):
-            line = conn.reader.readline(65537)
-            if line in (b"\r\n", b"\n"):
-                break
-            if not line:
-                raise ProtocolError(f"{method} {path}: connection closed in the headers")
-            name, _, value = line.decode("latin-1").partition(":")
-            dict.__setitem__(headers, name.strip().lower(), value.strip())
-        else:
-            raise ProtocolError(f"{method} {path}: too many header lines")
+        headers = self._headers(conn, method, path)
         status = int(code)
         keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
         if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
@@ -246,6 +275,19 @@ class Client:
         else:
             content, keep = conn.reader.read(), False  # the body runs to the end of the stream
         return Response(status, reason, headers, content, path), keep
+
+    @staticmethod
+    def _headers(conn: _Connection, method: str, path: str) -> Headers:
+        headers = Headers()
+        for _ in range(MAX_HEADER_LINES):
+            line = conn.reader.readline(65537)
+            if line in (b"\r\n", b"\n"):
+                return headers
+            if not line:
+                raise ProtocolError(f"{method} {path}: connection closed in the headers")
+            name, _, value = line.decode("latin-1").partition(":")
+            dict.__setitem__(headers, name.strip().lower(), value.strip())
+        raise ProtocolError(f"{method} {path}: too many header lines")
 
     @staticmethod
     def _exactly(conn: _Connection, size: int, method: str, path: str) -> bytes:

@@ -177,3 +177,17 @@ def test_the_real_engine_and_vault(settings: Settings) -> None:
     assert health.status_code == 200 and health.json()["sealed"] is False
     with pytest.raises(ValueError, match="is not on"):
         vault.request("GET", "http://elsewhere:8200/v1/sys/health")
+
+
+def test_upgrade_hands_over_the_raw_stream(scripted: Callable[..., Scripted]) -> None:
+    upgraded = b"HTTP/1.1 101 UPGRADED\r\nUpgrade: tcp\r\nConnection: Upgrade\r\n\r\nraw bytes"
+    refused = b'HTTP/1.1 404 Not Found\r\nContent-Length: 20\r\n\r\n{"message": "gone!"}'
+    server = scripted([upgraded], [refused])
+    client = http1.Client(server.url)
+    answer, stream = client.upgrade("POST", "/attach")
+    assert answer.status_code == 101 and stream is not None
+    assert stream.reader.read() == b"raw bytes"  # bytes after the head come with it
+    stream.close()
+    assert b"Connection: Upgrade\r\nUpgrade: tcp\r\n" in server.requests[0]
+    answer, stream = client.upgrade("POST", "/attach")
+    assert stream is None and answer.status_code == 404 and answer.json() == {"message": "gone!"}

@@ -10,7 +10,6 @@ from urllib.parse import quote
 
 import docker
 import docker.errors
-import docker.utils.socket
 import requests
 
 from orchestrator import http1
@@ -129,6 +128,37 @@ def _translated(exc: Exception) -> Exception:
     return ServiceUnavailable("docker", str(exc))
 
 
+STREAMS = {1: "stdout", 2: "stderr"}
+
+
+def _message(answer: http1.Response) -> str:
+    """What the engine said went wrong."""
+    try:
+        return str(answer.json().get("message") or answer.text).strip()
+    except ValueError:
+        return answer.text.strip()
+
+
+def _frames(stream: http1.Stream) -> Iterator[tuple[str, bytes]]:
+    """The engine's multiplexed output: each frame is a stream byte, three zero bytes, a
+    big-endian length, then that many bytes. Ends when the container's output does."""
+    try:
+        while True:
+            head = stream.reader.read(8)
+            if len(head) < 8:
+                return
+            size = int.from_bytes(head[4:8], "big")
+            data = stream.reader.read(size) if size else b""
+            if len(data) < size:
+                return
+            if data and head[0] in STREAMS:
+                yield STREAMS[head[0]], data
+    except (OSError, ValueError):
+        return  # the stream was cut (container removed under us); the output ends here
+    finally:
+        stream.close()
+
+
 def _never_sent(exc: BaseException) -> bool:
     """Whether a transport error happened while connecting (the request never left)."""
     seen: list[object] = [exc]
@@ -199,11 +229,7 @@ class DockerRuntime:
         """One engine call on the hot path; its JSON answer. Raises EngineRefused, OSError."""
         answer = self.engine.request(method, f"/v{API_VERSION}{path}", body, timeout=timeout)
         if answer.status_code >= 400:
-            try:
-                message = str(answer.json().get("message") or answer.text)
-            except ValueError:
-                message = answer.text
-            raise EngineRefused(answer.status_code, message.strip())
+            raise EngineRefused(answer.status_code, _message(answer))
         return answer.json() if answer.content else None
 
     @_translate
@@ -221,27 +247,11 @@ class DockerRuntime:
 
     @_translate
     def attach(self, container_id: str) -> Iterator[tuple[str, bytes]]:
-        stream = self.api.attach_socket(
-            container_id, params={"stdout": 1, "stderr": 1, "stream": 1}
-        )
-        # attach_socket hands back a file wrapper over the connection's socket; a quiet task
-        # must not time the stream out, and both layers must be closed when it ends.
-        sock = getattr(stream, "_sock", stream)
-        sock.settimeout(None)
-        return self._frames(stream, sock)
-
-    @staticmethod
-    def _frames(stream: Any, sock: Any) -> Iterator[tuple[str, bytes]]:
-        names = {docker.utils.socket.STDOUT: "stdout", docker.utils.socket.STDERR: "stderr"}
-        try:
-            for stream_id, data in docker.utils.socket.frames_iter(stream, tty=False):
-                if data and stream_id in names:
-                    yield names[stream_id], data
-        except OSError:
-            return  # the stream was cut (container removed under us); the output ends here
-        finally:
-            stream.close()
-            sock.close()
+        path = f"/v{API_VERSION}/containers/{quote(container_id)}/attach?stdout=1&stderr=1&stream=1"
+        answer, stream = self.engine.upgrade("POST", path)
+        if stream is None:
+            raise RuntimeFailure(f"docker: {_message(answer)}")
+        return _frames(stream)
 
     @_translate
     def start(self, container_id: str) -> None:
