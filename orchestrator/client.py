@@ -107,7 +107,6 @@ class Client:
             "submit", attributes={"airlock.task_id": task_id, "airlock.agent": task.agent}
         ):
             self._enqueue(task_id, task, telemetry.inject())
-        telemetry.flush()
         return task_id
 
     def _enqueue(self, task_id: str, task: TaskSpec, traceparent: str | None) -> None:
@@ -164,15 +163,16 @@ class Client:
         """
         give_up = None if timeout_s is None else time.monotonic() + timeout_s
         after = "0"
+        ended = TaskState(self.store.get(task_id)["state"]) in TERMINAL
         while True:
-            record = self.store.get(task_id)
-            if TaskState(record["state"]) in TERMINAL:
-                return present(record)
             block = 1000 if give_up is None else int(max(give_up - time.monotonic(), 0) * 1000)
-            if give_up is not None and block <= 0:
-                return present(record)
+            if ended or (give_up is not None and block <= 0):
+                return self.status(task_id)
+            # The record is read again only once an event says the task ended: the event is
+            # written with the end state and its fields, in one step.
             for event in self.store.events(task_id, after, block_ms=max(block, 1)):
                 after = event.id
+                ended = ended or event.state in TERMINAL
                 if on_event:
                     on_event(event)
 

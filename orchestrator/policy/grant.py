@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -95,11 +96,20 @@ class Grant(_Frozen):
                 seen[rule.inject.name] = rule.inject
         return list(seen.values())
 
-    def canonical_json(self) -> str:
+    # A grant is frozen: its JSON and digest are worked out once (a task asks several times).
+    @cached_property
+    def canonical(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
+    @cached_property
+    def hashed(self) -> str:
+        return "sha256:" + hashlib.sha256(self.canonical.encode()).hexdigest()
+
+    def canonical_json(self) -> str:
+        return self.canonical
+
     def digest(self) -> str:
-        return "sha256:" + hashlib.sha256(self.canonical_json().encode()).hexdigest()
+        return self.hashed
 
 
 @dataclass(frozen=True)
