@@ -57,6 +57,7 @@ def show(
 
 
 RAW_ENDPOINT = tempfile.mkdtemp(prefix="airlock-bench-raw-")
+THROUGHPUT_ROUNDS = 3
 
 
 def raw_run(
@@ -181,7 +182,6 @@ def bench_start(runs: int) -> dict[str, object]:
             ),
         ]
         try:
-            samples: dict[str, list[tuple[float, float]]] = {}
             runners: dict[str, Callable[[], tuple[float, float]]] = {
                 "raw": lambda: raw_run(runtime, settings),
                 "cold": lambda: airlock_run(cold, warm=False),
@@ -191,33 +191,61 @@ def bench_start(runs: int) -> dict[str, object]:
                 runners["gvisor_raw"] = lambda: raw_run(runtime, settings, "runsc")
                 runners["gvisor_cold"] = lambda: airlock_run(cold, "ops", warm=False)
                 runners["gvisor_warm"] = lambda: warm_run(warm, "ops", 4)
-            for _ in range(3):  # warm up every path (image cache, connections, imports)
-                for run in runners.values():
-                    run()
-            print(f"start: {runs} runs each of a trivial task (`true`), interleaved", flush=True)
-            for i in range(runs):
-                for name, run in runners.items():
-                    samples.setdefault(name, []).append(run())
-                if (i + 1) % 10 == 0:
-                    print(f"  ... {i + 1}/{runs}", file=sys.stderr, flush=True)
-            tasks = max(runs, 40)
-            print(f"  ... throughput: {tasks} tasks at concurrency 4", file=sys.stderr, flush=True)
-            rates = {
-                "raw": throughput(lambda: raw_run(runtime, settings), tasks, 4),
-                "airlock": throughput(lambda: airlock_run(cold), tasks, 4),
-            }
+            samples = start_samples(runners, runs)
+            stop(workers[1:])  # its warm runners would idle through the throughput rounds
+            rates = throughput_rounds(
+                lambda: raw_run(runtime, settings), lambda: airlock_run(cold), max(runs, 40)
+            )
         finally:
-            for worker in workers:
-                worker.terminate()
-            for worker in workers:
-                worker.wait(timeout=60)
+            stop(workers)
             for key in cold.store.redis.scan_iter(f"{ns}:*"):
                 cold.store.redis.delete(key)
     return report_start(samples, rates)
 
 
+def stop(workers: list[subprocess.Popen[bytes]]) -> None:
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.wait(timeout=60)
+
+
+def start_samples(
+    runners: dict[str, Callable[[], tuple[float, float]]], runs: int
+) -> dict[str, list[tuple[float, float]]]:
+    """`runs` samples of each path, interleaved, after three to warm every path up."""
+    for _ in range(3):  # image cache, connections, imports
+        for run in runners.values():
+            run()
+    print(f"start: {runs} runs each of a trivial task (`true`), interleaved", flush=True)
+    samples: dict[str, list[tuple[float, float]]] = {}
+    for i in range(runs):
+        for name, run in runners.items():
+            samples.setdefault(name, []).append(run())
+        if (i + 1) % 10 == 0:
+            print(f"  ... {i + 1}/{runs}", file=sys.stderr, flush=True)
+    return samples
+
+
+def throughput_rounds(
+    raw: Callable[[], object], airlock: Callable[[], object], tasks: int
+) -> dict[str, list[float]]:
+    """Rounds of the raw loop and Airlock in turn: the machine drifts over minutes."""
+    rates: dict[str, list[float]] = {"raw": [], "airlock": []}
+    for i in range(THROUGHPUT_ROUNDS):
+        print(
+            f"  ... throughput round {i + 1}/{THROUGHPUT_ROUNDS}: {tasks} tasks each "
+            "at concurrency 4",
+            file=sys.stderr,
+            flush=True,
+        )
+        rates["raw"].append(throughput(raw, tasks, 4))
+        rates["airlock"].append(throughput(airlock, tasks, 4))
+    return rates
+
+
 def report_start(
-    samples: dict[str, list[tuple[float, float]]], rates: dict[str, float]
+    samples: dict[str, list[tuple[float, float]]], rates: dict[str, list[float]]
 ) -> dict[str, object]:
     def first(name: str) -> list[float]:
         return [s[0] for s in samples[name]]
@@ -245,13 +273,22 @@ def report_start(
         result["gvisor_warm_running"] = show(
             "airlock gVisor warm: -> command running", first("gvisor_warm"), first("gvisor_raw")
         )
-    ratio = rates["airlock"] / rates["raw"]
+    # Each round's ratio is against the raw loop measured just before it; the median of those.
+    ratios = [a / r for a, r in zip(rates["airlock"], rates["raw"], strict=True)]
+    ratio = statistics.median(ratios)
+    raw, airlock = statistics.median(rates["raw"]), statistics.median(rates["airlock"])
     print(
-        f"  {'throughput at concurrency 4 (tasks/min)':<42} raw {rates['raw']:6.0f}   "
-        f"airlock {rates['airlock']:6.0f}   {ratio:5.2f}x raw",
+        f"  {'throughput at concurrency 4 (tasks/min)':<42} raw {raw:6.0f}   "
+        f"airlock {airlock:6.0f}   {ratio:5.2f}x raw "
+        f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})",
         flush=True,
     )
-    result["throughput"] = {**{k: round(v) for k, v in rates.items()}, "ratio": round(ratio, 3)}
+    result["throughput"] = {
+        "raw": round(raw),
+        "airlock": round(airlock),
+        "ratio": round(ratio, 3),
+        "round_ratios": [round(r, 3) for r in ratios],
+    }
     return result
 
 

@@ -78,7 +78,10 @@ def exchange(path: str, data: bytes, timeout: float = 10) -> tuple[int, dict[str
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
-        sock.sendall(data)
+        try:
+            sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused at the door (over a limit): its answer is already in to read
         raw = b""
         while True:
             try:
