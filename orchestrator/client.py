@@ -122,6 +122,10 @@ class Client:
                 },
                 task_id=task_id,
                 queue=self.route(task),
+                # No repr of the spec in the message headers (Celery adds one for display):
+                # the spec is in the body already, and its env has no business in broker tools.
+                argsrepr="",
+                kwargsrepr="",
             )
         except Exception as exc:  # kombu raises many kinds; all mean "not enqueued"
             self._abandon(task_id, f"could not enqueue: {exc}")
