@@ -191,3 +191,62 @@ def test_upgrade_hands_over_the_raw_stream(scripted: Callable[..., Scripted]) ->
     assert b"Connection: Upgrade\r\nUpgrade: tcp\r\n" in server.requests[0]
     answer, stream = client.upgrade("POST", "/attach")
     assert stream is None and answer.status_code == 404 and answer.json() == {"message": "gone!"}
+
+
+def test_vault_over_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An https:// Vault, reached through http1 with Vault's own TLS variables; a client
+    that does not trust its CA is refused, and says so as Vault being unreachable."""
+    import subprocess
+    import sys
+    import time
+
+    from orchestrator.errors import ServiceUnavailable
+    from orchestrator.vault.adapter import Vault
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "bao"),
+            "server",
+            "-dev",
+            "-dev-tls",
+            f"-dev-tls-cert-dir={tmp_path}",
+            "-dev-root-token-id=tls-test-root",
+            f"-dev-listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        addr = f"https://127.0.0.1:{port}"
+        for _ in range(100):  # the server writes its CA when it starts
+            if list(tmp_path.glob("*ca.pem")):
+                break
+            time.sleep(0.1)
+        (ca,) = tmp_path.glob("*ca.pem")
+        untrusting = Vault(addr, "tls-test-root")  # the system's roots: not this CA
+        monkeypatch.setenv("VAULT_CACERT", str(ca))
+        vault = Vault(addr, "tls-test-root")
+        for _ in range(100):
+            try:
+                vault.ping()
+                break
+            except ServiceUnavailable:
+                time.sleep(0.1)
+        assert vault.read("auth/token/lookup-self")["data"]["id"] == "tls-test-root"  # type: ignore[index]
+        with pytest.raises(ServiceUnavailable, match="SSL"):
+            untrusting.ping()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_vault_tls_settings_that_cannot_be_read(tmp_path: Path) -> None:
+    from orchestrator.config import vault_tls
+    from orchestrator.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="Vault TLS settings"):
+        vault_tls({"VAULT_CACERT": str(tmp_path / "missing.pem")})
+    assert vault_tls({}).verify_mode.name == "CERT_REQUIRED"

@@ -104,3 +104,8 @@ def test_a_worker_runtime_rides_out_an_engine_restart(tmp_path: Path) -> None:
         del impatient, patient
         gc.collect()  # while this test's warning filter holds
     assert socket_path.is_symlink()
+
+
+def test_engine_addresses_other_than_unix_and_tcp_are_refused_clearly() -> None:
+    with pytest.raises(ServiceUnavailable, match=r"ssh://.*use unix:// or tcp://"):
+        DockerRuntime("ssh://engine.example")
