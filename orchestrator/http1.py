@@ -15,6 +15,7 @@ ProtocolError or the socket's own error.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import select
@@ -215,7 +216,9 @@ class Client:
             conn.close()
 
     def __del__(self) -> None:
-        self.close()  # a client dropped without close() takes its idle connections along
+        # A client dropped without close() takes its idle connections along.
+        with contextlib.suppress(Exception):  # at interpreter exit, half the world is gone
+            self.close()
 
     # -- connections -------------------------------------------------------------------------
     def _take(self) -> tuple[_Connection, bool]:
