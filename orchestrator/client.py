@@ -89,6 +89,8 @@ class Client:
             self.settings.redis_url, self.settings.namespace, self.settings.record_ttl_s
         )
         telemetry.setup(self.settings, "client")
+        # Agent name -> ((mtime, size) of its registry file, isolation class), for routing.
+        self._isolation: dict[str, tuple[tuple[int, int], str]] = {}
 
     @cached_property
     def _celery(self) -> Celery:
@@ -139,11 +141,16 @@ class Client:
         """
         if task.queue:
             return task.queue
+        path = self.settings.agents_dir / f"{task.agent}.yaml"
         try:
-            agent = load_agent(self.settings.agents_dir / f"{task.agent}.yaml")
-        except AirlockError:
+            info = path.stat()
+            stamp = (info.st_mtime_ns, info.st_size)
+            known = self._isolation.get(task.agent)
+            if known is None or known[0] != stamp:  # parsing YAML costs more than the submit
+                known = self._isolation[task.agent] = (stamp, load_agent(path).isolation)
+        except (OSError, AirlockError):
             return self.settings.queue
-        return gvisor_queue(self.settings) if agent.isolation == "gvisor" else self.settings.queue
+        return gvisor_queue(self.settings) if known[1] == "gvisor" else self.settings.queue
 
     def _abandon(self, task_id: str, reason: str) -> None:
         try:

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from orchestrator.client import Client
-from tests.conftest import airlock, running
+from orchestrator.spec import parse
+from tests.conftest import ROOT, airlock, running
 
 
 def pool_worker(stack: contextlib.ExitStack, settings: Any, queue: str, concurrency: int) -> None:
@@ -81,3 +82,16 @@ def test_gvisor_agents_route_to_the_gvisor_pool(settings: Any, vault: Any, runti
     assert done["sandboxed"]["state"] == "succeeded", done["sandboxed"]
     assert done["sandboxed"]["worker"].startswith(f"airlock-{gvisor}@")
     assert done["ordinary"]["worker"].startswith(f"airlock-{plain}@")
+
+
+def test_routing_follows_an_edited_registry(settings: Any, tmp_path: Any) -> None:
+    """The client keeps each agent's isolation class until its registry file changes."""
+    demo = (ROOT / "agents" / "demo.yaml").read_text()
+    (tmp_path / "demo.yaml").write_text(demo)
+    client = Client(replace(settings, agents_dir=tmp_path))
+    task = parse({"agent": "demo", "command": ["true"]})
+    assert client.route(task) == settings.queue
+    (tmp_path / "demo.yaml").write_text(demo.replace("isolation: runc", "isolation: gvisor"))
+    assert client.route(task) == f"{settings.queue}-gvisor"
+    (tmp_path / "demo.yaml").unlink()
+    assert client.route(task) == settings.queue  # unreadable here: admission still decides
