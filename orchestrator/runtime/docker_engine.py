@@ -225,9 +225,14 @@ class DockerRuntime:
     def runtimes(self) -> frozenset[str]:
         return frozenset(self.api.info().get("Runtimes") or {"runc": {}})
 
-    def _call(self, method: str, path: str, body: Any = None, timeout: float | None = 60.0) -> Any:
-        """One engine call on the hot path; its JSON answer. Raises EngineRefused, OSError."""
-        answer = self.engine.request(method, f"/v{API_VERSION}{path}", body, timeout=timeout)
+    def _call(self, method: str, path: str, body: Any = None, patient: bool = False) -> Any:
+        """One engine call on the hot path; its JSON answer (`patient`: no timeout, for a
+        wait). Raises EngineRefused, OSError."""
+        path = f"/v{API_VERSION}{path}"
+        if patient:
+            answer = self.engine.request(method, path, body, timeout=None)
+        else:
+            answer = self.engine.request(method, path, body)
         if answer.status_code >= 400:
             raise EngineRefused(answer.status_code, _message(answer))
         return answer.json() if answer.content else None
@@ -263,7 +268,7 @@ class DockerRuntime:
     @_translate
     def wait(self, container_id: str) -> ExitStatus:
         try:
-            result = self._call("POST", f"/containers/{quote(container_id)}/wait", timeout=None)
+            result = self._call("POST", f"/containers/{quote(container_id)}/wait", patient=True)
         except EngineRefused as exc:
             raise RuntimeFailure(f"docker: {exc.message}") from None
         code = int(result.get("StatusCode", -1))
