@@ -163,20 +163,11 @@ class Client:
         wait = self.timeout if timeout is _DEFAULT else timeout
         conn, reused = self._take()
         try:
-            try:
-                conn.sock.settimeout(wait)
-                conn.sock.sendall(message)
-                status_line = conn.reader.readline(65537)
-                if not status_line and reused:
-                    raise ConnectionResetError("kept-alive connection closed")
-            except (ConnectionResetError, BrokenPipeError):
-                if not reused:
-                    raise
+            status_line = self._send(conn, message, wait)
+            if not status_line and reused:  # closed while idle: once more, on a new one
                 conn.close()
-                conn, reused = self._connect(), False
-                conn.sock.settimeout(wait)
-                conn.sock.sendall(message)
-                status_line = conn.reader.readline(65537)
+                conn = self._connect()
+                status_line = self._send(conn, message, wait)
             response, keep = self._read(conn, status_line, method, path)
         except BaseException:
             conn.close()
@@ -186,6 +177,16 @@ class Client:
         else:
             conn.close()
         return response
+
+    @staticmethod
+    def _send(conn: _Connection, message: bytes, wait: float | None) -> bytes:
+        """Send the request; the answer's status line, or b"" if the peer hung up first."""
+        conn.sock.settimeout(wait)
+        try:
+            conn.sock.sendall(message)
+            return conn.reader.readline(65537)
+        except (ConnectionResetError, BrokenPipeError):
+            return b""
 
     def upgrade(self, method: str, path: str) -> tuple[Response, Stream | None]:
         """Ask for the connection to become a raw stream (Upgrade: tcp). On 101 (or a 200
@@ -262,6 +263,8 @@ class Client:
     def _read(
         self, conn: _Connection, status_line: bytes, method: str, path: str
     ) -> tuple[Response, bool]:
+        if not status_line:
+            raise ProtocolError(f"{method} {path}: the server closed the connection unanswered")
         version, _, rest = status_line.decode("latin-1").rstrip("\r\n").partition(" ")
         code, _, reason = rest.partition(" ")
         if not version.startswith("HTTP/1.") or not code.isdigit():

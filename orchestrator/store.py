@@ -140,7 +140,6 @@ class Store:
     def ping(self) -> None:
         self.redis.ping()
 
-    @_guard
     def create(self, task_id: str, fields: Mapping[str, Any]) -> bool:
         """Record a new pending task. False if it already exists (a redelivered message)."""
         return self.record(task_id, fields) is None

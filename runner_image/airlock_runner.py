@@ -72,10 +72,7 @@ def read_answer(sock):
     """The head and body of one HTTP answer with a Content-Length."""
     data = b""
     while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise OSError("the endpoint closed the connection mid-answer")
-        data += chunk
+        data += receive(sock)
     head, _, body = data.partition(b"\r\n\r\n")
     length = 0
     for line in head.split(b"\r\n")[1:]:
@@ -83,11 +80,15 @@ def read_answer(sock):
         if name.strip().lower() == b"content-length":
             length = int(value)
     while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise OSError("the endpoint closed the connection mid-answer")
-        body += chunk
+        body += receive(sock)
     return head, body[:length]
+
+
+def receive(sock):
+    chunk = sock.recv(65536)
+    if not chunk:
+        raise OSError("the endpoint closed the connection mid-answer")
+    return chunk
 
 
 def splice(source, sink):

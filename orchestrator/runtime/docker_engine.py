@@ -95,6 +95,15 @@ def container_config(spec: ContainerSpec) -> tuple[dict[str, Any], dict[str, Any
     return create, host
 
 
+class EngineRefused(Exception):
+    """The engine answered a hot-path call with an error status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
 def _translate(method: Callable[P, R]) -> Callable[P, R]:
     """Map docker-py and transport errors onto Airlock's error tree.
 
@@ -109,7 +118,12 @@ def _translate(method: Callable[P, R]) -> Callable[P, R]:
         while True:
             try:
                 return method(*args, **kwargs)
-            except (requests.ConnectionError, docker.errors.DockerException, OSError) as exc:
+            except (
+                requests.ConnectionError,
+                docker.errors.DockerException,
+                EngineRefused,
+                OSError,
+            ) as exc:
                 if _never_sent(exc) and time.monotonic() < give_up:
                     time.sleep(0.2)
                     continue
@@ -119,6 +133,8 @@ def _translate(method: Callable[P, R]) -> Callable[P, R]:
 
 
 def _translated(exc: Exception) -> Exception:
+    if isinstance(exc, EngineRefused):
+        return RuntimeFailure(f"docker: {exc.message}")
     if isinstance(exc, docker.errors.ImageNotFound):
         return ImageNotFound(f"image not found: {exc.explanation}")
     if isinstance(exc, docker.errors.APIError):
@@ -171,15 +187,6 @@ def _never_sent(exc: BaseException) -> bool:
             if item.__cause__ is not None:
                 seen.append(item.__cause__)
     return False
-
-
-class EngineRefused(Exception):
-    """The engine answered a hot-path call with an error status."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 class DockerRuntime:
@@ -248,29 +255,23 @@ class DockerRuntime:
         except EngineRefused as exc:
             if exc.status == 404:
                 raise ImageNotFound(f"image not found: {exc.message}") from None
-            raise RuntimeFailure(f"docker: {exc.message}") from None
+            raise
 
     @_translate
     def attach(self, container_id: str) -> Iterator[tuple[str, bytes]]:
         path = f"/v{API_VERSION}/containers/{quote(container_id)}/attach?stdout=1&stderr=1&stream=1"
         answer, stream = self.engine.upgrade("POST", path)
         if stream is None:
-            raise RuntimeFailure(f"docker: {_message(answer)}")
+            raise EngineRefused(answer.status_code, _message(answer))
         return _frames(stream)
 
     @_translate
     def start(self, container_id: str) -> None:
-        try:
-            self._call("POST", f"/containers/{quote(container_id)}/start")
-        except EngineRefused as exc:
-            raise RuntimeFailure(f"docker: {exc.message}") from None
+        self._call("POST", f"/containers/{quote(container_id)}/start")
 
     @_translate
     def wait(self, container_id: str) -> ExitStatus:
-        try:
-            result = self._call("POST", f"/containers/{quote(container_id)}/wait", patient=True)
-        except EngineRefused as exc:
-            raise RuntimeFailure(f"docker: {exc.message}") from None
+        result = self._call("POST", f"/containers/{quote(container_id)}/wait", patient=True)
         code = int(result.get("StatusCode", -1))
         oom = False
         if code == 137:  # SIGKILL: the kernel's OOM killer or our own stop
@@ -292,7 +293,7 @@ class DockerRuntime:
         except EngineRefused as exc:
             if exc.status == 404 or "already in progress" in exc.message:
                 return False
-            raise RuntimeFailure(f"docker: {exc.message}") from None
+            raise
         return True
 
     @_translate

@@ -12,13 +12,10 @@ from typing import Any
 import hvac
 import hvac.exceptions
 import requests
-from opentelemetry import trace
 
-from orchestrator import http1
+from orchestrator import http1, telemetry
 from orchestrator.config import ca_bundle_from_env, proxies_in_env, vault_tls
 from orchestrator.errors import ServiceUnavailable, VaultRefused
-
-_TRACER = trace.get_tracer("airlock")  # a proxy for whichever provider is set up
 
 
 class Vault:
@@ -66,7 +63,7 @@ class Vault:
         """
         headers = {"X-Vault-Token": token or self.token or ""}
         # One span per call: method and path only (paths hold no secret values).
-        with _TRACER.start_as_current_span(
+        with telemetry.tracer().start_as_current_span(
             f"vault {method} {path}",
             attributes={"vault.path": path, "vault.wrapped": bool(wrap_ttl)},
         ):
@@ -93,13 +90,11 @@ class Vault:
         except hvac.exceptions.InvalidRequest as exc:
             if absent_ok:
                 return None
-            errors = "; ".join(str(e) for e in (exc.errors or [])) or str(exc)
-            raise VaultRefused(f"{method} {path}: {errors}") from exc
+            raise _refused(method, path, exc) from exc
         except (hvac.exceptions.VaultDown, hvac.exceptions.BadGateway) as exc:
             raise ServiceUnavailable("vault", f"{method} {path}: {exc}") from exc
         except hvac.exceptions.VaultError as exc:
-            errors = "; ".join(str(e) for e in (exc.errors or [])) or str(exc)
-            raise VaultRefused(f"{method} {path}: {errors}") from exc
+            raise _refused(method, path, exc) from exc
         except (requests.RequestException, OSError) as exc:
             raise ServiceUnavailable("vault", f"{self.addr}: {exc.__class__.__name__}") from exc
         if isinstance(response, dict):
@@ -127,3 +122,9 @@ class Vault:
         if health and health.get("sealed"):
             raise ServiceUnavailable("vault", f"{self.addr} is sealed")
         self.read("auth/token/lookup-self")
+
+
+def _refused(method: str, path: str, exc: hvac.exceptions.VaultError) -> VaultRefused:
+    """Vault's refusal, in Vault's own words."""
+    errors = "; ".join(str(e) for e in (exc.errors or [])) or str(exc)
+    return VaultRefused(f"{method} {path}: {errors}")
