@@ -3,7 +3,7 @@
 The runner entrypoint ends stdout with one frame, `\\x1e<marker> <json>\\n`, carrying the
 files of /workspace/output. The marker is a per-task nonce, so task output cannot forge
 the frame by accident. ResultScanner separates that frame from the log text; LogPump moves
-output from the engine into the store in batches, capped in size, off the worker's thread.
+output from the engine into the store in batches, capped in size, on a thread of its own.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import base64
 import binascii
 import codecs
 import json
-import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -130,55 +129,41 @@ class ResultScanner:
 
 @dataclass
 class LogPump:
-    """Moves (stream, bytes) chunks into `sink` until the stream ends, then calls `on_end`.
-
-    A reader thread drains the engine as fast as it talks; a writer thread takes everything
-    that piled up meanwhile and writes it in one batch, so chatty commands cost few writes.
-    Text beyond `max_bytes` is counted but not kept.
+    """Moves batches of (stream, bytes) chunks into `sink` until the stream ends, then calls
+    `on_end`. One thread: each batch is what the engine had sent by the time it was read,
+    so a chatty command costs one write per batch, not per chunk. Text beyond `max_bytes`
+    is counted but not kept.
     """
 
-    chunks: Iterator[tuple[str, bytes]]
+    batches: Iterator[list[tuple[str, bytes]]]
     scanner: ResultScanner
     sink: Callable[[list[tuple[str, str]]], None]
     on_end: Callable[[], None]
     max_bytes: int
     kept: int = 0
     dropped: int = 0
-    _queue: queue.SimpleQueue[tuple[str, bytes] | None] = field(default_factory=queue.SimpleQueue)
     _decoders: dict[str, codecs.IncrementalDecoder] = field(default_factory=dict)
-    _threads: list[threading.Thread] = field(default_factory=list)
+    _thread: threading.Thread | None = None
 
     def start(self) -> None:
-        for target in (self._read, self._write):
-            thread = threading.Thread(target=target, daemon=True, name=f"logpump-{target.__name__}")
-            thread.start()
-            self._threads.append(thread)
+        self._thread = threading.Thread(target=self._pump, daemon=True, name="logpump")
+        self._thread.start()
 
     def join(self, timeout: float | None = None) -> bool:
-        for thread in self._threads:
-            thread.join(timeout)
-        return not any(thread.is_alive() for thread in self._threads)
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     @property
     def truncated(self) -> bool:
         return self.dropped > 0
 
-    def _read(self) -> None:
+    def _pump(self) -> None:
         try:
-            for chunk in self.chunks:
-                self._queue.put(chunk)
-        finally:
-            self._queue.put(None)
-
-    def _write(self) -> None:
-        try:
-            ended = False
-            while not ended:
-                batch = [self._queue.get()]
-                while not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
-                ended = batch[-1] is None
-                self._flush([item for item in batch if item is not None], ended)
+            for batch in self.batches:
+                self._flush(batch, ended=False)
+            self._flush([], ended=True)
         finally:
             self.on_end()
 

@@ -326,7 +326,7 @@ class Executor:
         # Enough room for the base64 of every output byte plus the frame's own JSON.
         run.scanner = ResultScanner(run.marker, self.settings.output_max_bytes * 2 + 65536)
         run.pump = LogPump(
-            chunks=self.runtime.attach(run.container_id),
+            batches=self.runtime.attach(run.container_id),
             scanner=run.scanner,
             sink=lambda texts: self._append_logs(run.task_id, texts),
             on_end=lambda: self._container_exited(run),

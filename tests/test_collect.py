@@ -83,7 +83,7 @@ def test_pump_batches_caps_and_decodes() -> None:
         ("stdout", frame([("f", b"1")])),
     ]
     scanner = ResultScanner(MARKER, 1 << 16)
-    pump = LogPump(iter(chunks), scanner, written.extend, ended.set, max_bytes=60)
+    pump = LogPump(iter([chunks[:3], chunks[3:]]), scanner, written.extend, ended.set, max_bytes=60)
     pump.start()
     assert pump.join(timeout=5) and ended.is_set()
     text = "".join(t for s, t in written if s == "stdout")

@@ -109,3 +109,36 @@ def test_a_worker_runtime_rides_out_an_engine_restart(tmp_path: Path) -> None:
 def test_engine_addresses_other_than_unix_and_tcp_are_refused_clearly() -> None:
     with pytest.raises(ServiceUnavailable, match=r"ssh://.*use unix:// or tcp://"):
         DockerRuntime("ssh://engine.example")
+
+
+class _Pieces:
+    """A stream whose reads return the engine's bytes in awkward pieces."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.reader = self
+        self.pieces = pieces
+        self.closed = False
+
+    def read1(self, _size: int) -> bytes:
+        return self.pieces.pop(0) if self.pieces else b""
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_output_frames_are_reassembled_across_reads_and_batched() -> None:
+    from orchestrator.runtime.docker_engine import _frames
+
+    def frame(stream: int, data: bytes) -> bytes:
+        return bytes([stream, 0, 0, 0]) + len(data).to_bytes(4, "big") + data
+
+    wire = frame(1, b"hello ") + frame(2, b"oops\n") + frame(1, b"") + frame(0, b"stdin?")
+    wire += frame(1, b"x" * 70000)
+    # Cut mid-header, mid-payload, and inside the big frame.
+    pieces = [wire[:3], wire[3:20], wire[20:40], wire[40:50000], wire[50000:]]
+    stream = _Pieces(pieces)
+    batches = list(_frames(stream))  # type: ignore[arg-type]
+    flat = [chunk for batch in batches for chunk in batch]
+    assert flat == [("stdout", b"hello "), ("stderr", b"oops\n"), ("stdout", b"x" * 70000)]
+    assert batches[0] == [("stdout", b"hello ")]  # what had arrived by then, no more
+    assert stream.closed

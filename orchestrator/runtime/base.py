@@ -70,8 +70,9 @@ class Runtime(Protocol):
         Raises ImageNotFound, RuntimeFailure, ServiceUnavailable.
         """
 
-    def attach(self, container_id: str) -> Iterator[tuple[str, bytes]]:
-        """Stream ("stdout"|"stderr", bytes) until the container exits.
+    def attach(self, container_id: str) -> Iterator[list[tuple[str, bytes]]]:
+        """Stream batches of ("stdout"|"stderr", bytes) until the container exits: each
+        batch is what had arrived when it was read, so a chatty command costs few writes.
 
         Attach before start so that no output is missed and none needs storing by the engine.
         """

@@ -155,20 +155,28 @@ def _message(answer: http1.Response) -> str:
         return answer.text.strip()
 
 
-def _frames(stream: http1.Stream) -> Iterator[tuple[str, bytes]]:
-    """The engine's multiplexed output: each frame is a stream byte, three zero bytes, a
-    big-endian length, then that many bytes. Ends when the container's output does."""
+def _frames(stream: http1.Stream) -> Iterator[list[tuple[str, bytes]]]:
+    """The engine's multiplexed output, in batches: each batch is every whole frame that had
+    arrived when it was read. A frame is a stream byte, three zero bytes, a big-endian
+    length, then that many bytes. Ends when the container's output does."""
+    buffer = bytearray()
     try:
         while True:
-            head = stream.reader.read(8)
-            if len(head) < 8:
+            data = stream.reader.read1(65536)
+            if not data:
                 return
-            size = int.from_bytes(head[4:8], "big")
-            data = stream.reader.read(size) if size else b""
-            if len(data) < size:
-                return
-            if data and head[0] in STREAMS:
-                yield STREAMS[head[0]], data
+            buffer += data
+            batch, at = [], 0
+            while len(buffer) - at >= 8:
+                end = at + 8 + int.from_bytes(buffer[at + 4 : at + 8], "big")
+                if len(buffer) < end:
+                    break
+                if end > at + 8 and buffer[at] in STREAMS:
+                    batch.append((STREAMS[buffer[at]], bytes(buffer[at + 8 : end])))
+                at = end
+            del buffer[:at]
+            if batch:
+                yield batch
     except (OSError, ValueError):
         return  # the stream was cut (container removed under us); the output ends here
     finally:
@@ -258,7 +266,7 @@ class DockerRuntime:
             raise
 
     @_translate
-    def attach(self, container_id: str) -> Iterator[tuple[str, bytes]]:
+    def attach(self, container_id: str) -> Iterator[list[tuple[str, bytes]]]:
         path = f"/v{API_VERSION}/containers/{quote(container_id)}/attach?stdout=1&stderr=1&stream=1"
         answer, stream = self.engine.upgrade("POST", path)
         if stream is None:
