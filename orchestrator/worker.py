@@ -11,6 +11,7 @@ task on arrival, validates the spec and rejects it with reasons if it is malform
 
 from __future__ import annotations
 
+import gc
 import logging
 import tempfile
 import threading
@@ -157,6 +158,9 @@ def run_worker(
     """
     settings = settings or config.load()
     logs.configure(loglevel, settings.log_format)
+    # A task allocates many short-lived objects and keeps few: collecting the young
+    # generation every 700 allocations (the default) took about 5% of a worker's CPU.
+    gc.set_threshold(20_000, 20, 20)
     queues = queues or default_queues(settings)
     executor = _LazyExecutor(settings)
     app = create_app(settings, executor)
