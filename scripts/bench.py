@@ -165,6 +165,60 @@ def throughput(run: Callable[[], object], tasks: int, concurrency: int) -> float
     return tasks / (time.perf_counter() - t0) * 60
 
 
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def host_busy_s() -> float:
+    """CPU time the whole host has spent working (user, system, interrupts; not steal)."""
+    user, nice, system, _idle, _iowait, irq, softirq = map(
+        int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]
+    )
+    return (user + nice + system + irq + softirq) / HZ
+
+
+def process_s(pid: int) -> float:
+    """CPU time of one process, all its threads (gone ones included)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / HZ
+
+
+def local_pid(*names: str) -> int | None:
+    """The first process on this host whose command name is one of `names`."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() in names:
+                return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
+class CpuMeter:
+    """CPU per task of a loop: the whole host's, and that of named processes of its own
+    (the bench process itself counts as `client`)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.samples: list[dict[str, float]] = []
+
+    def measure(self, run: Callable[[], float], tasks: int) -> float:
+        before = self._now()
+        result = run()
+        after = self._now()
+        self.samples.append({k: (after[k] - before[k]) / tasks * 1000 for k in before})
+        return result
+
+    def _now(self) -> dict[str, float]:
+        now = {"host": host_busy_s(), "client": time.process_time()}
+        return now | {name: process_s(pid) for name, pid in self.pids.items()}
+
+    def median(self) -> dict[str, float]:
+        return {k: statistics.median(s[k] for s in self.samples) for k in self.samples[0]}
+
+
 def bench_start(runs: int) -> dict[str, object]:
     """Cold and warm starts, gVisor, and throughput, each beside its raw baseline."""
     ns = f"bench{uuid.uuid4().hex[:6]}"
@@ -199,14 +253,27 @@ def bench_start(runs: int) -> dict[str, object]:
                 runners["gvisor_warm"] = lambda: warm_run(warm, "ops", 4)
             samples = start_samples(runners, runs)
             stop(workers[1:])  # its warm runners would idle through the throughput rounds
-            rates = throughput_rounds(
-                lambda: raw_run(runtime, settings), lambda: airlock_task(cold), max(runs, 40)
+            own = {"worker": workers[0].pid} | services(cold)
+            rates, cpu = throughput_rounds(
+                lambda: raw_run(runtime, settings), lambda: airlock_task(cold), max(runs, 40), own
             )
         finally:
             stop(workers)
             for key in cold.store.redis.scan_iter(f"{ns}:*"):
                 cold.store.redis.delete(key)
-    return report_start(samples, rates)
+    return report_start(samples, rates, cpu)
+
+
+def services(client: Client) -> dict[str, int]:
+    """Airlock's services that run on this host (their CPU counts as Airlock's)."""
+    found = {}
+    redis_pid = int(client.store.redis.info("server").get("process_id") or 0)
+    if redis_pid and local_pid("redis-server") is not None:
+        found["redis"] = redis_pid
+    vault_pid = local_pid("bao", "vault")
+    if vault_pid is not None:
+        found["vault"] = vault_pid
+    return found
 
 
 def stop(workers: list[subprocess.Popen[bytes]]) -> None:
@@ -234,10 +301,15 @@ def start_samples(
 
 
 def throughput_rounds(
-    raw: Callable[[], object], airlock: Callable[[], object], tasks: int
-) -> dict[str, list[float]]:
-    """Rounds of the raw loop and Airlock in turn: the machine drifts over minutes."""
+    raw: Callable[[], object],
+    airlock: Callable[[], object],
+    tasks: int,
+    own: dict[str, int],
+) -> tuple[dict[str, list[float]], dict[str, dict[str, float]]]:
+    """Rounds of the raw loop and Airlock in turn: the machine drifts over minutes. Each
+    loop's CPU per task is measured too (`own`: Airlock's processes on this host)."""
     rates: dict[str, list[float]] = {"raw": [], "airlock": []}
+    meters = {"raw": CpuMeter({}), "airlock": CpuMeter(own)}
     for i in range(THROUGHPUT_ROUNDS):
         print(
             f"  ... throughput round {i + 1}/{THROUGHPUT_ROUNDS}: {tasks} tasks each "
@@ -245,13 +317,16 @@ def throughput_rounds(
             file=sys.stderr,
             flush=True,
         )
-        rates["raw"].append(throughput(raw, tasks, 4))
-        rates["airlock"].append(throughput(airlock, tasks, 4))
-    return rates
+        for name, run in (("raw", raw), ("airlock", airlock)):
+            rate = meters[name].measure(lambda run=run: throughput(run, tasks, 4), tasks)
+            rates[name].append(rate)
+    return rates, {name: meter.median() for name, meter in meters.items()}
 
 
 def report_start(
-    samples: dict[str, list[tuple[float, float]]], rates: dict[str, list[float]]
+    samples: dict[str, list[tuple[float, float]]],
+    rates: dict[str, list[float]],
+    cpu: dict[str, dict[str, float]],
 ) -> dict[str, object]:
     def first(name: str) -> list[float]:
         return [s[0] for s in samples[name]]
@@ -294,8 +369,26 @@ def report_start(
         "airlock": round(airlock),
         "ratio": round(ratio, 3),
         "round_ratios": [round(r, 3) for r in ratios],
+        "cpu_ms_per_task": report_cpu(cpu["raw"], cpu["airlock"]),
     }
     return result
+
+
+def report_cpu(raw: dict[str, float], airlock: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Where the CPU of one task goes: the whole host, and Airlock's own processes. On a
+    host the engine keeps busy, the throughput ratio is about the inverse of the CPU one."""
+    extra = airlock["host"] - raw["host"]
+    named = {k: v for k, v in airlock.items() if k != "host"}
+    named["client over the SDK"] = named.pop("client") - raw["client"]  # the raw loop's
+    rest = extra - sum(named.values())
+    print(
+        f"  {'CPU per task, whole host (ms)':<42} raw {raw['host']:6.1f}   "
+        f"airlock {airlock['host']:6.1f}   +{extra:.1f}",
+        flush=True,
+    )
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in named.items())
+    print(f"    of the difference: {parts}; engine and containers {rest:+.1f}", flush=True)
+    return {"raw": raw, "airlock": airlock}
 
 
 def bench_policy(runs: int) -> dict[str, object]:
