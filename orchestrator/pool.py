@@ -1,13 +1,15 @@
 """The warm pool: runners created and started ahead of time, bound to a task only when claimed.
 
-A member is a sealed runner container like any other (no network, hardened, the deployment's
-default limits) whose runner waits on its own endpoint socket, which speaks for nobody: it
-answers only the runner's "what is my task?" and refuses everything else. It holds no
+A member is a sealed runner container like any other (no network, hardened, started at the
+deployment's default limits) whose runner waits on its own endpoint socket, which speaks for
+nobody: it answers only the runner's "what is my task?" and refuses everything else. It holds no
 identity and no credentials. A claim binds the member to one task: only then are the grant,
 Vault token, secrets and JWT minted, the socket rebound to the task, and the command handed
 to the runner. A member serves exactly one task and is removed with it; members older than
-the maximum age are recycled; a background thread keeps the pool full. Tasks whose image,
-isolation class or limits no member has take the cold path.
+the maximum age are recycled; a background thread keeps the pool full. A claim first sets
+the member to the task's own cpu, memory and pids ceilings, before its runner learns the
+command (gVisor cannot change a running sandbox's ceilings: there, only tasks at the default
+limits start warm). Tasks whose image or isolation class no member has take the cold path.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MEMBER_PREFIX = "pool-"
+# Isolation classes whose running containers can take new ceilings (runsc has no update).
+RESIZABLE = frozenset({"runc"})
 CLAIM_POLL_S = 20.0  # a waiting runner asks again after this long (it never times out)
 UNCLAIMED = "no task has claimed this runner yet"
 
@@ -137,16 +141,32 @@ class WarmPool:
 
     # -- claims ---------------------------------------------------------------------------
     def claim(self, image: str, runtime: str, limits: GrantLimits) -> Member | None:
-        """A ready member for a task with this image, isolation class and limits, or None."""
-        if limits != self.limits:
+        """A ready member for a task with this image and isolation class, set to the task's
+        limits; None if there is none, or if it could not take those limits (it is removed)."""
+        if limits != self.limits and runtime not in RESIZABLE:
             return None
         with self._lock:
             ready = self._ready.get((image, runtime))
             member = ready.pop(0) if ready else None
-        if member is not None:
-            self.store.pool_forget(member.key)
-            self._wake.set()  # refill
-        return member
+        if member is None:
+            return None
+        self.store.pool_forget(member.key)
+        self._wake.set()  # refill
+        if limits == member.limits:
+            return member
+        try:
+            self.runtime.resize(member.container_id, limits.cpus, limits.memory, limits.pids)
+        except AirlockError as exc:
+            self._drop(member, f"could not take the task's limits: {exc}")
+            return None
+        return replace(member, limits=limits)
+
+    def _drop(self, member: Member, why: str) -> None:
+        """Remove a member no task may have; what cannot be removed now, the reaper will."""
+        try:
+            self.discard(member, why)
+        except AirlockError as exc:
+            log.warning("warm pool: %s left for the reaper: %s", member.key, exc)
 
     def ready(self) -> int:
         with self._lock:
@@ -249,10 +269,7 @@ class WarmPool:
             for ready in self._ready.values():
                 ready.clear()
         for member in members:
-            try:
-                self.discard(member, "the worker is stopping")
-            except AirlockError as exc:
-                log.warning("warm pool: %s left for the reaper: %s", member.key, exc)
+            self._drop(member, "the worker is stopping")
 
 
 def pool_sizes(settings: Settings, runtimes: frozenset[str]) -> dict[tuple[str, str], int]:

@@ -41,6 +41,7 @@ facts = {
     "root_writable": root_writable,
     "memory_limit": read("/sys/fs/cgroup/memory/memory.limit_in_bytes") if os.path.exists("/sys/fs/cgroup/memory") else read("/sys/fs/cgroup/memory.max"),
     "pids_limit": read("/sys/fs/cgroup/pids/pids.max") if os.path.exists("/sys/fs/cgroup/pids") else read("/sys/fs/cgroup/pids.max"),
+    "cpu_quota": read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") if os.path.exists("/sys/fs/cgroup/cpu") else read("/sys/fs/cgroup/cpu.max"),
     "workspace_writable": os.access("/workspace", os.W_OK),
     "env": sorted(k for k in os.environ if k.startswith("AIRLOCK_")),
 }
@@ -95,6 +96,7 @@ def test_container_is_sealed_from_inside(executor: Executor, store: Store) -> No
     assert facts["root_writable"] is False and facts["workspace_writable"] is True
     assert facts["memory_limit"] == str(96 << 20)
     assert facts["pids_limit"] == "40"
+    assert facts["cpu_quota"] in ("50000", "50000 100000")  # half a core (cgroup v1, v2)
     assert "AIRLOCK_RESULT_MARKER" not in facts["env"]  # the runner keeps its nonce to itself
 
 

@@ -17,6 +17,7 @@ import pytest
 from orchestrator.client import Client
 from orchestrator.config import Settings
 from orchestrator.credentials import Credentials
+from orchestrator.errors import RuntimeFailure
 from orchestrator.executor import Executor
 from orchestrator.gateway import LocalGateway
 from orchestrator.lifecycle import TaskState
@@ -67,9 +68,12 @@ def members(runtime: DockerRuntime, settings: Settings) -> set[str]:
     return {c.id for c in runtime.list_managed(settings.namespace) if is_member(c.task_id)}
 
 
-def run(executor: Executor, agent: str, command: list[str]) -> tuple[TaskState, dict[str, Any]]:
+def run(
+    executor: Executor, agent: str, command: list[str], **spec: Any
+) -> tuple[TaskState, dict[str, Any]]:
     task_id = str(uuid.uuid4())
-    state = executor.execute(task_id, {"agent": agent, "command": command, "timeout_s": 60})
+    data = {"agent": agent, "command": command, "timeout_s": 60, **spec}
+    state = executor.execute(task_id, data)
     return state, Client(executor.settings).status(task_id)
 
 
@@ -110,6 +114,56 @@ def test_a_warm_task_is_sealed_and_identified_like_a_cold_one(
     assert claims["task_id"] == status["id"] and claims["jti"] == status["jwt_jti"]
     receipt = status["revocation"]
     assert receipt["verified"] and receipt["token"]["accessor"] not in before
+
+
+def test_a_warm_task_runs_at_its_own_limits_not_the_pools(
+    settings: Settings,
+    store: Store,
+    runtime: DockerRuntime,
+    credentials: Credentials,
+    pool: WarmPool,
+) -> None:
+    pool.tend()
+    limits = {"cpus": 0.5, "memory": "300m", "pids": 100}
+    warm = Executor(settings, store, runtime, credentials=credentials, pool=pool)
+    cold = Executor(settings, store, runtime, credentials=credentials)
+    facts = {}
+    for name, executor in (("warm", warm), ("cold", cold)):
+        state, status = run(executor, "tester", ["python3", "-c", PROBE], limits=limits)
+        assert state is S.SUCCEEDED, status
+        assert ("warm_runner" in status) == (name == "warm")
+        facts[name] = json.loads(Client(settings).output(status["id"])[0][1])
+    # The command ran under the task's ceilings, not the ones the member was started with.
+    assert facts["warm"] == facts["cold"]
+    assert facts["warm"]["memory_limit"] == str(300 << 20)
+    assert facts["warm"]["pids_limit"] == "100"
+    assert facts["warm"]["cpu_quota"] in ("50000", "50000 100000")
+    assert pool.ready() == 1  # the other member still waits at the default limits
+
+
+class RefusesResize(DockerRuntime):
+    """The real engine, refusing to change a container's ceilings (as runsc does)."""
+
+    def resize(self, container_id: str, cpus: float, memory: int, pids: int) -> None:
+        raise RuntimeFailure("injected: cannot update this container")
+
+
+def test_a_member_that_cannot_take_the_limits_is_removed_and_the_task_starts_cold(
+    settings: Settings, store: Store, credentials: Credentials
+) -> None:
+    stubborn = RefusesResize(settings.docker_host)
+    pool = make_pool(settings, store, stubborn, credentials, size=1)
+    try:
+        pool.tend()
+        (member,) = members(stubborn, settings)
+        executor = Executor(settings, store, stubborn, credentials=credentials, pool=pool)
+        state, status = run(executor, "tester", ["true"], limits={"pids": 100})
+        assert state is S.SUCCEEDED, status
+        assert "warm_runner" not in status
+        assert member not in {c.id for c in stubborn.list_managed(settings.namespace)}
+        assert store.pool_members() == {}
+    finally:
+        pool.shutdown()
 
 
 def test_a_warm_database_task_gets_its_own_credentials_at_the_claim(
@@ -234,6 +288,12 @@ def test_a_warm_gvisor_task_runs_on_the_gvisor_kernel(
         logs = "".join(t for _, t in store.iter_logs(status["id"]))
         assert state is S.SUCCEEDED, (status, logs)
         assert status["warm_runner"] and "gVisor" in logs
+        # runsc cannot change a running sandbox's ceilings: other limits start cold, and
+        # the member that was made meanwhile stays for a task at the pool's limits.
+        pool.tend()
+        state, status = run(executor, "sandboxed", ["true"], limits={"pids": 64})
+        assert state is S.SUCCEEDED and "warm_runner" not in status, status
+        assert pool.ready() == 1
     finally:
         pool.shutdown()
 

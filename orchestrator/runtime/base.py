@@ -83,6 +83,13 @@ class Runtime(Protocol):
     def wait(self, container_id: str) -> ExitStatus:
         """Block until the container has exited and report how."""
 
+    def resize(self, container_id: str, cpus: float, memory: int, pids: int) -> None:
+        """Set a container's cpu, memory (swap included) and pids ceilings, running or not.
+
+        Raises RuntimeFailure (the OCI runtime cannot, or memory is below current use),
+        ServiceUnavailable.
+        """
+
     def stop(self, container_id: str, grace_s: float) -> None:
         """SIGTERM, then SIGKILL after `grace_s`; a container already gone is not an error."""
 

@@ -288,6 +288,16 @@ class DockerRuntime:
         return ExitStatus(code, oom)
 
     @_translate
+    def resize(self, container_id: str, cpus: float, memory: int, pids: int) -> None:
+        limits = {
+            "NanoCpus": int(cpus * 1e9),
+            "Memory": memory,
+            "MemorySwap": memory,
+            "PidsLimit": pids,
+        }
+        self._call("POST", f"/containers/{quote(container_id)}/update", limits)
+
+    @_translate
     def stop(self, container_id: str, grace_s: float) -> None:
         try:
             self.api.stop(container_id, timeout=max(round(grace_s), 0))
