@@ -185,14 +185,18 @@ def process_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / HZ
 
 
+def command_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def local_pid(*names: str) -> int | None:
     """The first process on this host whose command name is one of `names`."""
     for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and (entry / "comm").read_text().strip() in names:
-                return int(entry.name)
-        except OSError:
-            continue
+        if entry.name.isdigit() and command_name(int(entry.name)) in names:
+            return int(entry.name)
     return None
 
 
@@ -268,7 +272,7 @@ def services(client: Client) -> dict[str, int]:
     """Airlock's services that run on this host (their CPU counts as Airlock's)."""
     found = {}
     redis_pid = int(client.store.redis.info("server").get("process_id") or 0)
-    if redis_pid and local_pid("redis-server") is not None:
+    if command_name(redis_pid) == "redis-server":  # not one in a container or elsewhere
         found["redis"] = redis_pid
     vault_pid = local_pid("bao", "vault")
     if vault_pid is not None:
@@ -376,7 +380,7 @@ def report_start(
 
 def report_cpu(raw: dict[str, float], airlock: dict[str, float]) -> dict[str, dict[str, float]]:
     """Where the CPU of one task goes: the whole host, and Airlock's own processes. On a
-    host the engine keeps busy, the throughput ratio is about the inverse of the CPU one."""
+    host the engine keeps busy, the throughput ratio is about raw CPU / Airlock CPU."""
     extra = airlock["host"] - raw["host"]
     named = {k: v for k, v in airlock.items() if k != "host"}
     named["client over the SDK"] = named.pop("client") - raw["client"]  # the raw loop's
