@@ -12,11 +12,13 @@ import base64
 import binascii
 import codecs
 import json
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+log = logging.getLogger(__name__)
 FRAME_START = b"\x1e"
 
 
@@ -132,7 +134,8 @@ class LogPump:
     """Moves batches of (stream, bytes) chunks into `sink` until the stream ends, then calls
     `on_end`. One thread: each batch is what the engine had sent by the time it was read,
     so a chatty command costs one write per batch, not per chunk. Text beyond `max_bytes`
-    is counted but not kept.
+    is counted but not kept, and so is text the sink failed to take: the stream is always
+    drained to its end, so a command never blocks on its output for long.
     """
 
     batches: Iterator[list[tuple[str, bytes]]]
@@ -177,8 +180,15 @@ class LogPump:
             self._keep(texts, "stdout", self.scanner.finish(), final=True)
             self._keep(texts, "stderr", b"", final=True)
         texts = _coalesce(texts)
-        if texts:
+        if not texts:
+            return
+        try:
             self.sink(texts)
+        except Exception as exc:  # the store is away: drop the text, keep draining the stream
+            lost = sum(len(text.encode()) for _, text in texts)
+            self.kept -= lost
+            self.dropped += lost
+            log.warning("output not stored (%d bytes dropped): %s", lost, exc)
 
     def _keep(self, texts: list[tuple[str, str]], stream: str, data: bytes, final: bool) -> None:
         decoder = self._decoders.setdefault(

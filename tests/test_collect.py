@@ -91,3 +91,23 @@ def test_pump_batches_caps_and_decodes() -> None:
     assert pump.kept == 60 and pump.truncated
     assert sum(len(t.encode()) for _, t in written) == 60
     assert scanner.files()[0].data == b"1"
+
+
+def test_pump_drains_to_the_end_when_the_sink_fails() -> None:
+    written: list[tuple[str, str]] = []
+    ended = threading.Event()
+
+    def flaky(texts: list[tuple[str, str]]) -> None:
+        if not written:
+            written.append(("-", "-"))
+            raise ConnectionError("store away")
+        written.extend(texts)
+
+    batches = [[("stdout", b"lost\n")], [("stdout", b"kept\n"), ("stdout", frame([("f", b"1")]))]]
+    scanner = ResultScanner(MARKER, 1 << 16)
+    pump = LogPump(iter(batches), scanner, flaky, ended.set, max_bytes=1000)
+    pump.start()
+    assert pump.join(timeout=5) and ended.is_set()
+    assert written[1:] == [("stdout", "kept\n")]
+    assert pump.dropped == 5 and pump.kept == 5
+    assert scanner.files()[0].data == b"1"  # the result frame does not depend on the store
