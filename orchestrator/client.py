@@ -170,7 +170,8 @@ class Client:
     ) -> dict[str, Any]:
         """Block until the task ends (or `timeout_s` passes); returns its status.
 
-        Follows the task's event stream, so it wakes the moment the state changes.
+        With `on_event`, follows the task's event stream and passes on every state change;
+        without, sleeps until the task has ended (one wake-up, not one per state).
         """
         give_up = None if timeout_s is None else time.monotonic() + timeout_s
         after = "0"
@@ -179,13 +180,18 @@ class Client:
             block = 1000 if give_up is None else int(max(give_up - time.monotonic(), 0) * 1000)
             if ended or (give_up is not None and block <= 0):
                 return self.status(task_id)
+            if on_event is None:
+                # A task ended by a worker that does not mark the end is found by its record.
+                ended = self.store.wait_ended(task_id, max(block, 1)) or TaskState(
+                    self.store.get(task_id)["state"]
+                ) in TERMINAL
+                continue
             # The record is read again only once an event says the task ended: the event is
             # written with the end state and its fields, in one step.
             for event in self.store.events(task_id, after, block_ms=max(block, 1)):
                 after = event.id
                 ended = ended or event.state in TERMINAL
-                if on_event:
-                    on_event(event)
+                on_event(event)
 
     def wait_admission(self, task_id: str, timeout_s: float) -> dict[str, Any]:
         """Wait until a worker has decided the task (or `timeout_s` passes); its status."""

@@ -5,6 +5,7 @@ Layout (NS is the configured namespace):
     NS:task:ID:events   stream  every state change of the task, in order
     NS:task:ID:logs     stream  stdout/stderr chunks, capped by the worker
     NS:task:ID:signal   list    wake-ups for the worker running the task (cancel, exit)
+    NS:task:ID:ended    list    one element once the task has ended (waiters block on it)
     NS:tasks            zset    task ids by creation time, for listing
     NS:events           stream  every state change of every task (capped), for watching
 State changes run as one Lua script: check the current state, write, append the events.
@@ -63,9 +64,11 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', %d, '*', unpack(ev))
 local ttl = tonumber(ARGV[4])
 if ttl > 0 then
   redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])
-  redis.call('DEL', KEYS[5])
+  redis.call('DEL', KEYS[5], KEYS[6])
+  redis.call('RPUSH', KEYS[6], ARGV[1])
   for i = 1, 2 do redis.call('EXPIRE', KEYS[i], ttl) end
   redis.call('EXPIRE', KEYS[4], ttl)
+  redis.call('EXPIRE', KEYS[6], ttl)
 end
 return {1, current}
 """
@@ -195,6 +198,7 @@ class Store:
             self.events_key,
             self.key(task_id, "logs"),
             self.key(task_id, "signal"),
+            self.key(task_id, "ended"),
         ]
         args = [
             target.value,
@@ -264,6 +268,14 @@ class Store:
         key = self.key(task_id, "events")
         answer = self.redis.xread({key: after}, block=_capped(block_ms))
         return [_event(entry_id, data) for _, entries in answer for entry_id, data in entries]
+
+    @_guard
+    def wait_ended(self, task_id: str, block_ms: int) -> bool:
+        """Whether the task has ended, waiting up to `block_ms` for it to. Any number of
+        waiters: each takes the one element and puts it straight back (a rotation)."""
+        key = self.key(task_id, "ended")
+        wait_s = max(min(block_ms, MAX_BLOCK_MS), 1) / 1000
+        return self.redis.blmove(key, key, wait_s, "RIGHT", "LEFT") is not None
 
     @_guard
     def all_events(self, after: str = "$", block_ms: int | None = None) -> list[Event]:

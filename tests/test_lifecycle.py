@@ -5,9 +5,11 @@ from __future__ import annotations
 import itertools
 import threading
 import uuid
+from dataclasses import replace
 
 import pytest
 
+from orchestrator.config import Settings
 from orchestrator.errors import IllegalTransition, TaskNotFound
 from orchestrator.lifecycle import TERMINAL, TRANSITIONS, TaskState, advance, allowed
 from orchestrator.store import Store
@@ -102,3 +104,34 @@ def test_terminal_records_expire(store: Store) -> None:
     advance(store, task_id, S.SUCCEEDED, "done")
     for part in ("", "events", "logs"):
         assert 0 < store.redis.ttl(store.key(task_id, part)) <= store.record_ttl_s
+
+
+def test_every_waiter_wakes_once_when_the_task_ends(settings: Settings, store: Store) -> None:
+    from orchestrator.client import Client
+
+    task_id = seeded(store, S.TEARING_DOWN)
+    client = Client(replace(settings, namespace=store.ns))
+    woke: list[str] = []
+    waiters = [
+        threading.Thread(target=lambda: woke.append(client.wait(task_id, 60)["state"]), daemon=True)
+        for _ in range(3)
+    ]
+    for waiter in waiters:
+        waiter.start()
+    assert not store.wait_ended(task_id, 200)  # not ended yet: the wait times out
+    advance(store, task_id, S.SUCCEEDED, "done")
+    for waiter in waiters:
+        waiter.join(5)  # woken by the end itself: a blocked read would last 10 s
+    assert woke == ["succeeded"] * 3
+    # A late waiter returns at once; the mark stays one element and expires with the record.
+    assert client.wait(task_id, 5)["state"] == "succeeded"
+    ended = store.key(task_id, "ended")
+    assert store.redis.llen(ended) == 1 and store.redis.ttl(ended) > 0
+
+
+def test_a_wait_times_out_on_a_task_that_does_not_end(settings: Settings, store: Store) -> None:
+    from orchestrator.client import Client
+
+    task_id = seeded(store, S.RUNNING)
+    status = Client(replace(settings, namespace=store.ns)).wait(task_id, 0.3)
+    assert status["state"] == "running"
