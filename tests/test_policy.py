@@ -437,7 +437,8 @@ def test_rejected_task_leaves_only_its_record(
     assert record["reason"] == "unknown agent 'ghost'" and "grant" not in record
     assert record["policy_version"].startswith("sha256:")
     keys = set(store.redis.scan_iter(f"{settings.namespace}:task:{task_id}*"))
-    assert keys == {store.key(task_id), store.key(task_id, "events")}
+    assert keys == {store.key(task_id), store.key(task_id, "events"), store.key(task_id, "ended")}
+    assert all(store.redis.ttl(key) > 0 for key in keys)  # all of it expires with the record
     assert all(c.task_id != task_id for c in runtime.list_managed(settings.namespace))
 
 
