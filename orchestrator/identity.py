@@ -163,10 +163,12 @@ class Minter:
                 self._version = (int(key["data"]["latest_version"]), now)
             return self._version[0]
 
-    def mint(self, task_id: str, grant: Grant, grant_hash: str, deadline: float) -> TaskToken:
+    def mint(
+        self, task_id: str, grant: Grant, grant_hash: str, deadline: float, jti: str | None = None
+    ) -> TaskToken:
         now = int(self.clock())
         version = self._key_version()
-        jti = str(uuid.uuid4())
+        jti = jti or str(uuid.uuid4())
         claims: dict[str, Any] = {
             "iss": self.issuer,
             "sub": grant.identity,

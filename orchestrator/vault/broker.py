@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,14 +109,21 @@ class Broker:
         )
         auth = created.get("auth") or {}
         token, accessor = str(auth.get("client_token")), str(auth.get("accessor"))
-        self.store.journal(task_id, token_accessor=accessor, created_at=self.clock())
+        # The JWT's id is chosen now and journaled with the token, before either is used.
+        jti = str(uuid.uuid4())
+        self.store.journal(
+            task_id,
+            on_task={"jwt_jti": jti},
+            token_accessor=accessor,
+            created_at=self.clock(),
+            jti=jti,
+        )
         wrapped = [self._wrapped(task_id, token, secret) for secret in grant.secrets]
         injected = {
             inj.name: self._read_field(task_id, token, inj.path, inj.field)
             for inj in grant.injections()
         }
-        jwt = self.minter.mint(task_id, grant, grant_hash, deadline)
-        self.store.journal(task_id, on_task={"jwt_jti": jwt.jti}, jti=jwt.jti)
+        jwt = self.minter.mint(task_id, grant, grant_hash, deadline, jti)
         return Provisioned(token, accessor, wrapped, jwt, injected)
 
     def _read(self, task_id: str, token: str, path: str) -> dict[str, Any]:
