@@ -44,7 +44,8 @@ def record_fields(spec: TaskSpec) -> dict[str, Any]:
 
 
 def heartbeat(store: Store, settings: Settings, task_id: str) -> None:
-    """This worker still owns the task (three missed beats and the reaper takes over)."""
+    """This worker still owns the task (three missed beats and the reaper takes over). The
+    first beat is written with the admission itself."""
     store.heartbeat(task_id, settings.heartbeat_s * 3)
 
 
@@ -111,8 +112,8 @@ class Admission:
                 "policy_version": decision.policy_version,
                 "worker": self.worker_name,
             }
-            if self._try_advance(task_id, S.ADMITTED, "admitted by policy", **extra):
-                heartbeat(self.store, self.settings, task_id)
+            owner_s = self.settings.heartbeat_s * 3  # this worker's, in the same step
+            if try_advance(self.store, task_id, S.ADMITTED, "admitted by policy", owner_s, **extra):
                 return Admitted(spec, grant, decision.policy_version)
             state = TaskState(self.store.get(task_id)["state"])
         if state not in TERMINAL:

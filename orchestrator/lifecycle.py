@@ -62,19 +62,24 @@ def sources(target: TaskState) -> frozenset[TaskState]:
     return frozenset(state for state, targets in TRANSITIONS.items() if target in targets)
 
 
-def advance(store: Store, task_id: str, target: TaskState, reason: str, **fields: Any) -> TaskState:
+def advance(
+    store: Store, task_id: str, target: TaskState, reason: str, owner_s: float = 0, **fields: Any
+) -> TaskState:
     """Move a task to `target`, recording `reason` and `fields`; returns the previous state.
+    With `owner_s`, the same step is the running worker's first heartbeat.
 
     Raises IllegalTransition if the task is not in a state from which `target` is legal
     (a task that already ended included), TaskNotFound if there is no such task.
     """
-    return store.compare_and_set_state(task_id, sources(target), target, reason, fields)
+    return store.compare_and_set_state(task_id, sources(target), target, reason, fields, owner_s)
 
 
-def try_advance(store: Store, task_id: str, target: TaskState, reason: str, **fields: Any) -> bool:
+def try_advance(
+    store: Store, task_id: str, target: TaskState, reason: str, owner_s: float = 0, **fields: Any
+) -> bool:
     """advance(), where losing a race (the task moved on meanwhile) is not an error."""
     try:
-        advance(store, task_id, target, reason, **fields)
+        advance(store, task_id, target, reason, owner_s, **fields)
     except IllegalTransition as exc:
         log.info("task %s: %s", task_id, exc)
         return False

@@ -46,17 +46,20 @@ return ''
     % GLOBAL_EVENTS_MAXLEN
 )
 
-# ARGV: target, reason, now, ttl (0 = not terminal), n, n allowed sources, field pairs...
+# ARGV: target, reason, now, ttl (0 = not terminal), owner heartbeat ms (0 = none), n,
+# n allowed sources, field pairs...
 _ADVANCE = (
     """
 local current = redis.call('HGET', KEYS[1], 'state')
 if not current then return {0, false} end
-local n = tonumber(ARGV[5])
+local n = tonumber(ARGV[6])
 local ok = false
-for i = 6, 5 + n do if ARGV[i] == current then ok = true end end
+for i = 7, 6 + n do if ARGV[i] == current then ok = true end end
 if not ok then return {0, current} end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'reason', ARGV[2], 'updated_at', ARGV[3])
-if #ARGV > 5 + n then redis.call('HSET', KEYS[1], unpack(ARGV, 6 + n)) end
+if #ARGV > 6 + n then redis.call('HSET', KEYS[1], unpack(ARGV, 7 + n)) end
+local owner = tonumber(ARGV[5])
+if owner > 0 then redis.call('SET', KEYS[7], '1', 'PX', owner) end
 local ev = {'task', redis.call('HGET', KEYS[1], 'id'), 'state', ARGV[1], 'from', current,
             'reason', ARGV[2], 'at', ARGV[3]}
 redis.call('XADD', KEYS[2], '*', unpack(ev))
@@ -190,7 +193,10 @@ class Store:
         target: TaskState,
         reason: str,
         fields: Mapping[str, Any],
+        owner_s: float = 0,
     ) -> TaskState:
+        """Move the task from one of `sources` to `target` with `fields`, in one step; with
+        `owner_s`, also the worker's first heartbeat (see `heartbeat`)."""
         ttl = self.record_ttl_s if target in TERMINAL else 0
         keys = [
             self.key(task_id),
@@ -199,12 +205,14 @@ class Store:
             self.key(task_id, "logs"),
             self.key(task_id, "signal"),
             self.key(task_id, "ended"),
+            self.key(task_id, "owner"),
         ]
         args = [
             target.value,
             reason,
             self.clock(),
             ttl,
+            max(int(owner_s * 1000), 1) if owner_s > 0 else 0,
             len(sources),
             *sorted(s.value for s in sources),
             *_flatten(fields),

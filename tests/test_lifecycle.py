@@ -135,3 +135,11 @@ def test_a_wait_times_out_on_a_task_that_does_not_end(settings: Settings, store:
     task_id = seeded(store, S.RUNNING)
     status = Client(replace(settings, namespace=store.ns)).wait(task_id, 0.3)
     assert status["state"] == "running"
+
+
+def test_an_advance_can_carry_the_first_heartbeat(store: Store) -> None:
+    plain, owned = seeded(store, S.PENDING), seeded(store, S.PENDING)
+    advance(store, plain, S.ADMITTED, "admitted")
+    advance(store, owned, S.ADMITTED, "admitted", owner_s=30)
+    assert not store.has_owner(plain) and store.has_owner(owned)
+    assert 0 < store.redis.pttl(store.key(owned, "owner")) <= 30_000
