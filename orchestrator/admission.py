@@ -113,7 +113,7 @@ class Admission:
                 "worker": self.worker_name,
             }
             owner_s = self.settings.heartbeat_s * 3  # this worker's, in the same step
-            if try_advance(self.store, task_id, S.ADMITTED, "admitted by policy", owner_s, **extra):
+            if self._try_advance(task_id, S.ADMITTED, "admitted by policy", owner_s, **extra):
                 return Admitted(spec, grant, decision.policy_version)
             state = TaskState(self.store.get(task_id)["state"])
         if state not in TERMINAL:
@@ -156,5 +156,7 @@ class Admission:
         outcome = TaskState(record.get("outcome") or S.FAILED.value)
         self._try_advance(task_id, outcome, record.get("reason", "worker lost"))
 
-    def _try_advance(self, task_id: str, target: TaskState, reason: str, **fields: Any) -> bool:
-        return try_advance(self.store, task_id, target, reason, **fields)
+    def _try_advance(
+        self, task_id: str, target: TaskState, reason: str, owner_s: float = 0, **fields: Any
+    ) -> bool:
+        return try_advance(self.store, task_id, target, reason, owner_s, **fields)
