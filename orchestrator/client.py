@@ -175,16 +175,14 @@ class Client:
         """
         give_up = None if timeout_s is None else time.monotonic() + timeout_s
         after = "0"
-        ended = TaskState(self.store.get(task_id)["state"]) in TERMINAL
+        ended = self._ended(task_id)
         while True:
             block = 1000 if give_up is None else int(max(give_up - time.monotonic(), 0) * 1000)
             if ended or (give_up is not None and block <= 0):
                 return self.status(task_id)
             if on_event is None:
                 # A task ended by a worker that does not mark the end is found by its record.
-                ended = self.store.wait_ended(task_id, max(block, 1)) or TaskState(
-                    self.store.get(task_id)["state"]
-                ) in TERMINAL
+                ended = self.store.wait_ended(task_id, max(block, 1)) or self._ended(task_id)
                 continue
             # The record is read again only once an event says the task ended: the event is
             # written with the end state and its fields, in one step.
@@ -192,6 +190,10 @@ class Client:
                 after = event.id
                 ended = ended or event.state in TERMINAL
                 on_event(event)
+
+    def _ended(self, task_id: str) -> bool:
+        """Whether the task's record says it has ended. Raises TaskNotFound."""
+        return TaskState(self.store.get(task_id)["state"]) in TERMINAL
 
     def wait_admission(self, task_id: str, timeout_s: float) -> dict[str, Any]:
         """Wait until a worker has decided the task (or `timeout_s` passes); its status."""
@@ -210,7 +212,7 @@ class Client:
         self.store.get(task_id)
         after = "0"
         while True:
-            ended = TaskState(self.store.get(task_id)["state"]) in TERMINAL
+            ended = self._ended(task_id)
             chunks = self.store.logs(task_id, after, block_ms=None if ended or not follow else 500)
             for after, stream, text in chunks:
                 yield stream, text

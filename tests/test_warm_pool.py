@@ -77,6 +77,19 @@ def run(
     return state, Client(executor.settings).status(task_id)
 
 
+def probe_warm_and_cold(warm: Executor, **spec: Any) -> dict[str, dict[str, Any]]:
+    """What PROBE sees from inside a warm runner (claimed from `warm`'s pool) and inside a
+    cold container, for the same spec."""
+    cold = Executor(warm.settings, warm.store, warm.runtime, credentials=warm.credentials)
+    facts = {}
+    for name, executor in (("warm", warm), ("cold", cold)):
+        state, status = run(executor, "tester", ["python3", "-c", PROBE], **spec)
+        assert state is S.SUCCEEDED, status
+        assert ("warm_runner" in status) == (name == "warm")
+        facts[name] = json.loads(Client(warm.settings).output(status["id"])[0][1])
+    return facts
+
+
 def task_accessors(vault: Vault) -> set[str]:
     return set(vault.list("auth/token/accessors"))
 
@@ -93,13 +106,7 @@ def test_a_warm_task_is_sealed_and_identified_like_a_cold_one(
     assert pool.ready() == 2 and len(members(runtime, settings)) == 2
     before = task_accessors(vault)
     warm = Executor(settings, store, runtime, credentials=credentials, pool=pool)
-    cold = Executor(settings, store, runtime, credentials=credentials)
-    facts = {}
-    for name, executor in (("warm", warm), ("cold", cold)):
-        state, status = run(executor, "tester", ["python3", "-c", PROBE])
-        assert state is S.SUCCEEDED, status
-        assert ("warm_runner" in status) == (name == "warm")
-        facts[name] = json.loads(Client(settings).output(status["id"])[0][1])
+    facts = probe_warm_and_cold(warm)
     assert facts["warm"] == facts["cold"]  # same user, no network, no caps, same limits
     assert facts["warm"]["interfaces"] == ["lo"] and facts["warm"]["uid"] != 0
 
@@ -125,14 +132,9 @@ def test_a_warm_task_runs_at_its_own_limits_not_the_pools(
 ) -> None:
     pool.tend()
     limits = {"cpus": 0.5, "memory": "300m", "pids": 100}
-    warm = Executor(settings, store, runtime, credentials=credentials, pool=pool)
-    cold = Executor(settings, store, runtime, credentials=credentials)
-    facts = {}
-    for name, executor in (("warm", warm), ("cold", cold)):
-        state, status = run(executor, "tester", ["python3", "-c", PROBE], limits=limits)
-        assert state is S.SUCCEEDED, status
-        assert ("warm_runner" in status) == (name == "warm")
-        facts[name] = json.loads(Client(settings).output(status["id"])[0][1])
+    facts = probe_warm_and_cold(
+        Executor(settings, store, runtime, credentials=credentials, pool=pool), limits=limits
+    )
     # The command ran under the task's ceilings, not the ones the member was started with.
     assert facts["warm"] == facts["cold"]
     assert facts["warm"]["memory_limit"] == str(300 << 20)
