@@ -90,11 +90,9 @@ reasons contains msg if {
 
 limit_names := ["cpus", "memory", "pids"]
 
-limits := {name: limit(name) | some name in limit_names}
+limits := object.union(default_limits, {name: v | some name, v in task.limits; v != null})
 
-limit(name) := task.limits[name] if task.limits[name] != null
-
-limit(name) := smaller(deployment.default_limits[name], agent.max_limits[name]) if task.limits[name] == null
+default_limits := {name: smaller(deployment.default_limits[name], agent.max_limits[name]) | some name in limit_names}
 
 # The numeric comparison operators, not the min() builtin: min() compares some engines'
 # numbers as text.
@@ -104,9 +102,9 @@ smaller(a, b) := b if a > b
 
 reasons contains msg if {
 	known
-	some name in limit_names
-	limits[name] > agent.max_limits[name]
-	msg := sprintf("limits.%s %v exceeds agent '%s' maximum of %v", [name, limits[name], agent.name, agent.max_limits[name]])
+	some name, value in limits
+	value > agent.max_limits[name]
+	msg := sprintf("limits.%s %v exceeds agent '%s' maximum of %v", [name, value, agent.name, agent.max_limits[name]])
 }
 
 # --- isolation -----------------------------------------------------------------------------
