@@ -217,6 +217,37 @@ def _wait_for_state(store: Store, task_id: str, state: TaskState, limit_s: float
         time.sleep(0.02)
 
 
+def test_a_task_that_reads_nothing_from_vault_is_given_no_vault_token(
+    executor: Executor, store: Store, vault: Vault
+) -> None:
+    """Nothing would use it: a grant without secrets or injected credentials mints no Vault
+    token, not even for the time the task runs; its JWT is minted and revoked as ever."""
+    before = set(vault.list("auth/token/accessors"))
+    task_id = str(uuid.uuid4())
+    ended: list[TaskState] = []
+    worker = threading.Thread(
+        target=lambda: ended.append(
+            executor.execute(task_id, {"agent": "tester", "command": ["sleep", "2"]})
+        )
+    )
+    worker.start()
+    try:
+        assert list(_wait_for_state(store, task_id, S.RUNNING, limit_s=60)) == [S.RUNNING]
+        minted = {}
+        for accessor in set(vault.list("auth/token/accessors")) - before:
+            found = vault.write("auth/token/lookup-accessor", {"accessor": accessor}, absent_ok=True)
+            minted[accessor] = ((found or {}).get("data") or {}).get("meta") or {}
+        assert not [a for a, meta in minted.items() if meta.get("task_id") == task_id]
+        assert "token_accessor" not in store.journaled(task_id)[0]
+    finally:
+        worker.join(timeout=60)
+    status = Client(executor.settings).status(task_id)
+    assert ended == [S.SUCCEEDED], status
+    receipt = status["revocation"]
+    assert receipt["verified"] and receipt["token"] is None and receipt["leases"] == []
+    assert receipt["jwt"]["jti"] == status["jwt_jti"]
+
+
 SECOND_BOOTSTRAP = r"""
 import json, os, socket, sys
 sys.path.insert(0, "/opt/airlock")

@@ -119,8 +119,8 @@ def test_a_warm_task_is_sealed_and_identified_like_a_cold_one(
     verifier.is_live = lambda *_: True  # the task has ended; its signature and claims remain
     claims = verifier.verify(said["jwt"])
     assert claims["task_id"] == status["id"] and claims["jti"] == status["jwt_jti"]
-    receipt = status["revocation"]
-    assert receipt["verified"] and receipt["token"]["accessor"] not in before
+    assert status["revocation"]["verified"]
+    assert set(vault.list("auth/token/accessors")) <= before  # nothing outlived it
 
 
 def test_a_warm_task_runs_at_its_own_limits_not_the_pools(
@@ -181,13 +181,15 @@ def test_a_warm_database_task_gets_its_own_credentials_at_the_claim(
         pool.tend()
         waiting = store.journaled_tasks()
         roles = postgres_roles()
+        before = task_accessors(vault)
         executor = Executor(settings, store, runtime, credentials=credentials, pool=pool)
         state, status = run(executor, "dba", ["sh", "-c", QUERY])
         logs = "".join(t for _, t in store.iter_logs(status["id"]))
         assert state is S.SUCCEEDED, (status["reason"], logs)
         assert status["warm_runner"] and logs == "checkout\n"
         assert status["id"] not in waiting  # nothing was journaled for it before the claim
-        assert status["revocation"]["verified"] is True
+        receipt = status["revocation"]
+        assert receipt["verified"] is True and receipt["token"]["accessor"] not in before
         assert postgres_roles() <= roles  # its database role was created and dropped
     finally:
         pool.shutdown()

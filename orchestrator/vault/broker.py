@@ -3,7 +3,8 @@
 Order matters. The task token's accessor is journaled in Redis before anything derived from
 the token exists; each lease id is journaled before its secret is wrapped for the task.
 Every lease hangs off the task token, whose explicit max TTL is the task's deadline plus a
-grace: if every Airlock process died, all of it would still expire. Teardown
+grace: if every Airlock process died, all of it would still expire (a task that reads
+nothing from Vault is given no token). Teardown
 revokes leases (synchronously), then the token by accessor, then checks with Vault that
 neither exists any more, and returns a receipt saying so. What could not be verified stays
 in the journal for the reaper to retry, even across a worker crash.
@@ -85,10 +86,31 @@ class Broker:
     def provision(
         self, task_id: str, grant: Grant, grant_hash: str, deadline: float
     ) -> Provisioned:
-        """Mint the task's token, its wrapped secrets and its JWT.
+        """Mint the task's Vault token, its wrapped secrets and its JWT. A grant that reads
+        nothing from Vault (no secrets, no injected credentials) gets no Vault token at all:
+        nothing would use it, and a credential nothing uses is one too many.
 
         Raises ServiceUnavailable or VaultRefused; what was minted before is journaled.
         """
+        token = accessor = ""
+        if grant.secrets or grant.injections():
+            token, accessor = self._task_token(task_id, grant, deadline)
+        # The JWT's id is chosen now and journaled with the token, before either is used.
+        jti = str(uuid.uuid4())
+        minted: dict[str, Any] = {"token_accessor": accessor} if accessor else {}
+        self.store.journal(
+            task_id, on_task={"jwt_jti": jti}, created_at=self.clock(), jti=jti, **minted
+        )
+        wrapped = [self._wrapped(task_id, token, secret) for secret in grant.secrets]
+        injected = {
+            inj.name: self._read_field(task_id, token, inj.path, inj.field)
+            for inj in grant.injections()
+        }
+        jwt = self.minter.mint(task_id, grant, grant_hash, deadline, jti)
+        return Provisioned(token, accessor, wrapped, jwt, injected)
+
+    def _task_token(self, task_id: str, grant: Grant, deadline: float) -> tuple[str, str]:
+        """The task's Vault token (its secrets' leases hang off it) and its accessor."""
         ttl = math.ceil(deadline - self.clock()) + self.settings.credential_grace_s
         created = (
             self.vault.write(
@@ -108,23 +130,7 @@ class Broker:
             or {}
         )
         auth = created.get("auth") or {}
-        token, accessor = str(auth.get("client_token")), str(auth.get("accessor"))
-        # The JWT's id is chosen now and journaled with the token, before either is used.
-        jti = str(uuid.uuid4())
-        self.store.journal(
-            task_id,
-            on_task={"jwt_jti": jti},
-            token_accessor=accessor,
-            created_at=self.clock(),
-            jti=jti,
-        )
-        wrapped = [self._wrapped(task_id, token, secret) for secret in grant.secrets]
-        injected = {
-            inj.name: self._read_field(task_id, token, inj.path, inj.field)
-            for inj in grant.injections()
-        }
-        jwt = self.minter.mint(task_id, grant, grant_hash, deadline, jti)
-        return Provisioned(token, accessor, wrapped, jwt, injected)
+        return str(auth.get("client_token")), str(auth.get("accessor"))
 
     def _read(self, task_id: str, token: str, path: str) -> dict[str, Any]:
         """Read a secret with the task token; its lease is journaled before anything else."""
@@ -171,6 +177,8 @@ class Broker:
 
     def renew(self, provisioned: Provisioned) -> None:
         """Extend the periodic task token by one period (never past its explicit max TTL)."""
+        if not provisioned.token:
+            return  # the task reads nothing from Vault and was given no token
         self.vault.write(
             "auth/token/renew-self",
             {"increment": f"{self.settings.vault_token_period_s}s"},
