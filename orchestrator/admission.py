@@ -1,4 +1,4 @@
-"""The admit phase: record the task, validate its spec, and decide it by policy.
+"""The admit phase: validate the task, decide it by policy, and record the decision.
 
 Also where a redelivered task of a lost worker is recognised and its teardown finished,
 so that one message can never start a second container for the same task.
@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.config import Settings
-from orchestrator.errors import AirlockError, InvalidSpec, PolicyError
-from orchestrator.lifecycle import TERMINAL, TaskState, try_advance
-from orchestrator.policy.engine import Decision, Deployment, PolicyEngine
+from orchestrator.errors import (
+    AirlockError,
+    IllegalTransition,
+    InvalidSpec,
+    PolicyError,
+    TaskNotFound,
+)
+from orchestrator.lifecycle import TERMINAL, TaskState, advance, try_advance
+from orchestrator.policy.engine import Deployment, PolicyEngine
 from orchestrator.policy.grant import Grant
 from orchestrator.runtime.base import Runtime
 from orchestrator.spec import TaskSpec, parse
@@ -30,6 +36,16 @@ class Admitted:
     spec: TaskSpec
     grant: Grant
     policy_version: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What admission decided: the state the task moves to, why, and what goes with it."""
+
+    state: TaskState
+    reason: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    admitted: Admitted | None = None
 
 
 def record_fields(spec: TaskSpec) -> dict[str, Any]:
@@ -87,10 +103,12 @@ class Admission:
     def admit(
         self, task_id: str, spec_data: object, fields: Mapping[str, Any] | None = None
     ) -> Admitted | None:
-        """Record the task if a raw producer enqueued it, validate it, decide it by policy.
-        `fields` go on the record with the decision (the trace id).
+        """Validate the task, decide it by policy, and record the decision in one step (the
+        record is made here if a raw producer enqueued the task). `fields` go on the record
+        with the decision (the trace id).
 
-        Returns None when the task must not run here: rejected, already taken, or ended.
+        Returns None when the task must not run here: rejected, already taken, or ended. A
+        redelivered task that a lost worker had started is recovered instead.
         """
         extra = dict(fields or {})
         try:
@@ -100,45 +118,54 @@ class Admission:
             self.store.create(task_id, {"agent": agent if isinstance(agent, str) else "?"})
             self._try_advance(task_id, S.REJECTED, "; ".join(exc.problems), **extra)
             return None
-        state = self.store.record(task_id, record_fields(spec)) or S.PENDING
-        if state is S.PENDING:
-            decision = self._decide(task_id, spec, extra)
-            if decision is None or decision.grant is None:
-                return None
-            grant = decision.grant
-            extra |= {
-                "grant": grant.canonical_json(),
-                "grant_hash": grant.digest(),
-                "policy_version": decision.policy_version,
-                "worker": self.worker_name,
-            }
-            owner_s = self.settings.heartbeat_s * 3  # this worker's, in the same step
-            if self._try_advance(task_id, S.ADMITTED, "admitted by policy", owner_s, **extra):
-                return Admitted(spec, grant, decision.policy_version)
-            state = TaskState(self.store.get(task_id)["state"])
-        if state not in TERMINAL:
-            self._recover(task_id, state)
-        return None
+        verdict = self._decide(spec)
+        try:
+            self._record(task_id, spec, verdict, extra)
+        except IllegalTransition as exc:  # decided before: a redelivery, or it ended
+            state = TaskState(exc.current)
+            if state not in TERMINAL:
+                self._recover(task_id, state)
+            return None
+        return verdict.admitted
 
-    def _decide(self, task_id: str, spec: TaskSpec, extra: dict[str, Any]) -> Decision | None:
-        """The policy's decision; a refusal (or no decision) is recorded on the task."""
+    def _record(
+        self, task_id: str, spec: TaskSpec, verdict: Verdict, extra: dict[str, Any]
+    ) -> None:
+        """Move the pending task to the verdict's state. Raises IllegalTransition when the
+        task is not pending any more."""
+        fields = extra | verdict.fields
+        # Admitted: this worker's first heartbeat is written in the same step.
+        owner_s = self.settings.heartbeat_s * 3 if verdict.admitted else 0
+        try:
+            advance(self.store, task_id, verdict.state, verdict.reason, owner_s, **fields)
+        except TaskNotFound:  # enqueued by a raw producer: no client recorded it
+            self.store.record(task_id, record_fields(spec))
+            advance(self.store, task_id, verdict.state, verdict.reason, owner_s, **fields)
+
+    def _decide(self, spec: TaskSpec) -> Verdict:
+        """The policy's decision, as the state the task moves to (fail closed: no policy,
+        no task)."""
         try:
             decision = self.policy.admit(spec)
-        except PolicyError as exc:  # fail closed: no policy, no task
-            self._try_advance(task_id, S.REJECTED, "; ".join(exc.problems), **extra)
-            return None
+        except PolicyError as exc:
+            return Verdict(S.REJECTED, "; ".join(exc.problems))
         except AirlockError as exc:
-            self._try_advance(task_id, S.FAILED, f"error: {exc}", **extra)
-            return None
+            return Verdict(S.FAILED, f"error: {exc}")
         if decision.grant is None:
-            self._try_advance(
-                task_id,
+            return Verdict(
                 S.REJECTED,
                 "; ".join(decision.reasons),
-                policy_version=decision.policy_version,
-                **extra,
+                {"policy_version": decision.policy_version},
             )
-        return decision
+        grant = decision.grant
+        fields = {
+            "grant": grant.canonical_json(),
+            "grant_hash": grant.digest(),
+            "policy_version": decision.policy_version,
+            "worker": self.worker_name,
+        }
+        admitted = Admitted(spec, grant, decision.policy_version)
+        return Verdict(S.ADMITTED, "admitted by policy", fields, admitted)
 
     def _recover(self, task_id: str, state: TaskState) -> None:
         """A redelivered task that a lost worker had started: finish its teardown.

@@ -223,11 +223,13 @@ def test_worker_error_after_start_leaves_nothing(
     assert state is S.FAILED and status["reason"] == "error: injected fault after start"
 
 
+@pytest.mark.parametrize("agent", ["tester", "retired-agent"])
 @pytest.mark.parametrize("state", [S.ADMITTED, S.PROVISIONING, S.RUNNING, S.TEARING_DOWN])
 def test_redelivered_task_of_a_lost_worker_is_torn_down(
-    executor: Executor, store: Store, runtime: DockerRuntime, state: TaskState
+    executor: Executor, store: Store, runtime: DockerRuntime, state: TaskState, agent: str
 ) -> None:
-    """A worker died mid-task; the redelivered message removes its container, runs nothing."""
+    """A worker died mid-task; the redelivered message removes its container, runs nothing.
+    So it does when the policy would now refuse the task (its agent was retired since)."""
     from tests.test_runtime import make_spec
 
     spec = make_spec(executor.settings)
@@ -236,7 +238,10 @@ def test_redelivered_task_of_a_lost_worker_is_torn_down(
     container_id = runtime.create(spec)
     runtime.start(container_id)
     store.update(spec.task_id, {"container_id": container_id})
-    assert executor.execute(spec.task_id, {"agent": "tester", "command": ["true"]}) is S.FAILED
+    assert executor.execute(spec.task_id, {"agent": agent, "command": ["true"]}) is S.FAILED
+    assert store.get(spec.task_id)["reason"] == f"worker lost while {state}" or (
+        state is S.TEARING_DOWN
+    )
     assert all(c.task_id != spec.task_id for c in runtime.list_managed(executor.settings.namespace))
     assert len([e for e in store.events(spec.task_id) if e.state is S.RUNNING]) == 0
 
