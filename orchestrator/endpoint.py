@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from orchestrator.egress.proxy import Session
 
 log = logging.getLogger(__name__)
 SOCKET_NAME = "airlock.sock"
+BACKLOG = 64  # connections a runner may open before the loop accepts them
 
 
 class Handler(ProxyPolicy, Protocol):
@@ -55,7 +57,7 @@ class Route:
 
     key: str
     directory: Path
-    server: asyncio.AbstractServer | None = None
+    server: Future[asyncio.AbstractServer] | None = None  # serving once it is done
     # After a claim: the runner's own endpoint, which still answers its POST /v1/claim (a
     # runner that started after the claim asks only then).
     claim: Handler | None = None
@@ -86,35 +88,46 @@ class EndpointServer:
     def loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
 
-    def _run(self, coro: Any) -> Any:
-        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        return future.result(timeout=30)
-
     def directory(self, key: str) -> Path:
         route = self._routes.get(key)
         return route.directory if route else self.root / key
 
     def open(self, key: str, handler: Handler) -> Path:
         """Serve a socket for `key` (a task, or an unclaimed pool member); the directory to
-        mount into its container."""
+        mount into its container.
+
+        The socket is bound and listening when this returns (a runner may connect at once);
+        the loop starts accepting on it without this thread waiting for it.
+        """
         directory = self.directory(key)
         directory.mkdir(parents=True, exist_ok=True)
-        if (directory / SOCKET_NAME).exists():
+        path = directory / SOCKET_NAME
+        if path.exists():
             raise FileExistsError(f"{directory} is already served")
         os.chmod(directory, 0o755)
-        path = directory / SOCKET_NAME
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(path))
+            os.chmod(path, 0o666)  # the task's unprivileged user must be able to connect
+            listener.listen(BACKLOG)
+            listener.setblocking(False)
+        except OSError:
+            listener.close()
+            raise
         route = Route(key, directory)
-
-        async def start() -> asyncio.AbstractServer:
-            return await asyncio.start_unix_server(
-                lambda r, w: self._serve(route, r, w), path=str(path)
-            )
-
-        route.server = self._run(start())
         self.handlers[key] = handler
         self._routes[key] = route
-        os.chmod(path, 0o666)  # the task's unprivileged user must be able to connect
+        route.server = asyncio.run_coroutine_threadsafe(self._accept(route, listener), self._loop)
         return directory
+
+    async def _accept(self, route: Route, listener: socket.socket) -> asyncio.AbstractServer:
+        try:
+            return await asyncio.start_unix_server(
+                lambda r, w: self._serve(route, r, w), sock=listener
+            )
+        except BaseException:
+            listener.close()
+            raise
 
     def rebind(self, old: str, new: str, handler: Handler) -> Path:
         """A pool member's socket now speaks for task `new`, with that task's handler.
@@ -130,19 +143,19 @@ class EndpointServer:
         return route.directory
 
     def close(self, key: str) -> bool:
-        """Stop serving the task and remove its directory; False if there was none."""
+        """Stop serving the task and remove its directory; False if there was none.
+
+        The socket's path is gone when this returns (no one can connect any more); the loop
+        closes the listener and cuts the task's open connections on its own time.
+        """
         directory = self.directory(key)
         route = self._routes.pop(key, None)
-        server = route.server if route else None
         self.handlers.pop(key, None)
-        if server is not None:
-            server.close()
-            for session in list(self._sessions.pop(key, ())):
-                self._loop.call_soon_threadsafe(session.cancel)
-            self._run(server.wait_closed())
-        existed = directory.exists()
-        shutil.rmtree(directory, ignore_errors=True)
-        return server is not None or existed
+        if route is not None and route.server is not None:
+            sessions = self._sessions.pop(key, set())
+            self._loop.call_soon_threadsafe(_stop, route.server, sessions)
+        existed = _remove_directory(directory)
+        return route is not None or existed
 
     def stale(self, live: Callable[[str], bool]) -> list[str]:
         """Endpoint directories on disk whose task is not live (left by a crashed worker)."""
@@ -221,6 +234,31 @@ class EndpointServer:
         self._thread.join(timeout=5)
         if not self._thread.is_alive():
             self._loop.close()
+
+
+def _stop(server: Future[asyncio.AbstractServer], sessions: set[asyncio.Task[Any]]) -> None:
+    """On the loop: close a listener (once it is serving) and cancel its connections."""
+    server.add_done_callback(lambda done: None if done.exception() else done.result().close())
+    for session in sessions:
+        session.cancel()
+
+
+def _remove_directory(directory: Path) -> bool:
+    """Remove an endpoint directory (its socket, usually nothing else); False if none."""
+    try:
+        os.unlink(directory / SOCKET_NAME)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        pass  # rmtree below says what it can
+    try:
+        os.rmdir(directory)
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError:
+        shutil.rmtree(directory, ignore_errors=True)
+        return True
 
 
 def own_addresses() -> frozenset[IPAddress]:
