@@ -235,7 +235,8 @@ def gateway() -> None:
     settings = replace(config.load(), gateway="local")
     logs.configure("INFO", settings.log_format)
     telemetry.setup(settings, "gateway")
-    credentials = Credentials(settings, Store(settings.redis_url, settings.namespace))
+    store = Store(settings.redis_url, settings.namespace)
+    credentials = Credentials(settings, store, ride_out_s=15)  # rides out a Vault restart
     assert isinstance(credentials.endpoints, LocalGateway)
     service = GatewayService(credentials.endpoints, settings.endpoint_dir / CONTROL_SOCKET)
     # Stopped as a service is stopped (SIGTERM): close every endpoint and the control socket.

@@ -221,10 +221,12 @@ from orchestrator.gateway import Gateway, LocalGateway, RemoteGateway  # noqa: E
 
 
 class Credentials:
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: Settings, store: Store, ride_out_s: float = 0.0) -> None:
+        """`ride_out_s`: how long a Vault call waits out a Vault restart (the worker's and
+        the gateway's do; the CLI answers at once)."""
         self.settings = settings
         self.store = store
-        self.vault = Vault(settings.vault_addr, settings.vault_token)
+        self.vault = Vault(settings.vault_addr, settings.vault_token, ride_out_s=ride_out_s)
         self.minter = Minter(self.vault, self.issuer, settings.jwt_audience)
         self.broker = Broker(self.vault, store, settings, self.minter)
         self.connections = _connections(settings)

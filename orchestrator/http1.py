@@ -34,6 +34,21 @@ class ProtocolError(OSError):
     """The server's answer was not HTTP/1.1 as expected, or the connection broke mid-answer."""
 
 
+def never_sent(exc: BaseException) -> bool:
+    """Whether a transport error happened while connecting (the request never left, so
+    sending it again is safe)."""
+    seen: list[object] = [exc]
+    while seen:
+        item = seen.pop()
+        if isinstance(item, (FileNotFoundError, ConnectionRefusedError)):
+            return True
+        if isinstance(item, BaseException):
+            seen.extend(item.args)
+            if item.__cause__ is not None:
+                seen.append(item.__cause__)
+    return False
+
+
 class Headers(dict[str, str]):
     """Header names are case-insensitive: stored lower-case, looked up in any case."""
 

@@ -119,6 +119,7 @@ class _LazyExecutor:
 
 def build_executor(settings: Settings, warm_pool: bool = False) -> Executor:
     """The worker's executor; with `warm_pool`, its warm runners start filling at once."""
+    from orchestrator.credentials import Credentials
     from orchestrator.runtime.docker_engine import DockerRuntime
     from orchestrator.store import Store
 
@@ -126,7 +127,9 @@ def build_executor(settings: Settings, warm_pool: bool = False) -> Executor:
     store = Store(settings.redis_url, settings.namespace, settings.record_ttl_s, ride_out_s=15)
     # A worker rides out an engine restart of a few seconds instead of failing its tasks.
     runtime = DockerRuntime(settings.docker_host, max_pool_size=connections, ride_out_s=15)
-    executor = Executor(settings, store, runtime)
+    # So it does a Vault restart: a task minted meanwhile waits for it instead of failing.
+    credentials = Credentials(settings, store, ride_out_s=15)
+    executor = Executor(settings, store, runtime, credentials=credentials)
     if warm_pool and (settings.pool_size or settings.pool_gvisor_size):
         sizes = pool_sizes(settings, runtime.runtimes())
         executor.pool = WarmPool(settings, store, runtime, executor.credentials.endpoints, sizes)

@@ -511,9 +511,11 @@ class Chaos:
                 for kind in dict.fromkeys(ROTATION)
             },
             "not_ended": sorted(set(records) - set(terminal)),
-            "reasons": dict(
+            "reasons": dict(  # by kind: a well-behaved task that failed says which fault hit it
                 collections.Counter(
-                    r.get("reason", "")[:90] for r in terminal.values() if r["state"] != "succeeded"
+                    f"{self.kinds[t]:<8}  {r.get('reason', '')[:80]}"
+                    for t, r in terminal.items()
+                    if r["state"] != "succeeded"
                 ).most_common()
             ),
             "left_sockets": [str(p) for p in sockets],

@@ -124,7 +124,7 @@ def _translate(method: Callable[P, R]) -> Callable[P, R]:
                 EngineRefused,
                 OSError,
             ) as exc:
-                if _never_sent(exc) and time.monotonic() < give_up:
+                if http1.never_sent(exc) and time.monotonic() < give_up:
                     time.sleep(0.2)
                     continue
                 raise _translated(exc) from exc
@@ -181,20 +181,6 @@ def _frames(stream: http1.Stream) -> Iterator[list[tuple[str, bytes]]]:
         return  # the stream was cut (container removed under us); the output ends here
     finally:
         stream.close()
-
-
-def _never_sent(exc: BaseException) -> bool:
-    """Whether a transport error happened while connecting (the request never left)."""
-    seen: list[object] = [exc]
-    while seen:
-        item = seen.pop()
-        if isinstance(item, (FileNotFoundError, ConnectionRefusedError)):
-            return True
-        if isinstance(item, BaseException):
-            seen.extend(item.args)
-            if item.__cause__ is not None:
-                seen.append(item.__cause__)
-    return False
 
 
 class DockerRuntime:

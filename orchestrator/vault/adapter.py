@@ -3,10 +3,15 @@
 Every call names the token it acts with, so the orchestrator's own token and each task's
 token never mix. Vault's errors become ours at this seam: an unreachable or sealed Vault
 is ServiceUnavailable; a refusal is VaultRefused, with Vault's own words.
+
+A client with `ride_out_s` (the worker's and the gateway's) repeats a call while Vault is
+restarting, until it is back or that long has passed: only a call that did nothing, one
+that could not connect or that a sealed Vault turned away, so repeating it is safe.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import hvac
@@ -19,9 +24,12 @@ from orchestrator.errors import ServiceUnavailable, VaultRefused
 
 
 class Vault:
-    def __init__(self, addr: str, token: str | None, timeout: float = 10.0) -> None:
+    def __init__(
+        self, addr: str, token: str | None, timeout: float = 10.0, ride_out_s: float = 0.0
+    ) -> None:
         self.addr = addr
         self.token = token
+        self.ride_out_s = ride_out_s
         # No default token on the client: each request carries the token it acts with.
         # (hvac falls back to VAULT_TOKEN when given None; that must not happen here.)
         # hvac's requests go through http1 (a sixth of requests' CPU per call), unless the
@@ -54,12 +62,14 @@ class Vault:
         wrap_ttl: str | None = None,
         missing_ok: bool = False,
         absent_ok: bool = False,
+        ride_out_s: float | None = None,
     ) -> dict[str, Any] | None:
         """One API call: `path` without the /v1/ prefix. Returns the JSON body, if any.
 
         With `missing_ok`, a 404 answers None instead of raising; with `absent_ok`, so does
-        a 400 (how lookups say they do not know the token or lease). Raises VaultRefused
-        (Vault answered no) or ServiceUnavailable (Vault did not answer, or is sealed).
+        a 400 (how lookups say they do not know the token or lease). `ride_out_s` overrides
+        the client's for this call. Raises VaultRefused (Vault answered no) or
+        ServiceUnavailable (Vault did not answer, or is sealed).
         """
         headers = {"X-Vault-Token": token or self.token or ""}
         # One span per call: method and path only (paths hold no secret values).
@@ -67,7 +77,16 @@ class Vault:
             f"vault {method} {path}",
             attributes={"vault.path": path, "vault.wrapped": bool(wrap_ttl)},
         ):
-            return self._call(method, path, data, headers, wrap_ttl, missing_ok, absent_ok)
+            give_up = time.monotonic() + (self.ride_out_s if ride_out_s is None else ride_out_s)
+            pause = 0.05
+            while True:
+                try:
+                    return self._call(method, path, data, headers, wrap_ttl, missing_ok, absent_ok)
+                except _Restarting as exc:
+                    if time.monotonic() + pause > give_up:
+                        raise ServiceUnavailable("vault", exc.detail) from exc.__cause__
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
 
     def _call(
         self,
@@ -83,20 +102,12 @@ class Vault:
             response = self._client.adapter.request(
                 method, f"/v1/{path}", headers=headers, json=data, wrap_ttl=wrap_ttl
             )
-        except hvac.exceptions.InvalidPath:
-            if missing_ok or absent_ok:
+        except (hvac.exceptions.VaultError, requests.RequestException, OSError) as exc:
+            if isinstance(exc, hvac.exceptions.InvalidPath) and (missing_ok or absent_ok):
                 return None
-            raise VaultRefused(f"{method} {path}: not found") from None
-        except hvac.exceptions.InvalidRequest as exc:
-            if absent_ok:
+            if isinstance(exc, hvac.exceptions.InvalidRequest) and absent_ok:
                 return None
-            raise _refused(method, path, exc) from exc
-        except (hvac.exceptions.VaultDown, hvac.exceptions.BadGateway) as exc:
-            raise ServiceUnavailable("vault", f"{method} {path}: {exc}") from exc
-        except hvac.exceptions.VaultError as exc:
-            raise _refused(method, path, exc) from exc
-        except (requests.RequestException, OSError) as exc:
-            raise ServiceUnavailable("vault", f"{self.addr}: {exc.__class__.__name__}") from exc
+            raise _translated(exc, method, path, self.addr) from exc
         if isinstance(response, dict):
             return response
         return None
@@ -122,6 +133,29 @@ class Vault:
         if health and health.get("sealed"):
             raise ServiceUnavailable("vault", f"{self.addr} is sealed")
         self.read("auth/token/lookup-self")
+
+
+class _Restarting(Exception):
+    """Vault did nothing with the call (could not connect, or sealed): safe to repeat."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+def _translated(exc: Exception, method: str, path: str, addr: str) -> Exception:
+    """Vault's answer (or silence) as one of ours; _Restarting when Vault did nothing."""
+    if isinstance(exc, hvac.exceptions.InvalidPath):
+        return VaultRefused(f"{method} {path}: not found")
+    if isinstance(exc, hvac.exceptions.VaultDown):  # sealed
+        return _Restarting(f"{method} {path}: {exc}")
+    if isinstance(exc, hvac.exceptions.BadGateway):
+        return ServiceUnavailable("vault", f"{method} {path}: {exc}")
+    if isinstance(exc, hvac.exceptions.VaultError):
+        return _refused(method, path, exc)
+    if http1.never_sent(exc):
+        return _Restarting(f"{addr}: {exc.__class__.__name__}")
+    return ServiceUnavailable("vault", f"{addr}: {exc.__class__.__name__}")
 
 
 def _refused(method: str, path: str, exc: hvac.exceptions.VaultError) -> VaultRefused:
