@@ -511,13 +511,22 @@ class Chaos:
                 for kind in dict.fromkeys(ROTATION)
             },
             "not_ended": sorted(set(records) - set(terminal)),
-            "reasons": dict(  # by kind: a well-behaved task that failed says which fault hit it
+            "reasons": dict(
                 collections.Counter(
-                    f"{self.kinds[t]:<8}  {r.get('reason', '')[:80]}"
-                    for t, r in terminal.items()
-                    if r["state"] != "succeeded"
+                    r.get("reason", "")[:90] for r in terminal.values() if r["state"] != "succeeded"
                 ).most_common()
             ),
+            # A well-behaved task (ok, sleep, secrets) that failed says which fault hit it.
+            "reasons_by_kind": {
+                kind: dict(
+                    collections.Counter(
+                        r.get("reason", "")[:80]
+                        for t, r in terminal.items()
+                        if self.kinds[t] == kind and r["state"] != "succeeded"
+                    ).most_common()
+                )
+                for kind in dict.fromkeys(ROTATION)
+            },
             "left_sockets": [str(p) for p in sockets],
             "left_leases": left_leases,
             "without_reason": sorted(t for t, r in terminal.items() if not r.get("reason")),
@@ -617,8 +626,9 @@ def show(report: dict[str, Any]) -> None:
     for kind, states in report["by_kind"].items():
         print(f"    {kind:<9} " + ", ".join(f"{s} {n}" for s, n in sorted(states.items())))
     print("  why the others ended:")
-    for reason, n in report["reasons"].items():
-        print(f"    {n:>4}  {reason}")
+    for kind, reasons in report["reasons_by_kind"].items():
+        for reason, n in reasons.items():
+            print(f"    {n:>4}  {kind:<9} {reason}")
     faults = collections.Counter(f["fault"] for f in report["faults"])
     print("  faults:     " + ", ".join(f"{f} {n}" for f, n in faults.items()))
     print(f"  not ended        {len(report['not_ended'])}")
