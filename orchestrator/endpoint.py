@@ -16,6 +16,7 @@ Every proxied request must carry the task's JWT (Proxy-Authorization) as a secon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import itertools
 import json
@@ -238,19 +239,20 @@ class EndpointServer:
 
 def _stop(server: Future[asyncio.AbstractServer], sessions: set[asyncio.Task[Any]]) -> None:
     """On the loop: close a listener (once it is serving) and cancel its connections."""
-    server.add_done_callback(lambda done: None if done.exception() else done.result().close())
+
+    def close(done: Future[asyncio.AbstractServer]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            done.result().close()
+
+    server.add_done_callback(close)
     for session in sessions:
         session.cancel()
 
 
 def _remove_directory(directory: Path) -> bool:
     """Remove an endpoint directory (its socket, usually nothing else); False if none."""
-    try:
+    with contextlib.suppress(OSError):  # gone already, or rmtree below sees to it
         os.unlink(directory / SOCKET_NAME)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        pass  # rmtree below says what it can
     try:
         os.rmdir(directory)
         return True
