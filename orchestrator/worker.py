@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import tempfile
 import threading
 from pathlib import Path
@@ -185,7 +186,9 @@ def run_worker(
         f"--concurrency={concurrency or settings.worker_concurrency}",
         f"--queues={','.join(queues or [settings.queue])}",
         f"--loglevel={loglevel}",
-        f"--hostname=airlock-{'-'.join(queues or [settings.queue])}@%h",
+        # Unique per process: two workers of one host on the same queues are two nodes (on
+        # RabbitMQ, a second node of the same name cannot even start).
+        f"--hostname=airlock-{'-'.join(queues or [settings.queue])}-{os.getpid()}@%h",
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",

@@ -13,9 +13,11 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
+from orchestrator.client import Client
 from orchestrator.config import Settings
 from orchestrator.runtime.docker_engine import DockerRuntime
 from orchestrator.store import Store
@@ -84,6 +86,26 @@ def test_submit_wait_json(cli_settings: Settings, worker: subprocess.Popen[bytes
     assert {k: v for k, v in result.items() if k != "logs"} == status
     out = airlock(cli_settings, "output", result["id"])
     assert out.stdout == "42"
+
+
+def test_two_workers_of_one_host_share_a_queue(
+    cli_settings: Settings, worker: subprocess.Popen[bytes], tmp_path: Path
+) -> None:
+    """A second worker on the same host and queue is a node of its own, and takes tasks."""
+    from orchestrator.worker import create_app
+
+    app = create_app(cli_settings)
+    with running(cli_settings, "worker", "--concurrency", "4", "--no-beat", TMPDIR=str(tmp_path)):
+        nodes: set[str] = set()
+        give_up = time.monotonic() + 60
+        while len(nodes) < 2 and time.monotonic() < give_up:
+            nodes = {name for reply in app.control.ping(timeout=1.0) for name in reply}
+        assert len(nodes) == 2, nodes
+        client = Client(cli_settings)
+        tasks = [client.submit({"agent": "tester", "command": ["sleep", "2"]}) for _ in range(8)]
+        done = [client.wait(task, timeout_s=120) for task in tasks]
+    assert all(d["state"] == "succeeded" for d in done), done
+    assert {d["worker"] for d in done} == nodes  # four at a time each: both had to take some
 
 
 @pytest.mark.parametrize(
