@@ -6,6 +6,7 @@ staying the store).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -88,20 +89,24 @@ def test_submit_wait_json(cli_settings: Settings, worker: subprocess.Popen[bytes
     assert out.stdout == "42"
 
 
-def test_two_workers_of_one_host_share_a_queue(
-    cli_settings: Settings, worker: subprocess.Popen[bytes], tmp_path: Path
-) -> None:
-    """A second worker on the same host and queue is a node of its own, and takes tasks."""
+def test_two_workers_of_one_host_share_a_queue(cli_settings: Settings, tmp_path: Path) -> None:
+    """Two workers on the same host and queue are two nodes, and both take tasks."""
     from orchestrator.worker import create_app
 
-    app = create_app(cli_settings)
-    with running(cli_settings, "worker", "--concurrency", "4", "--no-beat", TMPDIR=str(tmp_path)):
+    pair = replace(cli_settings, queue=f"{cli_settings.queue}-pair")
+    app = create_app(pair)
+    with contextlib.ExitStack() as stack:
+        for n in (1, 2):
+            own = tmp_path / str(n)
+            own.mkdir()
+            stack.enter_context(running(pair, "worker", "-c", "4", "--no-beat", TMPDIR=str(own)))
         nodes: set[str] = set()
         give_up = time.monotonic() + 60
         while len(nodes) < 2 and time.monotonic() < give_up:
-            nodes = {name for reply in app.control.ping(timeout=1.0) for name in reply}
+            replies = app.control.ping(timeout=1.0)
+            nodes = {name for reply in replies for name in reply if pair.queue in name}
         assert len(nodes) == 2, nodes
-        client = Client(cli_settings)
+        client = Client(pair)
         tasks = [client.submit({"agent": "tester", "command": ["sleep", "2"]}) for _ in range(8)]
         done = [client.wait(task, timeout_s=120) for task in tasks]
     assert all(d["state"] == "succeeded" for d in done), done
