@@ -183,7 +183,5 @@ class Admission:
         outcome = TaskState(record.get("outcome") or S.FAILED.value)
         self._try_advance(task_id, outcome, record.get("reason", "worker lost"))
 
-    def _try_advance(
-        self, task_id: str, target: TaskState, reason: str, owner_s: float = 0, **fields: Any
-    ) -> bool:
-        return try_advance(self.store, task_id, target, reason, owner_s, **fields)
+    def _try_advance(self, task_id: str, target: TaskState, reason: str, **fields: Any) -> bool:
+        return try_advance(self.store, task_id, target, reason, **fields)

@@ -74,12 +74,10 @@ def advance(
     return store.compare_and_set_state(task_id, sources(target), target, reason, fields, owner_s)
 
 
-def try_advance(
-    store: Store, task_id: str, target: TaskState, reason: str, owner_s: float = 0, **fields: Any
-) -> bool:
+def try_advance(store: Store, task_id: str, target: TaskState, reason: str, **fields: Any) -> bool:
     """advance(), where losing a race (the task moved on meanwhile) is not an error."""
     try:
-        advance(store, task_id, target, reason, owner_s, **fields)
+        advance(store, task_id, target, reason, **fields)
     except IllegalTransition as exc:
         log.info("task %s: %s", task_id, exc)
         return False

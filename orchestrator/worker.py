@@ -133,7 +133,7 @@ def build_executor(settings: Settings, warm_pool: bool = False) -> Executor:
     executor = Executor(settings, store, runtime, credentials=credentials)
     if warm_pool and (settings.pool_size or settings.pool_gvisor_size):
         sizes = pool_sizes(settings, runtime.runtimes())
-        executor.pool = WarmPool(settings, store, runtime, executor.credentials.endpoints, sizes)
+        executor.pool = WarmPool(settings, store, runtime, credentials.endpoints, sizes)
         executor.pool.start()
     return executor
 

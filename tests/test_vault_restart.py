@@ -4,6 +4,7 @@ instead of failing the task, and a call Vault may have acted on is never sent tw
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,10 @@ from orchestrator.lifecycle import TaskState
 from orchestrator.runtime.docker_engine import DockerRuntime
 from orchestrator.store import Store
 from orchestrator.vault.adapter import Vault
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "runner_image"))
+from airlock_runner import read_answer
 
 SEALED = b'{"errors":["Vault is sealed"]}'
 
@@ -83,8 +88,7 @@ class FlakyVault:
             if self.mode == "up":
                 self._relay(conn)
                 return
-            if not _read_request(conn):
-                return
+            read_answer(conn)  # a request is framed as an answer is: head, Content-Length body
             self.turned_away += 1
             if self.mode == "sealed":  # one answer per connection: the next may be unsealed
                 conn.sendall(
@@ -114,28 +118,6 @@ class FlakyVault:
         back.start()
         pump(conn, upstream)
         back.join()
-
-
-def _read_request(conn: socket.socket) -> bool:
-    """Read one whole request (head and Content-Length body); False at the end."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return False
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    while len(body) < length:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return False
-        body += chunk
-    return True
 
 
 @pytest.fixture
