@@ -19,20 +19,19 @@ from typing import Any
 
 from celery import Celery
 
-from orchestrator import config, telemetry
-from orchestrator.admission import record_fields
+from orchestrator import config, wiring
+from orchestrator.adapters.queue import celery_app, enqueue
+from orchestrator.adapters.store import Event
 from orchestrator.config import Settings, gvisor_queue
+from orchestrator.core.lifecycle import SIGNAL_CANCEL, TERMINAL, TaskState, advance
+from orchestrator.core.spec import TaskSpec, parse, record_fields
 from orchestrator.errors import (
     AirlockError,
     IllegalTransition,
     ServiceUnavailable,
     TaskNotFound,
 )
-from orchestrator.executor import SIGNAL_CANCEL
-from orchestrator.lifecycle import TERMINAL, TaskState, advance
 from orchestrator.policy.agents import load_agent
-from orchestrator.spec import TaskSpec, parse
-from orchestrator.store import Event, Store
 
 _TIMES = ("created_at", "started_at", "finished_at", "updated_at")
 _INTS = ("exit_code", "timeout_s", "logs_bytes", "logs_dropped_bytes", "revocation_pending")
@@ -83,20 +82,26 @@ def present(record: Mapping[str, str]) -> dict[str, Any]:
 
 
 class Client:
+    """Submits, reads and cancels tasks. It loads only what submitting needs: no Vault,
+    Rego, Docker or gateway code (a test guards the list)."""
+
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or config.load()
-        self.store = Store(
-            self.settings.redis_url, self.settings.namespace, self.settings.record_ttl_s
-        )
-        telemetry.setup(self.settings, "client")
+        self.store = wiring.store(self.settings)
         # Agent name -> ((mtime, size) of its registry file, isolation class), for routing.
         self._isolation: dict[str, tuple[tuple[int, int], str]] = {}
 
     @cached_property
     def _celery(self) -> Celery:
-        from orchestrator.worker import create_app
+        return celery_app(self.settings)
 
-        return create_app(self.settings)
+    @cached_property
+    def _telemetry(self) -> Any:
+        # Lazy on purpose: only submitting traces; reading a task needs no tracer.
+        from orchestrator.adapters import telemetry
+
+        telemetry.setup(self.settings, "client", self.store)
+        return telemetry
 
     def submit(self, spec: TaskSpec | Mapping[str, Any]) -> str:
         """Validate, record and enqueue a task; returns its id.
@@ -105,6 +110,7 @@ class Client:
         """
         task = parse(spec)
         task_id = str(uuid.uuid4())
+        telemetry = self._telemetry
         with telemetry.tracer().start_as_current_span(
             "submit", attributes={"airlock.task_id": task_id, "airlock.agent": task.agent}
         ):
@@ -112,26 +118,13 @@ class Client:
         return task_id
 
     def _enqueue(self, task_id: str, task: TaskSpec, traceparent: str | None) -> None:
-        from orchestrator.worker import TASK_NAME
-
         self.store.create(task_id, record_fields(task))
+        spec = task.model_dump(mode="json", exclude_none=True)
         try:
-            self._celery.send_task(
-                TASK_NAME,
-                kwargs={
-                    "spec": task.model_dump(mode="json", exclude_none=True),
-                    "traceparent": traceparent,
-                },
-                task_id=task_id,
-                queue=self.route(task),
-                # No repr of the spec in the message headers (Celery adds one for display):
-                # the spec is in the body already, and its env has no business in broker tools.
-                argsrepr="",
-                kwargsrepr="",
-            )
-        except Exception as exc:  # kombu raises many kinds; all mean "not enqueued"
-            self._abandon(task_id, f"could not enqueue: {exc}")
-            raise ServiceUnavailable("broker", str(exc)) from exc
+            enqueue(self._celery, task_id, spec, traceparent, self.route(task))
+        except ServiceUnavailable as exc:
+            self._abandon(task_id, f"could not enqueue: {exc.__cause__ or exc}")
+            raise
 
     def route(self, task: TaskSpec) -> str:
         """The queue a task goes to: its own `queue`, else by its agent's isolation class.
@@ -250,24 +243,20 @@ class Client:
     def runners(self, limit: int = 30) -> list[dict[str, Any]]:
         """The live view: recent tasks, live ones first, with their egress counts."""
         tasks = self.tasks(limit=limit)
-        pipe = self.store.redis.pipeline(transaction=False)
-        for task in tasks:
-            pipe.hgetall(self.store.key(task["id"], "egress"))
-        for task, counts in zip(tasks, pipe.execute(), strict=True):
-            task["egress_allowed"] = int(counts.get("allow", 0))
-            task["egress_denied"] = int(counts.get("deny", 0))
+        counts = self.store.egress_counts([task["id"] for task in tasks])
+        for task, count in zip(tasks, counts, strict=True):
+            task["egress_allowed"] = count.get("allow", 0)
+            task["egress_denied"] = count.get("deny", 0)
         live = [t for t in tasks if TaskState(t["state"]) not in TERMINAL]
         return live + [t for t in tasks if TaskState(t["state"]) in TERMINAL]
 
     def trace(self, task_id: str) -> list[dict[str, Any]]:
         """The spans of the task's trace from the embedded store, in start order."""
-        from orchestrator.telemetry import RedisSpanExporter
-
         trace_id = self.store.get(task_id).get("trace_id")
         if not trace_id:
             return []
-        telemetry.flush()
-        spans = RedisSpanExporter(self.store, self.settings.record_ttl_s).spans(trace_id)
+        self._telemetry.flush()  # spans this process made (a submit, say) are stored first
+        spans = [json.loads(span) for span in self.store.spans(trace_id)]
         return sorted(spans, key=lambda span: span["start"] or 0)
 
     def output(self, task_id: str) -> list[tuple[str, bytes]]:

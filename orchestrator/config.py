@@ -12,7 +12,8 @@ import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from orchestrator.errors import ConfigError
 
@@ -128,6 +129,25 @@ def _name(raw: str) -> str:
 def gvisor_queue(settings: Settings) -> str:
     """The queue of tasks that need the gVisor isolation class."""
     return f"{settings.queue}-gvisor"
+
+
+def jwt_issuer(settings: Settings) -> str:
+    """The `iss` of every task JWT this deployment signs."""
+    return f"https://{settings.trust_domain}/airlock"
+
+
+def database_addresses(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Where each kind of secret is used: database credentials come with their address."""
+    if not settings.postgres_url:
+        return {}
+    url = urlsplit(settings.postgres_url)
+    return {
+        "database": {
+            "host": url.hostname,
+            "port": url.port or 5432,
+            "database": url.path.lstrip("/") or "postgres",
+        }
+    }
 
 
 def _log_format(raw: str) -> str:

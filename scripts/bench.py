@@ -29,12 +29,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from orchestrator import config  # noqa: E402
+from orchestrator import config, wiring  # noqa: E402
+from orchestrator.adapters.runtime.base import ContainerSpec  # noqa: E402
+from orchestrator.adapters.runtime.docker_engine import DockerRuntime, container_config  # noqa: E402
 from orchestrator.client import Client  # noqa: E402
 from orchestrator.config import TASK_USER, Settings  # noqa: E402
-from orchestrator.lifecycle import TaskState  # noqa: E402
-from orchestrator.runtime.base import ContainerSpec  # noqa: E402
-from orchestrator.runtime.docker_engine import DockerRuntime, container_config  # noqa: E402
+from orchestrator.core.lifecycle import TaskState, advance  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:
@@ -397,9 +397,10 @@ def report_cpu(raw: dict[str, float], airlock: dict[str, float]) -> dict[str, di
 
 def bench_policy(runs: int) -> dict[str, object]:
     """Admission (Rego, compiled bundle) per task, and the per-request grant check."""
-    from orchestrator.policy.engine import Deployment, PolicyEngine
-    from orchestrator.policy.grant import CompiledGrant
-    from orchestrator.spec import parse
+    from orchestrator.core.grant import CompiledGrant
+    from orchestrator.core.spec import parse
+    from orchestrator.policy.bundle import Deployment
+    from orchestrator.policy.engine import PolicyEngine
 
     settings = config.load()
     deployment = Deployment(
@@ -459,12 +460,11 @@ def bench_policy(runs: int) -> dict[str, object]:
 
 def bench_secrets(runs: int) -> dict[str, object]:
     """Provision and teardown of a database task's credentials, beside the raw Vault calls."""
-    from orchestrator.credentials import Credentials
+    from orchestrator.adapters.store import Store
+    from orchestrator.adapters.vault.adapter import Vault
+    from orchestrator.adapters.vault.setup import setup
+    from orchestrator.core.grant import Grant
     from orchestrator.policy.agents import load_registry
-    from orchestrator.policy.grant import Grant
-    from orchestrator.store import Store
-    from orchestrator.vault.adapter import Vault
-    from orchestrator.vault.setup import setup
 
     ns = f"bench{uuid.uuid4().hex[:6]}"
     settings = replace(
@@ -479,7 +479,7 @@ def bench_secrets(runs: int) -> dict[str, object]:
         settings.vault_token_period_s,
     )
     store = Store(settings.redis_url, ns)
-    credentials = Credentials(settings, store)
+    credentials = wiring.credentials(settings, store)
     grant = Grant.build(
         "dba",
         identity="spiffe://bench/agent/dba",
@@ -591,9 +591,111 @@ def bench_tracing(runs: int) -> dict[str, object]:
     }
 
 
+def whole_process(argv: list[str], env: dict[str, str]) -> float:
+    """Wall time of one whole process, from exec to exit."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, env=env, capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv}: exit {proc.returncode}: {proc.stderr[-400:]!r}")
+    return time.perf_counter() - t0
+
+
+def bench_cli(runs: int) -> dict[str, object]:
+    """Whole-process CLI figures against `python -c "import click"` of the same venv, and
+    `airlock submit --wait -- true` against a plain hardened `docker run` of the same command.
+    Every command runs in turn within each round, so a slow moment hits all alike."""
+    ns = f"bench{uuid.uuid4().hex[:6]}"
+    settings = replace(config.load(), namespace=ns, queue=ns)
+    env = dict(os.environ, AIRLOCK_NAMESPACE=ns, AIRLOCK_QUEUE=ns)
+    airlock = str(Path(sys.executable).parent / "airlock")
+    client = Client(settings)
+    task_id = str(uuid.uuid4())
+    client.store.create(task_id, {"agent": "demo"})
+    advance(client.store, task_id, TaskState.REJECTED, "a record for `airlock status` to read")
+    docker_run = [
+        "docker", "run", "--rm", "--network", "none", "--read-only", "--cap-drop", "ALL",
+        "--security-opt", "no-new-privileges", "--user", TASK_USER, settings.runner_image, "true",
+    ]  # fmt: skip
+    commands = {
+        "import click": [sys.executable, "-c", "import click"],
+        "airlock --help": [airlock, "--help"],
+        "airlock status ID": [airlock, "status", task_id],
+        "docker run (hardened) true": docker_run,
+        "airlock submit --wait -- true": [airlock, "submit", "-a", "demo", "--wait", "--", "true"],
+    }
+    samples: dict[str, list[float]] = {name: [] for name in commands}
+    with tempfile.TemporaryDirectory() as tmp:
+        worker = start_worker(settings, tmp)
+        try:
+            client.wait(client.submit({"agent": "demo", "command": ["true"]}), timeout_s=60)
+            for _ in range(runs):
+                for name, argv in commands.items():
+                    samples[name].append(whole_process(argv, env))
+        finally:
+            stop([worker])
+            for key in client.store.redis.scan_iter(f"{ns}:*"):
+                client.store.redis.delete(key)
+    print("CLI, whole process (median of each; ratios against the baseline above them):")
+    result = {"import click": show("python -c 'import click'", samples["import click"])}
+    for name in ("airlock --help", "airlock status ID"):
+        result[name] = show(name, samples[name], samples["import click"], "import click")
+    result["docker run"] = show("docker run (hardened) true", samples["docker run (hardened) true"])
+    result["submit"] = show(
+        "airlock submit --wait -- true",
+        samples["airlock submit --wait -- true"],
+        samples["docker run (hardened) true"],
+        "docker run",
+    )
+    return result
+
+
+def bench_http(runs: int) -> dict[str, object]:
+    """CPU per call of the keep-alive client on every task's path (`http1`, over h11) against
+    requests and docker-py (what hvac and the engine SDK use), on the same real calls."""
+    import docker
+    import requests
+
+    from orchestrator.adapters import http1
+
+    settings = config.load()
+    engine_url = settings.docker_host or "unix:///var/run/docker.sock"
+    calls = max(runs, 20) * 40
+    ours_vault = http1.Session(settings.vault_addr)
+    ours_engine = http1.Client(engine_url)
+    theirs = requests.Session()
+    sdk = docker.APIClient(base_url=engine_url)
+    cases: dict[str, Callable[[], object]] = {
+        "vault GET sys/health, http1": lambda: ours_vault.request(
+            "GET", f"{settings.vault_addr}/v1/sys/health"
+        ),
+        "vault GET sys/health, requests": lambda: theirs.get(
+            f"{settings.vault_addr}/v1/sys/health"
+        ),
+        "engine GET /_ping, http1": lambda: ours_engine.request("GET", "/_ping"),
+        "engine GET /_ping, requests": sdk.ping,
+    }
+    cpu: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(5):  # interleaved rounds
+        for name, call in cases.items():
+            call()  # connection made and kept alive before timing
+            t0 = time.process_time()
+            for _ in range(calls // 5):
+                call()
+            cpu[name].append((time.process_time() - t0) / (calls // 5))
+    print("HTTP client CPU per call (median of 5 interleaved rounds):")
+    result: dict[str, object] = {}
+    for server in ("vault GET sys/health", "engine GET /_ping"):
+        ours = statistics.median(cpu[f"{server}, http1"]) * 1e6
+        base = statistics.median(cpu[f"{server}, requests"]) * 1e6
+        line = f"http1 {ours:6.0f} us   requests {base:6.0f} us   {ours / base:4.2f}x"
+        print(f"  {server:<24} {line}")
+        result[server] = {"http1_us": round(ours), "requests_us": round(base)}
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="scripts/bench")
-    parser.add_argument("what", choices=["start", "policy", "secrets", "tracing"])
+    parser.add_argument("what", choices=["start", "policy", "secrets", "tracing", "cli", "http"])
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args()
@@ -602,6 +704,8 @@ def main() -> None:
         "policy": bench_policy,
         "secrets": bench_secrets,
         "tracing": bench_tracing,
+        "cli": bench_cli,
+        "http": bench_http,
     }
     result = benches[args.what](args.runs)
     if args.json:

@@ -135,10 +135,9 @@ def start_tinyproxy(directory: Path) -> subprocess.Popen[bytes]:
 
 
 def live_task(directory: Path) -> tuple[Any, str, str, Any]:
-    from orchestrator import config
-    from orchestrator.credentials import Credentials
-    from orchestrator.policy.grant import Grant
-    from orchestrator.store import Store
+    from orchestrator import config, wiring
+    from orchestrator.adapters.store import Store
+    from orchestrator.core.grant import Grant
 
     settings = replace(
         config.load(),
@@ -146,7 +145,7 @@ def live_task(directory: Path) -> tuple[Any, str, str, Any]:
         endpoint_dir=directory / "endpoints",
     )
     store = Store(settings.redis_url, settings.namespace)
-    credentials = Credentials(settings, store)
+    credentials = wiring.credentials(settings, store)
     grant = Grant.build(
         "demo",
         identity="spiffe://bench/agent/demo",

@@ -42,12 +42,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from orchestrator import config  # noqa: E402
+from orchestrator.adapters.runtime.base import LABEL_NAMESPACE, LABEL_TASK  # noqa: E402
+from orchestrator.adapters.runtime.docker_engine import DockerRuntime  # noqa: E402
+from orchestrator.adapters.vault.adapter import Vault  # noqa: E402
 from orchestrator.client import Client  # noqa: E402
+from orchestrator.core.lifecycle import TERMINAL, TaskState  # noqa: E402
 from orchestrator.errors import AirlockError  # noqa: E402
-from orchestrator.lifecycle import TERMINAL, TaskState  # noqa: E402
-from orchestrator.runtime.base import LABEL_NAMESPACE, LABEL_TASK  # noqa: E402
-from orchestrator.runtime.docker_engine import DockerRuntime  # noqa: E402
-from orchestrator.vault.adapter import Vault  # noqa: E402
 
 # What the tasks do: one kind each, in turn.
 KINDS: dict[str, dict[str, Any]] = {

@@ -20,16 +20,17 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import config
+from orchestrator import config, wiring
+from orchestrator.adapters import telemetry
+from orchestrator.adapters.runtime.docker_engine import DockerRuntime
+from orchestrator.adapters.store import Store
+from orchestrator.adapters.vault.adapter import Vault
+from orchestrator.adapters.vault.setup import setup
 from orchestrator.config import Settings
-from orchestrator.credentials import Credentials
 from orchestrator.errors import AirlockError
-from orchestrator.executor import Executor
 from orchestrator.policy.agents import load_registry
-from orchestrator.runtime.docker_engine import DockerRuntime
-from orchestrator.store import Store
-from orchestrator.vault.adapter import Vault
-from orchestrator.vault.setup import setup
+from orchestrator.task.credentials import Credentials
+from orchestrator.task.executor import Executor
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -67,6 +68,8 @@ def store(settings: Settings) -> Iterator[Store]:
         store.ping()
     except AirlockError as exc:
         _service_missing("Redis", exc)
+    # This process traces as a worker does (wiring.executor sets it up for real workers).
+    telemetry.setup(settings, "worker", store)
     yield store
     for key in store.redis.scan_iter(f"{settings.namespace}:*", count=1000):
         store.redis.delete(key)
@@ -108,7 +111,7 @@ def vault(settings: Settings) -> Vault:
 
 @pytest.fixture(scope="session")
 def credentials(settings: Settings, store: Store, vault: Vault) -> Iterator[Credentials]:
-    credentials = Credentials(settings, store)
+    credentials = wiring.credentials(settings, store)
     yield credentials
     credentials.endpoints.shutdown()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator import broker
+from orchestrator.adapters import redis_transport as broker
 from orchestrator.config import Settings
 from orchestrator.worker import create_app
 
@@ -10,7 +10,7 @@ from orchestrator.worker import create_app
 def test_redis_urls_get_the_shared_client_transport(settings: Settings) -> None:
     app = create_app(settings)
     with app.connection_for_write() as conn:
-        assert conn.transport_cls == "orchestrator.broker:Transport"
+        assert conn.transport_cls == "orchestrator.adapters.redis_transport:Transport"
         assert isinstance(conn.default_channel, broker.Channel)
         queue = conn.SimpleQueue(f"{settings.namespace}-broker-test")
         channel = queue.channel

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.adapters.runtime.docker_engine import DockerRuntime
+from orchestrator.adapters.store import Store
 from orchestrator.client import Client
 from orchestrator.config import Settings
-from orchestrator.runtime.docker_engine import DockerRuntime
-from orchestrator.store import Store
 from tests.conftest import IN_CI, airlock, running
 
 
@@ -116,8 +116,10 @@ def test_two_workers_of_one_host_share_a_queue(cli_settings: Settings, tmp_path:
 @pytest.mark.parametrize(
     ("command", "code", "state"),
     [
-        (["sh", "-c", "exit 4"], 1, "failed"),
-        (["sleep", "30"], 1, "timed_out"),
+        (["true"], 0, "succeeded"),
+        (["sh", "-c", "exit 4"], 4, "failed"),  # the task's own code, as docker run gives it
+        (["sh", "-c", "kill -9 $$"], 137, "failed"),
+        (["sleep", "30"], 124, "timed_out"),
     ],
 )
 def test_exit_codes(
@@ -215,3 +217,64 @@ def test_unreachable_redis_exits_3(cli_settings: Settings) -> None:
 def test_unknown_task(cli_settings: Settings) -> None:
     proc = airlock(cli_settings, "status", "nope")
     assert proc.returncode == 2 and "no task with id 'nope'" in proc.stderr
+
+
+def test_conventions_help_version_and_json_errors(settings: Settings, tmp_path: Path) -> None:
+    """-h anywhere, --version, and under --json an error is JSON on stdout with its code."""
+    assert "Commands:" in airlock(settings, "-h").stdout
+    assert "TASK_ID" in airlock(settings, "status", "-h").stdout
+    version = airlock(settings, "--version")
+    assert version.returncode == 0 and version.stdout.startswith("airlock ")
+    missing = airlock(settings, "status", "nope", "--json")
+    assert missing.returncode == 2 and missing.stderr == ""
+    assert json.loads(missing.stdout) == {
+        "error": {"message": "no task with id 'nope'", "exit_code": 2}
+    }
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("agent: tester\ncommand: []\ntimeout_s: -1\n")
+    checked = airlock(settings, "spec", "check", str(bad), "--json")
+    error = json.loads(checked.stdout)["error"]
+    assert checked.returncode == 2 and error["exit_code"] == 2
+    assert {p.split(":")[0] for p in error["problems"]} >= {"command", "timeout_s"}
+    good = tmp_path / "good.yaml"
+    good.write_text('agent: tester\ncommand: ["true"]\n')
+    valid = json.loads(airlock(settings, "spec", "check", str(good), "--json").stdout)
+    assert valid["valid"] is True and valid["spec"]["command"] == ["true"]
+    down = airlock(settings, "list", "--json", REDIS_URL="redis://127.0.0.1:1/0")
+    assert down.returncode == 3 and json.loads(down.stdout)["error"]["exit_code"] == 3
+
+
+def test_completion_offers_agents_and_task_ids(settings: Settings) -> None:
+    client = Client(settings)
+    task_id = client.submit({"agent": "tester", "command": ["true"]})
+    client.cancel(task_id, by="completion-test")
+
+    def complete(*words: str) -> list[str]:
+        proc = airlock(
+            settings,
+            _AIRLOCK_COMPLETE="bash_complete",
+            COMP_WORDS=" ".join(["airlock", *words]),
+            COMP_CWORD=str(len(words)),
+        )
+        return [line.split(",", 1)[1] for line in proc.stdout.splitlines()]
+
+    assert "tester" in complete("submit", "--agent", "te")
+    assert task_id in complete("status", task_id[:8])
+    assert complete("sta") == ["status"]
+
+
+def test_task_output_is_never_markup(
+    cli_settings: Settings, worker: subprocess.Popen[bytes]
+) -> None:
+    proc = airlock(
+        cli_settings,
+        "submit",
+        "-a",
+        "tester",
+        "--wait",
+        "--",
+        "sh",
+        "-c",
+        "echo '[red]x[/red] [bold'",
+    )
+    assert proc.returncode == 0 and "[red]x[/red] [bold\n" in proc.stdout

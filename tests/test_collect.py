@@ -9,7 +9,7 @@ import threading
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.collect import LogPump, ResultScanner
+from orchestrator.task.collect import LogPump, ResultScanner
 
 MARKER = "0123abcd"
 

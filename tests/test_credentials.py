@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
-from orchestrator.client import Client
-from orchestrator.config import Settings
-from orchestrator.credentials import Credentials
-from orchestrator.errors import VaultRefused
-from orchestrator.executor import Executor
-from orchestrator.identity import (
+from orchestrator import wiring
+from orchestrator.adapters.runtime.docker_engine import DockerRuntime
+from orchestrator.adapters.store import Store
+from orchestrator.adapters.vault.adapter import Vault
+from orchestrator.adapters.vault.broker import WRAPPING
+from orchestrator.adapters.vault.identity import (
     InvalidToken,
     JwksServer,
     Minter,
@@ -33,14 +33,15 @@ from orchestrator.identity import (
     fetch_jwks_url,
     jwks_from_transit,
 )
-from orchestrator.lifecycle import TaskState
-from orchestrator.policy.grant import Grant
-from orchestrator.runtime.docker_engine import DockerRuntime
-from orchestrator.spec import parse
-from orchestrator.store import Store
-from orchestrator.vault.adapter import Vault
-from orchestrator.vault.broker import WRAPPING
-from orchestrator.vault.setup import JWT_KEY
+from orchestrator.adapters.vault.setup import JWT_KEY
+from orchestrator.client import Client
+from orchestrator.config import Settings
+from orchestrator.core.grant import Grant
+from orchestrator.core.lifecycle import TaskState
+from orchestrator.core.spec import parse
+from orchestrator.errors import VaultRefused
+from orchestrator.task.credentials import Credentials
+from orchestrator.task.executor import Executor
 from tests.conftest import ROOT, airlock, airlock_env
 
 S = TaskState
@@ -235,7 +236,9 @@ def test_a_task_that_reads_nothing_from_vault_is_given_no_vault_token(
         assert list(_wait_for_state(store, task_id, S.RUNNING, limit_s=60)) == [S.RUNNING]
         minted = {}
         for accessor in set(vault.list("auth/token/accessors")) - before:
-            found = vault.write("auth/token/lookup-accessor", {"accessor": accessor}, absent_ok=True)
+            found = vault.write(
+                "auth/token/lookup-accessor", {"accessor": accessor}, absent_ok=True
+            )
             minted[accessor] = ((found or {}).get("data") or {}).get("meta") or {}
         assert not [a for a, meta in minted.items() if meta.get("task_id") == task_id]
         assert "token_accessor" not in store.journaled(task_id)[0]
@@ -291,7 +294,7 @@ def test_vault_unreachable_at_provision(
     settings: Settings, store: Store, runtime: DockerRuntime
 ) -> None:
     cut_off = replace(settings, vault_addr="http://127.0.0.1:1")
-    credentials = Credentials(cut_off, store)
+    credentials = wiring.credentials(cut_off, store)
     try:
         executor = Executor(cut_off, store, runtime, credentials=credentials)
         state, status, _ = run_task(executor, command=["true"])
@@ -460,7 +463,7 @@ def test_the_orchestrator_needs_only_its_documented_policy(
     )
     token = created["auth"]["client_token"]  # type: ignore[index]
     narrow = replace(settings, vault_token=token)
-    credentials = Credentials(narrow, store)
+    credentials = wiring.credentials(narrow, store)
     try:
         executor = Executor(narrow, store, runtime, credentials=credentials)
         state, status, logs = run_task(executor, command=["sh", "-c", QUERY])

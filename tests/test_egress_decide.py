@@ -6,9 +6,14 @@ import ipaddress
 
 import pytest
 
-from orchestrator.egress.addresses import BadHost, internal_reason, normalize_host
-from orchestrator.egress.decide import Target, clean_path, decide_addresses, decide_request
-from orchestrator.policy.grant import CompiledGrant, Grant
+from orchestrator.adapters.gateway.addresses import BadHost, internal_reason, normalize_host
+from orchestrator.adapters.gateway.decide import (
+    Target,
+    clean_path,
+    decide_addresses,
+    decide_request,
+)
+from orchestrator.core.grant import CompiledGrant, Grant
 
 GRANT = CompiledGrant(
     Grant.build(

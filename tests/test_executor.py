@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
+from orchestrator.adapters.runtime.docker_engine import DockerRuntime
+from orchestrator.adapters.store import Store
 from orchestrator.client import Client
 from orchestrator.config import Settings
-from orchestrator.credentials import Credentials
+from orchestrator.core.lifecycle import TaskState
 from orchestrator.errors import RuntimeFailure
-from orchestrator.executor import Executor
-from orchestrator.lifecycle import TaskState
-from orchestrator.runtime.docker_engine import DockerRuntime
-from orchestrator.store import Store
+from orchestrator.task.credentials import Credentials
+from orchestrator.task.executor import Executor
 
 S = TaskState
 PROBE = r"""

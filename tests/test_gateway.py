@@ -18,12 +18,13 @@ from typing import Any
 
 import pytest
 
-from orchestrator.credentials import Credentials, Handout
-from orchestrator.egress.audit import AuditLog
-from orchestrator.executor import Executor
-from orchestrator.lifecycle import TaskState
-from orchestrator.spec import parse
-from orchestrator.store import Store
+from orchestrator import wiring
+from orchestrator.adapters.gateway.audit import AuditLog
+from orchestrator.adapters.store import Store
+from orchestrator.core.lifecycle import TaskState
+from orchestrator.core.spec import parse
+from orchestrator.task.credentials import Credentials, Handout
+from orchestrator.task.executor import Executor
 from tests.upstream import HTTP_PORT, PLAIN_CREDENTIALED_PORT, TLS_PORT, Upstreams
 
 S = TaskState
@@ -469,14 +470,14 @@ def test_audit_chain_detects_tampering(settings: Any, store: Store) -> None:
         log.append({"task": "t", "decision": "allow", "n": i})
     assert log.verify() == (5, [])
     entries = list(log.entries())
-    isolated.redis.xdel(log.stream, entries[2][0])  # a record removed from the middle
+    isolated.redis.xdel(isolated.keys.audit, entries[2][0])  # a record removed from the middle
     count, problems = log.verify()
     assert count == 4 and [p.what for p in problems] == [
         "link broken: a record before it was removed or changed"
     ]
     forged = dict(entries[2][1], decision="deny")
     isolated.redis.xadd(
-        log.stream,
+        isolated.keys.audit,
         {
             "record": json.dumps(forged, sort_keys=True),
             "prev": entries[2][2],
@@ -485,12 +486,12 @@ def test_audit_chain_detects_tampering(settings: Any, store: Store) -> None:
     )
     _, problems = log.verify()
     assert "record changed after it was written" in [p.what for p in problems]
-    isolated.redis.delete(log.stream)
+    isolated.redis.delete(isolated.keys.audit)
     log2 = AuditLog(isolated)
     for i in range(3):
         log2.append({"n": i})
     last = list(log2.entries())[-1][0]
-    isolated.redis.xdel(log2.stream, last)  # the newest record removed
+    isolated.redis.xdel(isolated.keys.audit, last)  # the newest record removed
     _, problems = log2.verify()
     assert any(p.what.startswith("chain ends early") for p in problems)
     for key in isolated.redis.scan_iter(f"{settings.namespace}-audit:*"):
@@ -680,8 +681,7 @@ def test_a_separate_gateway_process_serves_the_tasks(
     import threading
     from dataclasses import replace
 
-    from orchestrator.credentials import Credentials
-    from orchestrator.gateway import CONTROL_SOCKET
+    from orchestrator.adapters.gateway.service import CONTROL_SOCKET
     from tests.conftest import airlock_env
 
     short = Path(tempfile.mkdtemp(prefix="al-"))  # unix socket paths are capped at 108 bytes
@@ -719,7 +719,7 @@ def test_a_separate_gateway_process_serves_the_tasks(
             if control.exists():
                 break
             time.sleep(0.05)
-        credentials = Credentials(remote, store)
+        credentials = wiring.credentials(remote, store)
         executor = Executor(remote, store, runtime, credentials=credentials)
         run_task("/api/remote")
         procs[0].send_signal(signal.SIGKILL)  # a crash: its socket file stays, refusing

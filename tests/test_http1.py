@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import http1
+from orchestrator.adapters import http1
 from orchestrator.config import Settings
 
 
@@ -139,7 +139,7 @@ def test_garbage_and_cut_answers_are_protocol_errors(scripted: Callable[..., Scr
     for _ in range(2):
         with pytest.raises(http1.ProtocolError):
             client.request("GET", "/")
-    with pytest.raises(http1.ProtocolError, match="bad chunk size"):
+    with pytest.raises(http1.ProtocolError, match="chunk"):
         client.request("GET", "/")
 
 
@@ -200,8 +200,8 @@ def test_vault_over_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     import sys
     import time
 
+    from orchestrator.adapters.vault.adapter import Vault
     from orchestrator.errors import ServiceUnavailable
-    from orchestrator.vault.adapter import Vault
 
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
@@ -250,3 +250,60 @@ def test_vault_tls_settings_that_cannot_be_read(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="Vault TLS settings"):
         vault_tls({"VAULT_CACERT": str(tmp_path / "missing.pem")})
     assert vault_tls({}).verify_mode.name == "CERT_REQUIRED"
+
+
+def redirect(status: int, location: str) -> bytes:
+    return (
+        f"HTTP/1.1 {status} Redirect\r\nLocation: {location}\r\nContent-Length: 0\r\n\r\n".encode()
+    )
+
+
+def test_a_standby_redirect_is_followed_not_read_as_success(
+    scripted: Callable[..., Scripted],
+) -> None:
+    """A Vault standby answers 307 with the active node's address: the call goes there, with
+    its method, body and token, instead of reading the empty 307 as a successful answer."""
+    active = scripted([OK_JSON])
+    standby = scripted([redirect(307, f"{active.url}/v1/auth/token/create")])
+    session = http1.Session(standby.url)
+    answer = session.request(
+        "POST", f"{standby.url}/v1/auth/token/create", {"X-Vault-Token": "t"}, {"ttl": "1m"}
+    )
+    assert answer.status_code == 200 and answer.json() == {"a": True}
+    assert answer.url == f"{active.url}/v1/auth/token/create"
+    sent = active.requests[0]
+    assert sent.startswith(b"POST /v1/auth/token/create HTTP/1.1\r\n")
+    assert b"X-Vault-Token: t\r\n" in sent and sent.endswith(b'{"ttl":"1m"}')
+
+
+def test_redirects_as_requests_follows_them(scripted: Callable[..., Scripted]) -> None:
+    target = scripted([OK_JSON, OK_JSON])
+    server = scripted([redirect(303, f"{target.url}/done"), redirect(307, "/again")])
+    session = http1.Session(server.url)
+    assert session.request("POST", f"{server.url}/form", json={"k": 1}).ok
+    assert target.requests[0].startswith(b"GET /done HTTP/1.1\r\n")  # 303: GET, no body
+    # not followed when the caller says so
+    held = session.request("GET", f"{server.url}/x", allow_redirects=False)
+    assert held.status_code == 307 and held.headers["location"] == "/again"
+
+
+def test_a_redirect_loop_ends(scripted: Callable[..., Scripted]) -> None:
+    loop = scripted([redirect(302, "/a")] * 10)
+    with pytest.raises(http1.ProtocolError, match="more than 5 redirects"):
+        http1.Session(loop.url).request("GET", f"{loop.url}/a")
+    assert len(loop.requests) == 6
+
+
+def test_answers_are_capped(scripted: Callable[..., Scripted]) -> None:
+    big = b"x" * 2000
+    server = scripted(
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 2000\r\n\r\n" + big],
+        [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7d0\r\n" + big + b"\r\n0\r\n\r\n"],
+        [OK_JSON],
+    )
+    client = http1.Client(server.url, max_body=1000)
+    for _ in range(2):
+        with pytest.raises(http1.ProtocolError, match="over 1000 bytes"):
+            client.request("GET", "/big")
+    assert client.request("GET", "/small").json() == {"a": True}  # on a new connection
+    assert server.connections == 3

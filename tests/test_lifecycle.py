@@ -9,10 +9,10 @@ from dataclasses import replace
 
 import pytest
 
+from orchestrator.adapters.store import Store
 from orchestrator.config import Settings
+from orchestrator.core.lifecycle import TERMINAL, TRANSITIONS, TaskState, advance, allowed
 from orchestrator.errors import IllegalTransition, TaskNotFound
-from orchestrator.lifecycle import TERMINAL, TRANSITIONS, TaskState, advance, allowed
-from orchestrator.store import Store
 
 S = TaskState
 PAIRS = list(itertools.product(TaskState, TaskState))

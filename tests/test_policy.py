@@ -12,18 +12,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from orchestrator.adapters.runtime.docker_engine import DockerRuntime
+from orchestrator.adapters.store import Store
 from orchestrator.config import Settings
-from orchestrator.credentials import Credentials
+from orchestrator.core.agent import Agent
+from orchestrator.core.grant import CompiledGrant, Grant
+from orchestrator.core.lifecycle import TaskState
+from orchestrator.core.spec import parse
 from orchestrator.errors import PolicyError
-from orchestrator.executor import Executor
-from orchestrator.lifecycle import TaskState
-from orchestrator.policy.agents import Agent, load_registry
-from orchestrator.policy.engine import Bundle, Deployment, PolicyEngine, load_bundle, policy_input
-from orchestrator.policy.grant import CompiledGrant, Grant
+from orchestrator.policy.agents import load_registry
+from orchestrator.policy.bundle import Bundle, Deployment, policy_input
+from orchestrator.policy.engine import PolicyEngine, load_bundle
 from orchestrator.policy.testing import run_policy_tests
-from orchestrator.runtime.docker_engine import DockerRuntime
-from orchestrator.spec import parse
-from orchestrator.store import Store
+from orchestrator.task.credentials import Credentials
+from orchestrator.task.executor import Executor
 from tests.conftest import ROOT, airlock
 
 POLICIES, AGENTS = ROOT / "policies", ROOT / "agents"

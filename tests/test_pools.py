@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from orchestrator.client import Client
-from orchestrator.spec import parse
+from orchestrator.core.spec import parse
 from tests.conftest import ROOT, airlock, running
 
 

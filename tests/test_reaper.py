@@ -6,11 +6,11 @@ import json
 import time
 import uuid
 
+from orchestrator.adapters.runtime.docker_engine import DockerRuntime
+from orchestrator.adapters.store import Store
 from orchestrator.config import Settings
-from orchestrator.lifecycle import TaskState
-from orchestrator.reaper import DEADLINE_GRACE_S, reap, reap_tasks
-from orchestrator.runtime.docker_engine import DockerRuntime
-from orchestrator.store import Store
+from orchestrator.core.lifecycle import TaskState
+from orchestrator.task.reaper import DEADLINE_GRACE_S, reap, reap_tasks
 from tests.conftest import airlock, running
 from tests.test_runtime import make_spec
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.adapters.runtime.base import ContainerSpec
+from orchestrator.adapters.runtime.docker_engine import DockerRuntime, container_config
 from orchestrator.config import TASK_USER, Settings
 from orchestrator.errors import ServiceUnavailable
-from orchestrator.runtime.base import ContainerSpec
-from orchestrator.runtime.docker_engine import DockerRuntime, container_config
 
 
 def make_spec(settings: Settings, **overrides: object) -> ContainerSpec:
@@ -127,7 +127,7 @@ class _Pieces:
 
 
 def test_output_frames_are_reassembled_across_reads_and_batched() -> None:
-    from orchestrator.runtime.docker_engine import _frames
+    from orchestrator.adapters.runtime.docker_engine import _frames
 
     def frame(stream: int, data: bytes) -> bytes:
         return bytes([stream, 0, 0, 0]) + len(data).to_bytes(4, "big") + data

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from orchestrator.core.spec import TaskSpec, json_schema, parse, parse_text
 from orchestrator.errors import InvalidSpec
-from orchestrator.spec import TaskSpec, json_schema, parse, parse_text
 
 VALID = {"agent": "researcher", "command": ["python3", "-c", "print(1)"]}
 

@@ -6,10 +6,11 @@ import json
 import uuid
 from typing import Any
 
+from orchestrator import wiring
+from orchestrator.adapters.store import Store
 from orchestrator.client import Client
-from orchestrator.executor import Executor
-from orchestrator.lifecycle import TaskState
-from orchestrator.store import Store
+from orchestrator.core.lifecycle import TaskState
+from orchestrator.task.executor import Executor
 from tests.conftest import airlock, running
 from tests.test_gateway import upstreams  # noqa: F401  (the fixture)
 from tests.upstream import HTTP_PORT, Upstreams
@@ -61,7 +62,7 @@ def test_a_task_is_one_trace_with_the_gateway_under_its_run(
     assert admit["airlock.policy_version"].startswith("sha256:")
     assert named["teardown"][0]["attributes"]["airlock.revocation_verified"] is True
     executor.credentials.audit.flush()
-    from orchestrator.egress.audit import AuditLog
+    from orchestrator.adapters.gateway.audit import AuditLog
 
     audited = AuditLog(store).records(task_id)
     assert {r["trace_id"] for r in audited} == {store.get(task_id)["trace_id"]}
@@ -244,14 +245,14 @@ def test_spans_reach_an_otlp_collector_as_one_trace(
     } <= receiver.metrics
 
 
-def test_logs_are_json_with_task_and_trace_ids(settings: Any) -> None:
+def test_logs_are_json_with_task_and_trace_ids(settings: Any, store: Any) -> None:
     import logging
 
-    from orchestrator import logs, telemetry
+    from orchestrator.adapters import logs, telemetry
 
-    telemetry.setup(settings, "worker")
+    telemetry.setup(settings, "worker", store)
     record = logging.LogRecord(
-        "orchestrator.executor",
+        "orchestrator.task.executor",
         logging.WARNING,
         __file__,
         1,
@@ -277,10 +278,8 @@ def test_vault_down_and_cancel_say_why_in_their_traces(
     import time
     from dataclasses import replace
 
-    from orchestrator.credentials import Credentials
-
     cut_off = replace(settings, vault_addr="http://127.0.0.1:1")
-    credentials = Credentials(cut_off, store)
+    credentials = wiring.credentials(cut_off, store)
     try:
         broken = Executor(cut_off, store, runtime, credentials=credentials)
         task_id = str(uuid.uuid4())

@@ -13,15 +13,15 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from orchestrator import wiring
+from orchestrator.adapters.runtime.docker_engine import DockerRuntime
+from orchestrator.adapters.store import Store
+from orchestrator.adapters.vault.adapter import Vault
 from orchestrator.client import Client
 from orchestrator.config import Settings
-from orchestrator.credentials import Credentials
+from orchestrator.core.lifecycle import TaskState
 from orchestrator.errors import ServiceUnavailable
-from orchestrator.executor import Executor
-from orchestrator.lifecycle import TaskState
-from orchestrator.runtime.docker_engine import DockerRuntime
-from orchestrator.store import Store
-from orchestrator.vault.adapter import Vault
+from orchestrator.task.executor import Executor
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "runner_image"))
@@ -175,7 +175,7 @@ def test_a_task_minted_during_a_vault_restart(
     """The worker's credentials ride out the restart: the task runs. Without, it fails with
     one clear reason and leaves nothing behind."""
     behind = replace(settings, vault_addr=flaky.addr)
-    credentials = Credentials(behind, store, ride_out_s=ride_out_s)
+    credentials = wiring.credentials(behind, store, ride_out_s=ride_out_s)
     try:
         executor = Executor(behind, store, runtime, credentials=credentials)
         flaky.down()

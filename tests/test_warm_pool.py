@@ -14,18 +14,21 @@ from typing import Any
 
 import pytest
 
+from orchestrator import wiring
+from orchestrator.adapters.gateway.member_endpoint import MemberEndpoint
+from orchestrator.adapters.gateway.service import LocalGateway
+from orchestrator.adapters.runtime.docker_engine import DockerRuntime
+from orchestrator.adapters.store import Store
+from orchestrator.adapters.vault.adapter import Vault
 from orchestrator.client import Client
 from orchestrator.config import Settings
-from orchestrator.credentials import Credentials
+from orchestrator.core.ids import is_member
+from orchestrator.core.lifecycle import TaskState
 from orchestrator.errors import RuntimeFailure
-from orchestrator.executor import Executor
-from orchestrator.gateway import LocalGateway
-from orchestrator.lifecycle import TaskState
-from orchestrator.pool import MemberEndpoint, WarmPool, is_member
-from orchestrator.reaper import reap, reap_endpoints
-from orchestrator.runtime.docker_engine import DockerRuntime
-from orchestrator.store import Store
-from orchestrator.vault.adapter import Vault
+from orchestrator.task.credentials import Credentials
+from orchestrator.task.executor import Executor
+from orchestrator.task.pool import WarmPool
+from orchestrator.task.reaper import reap, reap_endpoints
 from tests.conftest import running
 from tests.test_credentials import QUERY, postgres_roles
 from tests.test_executor import PROBE
@@ -349,7 +352,7 @@ def test_a_warm_claim_that_cannot_get_credentials_leaves_nothing(
     settings: Settings, store: Store, runtime: DockerRuntime
 ) -> None:
     cut_off = replace(settings, vault_addr="http://127.0.0.1:1")
-    credentials = Credentials(cut_off, store)
+    credentials = wiring.credentials(cut_off, store)
     pool = make_pool(cut_off, store, runtime, credentials, size=1)
     try:
         pool.tend()

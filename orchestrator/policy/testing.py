@@ -9,18 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
+from orchestrator.core.agent import Agent
+from orchestrator.core.grant import Grant
+from orchestrator.core.spec import parse
 from orchestrator.errors import InvalidSpec, PolicyError
-from orchestrator.policy.agents import Agent
-from orchestrator.policy.grant import Grant
-from orchestrator.spec import parse
-
-if TYPE_CHECKING:
-    from orchestrator.policy.engine import Bundle
+from orchestrator.policy.bundle import Bundle, Deployment, policy_input
 
 
 @dataclass(frozen=True)
@@ -65,8 +63,6 @@ def run_case(
     agents: dict[str, Agent],
     case: dict[str, Any],
 ) -> Result:
-    from orchestrator.policy.engine import policy_input
-
     name = str(case.get("name", "unnamed"))
     try:
         spec = parse(case["task"])
@@ -95,9 +91,7 @@ def run_case(
     return Result(file, name, not problems, "; ".join(problems))
 
 
-def _deployment(values: dict[str, Any]) -> Any:
-    from orchestrator.policy.engine import Deployment
-
+def _deployment(values: dict[str, Any]) -> Deployment:
     values = {**values, "runtimes": tuple(values.get("runtimes", ("runc",)))}
     return Deployment(**values)
 

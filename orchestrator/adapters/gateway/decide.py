@@ -1,0 +1,128 @@
+"""The gateway's decisions as pure functions of (grant, request): no I/O, table-tested.
+
+Two steps, because the second needs DNS: `decide_request` checks what the task asked for
+(identity, target host spelling, port, method, path, header consistency) against its grant;
+`decide_addresses` checks where the name resolved to, and picks the one address the gateway
+will connect to, so that what was checked is exactly what is reached.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from orchestrator.adapters.gateway.addresses import (
+    BadHost,
+    IPAddress,
+    internal_reason,
+    normalize_host,
+)
+from orchestrator.core.agent import Injection
+from orchestrator.core.grant import CompiledGrant
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one request wants to reach, as the client spelled it."""
+
+    method: str
+    host: str
+    port: int
+    path: str | None  # None for CONNECT: the gateway cannot see inside the tunnel
+    host_header: str | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    rule: str
+    reason: str
+    host: str = ""  # the normalized host, when it could be read
+    internal: bool = False  # the matching rule may reach internal addresses
+    tls: bool = False  # speak TLS to the upstream
+    inject: Injection | None = None  # add this credential for the upstream
+
+
+def deny(rule: str, reason: str, host: str = "") -> Verdict:
+    return Verdict(False, rule, reason, host)
+
+
+def _host_port(authority: str, default_port: int) -> tuple[str, int]:
+    host, sep, port = authority.rpartition(":")
+    if not sep or host.endswith(":") or (authority.startswith("[") and not host.endswith("]")):
+        return authority, default_port
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise BadHost(f"bad port in {authority!r}")
+    return host, int(port)
+
+
+def clean_path(path: str) -> str | None:
+    """The path without its query, if it is unambiguous; None if it could mean two things."""
+    bare = path.split("?", 1)[0].split("#", 1)[0]
+    lowered = bare.lower()
+    if not bare.startswith("/") or "\\" in bare or any(x in lowered for x in ("%2e", "%2f", "%5c")):
+        return None
+    if any(segment in (".", "..") for segment in bare.split("/")):
+        return None
+    normalized = posixpath.normpath(bare) + ("/" if bare.endswith("/") and bare != "/" else "")
+    return normalized if normalized == bare or normalized + "/" == bare else None
+
+
+def decide_request(grant: CompiledGrant, target: Target) -> Verdict:
+    """May the task ask for this? (Where the name points is decided after resolution.)"""
+    try:
+        host = normalize_host(target.host)
+        if target.host_header is not None:
+            default = 443 if target.path is None else 80
+            header_host, header_port = _host_port(target.host_header, default)
+            if (normalize_host(header_host), header_port) != (host, target.port):
+                return deny("host-mismatch", "Host header names another host than the target", host)
+    except BadHost as exc:
+        return deny("malformed-host", str(exc))
+    if not 0 < target.port < 65536:
+        return deny("malformed-port", f"port {target.port} is out of range", host)
+    path = None
+    if target.path is not None:
+        path = clean_path(target.path)
+        if path is None:
+            return deny("ambiguous-path", "path has dot segments or encoded separators", host)
+    if path is not None:
+        mcp = grant.mcp_server_for(host, target.port, path)
+        if mcp is not None:  # a granted MCP server: its messages are checked one by one
+            return Verdict(True, f"mcp {mcp[0]}", "granted MCP server", host, mcp[1])
+    method = None if target.path is None else target.method  # a tunnel hides its methods
+    check = grant.check_egress(host, target.port, method, path)
+    tunnel = target.path is None  # the client speaks TLS itself: nothing to add, no TLS of ours
+    return Verdict(
+        check.allowed,
+        check.rule,
+        check.reason,
+        host,
+        check.internal,
+        check.tls and not tunnel,
+        None if tunnel else check.inject,
+    )
+
+
+def decide_addresses(
+    verdict: Verdict,
+    addresses: Sequence[IPAddress],
+    own: Iterable[IPAddress] = (),
+) -> tuple[Verdict, IPAddress | None]:
+    """Check every address a name resolved to; returns the verdict and the address to use.
+
+    Every address must pass, not just the first: a name that resolves to a public and an
+    internal address is refused, so that no later choice can land inside.
+    """
+    if not addresses:
+        return deny("dns", f"{verdict.host} did not resolve", verdict.host), None
+    mine = frozenset(own)
+    if not verdict.internal:
+        for address in addresses:
+            why = internal_reason(address, mine)
+            if why:
+                return deny(
+                    "ssrf", f"{verdict.host} resolves to {address}, {why}", verdict.host
+                ), None
+    return verdict, addresses[0]

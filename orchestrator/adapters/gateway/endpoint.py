@@ -1,0 +1,279 @@
+"""Per-task endpoints: one unix socket per task, in a directory mounted into that task only.
+
+The socket is the task's identity: whoever speaks on it speaks for that task and no other.
+One asyncio loop (on its own thread) serves every task's socket of this worker; requests
+are HTTP/1.1 parsed by h11 and answered by the task's handler on a thread pool, so a slow
+Vault never stalls another task's endpoint.
+
+    POST /v1/bootstrap          the task's JWT and wrapped secrets, exactly once
+    POST /v1/wrapping/lookup    {"token"}: where a wrapping token was created
+    POST /v1/wrapping/unwrap    {"token"}: unwrap one of this task's wrapped secrets
+    GET http://host/...         forward proxy (absolute form), decided against the grant
+    CONNECT host:port           a byte tunnel, decided against the grant
+Every proxied request must carry the task's JWT (Proxy-Authorization) as a second factor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import itertools
+import json
+import logging
+import os
+import shutil
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import uvloop
+
+from orchestrator.adapters.gateway.addresses import IPAddress
+from orchestrator.adapters.gateway.http import ProxyPolicy
+from orchestrator.adapters.gateway.proxy import Session
+
+log = logging.getLogger(__name__)
+SOCKET_NAME = "airlock.sock"
+BACKLOG = 64  # connections a runner may open before the loop accepts them
+
+
+class Handler(ProxyPolicy, Protocol):
+    """A task's endpoint: its control requests, and the policy its proxy traffic obeys."""
+
+    def __call__(
+        self, method: str, target: str, body: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]]:
+        """Answer one JSON control request of the task."""
+
+
+@dataclass
+class Route:
+    """One socket, and whom it speaks for: a task, or a warm runner until its claim."""
+
+    key: str
+    directory: Path
+    server: Future[asyncio.AbstractServer] | None = None  # serving once it is done
+    # After a claim: the runner's own endpoint, which still answers its POST /v1/claim (a
+    # runner that started after the claim asks only then).
+    claim: Handler | None = None
+
+
+class EndpointServer:
+    def __init__(
+        self, root: Path, max_connections: int = 64, upstream_ca_file: Path | None = None
+    ) -> None:
+        self.root = root
+        # How the gateway checks upstreams it speaks TLS to (system roots unless told).
+        self.tls = ssl.create_default_context(
+            cafile=str(upstream_ca_file) if upstream_ca_file else None
+        )
+        self.max_connections = max_connections
+        # uvloop: a third less CPU per proxied request than asyncio's own loop.
+        self._loop = uvloop.new_event_loop()
+        self._sessions: dict[str, set[asyncio.Task[Any]]] = {}
+        self.handlers: dict[str, Handler] = {}
+        self._routes: dict[str, Route] = {}
+        self.own = own_addresses()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, daemon=True, name="airlock-endpoints"
+        )
+        self._thread.start()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def directory(self, key: str) -> Path:
+        route = self._routes.get(key)
+        return route.directory if route else self.root / key
+
+    def open(self, key: str, handler: Handler) -> Path:
+        """Serve a socket for `key` (a task, or an unclaimed pool member); the directory to
+        mount into its container.
+
+        The socket is bound and listening when this returns (a runner may connect at once);
+        the loop starts accepting on it without this thread waiting for it.
+        """
+        directory = self.directory(key)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / SOCKET_NAME
+        if path.exists():
+            raise FileExistsError(f"{directory} is already served")
+        os.chmod(directory, 0o755)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(path))
+            os.chmod(path, 0o666)  # the task's unprivileged user must be able to connect
+            listener.listen(BACKLOG)
+            listener.setblocking(False)
+        except OSError:
+            listener.close()
+            raise
+        route = Route(key, directory)
+        self.handlers[key] = handler
+        self._routes[key] = route
+        route.server = asyncio.run_coroutine_threadsafe(self._accept(route, listener), self._loop)
+        return directory
+
+    async def _accept(self, route: Route, listener: socket.socket) -> asyncio.AbstractServer:
+        try:
+            return await asyncio.start_unix_server(
+                lambda r, w: self._serve(route, r, w), sock=listener
+            )
+        except BaseException:
+            listener.close()
+            raise
+
+    def rebind(self, old: str, new: str, handler: Handler) -> Path:
+        """A pool member's socket now speaks for task `new`, with that task's handler.
+
+        Connections opened before keep the handler they started with (the member's own
+        wait for its claim); every later one gets the task's.
+        """
+        route = self._routes.pop(old)
+        route.key, route.claim = new, self.handlers.pop(old)
+        self._routes[new] = route
+        self._sessions[new] = self._sessions.pop(old, set())
+        self.handlers[new] = handler
+        return route.directory
+
+    def close(self, key: str) -> bool:
+        """Stop serving the task and remove its directory; False if there was none.
+
+        The socket's path is gone when this returns (no one can connect any more); the loop
+        closes the listener and cuts the task's open connections on its own time.
+        """
+        directory = self.directory(key)
+        route = self._routes.pop(key, None)
+        self.handlers.pop(key, None)
+        if route is not None and route.server is not None:
+            sessions = self._sessions.pop(key, set())
+            self._loop.call_soon_threadsafe(_stop, route.server, sessions)
+        existed = _remove_directory(directory)
+        return route is not None or existed
+
+    def stale(self, live: Callable[[str], bool]) -> list[str]:
+        """Endpoint directories on disk whose task is not live (left by a crashed worker)."""
+        if not self.root.is_dir():
+            return []
+        return [p.name for p in self.root.iterdir() if p.is_dir() and not live(p.name)]
+
+    async def _serve(
+        self, route: Route, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task_id = route.key
+        handler = self.handlers.get(task_id)
+        if handler is None:  # closed while this connection was accepted
+            writer.close()
+            return
+        current = asyncio.current_task()
+        sessions = self._sessions.setdefault(task_id, set())
+        if len(sessions) >= self.max_connections:
+            self._refuse_over_limit(handler, writer)
+            return
+        if current is not None:
+            sessions.add(current)
+
+        async def control(method: str, target: str, body: bytes) -> tuple[int, dict[str, Any]]:
+            if route.claim is not None and target == "/v1/claim":
+                return await self._control(route.claim, method, target, body)
+            return await self._control(handler, method, target, body)
+
+        try:
+            await Session(reader, writer, control, handler, lambda: self.own, self.tls).run()
+        except asyncio.CancelledError:
+            writer.close()  # the task ended: its open tunnels are cut
+        finally:
+            if current is not None:
+                sessions.discard(current)
+
+    async def _control(
+        self, handler: Handler, method: str, target: str, body: bytes
+    ) -> tuple[int, dict[str, Any]]:
+        """One JSON control request, answered by the handler on the thread pool."""
+        waiting = getattr(handler, "answer", None)  # an unclaimed warm runner's endpoint
+        if waiting is not None:
+            answer: tuple[int, dict[str, Any]] = await waiting(method, target)
+            return answer
+        try:
+            document = json.loads(body) if body else {}
+        except json.JSONDecodeError:
+            return 400, {"error": "body is not JSON"}
+        if not isinstance(document, dict):
+            return 400, {"error": "body must be a JSON object"}
+        try:
+            return await self._loop.run_in_executor(None, handler, method, target, document)
+        except Exception as exc:  # a failing handler must not take the loop down
+            log.exception("endpoint handler failed")
+            return 500, {"error": f"internal error: {exc.__class__.__name__}"}
+
+    def _refuse_over_limit(self, handler: Handler, writer: asyncio.StreamWriter) -> None:
+        handler.audit(
+            {
+                "method": "?",
+                "decision": "deny",
+                "rule": "limits",
+                "reason": f"more than {self.max_connections} connections at once",
+            }
+        )
+        writer.write(
+            b"HTTP/1.1 429 Too Many Requests\r\nx-airlock-denied: limits\r\n"
+            b"content-length: 0\r\nconnection: close\r\n\r\n"
+        )
+        writer.close()
+
+    def shutdown(self) -> None:
+        for task_id in list(self._routes):
+            self.close(task_id)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+
+def _stop(server: Future[asyncio.AbstractServer], sessions: set[asyncio.Task[Any]]) -> None:
+    """On the loop: close a listener (once it is serving) and cancel its connections."""
+
+    def close(done: Future[asyncio.AbstractServer]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            done.result().close()
+
+    server.add_done_callback(close)
+    for session in sessions:
+        session.cancel()
+
+
+def _remove_directory(directory: Path) -> bool:
+    """Remove an endpoint directory (its socket, usually nothing else); False if none."""
+    with contextlib.suppress(OSError):  # gone already, or rmtree below sees to it
+        os.unlink(directory / SOCKET_NAME)
+    try:
+        os.rmdir(directory)
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError:
+        shutil.rmtree(directory, ignore_errors=True)
+        return True
+
+
+def own_addresses() -> frozenset[IPAddress]:
+    """Every address of this host (the gateway must never proxy a task to its own host)."""
+    found: set[IPAddress] = set()
+    try:
+        lines = Path("/proc/net/fib_trie").read_text().splitlines()
+        for previous, line in itertools.pairwise(lines):
+            if "/32 host LOCAL" in line:
+                found.add(ipaddress.ip_address(previous.split()[-1]))
+        for line in Path("/proc/net/if_inet6").read_text().splitlines():
+            raw = line.split()[0]
+            found.add(ipaddress.ip_address(":".join(raw[i : i + 4] for i in range(0, 32, 4))))
+    except (OSError, ValueError, IndexError):
+        pass
+    return frozenset(found)

@@ -1,0 +1,296 @@
+"""HTTP plumbing of the gateway: framing checks, answers, resolution, checked connects.
+
+Nothing here decides policy; it asks the task's ProxyPolicy and the pure decision core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import json
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import h11
+
+from orchestrator.adapters.gateway.addresses import IPAddress, as_ip
+from orchestrator.adapters.gateway.decide import Target, Verdict, decide_addresses
+from orchestrator.core.grant import CompiledGrant
+
+log = logging.getLogger(__name__)
+MAX_HEAD = 16 * 1024
+IDLE_TIMEOUT_S = 60.0
+HOP_BY_HOP = {
+    b"connection",
+    b"keep-alive",
+    b"proxy-authorization",
+    b"proxy-connection",
+    b"proxy-authenticate",
+    b"te",
+    b"trailer",
+    b"upgrade",
+}
+
+
+class ProxyPolicy(Protocol):
+    """What the shell needs to know about the task whose socket it serves."""
+
+    grant: CompiledGrant
+
+    def authenticate(self, header: str | None) -> str | None:
+        """None if the proxy credentials name this live task, else why not."""
+
+    def decide(self, target: Target) -> Verdict:
+        """The grant's verdict on a request (before DNS)."""
+
+    def granted_tunnel(self, authority: str) -> tuple[str, int] | None:
+        """A directly granted address (a database), bypassing the egress rules."""
+
+    def audit(self, record: dict[str, Any]) -> None:
+        """Record one decision, allowed or denied."""
+
+    def count_request(self) -> str | None:
+        """Count one more request of the task; why not, once it is over its limit."""
+
+    def credential(self, name: str) -> str | None:
+        """The real value behind an injection's placeholder (held by the gateway only)."""
+
+
+@dataclass
+class Exchange:
+    """The audit facts of one request, filled in as it goes."""
+
+    method: str
+    host: str = ""
+    port: int = 0
+    path: str | None = None
+    decision: str = "deny"
+    rule: str = ""
+    reason: str = ""
+    status: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "host": self.host,
+            "port": self.port,
+            "path": self.path,
+            "decision": self.decision,
+            "rule": self.rule,
+            "reason": self.reason,
+            "status": self.status,
+            "bytes_out": self.bytes_out,
+            "bytes_in": self.bytes_in,
+            "duration_ms": round((time.monotonic() - self.started) * 1000, 2),
+        }
+
+
+class Refused(Exception):
+    def __init__(
+        self, status: int, rule: str, reason: str, headers: list[tuple[str, str]] | None = None
+    ):
+        self.status, self.rule, self.reason = status, rule, reason
+        self.headers = headers or []
+        super().__init__(reason)
+
+
+def smuggling_problem(head: bytes) -> str | None:
+    """Header framing that two HTTP parsers could read differently."""
+    names = [line.split(b":", 1)[0].strip().lower() for line in head.split(b"\r\n")[1:] if line]
+    if any(b" " in name or b"\t" in name for name in names):
+        return "whitespace in a header name"
+    lengths = names.count(b"content-length")
+    if lengths > 1:
+        return "repeated Content-Length"
+    if lengths and b"transfer-encoding" in names:
+        return "both Content-Length and Transfer-Encoding"
+    return None
+
+
+async def read_head(reader: asyncio.StreamReader, buffer: bytearray) -> bool:
+    """Fill `buffer` until it holds a whole request head; False on a clean end of stream."""
+    while b"\r\n\r\n" not in buffer:
+        if len(buffer) > MAX_HEAD:
+            raise Refused(431, "limits", "request head too large")
+        chunk = await read_chunk(reader)
+        if not chunk:
+            if buffer:
+                raise Refused(400, "malformed", "connection closed inside a request head")
+            return False
+        buffer += chunk
+    return True
+
+
+async def respond(
+    conn: h11.Connection,
+    writer: asyncio.StreamWriter,
+    status: int,
+    payload: dict[str, Any],
+    headers: list[tuple[str, str]] | None = None,
+) -> None:
+    data = json.dumps(payload).encode()
+    all_headers = [
+        ("content-type", "application/json"),
+        ("content-length", str(len(data))),
+        *(headers or []),
+    ]
+    writer.write(conn.send(h11.Response(status_code=status, headers=all_headers)) or b"")
+    writer.write(conn.send(h11.Data(data=data)) or b"")
+    writer.write(conn.send(h11.EndOfMessage()) or b"")
+    await writer.drain()
+
+
+def refusal(exc: Refused) -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
+    headers = [("x-airlock-denied", exc.rule), *exc.headers]
+    return (
+        exc.status,
+        {"error": "denied by airlock", "rule": exc.rule, "reason": exc.reason},
+        headers,
+    )
+
+
+async def resolve(host: str, port: int) -> list[IPAddress]:
+    """The gateway's own resolution: every address the name has, in resolver order."""
+    literal = as_ip(host)
+    if literal is not None:
+        return [literal]
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), 10)
+    except (TimeoutError, OSError):
+        return []
+    seen: list[IPAddress] = []
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        if address not in seen:
+            seen.append(address)
+    return seen
+
+
+@dataclass
+class Upstream:
+    """A connection to one checked address; plain HTTP ones are kept for the next request."""
+
+    key: tuple[str, int, bool]
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    conn: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
+
+    def reusable(self) -> bool:
+        return (
+            self.conn.our_state is h11.DONE
+            and self.conn.their_state is h11.DONE
+            and not self.reader.at_eof()
+            and not self.writer.is_closing()
+        )
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def connect_checked(
+    policy: ProxyPolicy,
+    target: Target,
+    exchange: Exchange,
+    own: Callable[[], frozenset[IPAddress]],
+    pool: dict[tuple[str, int, bool], Upstream] | None = None,
+    tls: ssl.SSLContext | None = None,
+) -> tuple[Upstream, Verdict]:
+    """Decide, resolve, check every address, and connect to exactly the checked one.
+
+    A kept connection is reused only when it goes to that same checked address and port.
+    """
+    verdict = policy.decide(target)
+    exchange.host, exchange.rule, exchange.reason = verdict.host, verdict.rule, verdict.reason
+    if not verdict.allowed:
+        raise Refused(403, verdict.rule, verdict.reason)
+    addresses = await resolve(verdict.host, target.port)
+    verdict, chosen = decide_addresses(verdict, addresses, own())
+    if chosen is None:
+        exchange.rule, exchange.reason = verdict.rule, verdict.reason
+        raise Refused(403, verdict.rule, verdict.reason)
+    key = (str(chosen), target.port, verdict.tls)
+    kept = pool.pop(key, None) if pool is not None else None
+    if kept is not None and not kept.reader.at_eof() and not kept.writer.is_closing():
+        return kept, verdict
+    context = (tls or ssl.create_default_context()) if verdict.tls else None
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                str(chosen),
+                target.port,
+                ssl=context,
+                server_hostname=verdict.host if context else None,
+            ),
+            10,
+        )
+        return Upstream(key, reader, writer), verdict
+    except ssl.SSLError as exc:
+        raise Refused(502, "upstream-tls", f"TLS to {verdict.host} failed: {exc.reason}") from None
+    except (TimeoutError, OSError) as exc:
+        raise Refused(502, "upstream", f"cannot connect to {chosen}:{target.port}: {exc}") from None
+
+
+def proxy_credentials(request: h11.Request) -> str | None:
+    for name, value in request.headers:
+        if name == b"proxy-authorization":
+            return value.decode("latin-1")
+    return None
+
+
+def bearer_token(header: str | None) -> str | None:
+    """The JWT from 'Bearer <jwt>' or from 'Basic base64(anything:<jwt>)' (proxy URLs)."""
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(value.strip()).decode().partition(":")[2] or None
+        except (ValueError, UnicodeDecodeError):
+            return None
+    return None
+
+
+async def read_chunk(reader: asyncio.StreamReader) -> bytes:
+    """The next bytes from a peer; TimeoutError after the idle timeout."""
+    async with asyncio.timeout(IDLE_TIMEOUT_S):
+        return await reader.read(65536)
+
+
+async def next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        conn.receive_data(await read_chunk(reader))
+
+
+async def read_body(conn: h11.Connection, reader: asyncio.StreamReader, limit: int) -> bytes:
+    body = b""
+    while not isinstance(event := await next_event(conn, reader), h11.EndOfMessage):
+        if isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > limit:
+                raise Refused(413, "limits", "request body too large")
+    return body
+
+
+def header(request: h11.Request, name: bytes) -> str | None:
+    for key, value in request.headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+ControlHandler = Callable[[str, str, bytes], Awaitable[tuple[int, dict[str, Any]]]]

@@ -1,0 +1,422 @@
+"""The gateway's thin asyncio shell: it moves bytes, and asks the pure core what is allowed.
+
+One client connection carries a sequence of requests (keep-alive). Request heads are
+scanned for smuggling (Content-Length with Transfer-Encoding, repeated Content-Length)
+before h11 sees them; pipelined requests are refused. Plain HTTP is forwarded in origin
+form to exactly the address that was checked; CONNECT becomes a byte tunnel to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+import h11
+
+from orchestrator.adapters.gateway.addresses import IPAddress
+from orchestrator.adapters.gateway.decide import Target, Verdict
+from orchestrator.adapters.gateway.http import (
+    HOP_BY_HOP,
+    MAX_HEAD,
+    ControlHandler,
+    Exchange,
+    ProxyPolicy,
+    Refused,
+    Upstream,
+    connect_checked,
+    header,
+    next_event,
+    proxy_credentials,
+    read_body,
+    read_chunk,
+    read_head,
+    refusal,
+    respond,
+    smuggling_problem,
+)
+from orchestrator.adapters.gateway.mcp import (
+    MAX_MCP_BODY,
+    EventStreamFilter,
+    filter_json_body,
+    inspect_request,
+    refusal_body,
+)
+
+
+class Session:
+    """One client connection on a task's socket."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        control: ControlHandler,
+        policy: ProxyPolicy,
+        own: Callable[[], frozenset[IPAddress]],
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.reader, self.writer = reader, writer
+        self.control, self.policy, self.own = control, policy, own
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        # Upstream connections kept alive between this client's requests, by checked address.
+        self.pool: dict[tuple[str, int, bool], Upstream] = {}
+        self.tls = tls
+
+    async def run(self) -> None:
+        buffer = bytearray()
+        try:
+            while await read_head(self.reader, buffer):
+                head = bytes(buffer[: buffer.index(b"\r\n\r\n")])
+                problem = smuggling_problem(head)
+                if problem:
+                    self.policy.audit(Exchange("?", reason=problem, rule="smuggling").record())
+                    raise Refused(400, "smuggling", problem)
+                self.conn.receive_data(bytes(buffer))
+                buffer.clear()
+                request = await next_event(self.conn, self.reader)
+                if not await self.dispatch(request):
+                    return
+                self.conn.start_next_cycle()
+                if self.conn.next_event() is not h11.NEED_DATA:
+                    raise Refused(400, "pipelining", "pipelined requests are not supported")
+        except Refused as exc:
+            await self._refuse(exc)
+        except (h11.RemoteProtocolError, ValueError) as exc:
+            if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE) and self.conn.their_state in (
+                h11.IDLE,
+                h11.SEND_BODY,
+                h11.ERROR,
+            ):
+                self.policy.audit(
+                    Exchange("?", rule="malformed", reason=str(exc), status=400).record()
+                )
+            await self._refuse(Refused(400, "malformed", f"bad request: {exc}"))
+        except (TimeoutError, ConnectionError, h11.LocalProtocolError):
+            pass
+        finally:
+            self.writer.close()
+            for upstream in self.pool.values():
+                upstream.close()
+
+    async def _refuse(self, exc: Refused) -> None:
+        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        status, payload, headers = refusal(exc)
+        try:
+            await respond(
+                self.conn, self.writer, status, payload, [*headers, ("connection", "close")]
+            )
+        except (h11.LocalProtocolError, ConnectionError):
+            pass
+
+    async def dispatch(self, request: h11.Request) -> bool:
+        """Serve one request; whether the connection may carry another."""
+        target = request.target.decode("latin-1")
+        if request.method == b"CONNECT":
+            await self.connect(request, target)
+            return False
+        if target.startswith("/"):
+            body = await read_body(self.conn, self.reader, MAX_HEAD * 4)
+            status, payload = await self.control(request.method.decode(), target, body)
+            await respond(self.conn, self.writer, status, payload, [("connection", "close")])
+            return False
+        return await self.forward(request, target)
+
+    def _authenticate(self, request: h11.Request) -> None:
+        over = self.policy.count_request()
+        if over:
+            raise Refused(429, "limits", over)
+        why = self.policy.authenticate(proxy_credentials(request))
+        if why:
+            raise Refused(407, "identity", why, [("proxy-authenticate", 'Bearer realm="airlock"')])
+
+    async def forward(self, request: h11.Request, target: str) -> bool:
+        method = request.method.decode()
+        exchange = Exchange(method)
+        try:
+            url = urlsplit(target)
+            if url.scheme != "http" or not url.hostname:
+                raise Refused(400, "scheme", "only absolute http:// URLs; use CONNECT for TLS")
+            exchange.path = url.path or "/"
+            exchange.port = url.port or 80
+            path = exchange.path + (f"?{url.query}" if url.query else "")
+            self._authenticate(request)
+            upstream, verdict = await connect_checked(
+                self.policy,
+                Target(method, url.hostname, url.port or 80, path, header(request, b"host")),
+                exchange,
+                self.own,
+                self.pool,
+                self.tls,
+            )
+        except Refused as exc:
+            exchange.status, exchange.rule, exchange.reason = exc.status, exc.rule, exc.reason
+            self.policy.audit(exchange.record())
+            raise
+        exchange.decision = "allow"
+        server = verdict.rule[4:] if verdict.rule.startswith("mcp ") else None
+        try:
+            if server is None:
+                await self._relay(request, path, upstream, exchange, self._injection(verdict))
+            else:
+                await self._relay_mcp(request, path, upstream, exchange, server)
+        except (h11.RemoteProtocolError, ValueError) as exc:
+            exchange.decision, exchange.rule, exchange.status = "deny", "malformed", 400
+            exchange.reason = f"bad request: {exc}"
+            raise
+        finally:
+            self.policy.audit(exchange.record())
+            if upstream.reusable() and len(self.pool) < 4:
+                upstream.conn.start_next_cycle()
+                self.pool[upstream.key] = upstream
+            else:
+                upstream.close()
+        return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
+
+    def _send_request(
+        self,
+        upstream: h11.Connection,
+        writer: asyncio.StreamWriter,
+        request: h11.Request,
+        path: str,
+        body: bytes | None = None,
+        inject: tuple[bytes, bytes | None] | None = None,
+    ) -> None:
+        headers = [(k, v) for k, v in request.headers if k not in HOP_BY_HOP]
+        if inject is not None:
+            # A credentialed upstream: whatever the task sent in that header is dropped, and
+            # the real credential added only when the gateway speaks TLS to the upstream.
+            name, value = inject
+            headers = [(k, v) for k, v in headers if k != name]
+            if value is not None:
+                headers.append((name, value))
+        if body is not None:  # re-framed: the inspected body goes as one piece
+            headers = [
+                (k, v) for k, v in headers if k not in (b"content-length", b"transfer-encoding")
+            ]
+            headers.append((b"content-length", str(len(body)).encode()))
+        writer.write(
+            upstream.send(h11.Request(method=request.method, target=path, headers=headers)) or b""
+        )
+
+    def _injection(self, verdict: Verdict) -> tuple[bytes, bytes | None] | None:
+        if verdict.inject is None:
+            return None
+        value = self.policy.credential(verdict.inject.name) if verdict.tls else None
+        rendered = verdict.inject.template.format(value=value).encode() if value else None
+        return verdict.inject.header.encode(), rendered
+
+    async def _relay(
+        self,
+        request: h11.Request,
+        path: str,
+        upstream_: Upstream,
+        exchange: Exchange,
+        inject: tuple[bytes, bytes | None] | None = None,
+    ) -> None:
+        upstream, up_reader, up_writer = upstream_.conn, upstream_.reader, upstream_.writer
+        self._send_request(upstream, up_writer, request, path, inject=inject)
+        while not isinstance(event := await next_event(self.conn, self.reader), h11.EndOfMessage):
+            if isinstance(event, h11.Data):
+                exchange.bytes_out += len(event.data)
+                up_writer.write(upstream.send(h11.Data(data=event.data)) or b"")
+                await up_writer.drain()
+        up_writer.write(upstream.send(h11.EndOfMessage()) or b"")
+        await up_writer.drain()
+        await self._relay_response(upstream, up_reader, exchange)
+
+    async def _relay_mcp(
+        self, request: h11.Request, path: str, upstream_: Upstream, exchange: Exchange, server: str
+    ) -> None:
+        """An MCP request: every JSON-RPC message decided, tool lists filtered on the way back."""
+        body = await read_body(self.conn, self.reader, MAX_MCP_BODY)
+        exchange.bytes_out = len(body)
+        calls, batch = inspect_request(self.policy.grant, server, body) if body else ([], False)
+        for call in calls:
+            self.policy.audit(
+                {
+                    **exchange.record(),
+                    "mcp_method": call.method,
+                    "tool": call.tool,
+                    "decision": "allow" if call.allowed else "deny",
+                    "rule": call.rule,
+                    "reason": call.reason,
+                }
+            )
+        if not all(call.allowed for call in calls):
+            exchange.decision, exchange.status = "deny", 403
+            exchange.rule = next(c.rule for c in calls if not c.allowed)
+            exchange.reason = "; ".join(c.reason for c in calls if not c.allowed)
+            refused = refusal_body(calls, batch)
+            self.writer.write(
+                self.conn.send(
+                    h11.Response(
+                        status_code=403,
+                        headers=[
+                            ("content-type", "application/json"),
+                            ("content-length", str(len(refused))),
+                            ("x-airlock-denied", exchange.rule),
+                        ],
+                    )
+                )
+                or b""
+            )
+            self.writer.write(self.conn.send(h11.Data(data=refused)) or b"")
+            self.writer.write(self.conn.send(h11.EndOfMessage()) or b"")
+            await self.writer.drain()
+            return
+        upstream, up_reader, up_writer = upstream_.conn, upstream_.reader, upstream_.writer
+        self._send_request(upstream, up_writer, request, path, body)
+        up_writer.write(upstream.send(h11.Data(data=body)) or b"")
+        up_writer.write(upstream.send(h11.EndOfMessage()) or b"")
+        await up_writer.drain()
+        await self._relay_mcp_response(upstream, up_reader, exchange, server)
+
+    async def _relay_response(
+        self, upstream: h11.Connection, up_reader: asyncio.StreamReader, exchange: Exchange
+    ) -> None:
+        """Stream the upstream's answer back; what is already parsed goes out in one write."""
+        out = bytearray()
+        while True:
+            event = upstream.next_event()
+            if event is h11.NEED_DATA:
+                if out:
+                    self.writer.write(bytes(out))
+                    out.clear()
+                    await self.writer.drain()
+                upstream.receive_data(await read_chunk(up_reader))
+            elif isinstance(event, h11.Response):
+                out += self._start_response(event, exchange)
+            elif isinstance(event, h11.Data):
+                exchange.bytes_in += len(event.data)
+                out += self.conn.send(h11.Data(data=event.data)) or b""
+            elif isinstance(event, h11.EndOfMessage):
+                out += self.conn.send(h11.EndOfMessage()) or b""
+                self.writer.write(bytes(out))
+                await self.writer.drain()
+                return
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ConnectionResetError("the upstream closed inside its answer")
+
+    async def _relay_mcp_response(
+        self,
+        upstream: h11.Connection,
+        up_reader: asyncio.StreamReader,
+        exchange: Exchange,
+        server: str,
+    ) -> None:
+        """An MCP server's answer: event streams filtered as they flow, JSON as a whole."""
+        response = await next_event(upstream, up_reader)
+        while not isinstance(response, h11.Response):
+            response = await next_event(upstream, up_reader)
+        kind = dict(response.headers).get(b"content-type", b"").split(b";")[0].strip()
+        stream = EventStreamFilter(self.policy.grant, server)
+        if kind != b"application/json":
+            self.writer.write(self._start_response(response, exchange, reframe=True))
+        body = b""
+        while not isinstance(event := await next_event(upstream, up_reader), h11.EndOfMessage):
+            if not isinstance(event, h11.Data):
+                continue
+            exchange.bytes_in += len(event.data)
+            if kind == b"application/json":
+                body += event.data
+                if len(body) > MAX_MCP_BODY:
+                    raise Refused(502, "mcp-malformed", "MCP answer too large to inspect")
+            elif data := (stream.feed(event.data) if kind == b"text/event-stream" else event.data):
+                self.writer.write(self.conn.send(h11.Data(data=data)) or b"")
+                await self.writer.drain()
+        if kind == b"application/json":
+            filtered = filter_json_body(self.policy.grant, server, body)
+            self.writer.write(
+                self._start_response(response, exchange, reframe=True, length=len(filtered))
+            )
+            self.writer.write(self.conn.send(h11.Data(data=filtered)) or b"")
+        elif rest := stream.finish():
+            self.writer.write(self.conn.send(h11.Data(data=rest)) or b"")
+        self.writer.write(self.conn.send(h11.EndOfMessage()) or b"")
+        await self.writer.drain()
+
+    def _start_response(
+        self,
+        response: h11.Response,
+        exchange: Exchange,
+        reframe: bool = False,
+        length: int | None = None,
+    ) -> bytes:
+        """The upstream's status and headers, as sent on; `reframe` when the body will change."""
+        exchange.status = response.status_code
+        kept: list[tuple[bytes, bytes]] | h11._headers.Headers = response.headers
+        if reframe or any(k in HOP_BY_HOP for k, _ in response.headers):
+            kept = [(k, v) for k, v in response.headers if k not in HOP_BY_HOP]
+        if reframe:
+            kept = [(k, v) for k, v in kept if k not in (b"content-length", b"transfer-encoding")]
+            if length is not None:
+                kept.append((b"content-length", str(length).encode()))
+        return (
+            self.conn.send(
+                h11.Response(status_code=response.status_code, headers=kept, reason=response.reason)
+            )
+            or b""
+        )
+
+    async def connect(self, request: h11.Request, authority: str) -> None:
+        exchange = Exchange("CONNECT")
+        try:
+            self._authenticate(request)
+            granted = self.policy.granted_tunnel(authority)
+            if granted is not None:
+                exchange.host, exchange.port = granted
+                exchange.rule, exchange.reason = "granted-secret", "address of a granted secret"
+                up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(*granted), 10)
+            else:
+                host, _, port = authority.rpartition(":")
+                if not port.isdigit():
+                    raise Refused(400, "malformed", "CONNECT needs host:port")
+                exchange.port = int(port)
+                tunnel, _ = await connect_checked(
+                    self.policy,
+                    Target("CONNECT", host, int(port), None, header(request, b"host")),
+                    exchange,
+                    self.own,
+                )
+                up_reader, up_writer = tunnel.reader, tunnel.writer
+        except (TimeoutError, OSError) as exc:
+            failure = Refused(502, "upstream", str(exc) or exc.__class__.__name__)
+            exchange.status, exchange.rule, exchange.reason = 502, failure.rule, failure.reason
+            self.policy.audit(exchange.record())
+            raise failure from None
+        except Refused as exc:
+            exchange.status, exchange.rule, exchange.reason = exc.status, exc.rule, exc.reason
+            self.policy.audit(exchange.record())
+            raise
+        exchange.decision, exchange.status = "allow", 200
+        self.writer.write(self.conn.send(h11.Response(status_code=200, headers=[])) or b"")
+        leftover, _ = self.conn.trailing_data
+        if leftover:
+            up_writer.write(leftover)
+            exchange.bytes_out += len(leftover)
+        try:
+            sent, received = await asyncio.gather(
+                pipe(self.reader, up_writer), pipe(up_reader, self.writer)
+            )
+            exchange.bytes_out += sent
+            exchange.bytes_in += received
+        finally:
+            self.policy.audit(exchange.record())
+
+
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+    """Copy one direction of a tunnel until either side closes; the bytes copied."""
+    total = 0
+    try:
+        while chunk := await reader.read(65536):
+            writer.write(chunk)
+            total += len(chunk)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+    return total

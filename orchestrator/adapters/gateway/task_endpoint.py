@@ -1,0 +1,199 @@
+"""One task's endpoint handler: the socket it is served on is the task's identity.
+
+It answers the runner's bootstrap exactly once, unwraps only this task's own wrapping tokens,
+and is the proxy's policy for the task: the JWT as second factor, the compiled grant, the
+request budget, injected credentials, and the audit record of every decision.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from opentelemetry.trace import Status, StatusCode
+
+from orchestrator.adapters import logs, telemetry
+from orchestrator.adapters.gateway.audit import AuditLog
+from orchestrator.adapters.gateway.decide import Target, Verdict, decide_request
+from orchestrator.adapters.gateway.http import bearer_token
+from orchestrator.adapters.store import Store
+from orchestrator.adapters.vault.broker import Broker, Provisioned
+from orchestrator.adapters.vault.identity import InvalidToken, Verifier
+from orchestrator.core.grant import CompiledGrant, Grant
+from orchestrator.errors import AirlockError
+
+# A verified task token is trusted again, without re-checking, for this long: signature,
+# audience and liveness are re-checked at most once a second per task. (The endpoint itself
+# is closed the moment the task ends, which cuts every connection at once.)
+ACCEPTED_FOR_S = 1.0
+
+
+class TaskEndpoint:
+    """Answers one task's endpoint. The socket it listens on is the task's identity."""
+
+    def __init__(
+        self,
+        task_id: str,
+        given: Provisioned,
+        broker: Broker,
+        store: Store,
+        connections: dict[str, dict[str, Any]],
+        grant: Grant,
+        verifier: Verifier,
+        audit: AuditLog,
+        context: dict[str, Any],
+        max_requests: int = 100_000,
+    ) -> None:
+        self.task_id = task_id
+        self.given = given
+        self.broker = broker
+        self.store = store
+        self.connections = connections
+        self.grant = CompiledGrant(grant)
+        self.verifier = verifier
+        self.audit_log = audit
+        self.context = {
+            "task": task_id,
+            "agent": grant.agent,
+            "on_behalf_of": grant.on_behalf_of,
+            **context,
+        }
+        self._wrap_tokens = {s.token for s in given.secrets}
+        self._accepted: dict[str, float] = {}
+        self._requests = 0
+        self._verdicts: dict[Target, Verdict] = {}
+        self.max_requests = max_requests
+        self._fetched = False
+        self._lock = threading.Lock()
+
+    # -- the proxy's policy ---------------------------------------------------------------
+    def authenticate(self, header: str | None) -> str | None:
+        token = bearer_token(header)
+        if token is None:
+            return "no task token (Proxy-Authorization: Bearer <task JWT>)"
+        now = time.monotonic()
+        if self._accepted.get(token, 0.0) > now:
+            return None  # this token passed every check less than a second ago
+        try:
+            claims = self.verifier.verify(token)
+        except InvalidToken as exc:
+            return f"task token refused: {exc}"
+        if claims.get("task_id") != self.task_id:
+            return "task token of another task"
+        left = float(claims["exp"]) - time.time()
+        self._accepted = {token: now + min(ACCEPTED_FOR_S, left)}
+        return None
+
+    def credential(self, name: str) -> str | None:
+        return self.given.injected.get(name)
+
+    def count_request(self) -> str | None:
+        with self._lock:
+            self._requests += 1
+            over = self._requests > self.max_requests
+        return f"more than {self.max_requests} requests for this task" if over else None
+
+    def decide(self, target: Target) -> Verdict:
+        # The grant never changes during the task, so a verdict holds for the same target.
+        verdict = self._verdicts.get(target)
+        if verdict is None:
+            if len(self._verdicts) >= 512:
+                self._verdicts.clear()
+            verdict = self._verdicts[target] = decide_request(self.grant, target)
+        return verdict
+
+    def audit(self, record: dict[str, Any]) -> None:
+        logs.current_task.set(self.task_id)
+        full = {**self.context, **record}
+        self._span(full)  # before the traceparent is taken out of the record
+        telemetry.meters().egress.add(
+            1, {"decision": str(full.get("decision")), "agent": str(full.get("agent"))}
+        )
+        traceparent = str(full.pop("traceparent", "") or "")
+        if traceparent.count("-") == 3:
+            full["trace_id"] = traceparent.split("-")[1]
+        self.audit_log.submit(full)
+
+    def _span(self, record: dict[str, Any]) -> None:
+        """One span per egress decision, under the task's run span."""
+        parent = telemetry.extract(record.get("traceparent"))
+        if parent is None:
+            return
+        end = time.time_ns()
+        start = end - int(float(record.get("duration_ms") or 0) * 1e6)
+        span = telemetry.tracer().start_span(
+            f"egress {record.get('method')} {record.get('host')}", context=parent, start_time=start
+        )
+        attributes = {
+            f"airlock.{k}": v
+            for k, v in record.items()
+            if k
+            in (
+                "task",
+                "agent",
+                "method",
+                "host",
+                "port",
+                "path",
+                "tool",
+                "decision",
+                "rule",
+                "reason",
+                "bytes_out",
+                "bytes_in",
+                "status",
+            )
+            and v is not None
+        }
+        span.set_attributes(attributes)
+        if record.get("decision") == "deny":
+            span.set_status(Status(StatusCode.ERROR, str(record.get("reason"))))
+        span.end(end_time=end)
+
+    def __call__(
+        self, method: str, target: str, body: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]]:
+        if method != "POST":
+            return 405, {"error": "only POST"}
+        if target == "/v1/bootstrap":
+            return self._bootstrap()
+        if target in ("/v1/wrapping/lookup", "/v1/wrapping/unwrap"):
+            token = body.get("token")
+            if token not in self._wrap_tokens:
+                self.store.alarm(self.task_id, f"{target} with a token not given to this task")
+                return 403, {"error": "not a wrapping token of this task"}
+            try:
+                if target.endswith("lookup"):
+                    return 200, self.broker.lookup_wrapping(str(token))
+                return 200, self.broker.unwrap(str(token))
+            except AirlockError as exc:
+                return 409, {"error": str(exc)}
+        return 404, {"error": f"no such endpoint {target}"}
+
+    def granted_tunnel(self, authority: str) -> tuple[str, int] | None:
+        """The address of a granted database secret, which needs no egress rule."""
+        host, _, port = authority.rpartition(":")
+        for secret in self.given.secrets:
+            address = self.connections.get(secret.kind) or {}
+            if address and (host, port) == (str(address["host"]), str(address["port"])):
+                return str(address["host"]), int(address["port"])
+        return None
+
+    def _bootstrap(self) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            if self._fetched:
+                self.store.alarm(self.task_id, "second bootstrap fetch refused")
+                return 409, {"error": "bootstrap already fetched"}
+            self._fetched = True
+        secrets = [
+            {**s.bootstrap(), "connection": self.connections.get(s.kind)}
+            for s in self.given.secrets
+        ]
+        placeholders = {name: f"airlock-placeholder:{name}" for name in self.given.injected}
+        return 200, {
+            "task_id": self.task_id,
+            "jwt": self.given.jwt.jwt,
+            "secrets": secrets,
+            "placeholders": placeholders,
+        }

@@ -1,0 +1,68 @@
+"""Every Redis key Airlock uses, in one place (NS is the configured namespace).
+
+NS:task:ID            hash    the record: state, reason, spec, timestamps, results
+NS:task:ID:events     stream  every state change of the task, in order
+NS:task:ID:logs       stream  stdout/stderr chunks, capped by the worker
+NS:task:ID:signal     list    wake-ups for the worker running the task (cancel, exit)
+NS:task:ID:ended      list    one element once the task has ended (waiters block on it)
+NS:task:ID:owner      string  the running worker's heartbeat (expires when it stops)
+NS:task:ID:alarms     list    security-relevant events (a refused second bootstrap)
+NS:task:ID:egress     hash    allowed / denied egress decisions, counted
+NS:tasks              zset    task ids by creation time, for listing
+NS:events             stream  every state change of every task (capped), for watching
+NS:pool               hash    ready warm runners, for watching
+NS:member:KEY         string  the task a claimed warm runner serves
+NS:credentials        set     task ids with journaled credentials
+NS:cred:ID            hash    a task's journaled token accessor and JWT id
+NS:cred:ID:leases     set     a task's journaled lease ids
+NS:audit              stream  every egress decision, hash-chained
+NS:audit:head:CHAIN   string  the last hash of one writer's chain
+NS:trace:TRACE_ID     list    the embedded span store, one list per trace
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    ns: str
+
+    def task(self, task_id: str, part: str = "") -> str:
+        return f"{self.ns}:task:{task_id}" + (f":{part}" if part else "")
+
+    @property
+    def index(self) -> str:
+        return f"{self.ns}:tasks"
+
+    @property
+    def events(self) -> str:
+        return f"{self.ns}:events"
+
+    @property
+    def pool(self) -> str:
+        return f"{self.ns}:pool"
+
+    def member(self, key: str) -> str:
+        return f"{self.ns}:member:{key}"
+
+    @property
+    def journal_index(self) -> str:
+        return f"{self.ns}:credentials"
+
+    def journal(self, task_id: str) -> str:
+        return f"{self.ns}:cred:{task_id}"
+
+    def journal_leases(self, task_id: str) -> str:
+        return f"{self.ns}:cred:{task_id}:leases"
+
+    @property
+    def audit(self) -> str:
+        return f"{self.ns}:audit"
+
+    def audit_head(self, chain: str) -> str:
+        return f"{self.ns}:audit:head:{chain}"
+
+    def trace(self, trace_id: str) -> str:
+        return f"{self.ns}:trace:{trace_id}"

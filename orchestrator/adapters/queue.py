@@ -1,0 +1,73 @@
+"""The task queue: a Celery app configured for Airlock's delivery rules, and the message
+contract producers in any language follow (Celery protocol 2, JSON):
+
+    task name  "airlock.run"
+    task id    the Airlock task id (a UUID)
+    kwargs     {"spec": {...}}, the task spec as in `airlock spec schema`
+    queue      the spec's `queue`, or the deployment's default queue ("airlock")
+
+The worker registers what runs the tasks (`orchestrator.worker`); a producer only sends.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from orchestrator.config import Settings
+from orchestrator.errors import ServiceUnavailable
+
+TASK_NAME = "airlock.run"
+REAP_TASK_NAME = "airlock.reap"
+
+
+def celery_app(settings: Settings) -> Celery:
+    """The Celery app of this deployment, with no tasks registered."""
+    broker = settings.broker_url or settings.redis_url
+    app = Celery("airlock", broker=broker, set_as_current=False)
+    app.conf.update(
+        # Plain redis:// URLs get kombu's Redis transport with a shared client.
+        broker_transport=(
+            "orchestrator.adapters.redis_transport:Transport"
+            if broker.startswith("redis://")
+            else None
+        ),
+        task_default_queue=settings.queue,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        # A task is acknowledged only once it has ended, and given back if the worker dies.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": settings.max_timeout_s + 600},
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=3,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        task_create_missing_queues=True,
+        beat_schedule={
+            "airlock-reap": {"task": REAP_TASK_NAME, "schedule": settings.reap_period_s},
+        },
+    )
+    return app
+
+
+def enqueue(
+    app: Celery, task_id: str, spec: dict[str, Any], traceparent: str | None, queue: str
+) -> None:
+    """Send one task. Raises ServiceUnavailable when the broker did not take it."""
+    try:
+        app.send_task(
+            TASK_NAME,
+            kwargs={"spec": spec, "traceparent": traceparent},
+            task_id=task_id,
+            queue=queue,
+            # No repr of the spec in the message headers (Celery adds one for display):
+            # the spec is in the body already, and its env has no business in broker tools.
+            argsrepr="",
+            kwargsrepr="",
+        )
+    except Exception as exc:  # kombu raises many kinds; all mean "not enqueued"
+        raise ServiceUnavailable("broker", str(exc)) from exc

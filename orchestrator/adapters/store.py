@@ -1,0 +1,529 @@
+"""The one seam to Redis: task records, their event and log streams, worker signals, the
+credential journal, the audit stream and the embedded span store.
+
+Nothing else in Airlock talks to Redis; every key is built by `keys.Keys`, and every Redis
+error becomes ServiceUnavailable here. State changes run as one Lua script: check the
+current state, write, append the events.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from orchestrator.adapters.keys import Keys
+from orchestrator.adapters.retry import ride_out
+from orchestrator.core.lifecycle import TERMINAL, TaskState
+from orchestrator.errors import IllegalTransition, ServiceUnavailable, TaskNotFound
+
+P = ParamSpec("P")
+R = TypeVar("R")
+GLOBAL_EVENTS_MAXLEN = 10_000
+MAX_BLOCK_MS = 10_000  # the longest a blocking read waits before returning empty
+
+_CREATE = (
+    """
+local current = redis.call('HGET', KEYS[1], 'state')
+if current then return current end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('ZADD', KEYS[4], ARGV[1], ARGV[2])
+local ev = {'task', ARGV[2], 'state', 'pending', 'reason', 'submitted', 'at', ARGV[1]}
+redis.call('XADD', KEYS[2], '*', unpack(ev))
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', %d, '*', unpack(ev))
+return ''
+"""
+    % GLOBAL_EVENTS_MAXLEN
+)
+
+# ARGV: target, reason, now, ttl (0 = not terminal), owner heartbeat ms (0 = none), n,
+# n allowed sources, field pairs...
+_ADVANCE = (
+    """
+local current = redis.call('HGET', KEYS[1], 'state')
+if not current then return {0, false} end
+local n = tonumber(ARGV[6])
+local ok = false
+for i = 7, 6 + n do if ARGV[i] == current then ok = true end end
+if not ok then return {0, current} end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'reason', ARGV[2], 'updated_at', ARGV[3])
+if #ARGV > 6 + n then redis.call('HSET', KEYS[1], unpack(ARGV, 7 + n)) end
+local owner = tonumber(ARGV[5])
+if owner > 0 then redis.call('SET', KEYS[7], '1', 'PX', owner) end
+local ev = {'task', redis.call('HGET', KEYS[1], 'id'), 'state', ARGV[1], 'from', current,
+            'reason', ARGV[2], 'at', ARGV[3]}
+redis.call('XADD', KEYS[2], '*', unpack(ev))
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', %d, '*', unpack(ev))
+local ttl = tonumber(ARGV[4])
+if ttl > 0 then
+  redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])
+  redis.call('DEL', KEYS[5], KEYS[6])
+  redis.call('RPUSH', KEYS[6], ARGV[1])
+  for i = 1, 2 do redis.call('EXPIRE', KEYS[i], ttl) end
+  redis.call('EXPIRE', KEYS[4], ttl)
+  redis.call('EXPIRE', KEYS[6], ttl)
+end
+return {1, current}
+"""
+    % GLOBAL_EVENTS_MAXLEN
+)
+
+
+def _guard(method: Callable[P, R]) -> Callable[P, R]:
+    """Translate Redis connection failures into ServiceUnavailable at the seam, after riding
+    out a restart for the store's `ride_out_s`."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        seconds = float(getattr(args[0], "ride_out_s", 0.0))
+        try:
+            return ride_out(lambda: method(*args, **kwargs), seconds, _unreachable)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise ServiceUnavailable("redis", str(exc)) from exc
+
+    return wrapper
+
+
+def _unreachable(exc: BaseException) -> bool:
+    return isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
+
+
+@dataclass(frozen=True)
+class Event:
+    id: str
+    task_id: str
+    state: TaskState
+    reason: str
+    at: float
+    previous: TaskState | None
+
+
+class Store:
+    def __init__(
+        self,
+        url: str,
+        namespace: str = "airlock",
+        record_ttl_s: int = 7 * 24 * 3600,
+        clock: Callable[[], float] = time.time,
+        ride_out_s: float = 0.0,
+    ) -> None:
+        """`ride_out_s`: how long a call keeps retrying while Redis is unreachable (a worker
+        rides out a Redis restart; the CLI answers at once)."""
+        # Reads wait longer than any blocking call the store makes (MAX_BLOCK_MS at most).
+        self.redis = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            health_check_interval=30,
+            retry=Retry(NoBackoff(), 0),  # repeating is ride_out's, in _guard
+            socket_timeout=60,
+            socket_connect_timeout=5,
+        )
+        self.keys = Keys(namespace)
+        self.ns = namespace
+        self.record_ttl_s = record_ttl_s
+        self.clock = clock
+        self.ride_out_s = ride_out_s
+        self._create = self.redis.register_script(_CREATE)
+        self._advance = self.redis.register_script(_ADVANCE)
+
+    def key(self, task_id: str, part: str = "") -> str:
+        return self.keys.task(task_id, part)
+
+    @property
+    def index_key(self) -> str:
+        return self.keys.index
+
+    @property
+    def events_key(self) -> str:
+        return self.keys.events
+
+    # -- records ----------------------------------------------------------------------
+    @_guard
+    def ping(self) -> None:
+        self.redis.ping()
+
+    def create(self, task_id: str, fields: Mapping[str, Any]) -> bool:
+        """Record a new pending task. False if it already exists (a redelivered message)."""
+        return self.record(task_id, fields) is None
+
+    @_guard
+    def record(self, task_id: str, fields: Mapping[str, Any]) -> TaskState | None:
+        """Record a new pending task, in one round trip with finding out whether it existed:
+        None if it was recorded now, else the state the existing record is in."""
+        now = self.clock()
+        flat = _flatten(
+            {
+                **fields,
+                "id": task_id,
+                "state": TaskState.PENDING.value,
+                "reason": "submitted",
+                "created_at": now,
+                "updated_at": now,
+            }
+        )
+        keys = [self.key(task_id), self.key(task_id, "events"), self.events_key, self.index_key]
+        existing = self._create(keys=keys, args=[now, task_id, *flat])
+        return TaskState(existing) if existing else None
+
+    @_guard
+    def get(self, task_id: str) -> dict[str, str]:
+        """The raw record. Raises TaskNotFound."""
+        record: dict[str, str] = self.redis.hgetall(self.key(task_id))
+        if not record:
+            raise TaskNotFound(task_id)
+        return record
+
+    @_guard
+    def update(self, task_id: str, fields: Mapping[str, Any]) -> None:
+        """Write result fields; never the state (that goes through lifecycle.advance)."""
+        if "state" in fields:
+            raise ValueError("state changes go through lifecycle.advance")
+        if fields:
+            self.redis.hset(self.key(task_id), mapping=dict(_pairs(fields)))
+
+    @_guard
+    def compare_and_set_state(
+        self,
+        task_id: str,
+        sources: frozenset[TaskState],
+        target: TaskState,
+        reason: str,
+        fields: Mapping[str, Any],
+        owner_s: float = 0,
+    ) -> TaskState:
+        """Move the task from one of `sources` to `target` with `fields`, in one step; with
+        `owner_s`, also the worker's first heartbeat (see `heartbeat`)."""
+        ttl = self.record_ttl_s if target in TERMINAL else 0
+        keys = [
+            self.key(task_id),
+            self.key(task_id, "events"),
+            self.events_key,
+            self.key(task_id, "logs"),
+            self.key(task_id, "signal"),
+            self.key(task_id, "ended"),
+            self.key(task_id, "owner"),
+        ]
+        args = [
+            target.value,
+            reason,
+            self.clock(),
+            ttl,
+            max(int(owner_s * 1000), 1) if owner_s > 0 else 0,
+            len(sources),
+            *sorted(s.value for s in sources),
+            *_flatten(fields),
+        ]
+        ok, current = self._advance(keys=keys, args=args)
+        if current is None:
+            raise TaskNotFound(task_id)
+        if not ok:
+            raise IllegalTransition(task_id, current, target.value)
+        return TaskState(current)
+
+    @_guard
+    def recent(self, limit: int = 100) -> list[dict[str, str]]:
+        """The most recent records, newest first; ids whose record expired are pruned."""
+        ids: list[str] = self.redis.zrevrange(self.index_key, 0, limit - 1)
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hgetall(self.key(task_id))
+        records = pipe.execute()
+        gone = [task_id for task_id, rec in zip(ids, records, strict=True) if not rec]
+        if gone:
+            self.redis.zrem(self.index_key, *gone)
+        return [rec for rec in records if rec]
+
+    @_guard
+    def live_tasks(self) -> dict[str, TaskState]:
+        """Every recorded task that has not ended, with its state."""
+        ids: list[str] = self.redis.zrange(self.index_key, 0, -1)
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hget(self.key(task_id), "state")
+        states = pipe.execute()
+        return {
+            task_id: TaskState(state)
+            for task_id, state in zip(ids, states, strict=True)
+            if state and TaskState(state) not in TERMINAL
+        }
+
+    # -- events -----------------------------------------------------------------------
+    @_guard
+    def note(self, task_id: str, reason: str) -> None:
+        """An event that is not a state change (what the reaper did for an ended task, say)."""
+        state = self.redis.hget(self.key(task_id), "state")
+        if not state:
+            return
+        event = {
+            "task": task_id,
+            "state": state,
+            "from": state,
+            "reason": reason,
+            "at": self.clock(),
+        }
+        pipe = self.redis.pipeline()
+        pipe.xadd(self.key(task_id, "events"), event)
+        pipe.xadd(self.events_key, event, maxlen=GLOBAL_EVENTS_MAXLEN, approximate=True)
+        pipe.execute()
+
+    @_guard
+    def events(self, task_id: str, after: str = "0", block_ms: int | None = None) -> list[Event]:
+        """Events of one task after stream id `after`; waits up to `block_ms` for the first."""
+        key = self.key(task_id, "events")
+        answer = self.redis.xread({key: after}, block=_capped(block_ms))
+        return [_event(entry_id, data) for _, entries in answer for entry_id, data in entries]
+
+    @_guard
+    def wait_ended(self, task_id: str, block_ms: int) -> bool:
+        """Whether the task has ended, waiting up to `block_ms` for it to. Any number of
+        waiters: each takes the one element and puts it straight back (a rotation)."""
+        key = self.key(task_id, "ended")
+        wait_s = max(min(block_ms, MAX_BLOCK_MS), 1) / 1000
+        return self.redis.blmove(key, key, wait_s, "RIGHT", "LEFT") is not None
+
+    @_guard
+    def all_events(self, after: str = "$", block_ms: int | None = None) -> list[Event]:
+        answer = self.redis.xread({self.events_key: after}, block=_capped(block_ms), count=1000)
+        return [_event(entry_id, data) for _, entries in answer for entry_id, data in entries]
+
+    # -- logs -------------------------------------------------------------------------
+    @_guard
+    def append_log(self, task_id: str, stream: str, text: str) -> None:
+        self.redis.xadd(self.key(task_id, "logs"), {"s": stream, "d": text})
+
+    @_guard
+    def logs(
+        self, task_id: str, after: str = "0", block_ms: int | None = None
+    ) -> list[tuple[str, str, str]]:
+        """(entry id, stream name, text) chunks after `after`."""
+        answer = self.redis.xread({self.key(task_id, "logs"): after}, block=_capped(block_ms))
+        return [(eid, d["s"], d["d"]) for _, entries in answer for eid, d in entries]
+
+    def iter_logs(self, task_id: str) -> Iterator[tuple[str, str]]:
+        after = "0"
+        while chunk := self.logs(task_id, after):
+            for after, stream, text in chunk:
+                yield stream, text
+
+    # -- signals to the worker ----------------------------------------------------------
+    @_guard
+    def signal(self, task_id: str, value: str) -> None:
+        key = self.key(task_id, "signal")
+        pipe = self.redis.pipeline()
+        pipe.rpush(key, value)
+        pipe.expire(key, self.record_ttl_s)
+        pipe.execute()
+
+    @_guard
+    def wait_signal(self, task_id: str, timeout_s: float) -> str | None:
+        """Block until a signal arrives or `timeout_s` passes (None)."""
+        wait_s = min(max(timeout_s, 0.01), MAX_BLOCK_MS / 1000)
+        answer = self.redis.blpop([self.key(task_id, "signal")], timeout=wait_s)
+        return None if answer is None else str(answer[1])
+
+    @_guard
+    def take_signal(self, task_id: str) -> str | None:
+        value = self.redis.lpop(self.key(task_id, "signal"))
+        return None if value is None else str(value)
+
+    # -- ownership ------------------------------------------------------------------------
+    @_guard
+    def heartbeat(self, task_id: str, ttl_s: float) -> None:
+        """The worker running the task is alive; the key lapses if it stops saying so."""
+        self.redis.set(self.key(task_id, "owner"), "1", px=max(int(ttl_s * 1000), 1))
+
+    @_guard
+    def has_owner(self, task_id: str) -> bool:
+        return bool(self.redis.exists(self.key(task_id, "owner")))
+
+    # -- warm pool ------------------------------------------------------------------------
+    @_guard
+    def pool_register(self, member: str, fields: Mapping[str, Any]) -> None:
+        """A ready member (shown by `airlock watch`)."""
+        self.redis.hset(self.keys.pool, member, json.dumps(dict(fields)))
+
+    @_guard
+    def pool_forget(self, member: str) -> None:
+        self.redis.hdel(self.keys.pool, member)
+
+    @_guard
+    def pool_members(self) -> dict[str, dict[str, Any]]:
+        return {k: json.loads(v) for k, v in self.redis.hgetall(self.keys.pool).items()}
+
+    @_guard
+    def pool_claimed(self, member: str, task_id: str) -> None:
+        """The member now runs this task: the reaper judges its container by the task."""
+        self.redis.set(self.keys.member(member), task_id, ex=self.record_ttl_s)
+
+    @_guard
+    def pool_task(self, member: str) -> str | None:
+        task_id: str | None = self.redis.get(self.keys.member(member))
+        return task_id
+
+    # -- credential journal -------------------------------------------------------------
+    # Written before a credential is handed out, removed only after its revocation was
+    # verified: what a crashed worker minted can always be found and revoked.
+    @_guard
+    def journal(
+        self, task_id: str, on_task: Mapping[str, Any] | None = None, **fields: Any
+    ) -> None:
+        """Journal what was minted for the task; `on_task` goes on its record at once."""
+        pipe = self.redis.pipeline()
+        pipe.hset(self.keys.journal(task_id), mapping=dict(_pairs(fields)))
+        pipe.sadd(self.keys.journal_index, task_id)
+        if on_task:
+            pipe.hset(self.key(task_id), mapping=dict(_pairs(on_task)))
+        pipe.execute()
+
+    @_guard
+    def journal_lease(self, task_id: str, lease_id: str) -> None:
+        pipe = self.redis.pipeline()
+        pipe.sadd(self.keys.journal_leases(task_id), lease_id)
+        pipe.sadd(self.keys.journal_index, task_id)
+        pipe.execute()
+
+    @_guard
+    def journaled(self, task_id: str) -> tuple[dict[str, str], set[str]]:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self.keys.journal(task_id))
+        pipe.smembers(self.keys.journal_leases(task_id))
+        fields, leases = pipe.execute()
+        return dict(fields), set(leases)
+
+    @_guard
+    def journaled_tasks(self) -> set[str]:
+        return set(self.redis.smembers(self.keys.journal_index))
+
+    @_guard
+    def forget_credentials(self, task_id: str, leases: set[str] | None = None) -> None:
+        """Drop journal entries whose revocation was verified (all of them by default)."""
+        if leases is not None:
+            if leases:
+                self.redis.srem(self.keys.journal_leases(task_id), *leases)
+            return
+        pipe = self.redis.pipeline()
+        pipe.delete(self.keys.journal(task_id), self.keys.journal_leases(task_id))
+        pipe.srem(self.keys.journal_index, task_id)
+        pipe.execute()
+
+    @_guard
+    def alarm(self, task_id: str, text: str) -> None:
+        """A security-relevant event on a task (a refused second bootstrap, say)."""
+        key = self.key(task_id, "alarms")
+        pipe = self.redis.pipeline()
+        pipe.rpush(key, json.dumps({"at": self.clock(), "alarm": text}))
+        pipe.expire(key, self.record_ttl_s)
+        pipe.execute()
+
+    @_guard
+    def alarms(self, task_id: str) -> list[dict[str, Any]]:
+        return [json.loads(item) for item in self.redis.lrange(self.key(task_id, "alarms"), 0, -1)]
+
+    # -- egress audit -----------------------------------------------------------------------
+    @_guard
+    def append_audit(
+        self,
+        entries: list[dict[str, str]],
+        chain: str,
+        head: str,
+        decided: Mapping[tuple[str, str], int],
+    ) -> None:
+        """Append one writer's chained records, move its head, and count each task's
+        decisions, in one transaction."""
+        pipe = self.redis.pipeline(transaction=True)
+        for entry in entries:
+            pipe.xadd(self.keys.audit, entry)
+        for (task_id, decision), count in decided.items():
+            counts = self.keys.task(task_id, "egress")
+            pipe.hincrby(counts, decision, count)
+            pipe.expire(counts, self.record_ttl_s)
+        pipe.set(self.keys.audit_head(chain), head)
+        pipe.execute()
+
+    @_guard
+    def audit_entries(
+        self, after: str = "-", count: int = 1000
+    ) -> list[tuple[str, dict[str, str]]]:
+        """Up to `count` audit entries from stream id `after` on (inclusive), oldest first."""
+        entries: list[tuple[str, dict[str, str]]] = self.redis.xrange(
+            self.keys.audit, min=after, count=count
+        )
+        return entries
+
+    @_guard
+    def audit_heads(self) -> dict[str, str]:
+        """Every writer's chain and its stored head hash."""
+        found = {}
+        for key in self.redis.scan_iter(self.keys.audit_head("*")):
+            found[key.rsplit(":", 1)[1]] = self.redis.get(key) or ""
+        return found
+
+    @_guard
+    def egress_counts(self, task_ids: list[str]) -> list[dict[str, int]]:
+        """Allowed and denied egress decisions of each task, in order."""
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.hgetall(self.keys.task(task_id, "egress"))
+        return [{k: int(v) for k, v in counts.items()} for counts in pipe.execute()]
+
+    # -- the embedded span store ----------------------------------------------------------
+    @_guard
+    def append_spans(self, by_trace: Mapping[str, list[str]], keep: int, ttl_s: int) -> None:
+        """Add spans (JSON) to their traces' lists, keeping the last `keep` of each."""
+        pipe = self.redis.pipeline(transaction=False)
+        for trace_id, records in by_trace.items():
+            key = self.keys.trace(trace_id)
+            pipe.rpush(key, *records)
+            pipe.ltrim(key, -keep, -1)
+            pipe.expire(key, ttl_s)
+        pipe.execute()
+
+    @_guard
+    def spans(self, trace_id: str) -> list[str]:
+        return list(self.redis.lrange(self.keys.trace(trace_id), 0, -1))
+
+    @_guard
+    def server_time(self) -> float:
+        """Redis's clock, in seconds (for the doctor's skew check)."""
+        seconds, micros = self.redis.time()
+        return float(seconds) + float(micros) / 1e6
+
+    def close(self) -> None:
+        self.redis.close()
+
+
+def _capped(block_ms: int | None) -> int | None:
+    """A blocking read's wait, kept well inside the socket's timeout (callers loop)."""
+    return None if block_ms is None else min(block_ms, MAX_BLOCK_MS)
+
+
+def _pairs(fields: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    for name, value in fields.items():
+        if value is None:
+            continue
+        if isinstance(value, (dict, list, tuple)):
+            value = json.dumps(value, separators=(",", ":"))
+        yield name, str(value)
+
+
+def _flatten(fields: Mapping[str, Any]) -> list[str]:
+    return [item for pair in _pairs(fields) for item in pair]
+
+
+def _event(entry_id: str, data: Mapping[str, str]) -> Event:
+    previous = data.get("from")
+    return Event(
+        id=entry_id,
+        task_id=data["task"],
+        state=TaskState(data["state"]),
+        reason=data.get("reason", ""),
+        at=float(data["at"]),
+        previous=TaskState(previous) if previous else None,
+    )

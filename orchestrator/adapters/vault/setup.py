@@ -1,0 +1,226 @@
+"""`airlock vault setup`: make Vault match the agent registry. Idempotent.
+
+Per agent role: a policy naming exactly the secrets it may request, and a token role that
+mints orphan, periodic tokens with an explicit max TTL, bound to the agent's own entity
+alias (one identity per role in Vault too). Shared: a transit key that signs task JWTs, and
+the database secrets engine against PostgreSQL with one role per database secret, whose
+revocation really drops the PostgreSQL role. Anything `airlock-*` that no agent needs any
+more is removed with `--prune` (leave it off where several registries share one Vault).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from orchestrator.adapters.vault.adapter import Vault
+from orchestrator.core.agent import Agent
+
+PREFIX = "airlock-"
+JWT_KEY = "airlock-task-jwt"
+DB_CONNECTION = "airlock-postgres"
+
+CREATION = [
+    """CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';""",
+    'GRANT CONNECT ON DATABASE "{db}" TO "{{name}}";',
+    'GRANT USAGE ON SCHEMA public TO "{{name}}";',
+    'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{{name}}";',
+]
+REVOCATION = [
+    'REVOKE ALL ON ALL TABLES IN SCHEMA public FROM "{{name}}";',
+    'REVOKE USAGE ON SCHEMA public FROM "{{name}}";',
+    'REVOKE CONNECT ON DATABASE "{db}" FROM "{{name}}";',
+    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{{name}}';",
+    'DROP ROLE IF EXISTS "{{name}}";',
+]
+
+
+# Everything the orchestrator's own token needs at run time, and nothing more. `vault setup`
+# (which needs an administrator's token) writes it; workers then run with a token of it.
+ORCHESTRATOR_POLICY = "airlock-orchestrator"
+ORCHESTRATOR_RULES = f"""# Managed by airlock vault setup: the capabilities of an Airlock worker.
+path "auth/token/create/{PREFIX}*" {{ capabilities = ["update"] }}
+path "auth/token/lookup-accessor" {{ capabilities = ["update"] }}
+path "auth/token/revoke-accessor" {{ capabilities = ["update"] }}
+path "sys/leases/lookup" {{ capabilities = ["update"] }}
+path "sys/leases/revoke" {{ capabilities = ["update"] }}
+path "sys/wrapping/lookup" {{ capabilities = ["update"] }}
+path "transit/keys/{JWT_KEY}" {{ capabilities = ["read"] }}
+path "transit/sign/{JWT_KEY}" {{ capabilities = ["update"] }}
+path "sys/health" {{ capabilities = ["read"] }}
+"""
+
+
+def token_role(agent: str) -> str:
+    return f"{PREFIX}{agent}"
+
+
+def agent_policy(agent: str) -> str:
+    return f"{PREFIX}agent-{agent}"
+
+
+def entity_alias(agent: str) -> str:
+    return f"{PREFIX}agent-{agent}"
+
+
+def policy_document(agent: Agent) -> str:
+    """HCL granting read on exactly the agent's secrets, and nothing else."""
+    paths = [f"database/creds/{s.role}" for s in agent.secrets if s.kind == "database" and s.role]
+    paths += [s.path for s in agent.secrets if s.kind == "kv" and s.path]
+    paths += [rule.inject.path for rule in agent.egress if rule.inject]
+    rules = [f'path "{p}" {{\n  capabilities = ["read"]\n}}' for p in sorted(set(paths))]
+    return f"# Managed by airlock vault setup for agent {agent.name}.\n" + "\n".join(rules) + "\n"
+
+
+@dataclass
+class Report:
+    changed: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+    def note(self, what: str, changed: bool) -> None:
+        (self.changed if changed else self.unchanged).append(what)
+
+
+def _put(
+    vault: Vault, report: Report, what: str, path: str, body: dict[str, object], same: bool
+) -> None:
+    if not same:
+        vault.write(path, body)
+    report.note(what, not same)
+
+
+def ensure_mount(vault: Vault, report: Report, path: str, kind: str) -> None:
+    mounts = (vault.read("sys/mounts") or {}).get("data", {})
+    present = f"{path}/" in mounts
+    if not present:
+        vault.write(f"sys/mounts/{path}", {"type": kind})
+    report.note(f"secrets engine {kind} at {path}/", not present)
+
+
+def ensure_jwt_key(vault: Vault, report: Report) -> None:
+    present = vault.read(f"transit/keys/{JWT_KEY}", missing_ok=True) is not None
+    if not present:
+        vault.write(f"transit/keys/{JWT_KEY}", {"type": "ecdsa-p256"})
+    report.note(f"transit key {JWT_KEY}", not present)
+
+
+def ensure_agent(vault: Vault, report: Report, agent: Agent, grace_s: int, period_s: int) -> None:
+    name = agent_policy(agent.name)
+    document = policy_document(agent)
+    current = vault.read(f"sys/policies/acl/{name}", missing_ok=True)
+    same = current is not None and current.get("data", {}).get("policy") == document
+    _put(vault, report, f"policy {name}", f"sys/policies/acl/{name}", {"policy": document}, same)
+    role = {
+        "allowed_policies": sorted({name, *agent.vault_policies}),
+        "orphan": True,
+        "renewable": True,
+        "token_type": "service",
+        "token_period": period_s,
+        "token_explicit_max_ttl": agent.max_timeout_s + grace_s,
+        "allowed_entity_aliases": [entity_alias(agent.name)],
+    }
+    current = vault.read(f"auth/token/roles/{token_role(agent.name)}", missing_ok=True)
+    data = (current or {}).get("data", {})
+    same = current is not None and all(
+        sorted(data.get(k) or []) == v if isinstance(v, list) else data.get(k) == v
+        for k, v in role.items()
+    )
+    _put(
+        vault,
+        report,
+        f"token role {token_role(agent.name)}",
+        f"auth/token/roles/{token_role(agent.name)}",
+        role,
+        same,
+    )
+
+
+def ensure_database(
+    vault: Vault, report: Report, agents: Iterable[Agent], postgres_url: str, grace_s: int
+) -> None:
+    url = urlsplit(postgres_url)
+    db = url.path.lstrip("/") or "postgres"
+    roles = {
+        s.role: agent for agent in agents for s in agent.secrets if s.kind == "database" and s.role
+    }
+    ensure_mount(vault, report, "database", "database")
+    # Other registries may share this Vault: keep the roles they allowed.
+    current = vault.read(f"database/config/{DB_CONNECTION}", missing_ok=True) or {}
+    allowed = set(current.get("data", {}).get("allowed_roles") or []) | set(roles)
+    templated = (
+        f"postgresql://{{{{username}}}}:{{{{password}}}}@{url.hostname}:{url.port or 5432}/{db}"
+    )
+    vault.write(
+        f"database/config/{DB_CONNECTION}",
+        {
+            "plugin_name": "postgresql-database-plugin",
+            "connection_url": templated + "?sslmode=disable",
+            "username": url.username,
+            "password": url.password,
+            "allowed_roles": sorted(allowed),
+            "verify_connection": True,
+        },
+    )
+    report.note(f"database connection {DB_CONNECTION}", True)
+    for role, agent in sorted(roles.items()):
+        ttl = agent.max_timeout_s + grace_s
+        vault.write(
+            f"database/roles/{role}",
+            {
+                "db_name": DB_CONNECTION,
+                "creation_statements": [s.replace("{db}", db) for s in CREATION],
+                "revocation_statements": [s.replace("{db}", db) for s in REVOCATION],
+                "default_ttl": ttl,
+                "max_ttl": ttl,
+            },
+        )
+        report.note(f"database role {role}", True)
+
+
+def remove_stale(vault: Vault, report: Report, agents: dict[str, Agent]) -> None:
+    wanted_roles = {token_role(a) for a in agents}
+    for role in vault.list("auth/token/roles"):
+        if role.startswith(PREFIX) and role not in wanted_roles:
+            vault.delete(f"auth/token/roles/{role}")
+            report.removed.append(f"token role {role}")
+    wanted_policies = {agent_policy(a) for a in agents}
+    for policy in vault.list("sys/policies/acl"):
+        if policy.startswith(f"{PREFIX}agent-") and policy not in wanted_policies:
+            vault.delete(f"sys/policies/acl/{policy}")
+            report.removed.append(f"policy {policy}")
+
+
+def setup(
+    vault: Vault,
+    agents: dict[str, Agent],
+    postgres_url: str | None,
+    grace_s: int,
+    period_s: int,
+    prune: bool = False,
+) -> Report:
+    """Bring Vault in line with `agents`. Raises VaultRefused, ServiceUnavailable."""
+    report = Report()
+    current = vault.read(f"sys/policies/acl/{ORCHESTRATOR_POLICY}", missing_ok=True)
+    same = current is not None and current.get("data", {}).get("policy") == ORCHESTRATOR_RULES
+    _put(
+        vault,
+        report,
+        f"policy {ORCHESTRATOR_POLICY}",
+        f"sys/policies/acl/{ORCHESTRATOR_POLICY}",
+        {"policy": ORCHESTRATOR_RULES},
+        same,
+    )
+    ensure_mount(vault, report, "transit", "transit")
+    ensure_jwt_key(vault, report)
+    for agent in agents.values():
+        ensure_agent(vault, report, agent, grace_s, period_s)
+    needs_db = any(s.kind == "database" for a in agents.values() for s in a.secrets)
+    if needs_db and postgres_url:
+        ensure_database(vault, report, agents.values(), postgres_url, grace_s)
+    elif needs_db:
+        report.unchanged.append("database engine (no AIRLOCK_POSTGRES_URL given; skipped)")
+    if prune:
+        remove_stale(vault, report, agents)
+    return report

@@ -1,0 +1,319 @@
+"""How the CLI shows tasks to people. Machines get `--json` instead and never see this."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.markup import escape
+from rich.status import Status
+from rich.table import Table
+
+from orchestrator.adapters.store import Event
+from orchestrator.core.agent import Agent
+from orchestrator.core.lifecycle import TaskState
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+STATE_STYLE = {
+    "succeeded": "green",
+    "failed": "red",
+    "timed_out": "red",
+    "cancelled": "yellow",
+    "rejected": "red",
+    "running": "cyan",
+}
+
+
+def styled_state(state: str) -> str:
+    style = STATE_STYLE.get(state, "dim")
+    return f"[{style}]{state}[/{style}]"
+
+
+def duration(status: dict[str, Any]) -> str:
+    start, end = status.get("created_at"), status.get("finished_at")
+    if not start or not end:
+        return ""
+    seconds = (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+    return f"{seconds:.2f}s"
+
+
+def summary(status: dict[str, Any]) -> None:
+    took = duration(status)
+    out.print(
+        f"task {status['id']} {styled_state(status['state'])}: {escape(status['reason'])}"
+        + (f" ({took})" if took else "")
+    )
+    for item in status.get("output") or []:
+        note = " (truncated)" if item["truncated"] else ""
+        out.print(f"  output: {escape(item['name'])}  {item['size']} bytes{note}")
+
+
+def status_table(status: dict[str, Any]) -> None:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
+    for name in (
+        "id",
+        "state",
+        "reason",
+        "exit_code",
+        "agent",
+        "on_behalf_of",
+        "queue",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "container_id",
+    ):
+        value = status.get(name)
+        if value is None:
+            continue
+        table.add_row(
+            f"[bold]{name}[/bold]", styled_state(value) if name == "state" else escape(str(value))
+        )
+    for item in status.get("output") or []:
+        table.add_row("[bold]output[/bold]", f"{escape(item['name'])} ({item['size']} bytes)")
+    grant = status.get("grant")
+    if grant:
+        table.add_row(
+            "[bold]grant[/bold]",
+            f"{status.get('grant_hash')} (policy {status.get('policy_version')})",
+        )
+        table.add_row(
+            "",
+            f"image {grant['image']}, runtime {grant['runtime']}, "
+            f"timeout {grant['timeout_s']}s, limits {grant['limits']}",
+        )
+        for rule in grant["egress"]:
+            table.add_row("", f"egress {rule['host']} ports {rule['ports']} {rule['methods']}")
+        for tool in grant["tools"]:
+            table.add_row("", f"tool {tool['server']}/{tool['tool']}")
+        for secret in grant["secrets"]:
+            table.add_row("", f"secret {secret['name']} ({secret['kind']})")
+    out.print(table)
+
+
+def task_list(tasks: list[dict[str, Any]]) -> None:
+    table = Table(box=None, header_style="bold")
+    # Ids are never shortened (they are copied into the next command); the reason folds.
+    table.add_column("ID", no_wrap=True, min_width=36)
+    table.add_column("STATE", no_wrap=True)
+    table.add_column("AGENT", max_width=16, overflow="ellipsis")
+    table.add_column("CREATED", no_wrap=True)
+    table.add_column("REASON", overflow="fold", min_width=16, ratio=1)
+    for task in tasks:
+        table.add_row(
+            task["id"],
+            styled_state(task["state"]),
+            escape(task["agent"] or ""),
+            (task["created_at"] or "")[5:16].replace("T", " "),
+            escape(task["reason"]),
+        )
+    out.print(table)
+
+
+def agent_table(agents: list[Agent]) -> None:
+    table = Table(box=None, header_style="bold")
+    for column in ("AGENT", "OWNER", "ISOLATION", "MAX TIMEOUT", "EGRESS", "TOOLS", "SECRETS"):
+        table.add_column(column)
+    for agent in agents:
+        tools = sum(len(server.tools) for server in agent.mcp)
+        table.add_row(
+            agent.name,
+            agent.owner,
+            agent.isolation,
+            f"{agent.max_timeout_s}s",
+            str(len(agent.egress)),
+            str(tools),
+            str(len(agent.secrets)),
+        )
+    out.print(table)
+
+
+def audit_table(records: list[dict[str, Any]]) -> None:
+    table = Table(box=None, header_style="bold")
+    for column in ("TIME", "TASK", "AGENT", "DECISION", "METHOD", "TARGET", "RULE", "REASON"):
+        table.add_column(column, overflow="fold")
+    for r in records:
+        when = datetime.fromtimestamp(r.get("time", 0)).strftime("%H:%M:%S")
+        decision = "[green]allow[/green]" if r.get("decision") == "allow" else "[red]deny[/red]"
+        target = f"{r.get('host')}:{r.get('port')}{r.get('path') or ''}"
+        table.add_row(
+            when,
+            str(r.get("task", ""))[:8],
+            escape(str(r.get("agent", ""))),
+            decision,
+            escape(str(r.get("method", ""))),
+            escape(target),
+            escape(str(r.get("rule", ""))),
+            escape(str(r.get("reason", ""))),
+        )
+    out.print(table)
+
+
+def waterfall(spans: list[dict[str, Any]], width: int = 40) -> None:
+    """Spans as an indented tree with bars on one time axis; failures and denials in red."""
+    children: dict[str | None, list[dict[str, Any]]] = {}
+    ids = {span["span_id"] for span in spans}
+    for span in spans:
+        parent = span["parent_id"] if span["parent_id"] in ids else None
+        children.setdefault(parent, []).append(span)
+    start = min(span["start"] for span in spans)
+    total = max(max(span["end"] or span["start"] for span in spans) - start, 1)
+    table = Table(box=None, header_style="bold")
+    for column in ("SPAN", "TIMELINE", "MS", "DETAIL"):
+        table.add_column(column, no_wrap=column != "DETAIL")
+
+    def add(span: dict[str, Any], depth: int) -> None:
+        begin = int((span["start"] - start) / total * width)
+        length = max(int(((span["end"] or span["start"]) - span["start"]) / total * width), 1)
+        failed = span["status"] == "ERROR"
+        style = "red" if failed else "cyan"
+        bar = " " * begin + f"[{style}]" + "█" * length + f"[/{style}]"
+        attrs = span["attributes"]
+        detail = span.get("status_description") or ""
+        if attrs.get("airlock.decision") in ("allow", "deny"):
+            detail = f"{attrs['airlock.decision']} ({attrs.get('airlock.rule', '')}) {detail}"
+        label = escape(span["name"])
+        name = ("  " * depth) + (f"[red]{label}[/red]" if failed else label)
+        ms = ((span["end"] or span["start"]) - span["start"]) / 1e6
+        table.add_row(name, bar, f"{ms:.1f}", escape(str(detail)))
+        for child in children.get(span["span_id"], []):
+            add(child, depth + 1)
+
+    for root in children.get(None, []):
+        add(root, 0)
+    out.print(table)
+
+
+def _age(task: dict[str, Any]) -> str:
+    start = datetime.fromisoformat(task["created_at"]).timestamp() if task.get("created_at") else 0
+    end = (
+        datetime.fromisoformat(task["finished_at"]).timestamp()
+        if task.get("finished_at")
+        else time.time()
+    )
+    seconds = max(end - start, 0)
+    return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f}m"
+
+
+def runners_table(
+    tasks: list[dict[str, Any]],
+    last: dict[str, str] | None = None,
+    warm: dict[str, dict[str, Any]] | None = None,
+) -> Table:
+    """Task runners, and the warm ones waiting for a task (`warm`: the pool's members)."""
+    table = Table(box=None, header_style="bold", title="airlock runners")
+    for column in ("TASK", "STATE", "AGENT", "AGE", "EGRESS", "LAST EVENT"):
+        if column == "AGENT":  # a name a raw producer made up must not crowd out the events
+            table.add_column(column, no_wrap=True, max_width=16, overflow="ellipsis")
+        else:
+            table.add_column(column, no_wrap=column != "LAST EVENT", overflow="fold")
+    for member, info in sorted((warm or {}).items(), key=lambda m: m[1].get("since", 0)):
+        age = {"created_at": datetime.fromtimestamp(float(info.get("since", 0))).isoformat()}
+        table.add_row(
+            member[:13],  # pool-<8 hex>, as wide as the task ids beside it allow
+            "[cyan]warm[/cyan]",
+            "",
+            _age(age),
+            "-",
+            escape(f"ready: {info.get('image')} ({info.get('runtime')})"),
+        )
+    for task in tasks:
+        denied = task.get("egress_denied", 0)
+        egress = f"{task.get('egress_allowed', 0)} ok / " + (
+            f"[red]{denied} denied[/red]" if denied else "0 denied"
+        )
+        event = (last or {}).get(task["id"]) or task.get("reason", "")
+        table.add_row(
+            task["id"][:8],
+            styled_state(task["state"]),
+            escape(task.get("agent") or ""),
+            _age(task),
+            egress,
+            escape(event),
+        )
+    return table
+
+
+def watch(client: Any, limit: int) -> None:
+    """Redraw in place on every state change (and every second, for ages and counts)."""
+    last: dict[str, str] = {}
+    after = "$"
+    with Live(
+        runners_table(client.runners(limit), last, client.store.pool_members()),
+        console=out,
+        screen=False,
+        auto_refresh=False,
+    ) as live:
+        try:
+            while True:
+                for event in client.store.all_events(after, block_ms=1000):
+                    after = event.id
+                    last[event.task_id] = f"{event.state.value}: {event.reason}"
+                table = runners_table(client.runners(limit), last, client.store.pool_members())
+                live.update(table, refresh=True)
+        except KeyboardInterrupt:
+            pass
+
+
+def findings(items: list[Any]) -> None:
+    for item in items:
+        mark = "[green]ok[/green]     " if item.ok else "[red]PROBLEM[/red]"
+        out.print(f"{mark} {item.check:<14} {escape(item.detail)}")
+        if not item.ok:
+            out.print(f"        {'':<14} fix: {item.fix}")
+
+
+def json_line(data: dict[str, Any]) -> None:
+    """One JSON object on its own line (a stream of them for machines to follow)."""
+    sys.stdout.write(json.dumps(data, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+def write_log(stream: str, text: str) -> None:
+    target = sys.stderr if stream == "stderr" else sys.stdout
+    target.write(text)
+    target.flush()
+
+
+class Progress:
+    """Live progress of a waiting `submit`: a spinner on a terminal, lines otherwise."""
+
+    def __init__(self, task_id: str, enabled: bool) -> None:
+        self.task_id = task_id
+        self.enabled = enabled
+        self.started = time.monotonic()
+        self.live = enabled and err.is_terminal
+        self._status: Status | None = None
+
+    def __enter__(self) -> Progress:
+        if self.live:
+            self._status = err.status(f"task {self.task_id}: pending")
+            self._status.start()
+        elif self.enabled:
+            err.print(f"task {self.task_id}: pending")
+        return self
+
+    def event(self, event: Event) -> None:
+        if not self.enabled or event.state is TaskState.PENDING:
+            return
+        line = (
+            f"task {self.task_id}: {event.state.value} ({escape(event.reason)}) "
+            f"+{time.monotonic() - self.started:.2f}s"
+        )
+        if self._status is not None:
+            self._status.update(line)
+        else:
+            err.print(line)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._status is not None:
+            self._status.stop()

@@ -1,0 +1,76 @@
+"""What ops watch: a task's trace, the live runners, and the egress audit."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from orchestrator import config, wiring
+from orchestrator.adapters.gateway.audit import AuditLog
+from orchestrator.cli import render
+from orchestrator.cli.app import emit_json, fail, json_option
+from orchestrator.cli.complete import task_ids
+from orchestrator.client import Client
+
+
+def _audit_log() -> AuditLog:
+    return AuditLog(wiring.store(config.load()))
+
+
+@click.group(invoke_without_command=True)
+@click.option("--task", "task_id", help="only this task's records", shell_complete=task_ids)
+@click.option("--denied", is_flag=True, help="only denied requests")
+@json_option
+@click.pass_context
+def audit(ctx: click.Context, task_id: str | None, denied: bool, as_json: bool) -> None:
+    """Every egress decision, allowed and denied, with who asked."""
+    if ctx.invoked_subcommand is not None:
+        return
+    records = _audit_log().records(task_id, denied)
+    if as_json:
+        emit_json(records)
+    else:
+        render.audit_table(records)
+
+
+@audit.command("verify")
+@json_option
+def audit_verify(as_json: bool) -> None:
+    """Recompute the hash chains; exit 1 if a record was changed or removed."""
+    count, problems = _audit_log().verify()
+    if as_json:
+        emit_json({"checked": count, "problems": [p.__dict__ for p in problems]})
+    else:
+        for problem in problems:
+            click.echo(f"{problem.entry} (chain {problem.chain}): {problem.what}", err=True)
+        click.echo(f"{count} records checked, {len(problems)} problems")
+    sys.exit(1 if problems else 0)
+
+
+@click.command("trace")
+@click.argument("task_id", shell_complete=task_ids)
+@json_option
+def trace_command(task_id: str, as_json: bool) -> None:
+    """The task's life as one trace: every phase and egress decision, as a waterfall."""
+    spans = Client().trace(task_id)
+    if not spans:
+        fail(f"no spans stored for task {task_id} (traces go to OTLP when it is configured)", 1)
+    emit_json(spans) if as_json else render.waterfall(spans)
+
+
+@click.command()
+@click.option("--limit", type=click.IntRange(1, 500), default=30, show_default=True)
+@click.option("--once", is_flag=True, help="print the view once and exit")
+@json_option
+def watch(limit: int, once: bool, as_json: bool) -> None:
+    """A live view of runners: state, agent, age, egress allowed/denied, last event
+    (--json: one snapshot)."""
+    client = Client()
+    if as_json:
+        emit_json(client.runners(limit))
+        return
+    if once:
+        render.out.print(render.runners_table(client.runners(limit)))
+        return
+    render.watch(client, limit)

@@ -1,0 +1,227 @@
+"""The grant: what one task may do, computed once at admission and never widened after.
+
+`Grant` is the immutable record (stored with the task, hashed). `CompiledGrant` is the same
+grant shaped for per-request checks on the hot path (gateway, secrets): dictionary and
+suffix lookups, no Rego.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict
+
+from orchestrator.core.agent import ArgConstraint, Injection
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EgressGrant(_Frozen):
+    host: str
+    ports: tuple[int, ...]
+    methods: tuple[str, ...]
+    paths: tuple[str, ...] = ()
+    internal: bool = False
+    upstream_tls: bool = False
+    inject: Injection | None = None
+
+
+class ToolGrant(_Frozen):
+    server: str
+    url: str
+    tool: str
+    args: dict[str, ArgConstraint] = {}
+    internal: bool = False
+
+
+class SecretGrant(_Frozen):
+    name: str
+    kind: str
+    path: str | None = None
+    role: str | None = None
+
+
+class GrantLimits(_Frozen):
+    cpus: float
+    memory: int
+    pids: int
+
+
+class Grant(_Frozen):
+    agent: str
+    identity: str
+    on_behalf_of: str | None
+    image: str
+    runtime: str
+    timeout_s: int
+    limits: GrantLimits
+    egress: tuple[EgressGrant, ...]
+    tools: tuple[ToolGrant, ...]
+    secrets: tuple[SecretGrant, ...]
+    vault_policies: tuple[str, ...]
+
+    @classmethod
+    def build(cls, agent: str, **fields: Any) -> Grant:
+        """A grant of `agent` with just `fields` set, and nothing else allowed: no egress,
+        tools or secrets unless given (an unclaimed warm runner's; tests; benchmarks)."""
+        return cls.model_validate(
+            {
+                "agent": agent,
+                "identity": f"spiffe://airlock.local/agent/{agent}",
+                "on_behalf_of": None,
+                "image": "",
+                "runtime": "runc",
+                "timeout_s": 1,
+                "limits": {"cpus": 1, "memory": 1 << 24, "pids": 1},
+                "egress": [],
+                "tools": [],
+                "secrets": [],
+                "vault_policies": [],
+                **fields,
+            }
+        )
+
+    def injections(self) -> list[Injection]:
+        """Every distinct credential the gateway must hold for this task."""
+        seen: dict[str, Injection] = {}
+        for rule in self.egress:
+            if rule.inject and rule.inject.name not in seen:
+                seen[rule.inject.name] = rule.inject
+        return list(seen.values())
+
+    # A grant is frozen: its JSON and digest are worked out once (a task asks several times).
+    @cached_property
+    def canonical(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    @cached_property
+    def hashed(self) -> str:
+        return "sha256:" + hashlib.sha256(self.canonical.encode()).hexdigest()
+
+    def canonical_json(self) -> str:
+        return self.canonical
+
+    def digest(self) -> str:
+        return self.hashed
+
+
+@dataclass(frozen=True)
+class Check:
+    """The answer to one request: allowed or not, by which rule, and why."""
+
+    allowed: bool
+    rule: str
+    reason: str
+    internal: bool = False  # the matching rule may reach internal addresses
+    tls: bool = False  # the gateway speaks TLS to the upstream
+    inject: Injection | None = None  # a credential the gateway adds for this upstream
+
+
+DENY_NO_RULE = Check(False, "default-deny", "no egress rule of the grant matches this host")
+
+
+class CompiledGrant:
+    """A grant indexed for checks that cost microseconds."""
+
+    def __init__(self, grant: Grant) -> None:
+        self.grant = grant
+        self._exact: dict[str, list[tuple[str, EgressGrant, frozenset[int], frozenset[str]]]] = {}
+        self._suffix: list[tuple[str, str, EgressGrant, frozenset[int], frozenset[str]]] = []
+        for index, rule in enumerate(grant.egress):
+            name = f"egress[{index}] {rule.host}"
+            ports, methods = frozenset(rule.ports), frozenset(rule.methods)
+            if rule.host.startswith("*."):
+                self._suffix.append((rule.host[1:], name, rule, ports, methods))
+            else:
+                self._exact.setdefault(rule.host, []).append((name, rule, ports, methods))
+        self._tools = {(t.server, t.tool): t for t in grant.tools}
+        self._servers: dict[tuple[str, int], list[tuple[str, str, bool]]] = {}
+        for tool in grant.tools:
+            url = urlsplit(tool.url)
+            if url.scheme == "http" and url.hostname:
+                where = (url.hostname.lower(), url.port or 80)
+                entry = (url.path or "/", tool.server, tool.internal)
+                if entry not in self._servers.setdefault(where, []):
+                    self._servers[where].append(entry)
+
+    def tools_of(self, server: str) -> frozenset[str]:
+        """The tools of one MCP server this task may call (and see listed)."""
+        return frozenset(tool for (name, tool) in self._tools if name == server)
+
+    def mcp_server_for(self, host: str, port: int, path: str) -> tuple[str, bool] | None:
+        """(server name, internal) when the request goes to a granted MCP server's URL."""
+        for prefix, server, internal in self._servers.get((host, port), ()):
+            if (
+                path == prefix
+                or path.startswith(prefix.rstrip("/") + "/")
+                or path.startswith(prefix + "?")
+            ):
+                return server, internal
+        return None
+
+    def _candidates(
+        self, host: str
+    ) -> list[tuple[str, EgressGrant, frozenset[int], frozenset[str]]]:
+        found = list(self._exact.get(host, ()))
+        for suffix, name, rule, ports, methods in self._suffix:
+            if host.endswith(suffix):
+                found.append((name, rule, ports, methods))
+        return found
+
+    def check_egress(
+        self, host: str, port: int, method: str | None, path: str | None = None
+    ) -> Check:
+        """May this task send `method` to host:port (and, for plain HTTP, this path)?
+
+        `host` must already be normalised (lower case, no trailing dot). `method` is None
+        for a tunnel, whose requests the gateway cannot see.
+        """
+        candidates = self._candidates(host)
+        if not candidates:
+            return DENY_NO_RULE
+        # Of several rules for the host, the refusal names the one that came closest.
+        refusal, closeness = DENY_NO_RULE, -1
+        for name, rule, ports, methods in candidates:
+            if port not in ports:
+                near = 0, Check(False, name, f"port {port} is not granted for {rule.host}")
+            elif method is not None and method not in methods:
+                near = 1, Check(False, name, f"method {method} is not granted for {rule.host}")
+            elif path is not None and rule.paths and not path.startswith(rule.paths):
+                near = 2, Check(False, name, f"path is outside {', '.join(rule.paths)}")
+            else:
+                return Check(True, name, "granted", rule.internal, rule.upstream_tls, rule.inject)
+            if near[0] > closeness:
+                closeness, refusal = near
+        return refusal
+
+    def check_tool(self, server: str, tool: str, args: dict[str, Any]) -> Check:
+        """May this task call MCP `tool` on `server` with these arguments?"""
+        granted = self._tools.get((server, tool))
+        name = f"tool {server}/{tool}"
+        if granted is None:
+            return Check(False, "default-deny", f"tool {server}/{tool} is not granted")
+        for arg, constraint in granted.args.items():
+            problem = _arg_problem(constraint, args.get(arg))
+            if problem:
+                return Check(False, name, f"argument {arg!r} {problem}")
+        return Check(True, name, "granted")
+
+
+def _arg_problem(constraint: ArgConstraint, value: Any) -> str | None:
+    if constraint.one_of is not None and value not in constraint.one_of:
+        return "is not one of the allowed values"
+    if constraint.prefix is not None and (
+        not isinstance(value, str) or not value.startswith(constraint.prefix)
+    ):
+        return f"must start with {constraint.prefix!r}"
+    too_long = constraint.max_length is not None and len(str(value)) > constraint.max_length
+    if too_long and isinstance(value, str):
+        return f"is longer than {constraint.max_length}"
+    return None

@@ -1,1 +1,0 @@
-"""The egress gateway: every byte a task sends out is decided, audited and traced here."""

@@ -1,1 +1,0 @@
-"""Vault (or OpenBao): the adapter seam, the idempotent setup, and the per-task broker."""
