@@ -11,27 +11,22 @@ import base64
 import getpass
 import json
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from functools import cached_property
-from typing import Any
-
-from celery import Celery
+from typing import TYPE_CHECKING, Any
 
 from orchestrator import config, wiring
-from orchestrator.adapters.queue import celery_app, enqueue
 from orchestrator.adapters.store import Event
-from orchestrator.config import Settings, gvisor_queue
+from orchestrator.config import Settings
 from orchestrator.core.lifecycle import SIGNAL_CANCEL, TERMINAL, TaskState, advance
-from orchestrator.core.spec import TaskSpec, parse, record_fields
-from orchestrator.errors import (
-    AirlockError,
-    IllegalTransition,
-    ServiceUnavailable,
-    TaskNotFound,
-)
-from orchestrator.policy.agents import load_agent
+from orchestrator.errors import IllegalTransition, TaskNotFound
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from orchestrator.core.spec import TaskSpec
+    from orchestrator.submission import Submitter
 
 _TIMES = ("created_at", "started_at", "finished_at", "updated_at")
 _INTS = ("exit_code", "timeout_s", "logs_bytes", "logs_dropped_bytes", "revocation_pending")
@@ -88,68 +83,28 @@ class Client:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or config.load()
         self.store = wiring.store(self.settings)
-        # Agent name -> ((mtime, size) of its registry file, isolation class), for routing.
-        self._isolation: dict[str, tuple[tuple[int, int], str]] = {}
 
     @cached_property
+    def _submitter(self) -> Submitter:
+        # Lazy on purpose: reading a task loads no spec model, broker client or registry.
+        from orchestrator.submission import Submitter
+
+        return Submitter(self.settings, self.store)
+
+    @property
     def _celery(self) -> Celery:
-        return celery_app(self.settings)
-
-    @cached_property
-    def _telemetry(self) -> Any:
-        # Lazy on purpose: only submitting traces; reading a task needs no tracer.
-        from orchestrator.adapters import telemetry
-
-        telemetry.setup(self.settings, "client", self.store)
-        return telemetry
+        return self._submitter.celery
 
     def submit(self, spec: TaskSpec | Mapping[str, Any]) -> str:
         """Validate, record and enqueue a task; returns its id.
 
         Raises InvalidSpec (nothing recorded) or ServiceUnavailable (nothing left pending).
         """
-        task = parse(spec)
-        task_id = str(uuid.uuid4())
-        telemetry = self._telemetry
-        with telemetry.tracer().start_as_current_span(
-            "submit", attributes={"airlock.task_id": task_id, "airlock.agent": task.agent}
-        ):
-            self._enqueue(task_id, task, telemetry.inject())
-        return task_id
-
-    def _enqueue(self, task_id: str, task: TaskSpec, traceparent: str | None) -> None:
-        self.store.create(task_id, record_fields(task))
-        spec = task.model_dump(mode="json", exclude_none=True)
-        try:
-            enqueue(self._celery, task_id, spec, traceparent, self.route(task))
-        except ServiceUnavailable as exc:
-            self._abandon(task_id, f"could not enqueue: {exc.__cause__ or exc}")
-            raise
+        return self._submitter.submit(spec)
 
     def route(self, task: TaskSpec) -> str:
-        """The queue a task goes to: its own `queue`, else by its agent's isolation class.
-
-        gVisor agents go to `<queue>-gvisor`, served only by hosts that have runsc. Where the
-        registry is not readable here, the default queue (admission still decides).
-        """
-        if task.queue:
-            return task.queue
-        path = self.settings.agents_dir / f"{task.agent}.yaml"
-        try:
-            info = path.stat()
-            stamp = (info.st_mtime_ns, info.st_size)
-            known = self._isolation.get(task.agent)
-            if known is None or known[0] != stamp:  # parsing YAML costs more than the submit
-                known = self._isolation[task.agent] = (stamp, load_agent(path).isolation)
-        except (OSError, AirlockError):
-            return self.settings.queue
-        return gvisor_queue(self.settings) if known[1] == "gvisor" else self.settings.queue
-
-    def _abandon(self, task_id: str, reason: str) -> None:
-        try:
-            advance(self.store, task_id, TaskState.FAILED, reason)
-        except Exception:  # the store may be what failed; the record then expires unqueued
-            pass
+        """The queue a task goes to (see Submitter.route)."""
+        return self._submitter.route(task)
 
     def status(self, task_id: str) -> dict[str, Any]:
         """Raises TaskNotFound."""
@@ -255,7 +210,10 @@ class Client:
         trace_id = self.store.get(task_id).get("trace_id")
         if not trace_id:
             return []
-        self._telemetry.flush()  # spans this process made (a submit, say) are stored first
+        # Lazy on purpose: only this read needs the tracer, to store this process's spans first.
+        from orchestrator.adapters import telemetry
+
+        telemetry.flush()
         spans = [json.loads(span) for span in self.store.spans(trace_id)]
         return sorted(spans, key=lambda span: span["start"] or 0)
 

@@ -21,13 +21,13 @@ from orchestrator.errors import AirlockError, InvalidSpec, PolicyError
 
 # name -> (module in this package, attribute, one line of help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "submit": ("tasks", "submit", "Submit a task: airlock submit [OPTIONS] -- CMD ARGS..."),
+    "submit": ("submit", "submit", "Submit a task: airlock submit [OPTIONS] -- CMD ARGS..."),
     "status": ("tasks", "status", "Show a task's state, reason, exit code and output."),
     "logs": ("tasks", "logs", "Print a task's stdout and stderr."),
     "list": ("tasks", "list_tasks", "List recent tasks, newest first."),
     "cancel": ("tasks", "cancel", "Cancel a task."),
     "output": ("tasks", "output", "Fetch the files a task left in /workspace/output."),
-    "spec": ("tasks", "spec", "The task spec contract."),
+    "spec": ("submit", "spec", "The task spec contract."),
     "trace": ("watching", "trace_command", "A task's life as one trace, as a waterfall."),
     "watch": ("watching", "watch", "A live view of runners."),
     "audit": ("watching", "audit", "Every egress decision, allowed and denied, with who asked."),

@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.live import Live
@@ -14,9 +14,11 @@ from rich.markup import escape
 from rich.status import Status
 from rich.table import Table
 
-from orchestrator.adapters.store import Event
-from orchestrator.core.agent import Agent
 from orchestrator.core.lifecycle import TaskState
+
+if TYPE_CHECKING:
+    from orchestrator.adapters.store import Event
+    from orchestrator.core.agent import Agent
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
