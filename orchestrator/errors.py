@@ -5,6 +5,7 @@
     ├── InvalidSpec               no          2   the task spec failed validation
     ├── PolicyError               no          2   the agent registry or Rego bundle is broken
     ├── TaskNotFound              no          2   no record for that task id
+    ├── InvalidId                 no          2   not a task id (nor a warm runner's key)
     ├── IllegalTransition         no          -   a state change the lifecycle forbids
     ├── ServiceUnavailable        yes         3   Redis, Docker or Vault cannot be reached
     ├── VaultRefused              no          1   Vault answered, and said no
@@ -55,6 +56,17 @@ class TaskNotFound(AirlockError):
     def __init__(self, task_id: str) -> None:
         self.task_id = task_id
         super().__init__(f"no task with id {task_id!r}")
+
+
+class InvalidId(AirlockError):
+    """A value offered as a task id that is not one; it is never made a path, key or label."""
+
+    exit_code = 2
+
+    def __init__(self, value: object) -> None:
+        shown = repr(value)
+        self.value = value
+        super().__init__(f"not a task id: {shown[:80]}{'...' if len(shown) > 80 else ''}")
 
 
 class IllegalTransition(AirlockError):

@@ -143,9 +143,15 @@ delegation_allowed if {
 
 user_matches(pattern, user) if pattern == user
 
+# "*@domain" matches one address of exactly that domain: one "@", a local part before it,
+# and the domain after it equal to the pattern's (no suffix tricks: "a@evil.test@domain",
+# "@domain" and "a@sub.domain" do not match).
 user_matches(pattern, user) if {
-	startswith(pattern, "*")
-	endswith(user, trim_prefix(pattern, "*"))
+	startswith(pattern, "*@")
+	parts := split(user, "@")
+	count(parts) == 2
+	parts[0] != ""
+	lower(parts[1]) == lower(trim_prefix(pattern, "*@"))
 }
 
 # --- egress --------------------------------------------------------------------------------

@@ -186,6 +186,18 @@ def test_broken_agent_files_are_named(tmp_path: Path) -> None:
     assert "impostor.yaml: name 'demo' does not match the file name" in text
 
 
+@pytest.mark.parametrize("pattern", ["*", "*example.com", "*@*", "*@example", "a*@example.com"])
+def test_delegation_patterns_are_exact_names_or_whole_domains(
+    tmp_path: Path, pattern: str
+) -> None:
+    agents = shutil.copytree(AGENTS, tmp_path / "agents")
+    demo = (AGENTS / "demo.yaml").read_text().replace("[demo-user]", f'["{pattern}"]')
+    assert pattern in demo
+    (agents / "demo.yaml").write_text(demo)
+    with pytest.raises(PolicyError, match=r"demo.yaml: delegation.users.0"):
+        load_registry(agents)
+
+
 # --- hot reload ----------------------------------------------------------------------------
 
 

@@ -2,7 +2,8 @@
 contract producers in any language follow (Celery protocol 2, JSON):
 
     task name  "airlock.run"
-    task id    the Airlock task id (a UUID)
+    task id    the Airlock task id (a UUID, canonical lower-case form; anything else is
+               refused unrecorded)
     kwargs     {"spec": {...}}, the task spec as in `airlock spec schema`
     queue      the spec's `queue`, or the deployment's default queue ("airlock")
 

@@ -68,9 +68,17 @@ class SecretRule(_Frozen):
     default: bool = True
 
 
+# A user name exactly, or every address of one domain ("*@example.com"); nothing else.
+UserPattern = Annotated[
+    str, Field(pattern=r"^(\*@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+|[A-Za-z0-9._+-]+(@[A-Za-z0-9.-]+)?)$")
+]
+
+
 class Delegation(_Frozen):
     allowed: bool = False
-    users: tuple[str, ...] = Field((), description="user names, or *@domain patterns")
+    users: tuple[UserPattern, ...] = Field(
+        (), description="user names exactly, or *@domain for every address of that domain"
+    )
 
 
 class MaxLimits(_Frozen):

@@ -21,10 +21,11 @@ from orchestrator.adapters.runtime.base import ContainerSpec, ExitStatus, Runtim
 from orchestrator.adapters.store import Store
 from orchestrator.config import TASK_USER, Settings
 from orchestrator.core.grant import Grant
+from orchestrator.core.ids import is_task_id
 from orchestrator.core.lifecycle import SIGNAL_CANCEL, SIGNAL_EXIT, TaskState, advance, try_advance
 from orchestrator.core.outcome import Ending, Facts, decide
 from orchestrator.core.spec import TaskSpec
-from orchestrator.errors import AirlockError
+from orchestrator.errors import AirlockError, InvalidId
 from orchestrator.policy.bundle import Deployment
 from orchestrator.policy.engine import PolicyEngine
 from orchestrator.task.admission import Admission, heartbeat
@@ -112,8 +113,13 @@ class Executor:
     def execute(self, task_id: str, spec_data: object, traceparent: str | None = None) -> TaskState:
         """Run one task to a terminal state and return it. Never leaves a container behind.
 
-        The whole life is one trace: `traceparent` (from the submitter) is its parent.
+        The whole life is one trace: `traceparent` (from the submitter) is its parent. A
+        message whose id is not a task id is refused unrecorded (its id would become keys,
+        labels and paths).
         """
+        if not is_task_id(task_id):
+            log.error("message refused, nothing recorded: %s", InvalidId(task_id))
+            return S.REJECTED
         logs.current_task.set(task_id)
         with self.hooks.task(task_id, traceparent) as task:
             state, summary = self._execute(task_id, spec_data)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 from orchestrator.adapters.runtime.base import ManagedContainer, Runtime
 from orchestrator.adapters.store import Store
-from orchestrator.core.ids import is_member
+from orchestrator.core.ids import is_member, is_task_id
 from orchestrator.core.lifecycle import TERMINAL, TaskState, advance
 from orchestrator.errors import IllegalTransition, TaskNotFound
 from orchestrator.task.credentials import Credentials
@@ -31,7 +31,7 @@ DEADLINE_GRACE_S = 30.0
 
 @dataclass(frozen=True)
 class Reaped:
-    kind: str  # container, task, credentials or endpoint
+    kind: str  # container, task, credentials, journal or endpoint
     id: str
     task_id: str
     why: str
@@ -143,6 +143,11 @@ def reap_credentials(store: Store, credentials: Credentials, dry_run: bool = Fal
     """Revoke the journaled credentials of every task that is no longer live."""
     done = []
     for task_id in sorted(store.journaled_tasks()):
+        if not is_task_id(task_id):  # written by no worker: dropped, never acted on
+            if not dry_run:
+                store.forget_credentials(task_id)
+            done.append(Reaped("journal", "", task_id[:80], "not a task id", not dry_run))
+            continue
         state = _state(store, task_id)
         why = _not_live(state)
         if why is None:

@@ -22,7 +22,6 @@ import itertools
 import json
 import logging
 import os
-import shutil
 import socket
 import ssl
 import threading
@@ -37,6 +36,7 @@ import uvloop
 from orchestrator.adapters.gateway.addresses import IPAddress
 from orchestrator.adapters.gateway.http import ProxyPolicy
 from orchestrator.adapters.gateway.proxy import Session
+from orchestrator.core.ids import endpoint_key, is_endpoint_key
 
 log = logging.getLogger(__name__)
 SOCKET_NAME = "airlock.sock"
@@ -90,8 +90,10 @@ class EndpointServer:
         return self._loop
 
     def directory(self, key: str) -> Path:
+        """The endpoint directory of a task or warm runner. Raises InvalidId for any other
+        name (`.`, `..`, a path): nothing but an id is ever made a path here."""
         route = self._routes.get(key)
-        return route.directory if route else self.root / key
+        return route.directory if route else self.root / endpoint_key(key)
 
     def open(self, key: str, handler: Handler) -> Path:
         """Serve a socket for `key` (a task, or an unclaimed pool member); the directory to
@@ -149,20 +151,27 @@ class EndpointServer:
         The socket's path is gone when this returns (no one can connect any more); the loop
         closes the listener and cuts the task's open connections on its own time.
         """
+        if not is_endpoint_key(key):
+            log.warning("endpoint close refused for %r: not a task id", key[:80])
+            return False
         directory = self.directory(key)
         route = self._routes.pop(key, None)
         self.handlers.pop(key, None)
         if route is not None and route.server is not None:
             sessions = self._sessions.pop(key, set())
             self._loop.call_soon_threadsafe(_stop, route.server, sessions)
-        existed = _remove_directory(directory)
+        existed = remove_endpoint_directory(directory)
         return route is not None or existed
 
     def stale(self, live: Callable[[str], bool]) -> list[str]:
         """Endpoint directories on disk whose task is not live (left by a crashed worker)."""
         if not self.root.is_dir():
             return []
-        return [p.name for p in self.root.iterdir() if p.is_dir() and not live(p.name)]
+        return [
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and is_endpoint_key(p.name) and not live(p.name)
+        ]
 
     async def _serve(
         self, route: Route, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -249,17 +258,18 @@ def _stop(server: Future[asyncio.AbstractServer], sessions: set[asyncio.Task[Any
         session.cancel()
 
 
-def _remove_directory(directory: Path) -> bool:
-    """Remove an endpoint directory (its socket, usually nothing else); False if none."""
-    with contextlib.suppress(OSError):  # gone already, or rmtree below sees to it
+def remove_endpoint_directory(directory: Path) -> bool:
+    """Remove an endpoint directory: its socket, then the directory if that left it empty
+    (never a tree: what else is in it stays, and says so in the log). False if none."""
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(directory / SOCKET_NAME)
     try:
         os.rmdir(directory)
         return True
     except FileNotFoundError:
         return False
-    except OSError:
-        shutil.rmtree(directory, ignore_errors=True)
+    except OSError as exc:
+        log.warning("endpoint directory %s left in place: %s", directory, exc)
         return True
 
 

@@ -21,7 +21,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from orchestrator.adapters.gateway.audit import AuditLog
-from orchestrator.adapters.gateway.endpoint import EndpointServer, Handler
+from orchestrator.adapters.gateway.endpoint import (
+    EndpointServer,
+    Handler,
+    remove_endpoint_directory,
+)
 from orchestrator.adapters.gateway.member_endpoint import MemberEndpoint
 from orchestrator.adapters.gateway.task_endpoint import TaskEndpoint
 from orchestrator.adapters.retry import ride_out
@@ -30,6 +34,7 @@ from orchestrator.adapters.vault.broker import Broker, Provisioned, WrappedSecre
 from orchestrator.adapters.vault.identity import TaskToken, Verifier
 from orchestrator.config import Settings
 from orchestrator.core.grant import Grant
+from orchestrator.core.ids import endpoint_key, is_endpoint_key
 from orchestrator.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
@@ -245,25 +250,27 @@ class RemoteGateway:
         return Path(self._call(request)["endpoint_dir"])
 
     def close(self, task_id: str) -> bool:
+        if not is_endpoint_key(task_id):
+            log.warning("endpoint close refused for %r: not a task id", task_id[:80])
+            return False
         try:
             return bool(self._call({"op": "close", "task_id": task_id})["removed"])
         except ServiceUnavailable:
             # The gateway is gone: its sockets went with it; the directory is ours to remove.
-            directory = self.directory(task_id)
-            existed = directory.exists()
-            if existed:
-                for child in directory.iterdir():
-                    child.unlink(missing_ok=True)
-                directory.rmdir()
-            return existed
+            return remove_endpoint_directory(self.directory(task_id))
 
     def stale(self, live: Callable[[str], bool]) -> list[str]:
         if not self.root.is_dir():
             return []
-        return [p.name for p in self.root.iterdir() if p.is_dir() and not live(p.name)]
+        return [
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and is_endpoint_key(p.name) and not live(p.name)
+        ]
 
     def directory(self, task_id: str) -> Path:
-        return self.root / task_id
+        """Raises InvalidId for anything but a task id or a warm runner's key."""
+        return self.root / endpoint_key(task_id)
 
     def trace(self, task_id: str, traceparent: str | None) -> None:
         if traceparent:
