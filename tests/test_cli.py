@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -22,7 +24,7 @@ from orchestrator.adapters.runtime.docker_engine import DockerRuntime
 from orchestrator.adapters.store import Store
 from orchestrator.client import Client
 from orchestrator.config import Settings
-from tests.conftest import IN_CI, airlock, running
+from tests.conftest import IN_CI, airlock, airlock_env, running
 
 
 @pytest.fixture(scope="module", params=["redis", "rabbitmq"])
@@ -278,3 +280,31 @@ def test_task_output_is_never_markup(
         "echo '[red]x[/red] [bold'",
     )
     assert proc.returncode == 0 and "[red]x[/red] [bold\n" in proc.stdout
+
+
+def test_ctrl_c_while_waiting_exits_130_and_the_task_goes_on(
+    cli_settings: Settings, worker: subprocess.Popen[bytes]
+) -> None:
+    argv = ["submit", "-a", "tester", "--wait", "--json", "--", "sleep", "30"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", *argv],
+        env=airlock_env(cli_settings),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    client = Client(cli_settings)
+    task_id = None
+    for _ in range(600):  # until its task runs
+        running_now = client.tasks(state="running", limit=20)
+        task_id = next((t["id"] for t in running_now if t["spec"]["command"][0] == "sleep"), None)
+        if task_id:
+            break
+        time.sleep(0.05)
+    assert task_id, "the task never ran"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and f"airlock cancel {task_id}" in err
+    assert client.status(task_id)["state"] == "running"  # interrupting the wait stops nothing
+    client.cancel(task_id, by="ctrl-c-test")
+    assert client.wait(task_id, timeout_s=60)["state"] == "cancelled"
