@@ -7,6 +7,7 @@
     ├── TaskNotFound              no          2   no record for that task id
     ├── InvalidId                 no          2   not a task id (nor a warm runner's key)
     ├── IllegalTransition         no          -   a state change the lifecycle forbids
+    ├── Unauthenticated           no          4   a caller's token did not verify (HTTP 401)
     ├── ServiceUnavailable        yes         3   Redis, Docker or Vault cannot be reached
     ├── VaultRefused              no          1   Vault answered, and said no
     └── RuntimeFailure            no          1   the container engine refused an operation
@@ -73,6 +74,16 @@ class IllegalTransition(AirlockError):
     def __init__(self, task_id: str, current: str | None, target: str) -> None:
         self.task_id, self.current, self.target = task_id, current, target
         super().__init__(f"task {task_id}: illegal transition {current} -> {target}")
+
+
+class Unauthenticated(AirlockError):
+    """A caller's bearer token is missing or did not verify; `reason` says which check."""
+
+    exit_code = 4
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"not authenticated: {reason}")
 
 
 class ServiceUnavailable(AirlockError):
