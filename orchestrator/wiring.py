@@ -55,8 +55,8 @@ def credentials(settings: Settings, store: Store, ride_out_s: float = 0.0) -> Cr
     from orchestrator.adapters.gateway.audit import AuditLog
     from orchestrator.adapters.gateway.service import Gateway, LocalGateway, RemoteGateway
     from orchestrator.adapters.vault.broker import Broker
-    from orchestrator.adapters.vault.identity import Minter, Verifier, transit_jwks
-    from orchestrator.task.credentials import Credentials, is_live
+    from orchestrator.adapters.vault.identity import Minter
+    from orchestrator.task.credentials import Credentials, task_verifier
 
     client = vault(settings, ride_out_s)
     issuer = jwt_issuer(settings)
@@ -67,12 +67,7 @@ def credentials(settings: Settings, store: Store, ride_out_s: float = 0.0) -> Cr
     if settings.gateway == "remote":
         endpoints = RemoteGateway(settings)
     else:
-        verifier = Verifier(
-            lambda: transit_jwks(client),
-            settings.jwt_audience,
-            issuer,
-            lambda task_id, jti: is_live(store, task_id, jti),
-        )
+        verifier = task_verifier(settings, client, store)
         endpoints = LocalGateway(
             settings, store, broker, verifier, audit, database_addresses(settings)
         )

@@ -161,4 +161,3 @@ class OidcVerifier:
             except jwt.PyJWTError:
                 continue  # a key of a type we do not use
         return keys
-

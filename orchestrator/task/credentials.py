@@ -106,14 +106,11 @@ class Credentials:
         receipt["endpoint_removed"] = self.endpoints.close(task_id)
         return receipt
 
-    def is_live(self, task_id: str, jti: str) -> bool:
-        return is_live(self.store, task_id, jti)
-
     def jwks(self) -> dict[str, Any]:
         return transit_jwks(self.vault)
 
     def verifier(self) -> Verifier:
-        return Verifier(self.jwks, self.settings.jwt_audience, self.issuer, self.is_live)
+        return task_verifier(self.settings, self.vault, self.store)
 
 
 def is_live(store: Store, task_id: str, jti: str) -> bool:
@@ -123,3 +120,14 @@ def is_live(store: Store, task_id: str, jti: str) -> bool:
     except AirlockError:
         return False
     return record.get("state") in LIVE_STATES and record.get("jwt_jti") == jti
+
+
+def task_verifier(settings: Settings, vault: Vault, store: Store) -> Verifier:
+    """What the gateway checks a task's JWT with: the transit key's JWKS, this deployment's
+    audience and issuer, and the task still being live."""
+    return Verifier(
+        lambda: transit_jwks(vault),
+        settings.jwt_audience,
+        jwt_issuer(settings),
+        lambda task_id, jti: is_live(store, task_id, jti),
+    )

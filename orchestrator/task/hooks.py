@@ -45,18 +45,19 @@ class Hooks:
     def __init__(self, hooks: Sequence[TaskHook]) -> None:
         self.hooks = tuple(hooks)
 
-    @contextlib.contextmanager
-    def phase(self, name: str, task_id: str, **facts: Any) -> Iterator[Phase]:
-        phase = Phase(name, task_id, dict(facts))
-        with contextlib.ExitStack() as stack:
-            for hook in self.hooks:
-                stack.enter_context(hook.phase(phase))
-            yield phase
+    def phase(
+        self, name: str, task_id: str, **facts: Any
+    ) -> contextlib.AbstractContextManager[Phase]:
+        return self._around(Phase(name, task_id, dict(facts)))
+
+    def task(
+        self, task_id: str, traceparent: str | None
+    ) -> contextlib.AbstractContextManager[Phase]:
+        """The whole life of one task: every other phase happens inside it."""
+        return self._around(Phase("task", task_id, {"task_id": task_id}, traceparent=traceparent))
 
     @contextlib.contextmanager
-    def task(self, task_id: str, traceparent: str | None) -> Iterator[Phase]:
-        """The whole life of one task: every other phase happens inside it."""
-        phase = Phase("task", task_id, {"task_id": task_id}, traceparent=traceparent)
+    def _around(self, phase: Phase) -> Iterator[Phase]:
         with contextlib.ExitStack() as stack:
             for hook in self.hooks:
                 stack.enter_context(hook.phase(phase))

@@ -165,13 +165,7 @@ class EndpointServer:
 
     def stale(self, live: Callable[[str], bool]) -> list[str]:
         """Endpoint directories on disk whose task is not live (left by a crashed worker)."""
-        if not self.root.is_dir():
-            return []
-        return [
-            p.name
-            for p in self.root.iterdir()
-            if p.is_dir() and is_endpoint_key(p.name) and not live(p.name)
-        ]
+        return stale_endpoints(self.root, live)
 
     async def _serve(
         self, route: Route, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -256,6 +250,18 @@ def _stop(server: Future[asyncio.AbstractServer], sessions: set[asyncio.Task[Any
     server.add_done_callback(close)
     for session in sessions:
         session.cancel()
+
+
+def stale_endpoints(root: Path, live: Callable[[str], bool]) -> list[str]:
+    """The keys of endpoint directories under `root` whose task is not live; a directory
+    whose name is not a task id or a runner's key is not ours and is never listed."""
+    if not root.is_dir():
+        return []
+    return [
+        p.name
+        for p in root.iterdir()
+        if p.is_dir() and is_endpoint_key(p.name) and not live(p.name)
+    ]
 
 
 def remove_endpoint_directory(directory: Path) -> bool:

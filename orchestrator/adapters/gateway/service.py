@@ -25,6 +25,7 @@ from orchestrator.adapters.gateway.endpoint import (
     EndpointServer,
     Handler,
     remove_endpoint_directory,
+    stale_endpoints,
 )
 from orchestrator.adapters.gateway.member_endpoint import MemberEndpoint
 from orchestrator.adapters.gateway.task_endpoint import TaskEndpoint
@@ -260,13 +261,7 @@ class RemoteGateway:
             return remove_endpoint_directory(self.directory(task_id))
 
     def stale(self, live: Callable[[str], bool]) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return [
-            p.name
-            for p in self.root.iterdir()
-            if p.is_dir() and is_endpoint_key(p.name) and not live(p.name)
-        ]
+        return stale_endpoints(self.root, live)
 
     def directory(self, task_id: str) -> Path:
         """Raises InvalidId for anything but a task id or a warm runner's key."""
