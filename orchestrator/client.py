@@ -17,9 +17,9 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from orchestrator import config, wiring
-from orchestrator.adapters.store import Event
+from orchestrator.adapters.store import Store
 from orchestrator.config import Settings
-from orchestrator.core.lifecycle import SIGNAL_CANCEL, TERMINAL, TaskState, advance
+from orchestrator.core.lifecycle import SIGNAL_CANCEL, TERMINAL, Event, TaskState, advance
 from orchestrator.errors import IllegalTransition, TaskNotFound
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 _TIMES = ("created_at", "started_at", "finished_at", "updated_at")
 _INTS = ("exit_code", "timeout_s", "logs_bytes", "logs_dropped_bytes", "revocation_pending")
-_JSON = ("output", "spec", "grant", "revocation")
+_JSON = ("output", "spec", "grant", "revocation", "front_door")
 
 
 def _iso(value: str | None) -> str | None:
@@ -57,6 +57,7 @@ def present(record: Mapping[str, str]) -> dict[str, Any]:
         if record.get(name):
             out[name] = json.loads(record[name])
     for name in (
+        "submitter",
         "on_behalf_of",
         "queue",
         "container_id",
@@ -80,9 +81,9 @@ class Client:
     """Submits, reads and cancels tasks. It loads only what submitting needs: no Vault,
     Rego, Docker or gateway code (a test guards the list)."""
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, store: Store | None = None) -> None:
         self.settings = settings or config.load()
-        self.store = wiring.store(self.settings)
+        self.store = store or wiring.store(self.settings)
 
     @cached_property
     def _submitter(self) -> Submitter:

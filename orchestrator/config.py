@@ -87,6 +87,19 @@ class Settings:
     pool_size: int = 0
     pool_gvisor_size: int = 0
     pool_max_age_s: float = 600.0
+    # The front door (`airlock serve`): where it listens, and where the CLI and the Python
+    # client find it (unset: they read and submit directly, as an operator on a worker host).
+    api_listen: str = "127.0.0.1:8600"
+    api_url: str | None = None
+    # The OIDC issuer whose bearer tokens callers present, and the audience they must name.
+    oidc_issuer: str | None = None
+    oidc_audience: str = "airlock-api"
+    # Who may submit what, as whom, how much (a YAML registry the Rego policy decides with).
+    callers_file: Path | None = None
+    # Queue messages carry an admission ticket signed with this Ed25519 key (the front door
+    # and a local operator hold the private key; workers only the public one).
+    ticket_key: Path | None = None
+    ticket_public_key: Path | None = None
 
 
 def _get(env: Mapping[str, str], name: str, default: T, parse: Callable[[str], T]) -> T:
@@ -124,6 +137,15 @@ def _name(raw: str) -> str:
     if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,62}", raw):
         raise ValueError("must be lower-case letters, digits, '.', '_' or '-'")
     return raw
+
+
+def callers_file(settings: Settings) -> Path:
+    """The callers registry: AIRLOCK_CALLERS_FILE, else callers.yaml in the policy directory."""
+    return settings.callers_file or settings.policy_dir / "callers.yaml"
+
+
+def _path(env: Mapping[str, str], name: str) -> Path | None:
+    return Path(env[name]) if env.get(name) else None
 
 
 def gvisor_queue(settings: Settings) -> str:
@@ -208,9 +230,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         reap_period_s=_get(env, "AIRLOCK_REAP_PERIOD_S", d.reap_period_s, _positive_float),
         gateway=_get(env, "AIRLOCK_GATEWAY", d.gateway, _gateway_mode),
         log_format=_get(env, "AIRLOCK_LOG_FORMAT", d.log_format, _log_format),
-        upstream_ca_file=Path(env["AIRLOCK_UPSTREAM_CA_FILE"])
-        if env.get("AIRLOCK_UPSTREAM_CA_FILE")
-        else None,
+        upstream_ca_file=_path(env, "AIRLOCK_UPSTREAM_CA_FILE"),
         gateway_max_connections=_get(
             env, "AIRLOCK_GATEWAY_MAX_CONNECTIONS", d.gateway_max_connections, _positive_int
         ),
@@ -221,6 +241,13 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         pool_size=_get(env, "AIRLOCK_POOL_SIZE", d.pool_size, _count),
         pool_gvisor_size=_get(env, "AIRLOCK_POOL_GVISOR_SIZE", d.pool_gvisor_size, _count),
         pool_max_age_s=_get(env, "AIRLOCK_POOL_MAX_AGE_S", d.pool_max_age_s, _positive_float),
+        api_listen=env.get("AIRLOCK_API_LISTEN") or d.api_listen,
+        api_url=(env.get("AIRLOCK_API_URL") or "").rstrip("/") or None,
+        oidc_issuer=(env.get("AIRLOCK_OIDC_ISSUER") or "").rstrip("/") or None,
+        oidc_audience=env.get("AIRLOCK_OIDC_AUDIENCE") or d.oidc_audience,
+        callers_file=_path(env, "AIRLOCK_CALLERS_FILE"),
+        ticket_key=_path(env, "AIRLOCK_TICKET_KEY"),
+        ticket_public_key=_path(env, "AIRLOCK_TICKET_PUBLIC_KEY"),
     )
 
 

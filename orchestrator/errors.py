@@ -86,6 +86,17 @@ class Unauthenticated(AirlockError):
         super().__init__(f"not authenticated: {reason}")
 
 
+class Forbidden(AirlockError):
+    """An authenticated caller asked for what policy does not allow; `problems` names the
+    rules. Exit code 2, as for a task the policy rejected."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("forbidden: " + "; ".join(problems))
+
+
 class ServiceUnavailable(AirlockError):
     """A service Airlock depends on did not answer; trying again later may work."""
 

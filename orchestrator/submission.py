@@ -1,10 +1,15 @@
-"""The submitting side of the client: validate, record, route and enqueue a task.
+"""The submitting side: validate, record, sign, route and enqueue a task.
 
-Loaded on the first submit only (`Client.submit`): reading a task needs none of it.
+Used by the front door (`airlock serve`) for verified callers, and by the Python client
+in direct mode, where the submitter is the local operator (the kernel vouches for the uid,
+and holding the ticket key is the right to enqueue). Loaded on the first submit only.
 """
 
 from __future__ import annotations
 
+import os
+import pwd
+import socket
 import uuid
 from collections.abc import Mapping
 from functools import cached_property
@@ -15,16 +20,32 @@ from celery import Celery
 from orchestrator.adapters import telemetry
 from orchestrator.adapters.queue import celery_app, enqueue
 from orchestrator.adapters.store import Store
+from orchestrator.adapters.ticket import TicketSigner
 from orchestrator.config import Settings, gvisor_queue
+from orchestrator.core.caller import Identities, Principal
 from orchestrator.core.lifecycle import TaskState, advance
 from orchestrator.core.spec import TaskSpec, parse, record_fields
 from orchestrator.errors import AirlockError, ServiceUnavailable
 from orchestrator.policy.agents import load_agent
 
 
+def local_operator() -> Principal:
+    """The account this process runs as, on this host."""
+    uid = os.getuid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = f"uid-{uid}"
+    return Principal(name, "operator", f"local:{socket.gethostname()}", str(uid))
+
+
 class Submitter:
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, signer: TicketSigner | None = None
+    ) -> None:
+        """Raises ConfigError when no ticket signing key can be read."""
         self.settings, self.store = settings, store
+        self.signer = signer or TicketSigner(settings.ticket_key)
         telemetry.setup(settings, "client", store)
         # Agent name -> ((mtime, size) of its registry file, isolation class), for routing.
         self._isolation: dict[str, tuple[tuple[int, int], str]] = {}
@@ -33,21 +54,47 @@ class Submitter:
     def celery(self) -> Celery:
         return celery_app(self.settings)
 
-    def submit(self, spec: TaskSpec | Mapping[str, Any]) -> str:
-        """Raises InvalidSpec (nothing recorded) or ServiceUnavailable (nothing left pending)."""
+    def submit(
+        self,
+        spec: TaskSpec | Mapping[str, Any],
+        identities: Identities | None = None,
+        fields: Mapping[str, Any] | None = None,
+        task_id: str | None = None,
+    ) -> str:
+        """Record, sign and enqueue a task for `identities` (the local operator, acting for
+        the spec's user, when not given); `fields` go on its record. Raises InvalidSpec
+        (nothing recorded) or ServiceUnavailable (nothing left pending)."""
         task = parse(spec)
-        task_id = str(uuid.uuid4())
-        with telemetry.tracer().start_as_current_span(
-            "submit", attributes={"airlock.task_id": task_id, "airlock.agent": task.agent}
-        ):
-            self._enqueue(task_id, task, telemetry.inject())
+        if identities is None:
+            identities = Identities(local_operator(), task.on_behalf_of)
+        elif task.on_behalf_of != identities.user:
+            task = task.model_copy(update={"on_behalf_of": identities.user})
+        task_id = task_id or str(uuid.uuid4())
+        attributes = {
+            "airlock.task_id": task_id,
+            "airlock.agent": task.agent,
+            "airlock.submitter": identities.submitter.label,
+        }
+        if identities.user:
+            attributes["airlock.on_behalf_of"] = identities.user
+        with telemetry.tracer().start_as_current_span("submit", attributes=attributes):
+            self._enqueue(task_id, task, identities, dict(fields or {}), telemetry.inject())
         return task_id
 
-    def _enqueue(self, task_id: str, task: TaskSpec, traceparent: str | None) -> None:
-        self.store.create(task_id, record_fields(task))
+    def _enqueue(
+        self,
+        task_id: str,
+        task: TaskSpec,
+        identities: Identities,
+        fields: dict[str, Any],
+        traceparent: str | None,
+    ) -> None:
         spec = task.model_dump(mode="json", exclude_none=True)
+        queue = self.route(task)
+        ticket = self.signer.sign(task_id, spec, queue, identities)
+        self.store.create(task_id, record_fields(task) | identities.record_fields() | fields)
         try:
-            enqueue(self.celery, task_id, spec, traceparent, self.route(task))
+            enqueue(self.celery, task_id, spec, traceparent, queue, ticket)
         except ServiceUnavailable as exc:
             self._abandon(task_id, f"could not enqueue: {exc.__cause__ or exc}")
             raise

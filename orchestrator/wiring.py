@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from orchestrator.adapters.store import Store
-from orchestrator.config import Settings, database_addresses, jwt_issuer
+from orchestrator.config import Settings, callers_file, database_addresses, jwt_issuer
 from orchestrator.errors import AirlockError
 
 if TYPE_CHECKING:
@@ -117,7 +117,9 @@ def policy_engine(settings: Settings) -> PolicyEngine:
             runtimes = ("runc", "runsc")
         return Deployment.of(settings, runtimes)
 
-    return PolicyEngine(settings.policy_dir, settings.agents_dir, deployment)
+    return PolicyEngine(
+        settings.policy_dir, settings.agents_dir, deployment, callers_file(settings)
+    )
 
 
 def gvisor_available(settings: Settings) -> bool:

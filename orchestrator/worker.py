@@ -1,13 +1,13 @@
 """The worker process: it registers what runs Airlock's tasks on the queue's Celery app.
 
-A producer that does not create the task record first may enqueue anyway (the contract is
-in `adapters.queue`): the worker records the task on arrival, validates the spec and
-rejects it with reasons if it is malformed.
+Every message must carry the front door's admission ticket (`adapters.ticket`); the worker
+verifies it before anything else, and records the task on arrival if its record is gone.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import tempfile
 import threading
@@ -20,32 +20,47 @@ from celery.signals import worker_ready, worker_shutdown
 from orchestrator import config, wiring
 from orchestrator.adapters import logs
 from orchestrator.adapters.queue import REAP_TASK_NAME, TASK_NAME, celery_app
+from orchestrator.adapters.ticket import InvalidTicket, TicketVerifier
 from orchestrator.config import Settings, gvisor_queue
 from orchestrator.task.executor import Executor
 from orchestrator.task.reaper import Reaped, reap_all
 
+log = logging.getLogger(__name__)
+
 
 def create_app(settings: Settings, executor: LazyExecutor | None = None) -> Celery:
-    """The Celery app with Airlock's tasks; they run on `executor` (built on first use)."""
+    """The Celery app with Airlock's tasks; they run on `executor` (built on first use).
+
+    Raises ConfigError when the front door's public key (AIRLOCK_TICKET_PUBLIC_KEY) cannot
+    be read: a worker that cannot tell the front door's messages from others runs nothing.
+    """
     app = celery_app(settings)
     executor = executor or LazyExecutor(settings)
+    tickets = TicketVerifier(settings.ticket_public_key)
 
     @app.task(name=TASK_NAME, bind=True)  # type: ignore[untyped-decorator]
     def run(self: Task, *args: Any, **kwargs: Any) -> str:
-        # Any producer may send anything: a malformed message is recorded as a rejected
-        # task (the spec parser says why), never an exception that stops the worker.
+        # Only a message with the front door's ticket for exactly this id, spec and queue
+        # runs; anything else is refused and logged, and nothing is recorded or started.
+        task_id = str(self.request.id)
         spec = kwargs.pop("spec", args[0] if args else None)
         traceparent = kwargs.pop("traceparent", None)
-        if kwargs or len(args) > 1:
-            spec = {
-                "agent": spec.get("agent") if isinstance(spec, dict) else None,
-                "message": f"unexpected message fields: {sorted(kwargs) or len(args)}",
-            }
+        ticket = kwargs.pop("ticket", None)
+        try:
+            if kwargs or len(args) > 1:
+                raise InvalidTicket(f"unexpected message fields: {sorted(kwargs) or len(args)}")
+            verified = tickets.verify(ticket, task_id, spec)
+            queue = (self.request.delivery_info or {}).get("routing_key")
+            if queue and verified.queue and queue != verified.queue:
+                raise InvalidTicket(f"sent to queue {queue!r}, ticket is for {verified.queue!r}")
+        except InvalidTicket as exc:
+            log.warning("message %.64r refused, nothing recorded or started: %s", task_id, exc)
+            return "refused"
         if not isinstance(traceparent, str) or len(traceparent) > 128:
             traceparent = None
         runner = executor.get()
         runner.worker_name = str(self.request.hostname or runner.worker_name)
-        return runner.execute(str(self.request.id), spec, traceparent).value
+        return runner.execute(task_id, spec, traceparent, verified.identities).value
 
     @app.task(name=REAP_TASK_NAME)  # type: ignore[untyped-decorator]
     def reap_orphans() -> int:

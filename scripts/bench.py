@@ -606,7 +606,8 @@ def bench_cli(runs: int) -> dict[str, object]:
     Every command runs in turn within each round, so a slow moment hits all alike."""
     ns = f"bench{uuid.uuid4().hex[:6]}"
     settings = replace(config.load(), namespace=ns, queue=ns)
-    env = dict(os.environ, AIRLOCK_NAMESPACE=ns, AIRLOCK_QUEUE=ns)
+    # Direct mode: this bench measures the CLI itself (`scripts/bench api` measures the API).
+    env = dict(os.environ, AIRLOCK_NAMESPACE=ns, AIRLOCK_QUEUE=ns, AIRLOCK_API_URL="")
     airlock = str(Path(sys.executable).parent / "airlock")
     client = Client(settings)
     task_id = str(uuid.uuid4())
@@ -693,9 +694,189 @@ def bench_http(runs: int) -> dict[str, object]:
     return result
 
 
+BENCH_CALLERS = """
+users:
+  alice: {agents: ["*"], concurrent: 100000000, per_minute: 100000000}
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_api(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+    """`airlock serve` on `port`, answering /v1/health."""
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "serve", "--listen", f"127.0.0.1:{port}"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=1).read()
+            return proc
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError("airlock serve exited") from None
+            time.sleep(0.1)
+    raise RuntimeError("airlock serve did not answer")
+
+
+class ApiCaller:
+    """One keep-alive connection to the API, submitting as one caller."""
+
+    def __init__(self, port: int, token: str) -> None:
+        import http.client
+
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+    def submit(self, spec: dict[str, object]) -> str:
+        self.conn.request("POST", "/v1/tasks", json.dumps(spec), self.headers)
+        answer = self.conn.getresponse()
+        body = json.loads(answer.read())
+        if answer.status != 201:
+            raise RuntimeError(f"submit: HTTP {answer.status}: {body}")
+        return str(body["id"])
+
+
+def bench_api(runs: int) -> dict[str, object]:
+    """The front door against direct enqueue, in the same run: added latency of one submit
+    (token verification, callers policy, idempotency, signing), sustained submits per second
+    on one API process, and whole-process `submit --wait -- true` and `status` through it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from orchestrator.adapters.vault.issuer import dev_token, ensure_issuer
+    from orchestrator.submission import Submitter
+
+    ns = f"bench{uuid.uuid4().hex[:6]}"
+    tmp = tempfile.mkdtemp(prefix="airlock-bench-api-")
+    callers = Path(tmp) / "callers.yaml"
+    callers.write_text(BENCH_CALLERS)
+    settings = replace(config.load(), namespace=ns, queue=ns, callers_file=callers)
+    env = dict(
+        os.environ, AIRLOCK_NAMESPACE=ns, AIRLOCK_QUEUE=ns, AIRLOCK_CALLERS_FILE=str(callers)
+    )
+    vault = wiring.vault(settings)
+    ensure_issuer(vault, settings.oidc_audience)
+    token = dev_token(vault, "alice")
+    port = free_port()
+    api = start_api(env, port)
+    client = Client(settings)
+    submitter = Submitter(settings, client.store)
+    spec = {"agent": "demo", "command": ["true"]}
+    caller = ApiCaller(port, token)
+    direct: list[float] = []
+    through: list[float] = []
+    result: dict[str, object] = {}
+    try:
+        for _ in range(20):  # warm both paths
+            submitter.submit(spec)
+            caller.submit(spec)
+        for _ in range(max(runs, 200)):
+            t0 = time.perf_counter()
+            submitter.submit(spec)
+            direct.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            caller.submit(spec)
+            through.append(time.perf_counter() - t0)
+        print("Submit, one at a time (interleaved):")
+        result["direct enqueue"] = show("direct enqueue (in process)", direct)
+        result["api"] = show("through the API (token, policy, sign)", through, direct, "direct")
+        added = (pct(through, 0.5) - pct(direct, 0.5)) * 1000
+        print(f"  added p50: {added:.2f} ms (target <= 2 ms)")
+        result["added_p50_ms"] = round(added, 2)
+
+        seconds, clients = 10.0, 16
+        callers_pool = [ApiCaller(port, token) for _ in range(clients)]
+        done = [0] * clients
+
+        def hammer(n: int) -> None:
+            until = time.perf_counter() + seconds
+            while time.perf_counter() < until:
+                callers_pool[n].submit(spec)
+                done[n] += 1
+
+        api_cpu0 = process_s(api.pid)
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(hammer, range(clients)))
+        api_cpu = process_s(api.pid) - api_cpu0
+        rate = sum(done) / seconds
+        print(
+            f"Sustained: {rate:.0f} submits/s on one API process, {clients} clients "
+            f"({api_cpu / seconds:.2f} cores of API CPU; target >= 500/s)"
+        )
+        result["submits_per_s"] = round(rate)
+        for key in client.store.redis.scan_iter(f"{ns}:*"):
+            client.store.redis.delete(key)
+        client.store.redis.delete(ns)
+
+        result.update(_api_whole_process(settings, env, port, token, runs, tmp))
+    finally:
+        api.terminate()
+        api.wait()
+        for key in client.store.redis.scan_iter(f"{ns}:*"):
+            client.store.redis.delete(key)
+        client.store.redis.delete(ns)
+    return result
+
+
+def _api_whole_process(
+    settings: Settings, env: dict[str, str], port: int, token: str, runs: int, tmp: str
+) -> dict[str, object]:
+    """`airlock submit --wait -- true` and `airlock status ID`, whole process, through the
+    API and directly, interleaved."""
+    airlock = str(Path(sys.executable).parent / "airlock")
+    remote = dict(env, AIRLOCK_API_URL=f"http://127.0.0.1:{port}", AIRLOCK_TOKEN=token)
+    local = dict(env, AIRLOCK_API_URL="")
+    submit = [airlock, "submit", "-a", "demo", "--wait", "--", "true"]
+    task_id = ApiCaller(port, token).submit({"agent": "demo", "command": ["true"]})
+    commands = {
+        "import click": ([sys.executable, "-c", "import click"], local),
+        "status, direct": ([airlock, "status", task_id], local),
+        "status, through the API": ([airlock, "status", task_id], remote),
+        "submit --wait, direct": (submit, local),
+        "submit --wait, through the API": (submit, remote),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in commands}
+    worker = start_worker(settings, tmp)
+    try:
+        Client(settings).wait(task_id, timeout_s=60)
+        for _ in range(max(runs // 5, 10)):
+            for name, (argv, environment) in commands.items():
+                samples[name].append(whole_process(argv, environment))
+    finally:
+        stop([worker])
+    print("Whole process (median of each):")
+    out: dict[str, object] = {
+        "import click": show("python -c 'import click'", samples["import click"])
+    }
+    for name in ("status, direct", "status, through the API"):
+        out[name] = show(f"airlock {name}", samples[name], samples["import click"], "import click")
+    out["submit --wait, direct"] = show(
+        "airlock submit --wait -- true, direct", samples["submit --wait, direct"]
+    )
+    out["submit --wait, through the API"] = show(
+        "airlock submit --wait -- true, through the API",
+        samples["submit --wait, through the API"],
+        samples["submit --wait, direct"],
+        "direct",
+    )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="scripts/bench")
-    parser.add_argument("what", choices=["start", "policy", "secrets", "tracing", "cli", "http"])
+    parser.add_argument(
+        "what", choices=["start", "policy", "secrets", "tracing", "cli", "http", "api"]
+    )
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args()
@@ -706,6 +887,7 @@ def main() -> None:
         "tracing": bench_tracing,
         "cli": bench_cli,
         "http": bench_http,
+        "api": bench_api,
     }
     result = benches[args.what](args.runs)
     if args.json:

@@ -343,7 +343,12 @@ class Chaos:
                 "AIRLOCK_WORKER_CONCURRENCY": str(max(self.concurrency // 2, 1)),
             }
         )
-        for name in ("AIRLOCK_POSTGRES_URL", "AIRLOCK_RUNNER_IMAGE"):
+        for name in (
+            "AIRLOCK_POSTGRES_URL",
+            "AIRLOCK_RUNNER_IMAGE",
+            "AIRLOCK_TICKET_KEY",
+            "AIRLOCK_TICKET_PUBLIC_KEY",
+        ):
             if os.environ.get(name):
                 env[name] = os.environ[name]
         if os.environ.get("AIRLOCK_RABBITMQ_URL"):  # redelivery on worker loss is immediate

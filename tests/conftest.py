@@ -57,6 +57,7 @@ def settings() -> Settings:
         queue=namespace,
         stop_grace_s=1.0,
         agents_dir=ROOT / "tests" / "agents",
+        callers_file=ROOT / "tests" / "callers.yaml",
         endpoint_dir=Path(tempfile.mkdtemp(prefix="airlock-endpoints-")),
     )
 
@@ -149,6 +150,9 @@ def airlock_env(settings: Settings, **extra: str) -> dict[str, str]:
         REDIS_URL=settings.redis_url,
         AIRLOCK_AGENTS_DIR=str(settings.agents_dir),
         AIRLOCK_POLICY_DIR=str(settings.policy_dir),
+        AIRLOCK_CALLERS_FILE=str(settings.callers_file or ""),
+        # The CLI reads and submits directly (the operator's mode) unless a test says.
+        AIRLOCK_API_URL="",
         AIRLOCK_ENDPOINT_DIR=str(settings.endpoint_dir),
         AIRLOCK_BROKER_URL=settings.broker_url or "",
         # Tests create bare containers on purpose; only an explicit gc may reap them.

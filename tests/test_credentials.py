@@ -381,15 +381,30 @@ def verifier(
 
 
 def test_jwt_claims_and_offline_verification(credentials: Credentials, grant: Grant) -> None:
+    """RFC 8693's shape: the user is the subject, the agent the actor, and the service that
+    submitted for the user the actor's actor."""
     deadline = time.time() + 60
-    token = credentials.minter.mint("task-1", grant, grant.digest(), deadline)
+    token = credentials.minter.mint(
+        "task-1", grant, grant.digest(), deadline, submitter="service:ci-bot"
+    )
     claims = verifier(credentials).verify(token.jwt)
-    assert claims["sub"] == "spiffe://airlock.test/agent/dba"
+    assert claims["sub"] == "alice"
+    assert claims["act"] == {"sub": grant.identity, "act": {"sub": "service:ci-bot"}}
+    assert grant.identity == "spiffe://airlock.test/agent/dba"
+    assert claims["submitter"] == "service:ci-bot"
     assert claims["aud"] == "airlock-gateway" and claims["iss"] == credentials.issuer
     assert claims["exp"] <= deadline and claims["iat"] <= time.time()
     assert claims["task_id"] == "task-1" and claims["grant_hash"] == grant.digest()
-    assert claims["act"] == {"sub": grant.identity} and claims["on_behalf_of"] == {"sub": "alice"}
     assert claims["jti"] == token.jti
+    # The user submitting for themselves: no service in the chain.
+    own = credentials.minter.mint("task-1", grant, grant.digest(), deadline, submitter="user:alice")
+    assert verifier(credentials).verify(own.jwt)["act"] == {"sub": grant.identity}
+    # No user: the agent is the subject, and nobody acts for anyone.
+    alone = grant.model_copy(update={"on_behalf_of": None})
+    claims = verifier(credentials).verify(
+        credentials.minter.mint("task-1", alone, alone.digest(), deadline).jwt
+    )
+    assert claims["sub"] == grant.identity and "act" not in claims
 
 
 def test_jwt_failures(credentials: Credentials, grant: Grant, vault: Vault) -> None:

@@ -18,6 +18,9 @@ NS:cred:ID:leases     set     a task's journaled lease ids
 NS:audit              stream  every egress decision, hash-chained
 NS:audit:head:CHAIN   string  the last hash of one writer's chain
 NS:trace:TRACE_ID     list    the embedded span store, one list per trace
+NS:caller:C:live      zset    a caller's tasks not yet ended (C is kind:name), for quotas
+NS:caller:C:recent    zset    a caller's submissions of the last minute, for quotas
+NS:idem:DIGEST        hash    an Idempotency-Key's task and request digest (24 h)
 """
 
 from __future__ import annotations
@@ -66,3 +69,9 @@ class Keys:
 
     def trace(self, trace_id: str) -> str:
         return f"{self.ns}:trace:{trace_id}"
+
+    def caller(self, caller: str, part: str = "") -> str:
+        return f"{self.ns}:caller:{caller}" + (f":{part}" if part else "")
+
+    def idempotency(self, digest: str) -> str:
+        return f"{self.ns}:idem:{digest}"

@@ -4,10 +4,14 @@ contract producers in any language follow (Celery protocol 2, JSON):
     task name  "airlock.run"
     task id    the Airlock task id (a UUID, canonical lower-case form; anything else is
                refused unrecorded)
-    kwargs     {"spec": {...}}, the task spec as in `airlock spec schema`
+    kwargs     {"spec": {...}, "ticket": "...", "traceparent": "..."}: the task spec as in
+               `airlock spec schema`, and the front door's admission ticket for it
+               (`adapters.ticket`); a message without a valid ticket is refused
     queue      the spec's `queue`, or the deployment's default queue ("airlock")
 
-The worker registers what runs the tasks (`orchestrator.worker`); a producer only sends.
+Only the front door (`airlock serve`, or an operator holding the ticket key) can produce a
+message a worker accepts; other systems submit through the HTTP API. The worker registers
+what runs the tasks (`orchestrator.worker`); a producer only sends.
 """
 
 from __future__ import annotations
@@ -56,13 +60,18 @@ def celery_app(settings: Settings) -> Celery:
 
 
 def enqueue(
-    app: Celery, task_id: str, spec: dict[str, Any], traceparent: str | None, queue: str
+    app: Celery,
+    task_id: str,
+    spec: dict[str, Any],
+    traceparent: str | None,
+    queue: str,
+    ticket: str,
 ) -> None:
     """Send one task. Raises ServiceUnavailable when the broker did not take it."""
     try:
         app.send_task(
             TASK_NAME,
-            kwargs={"spec": spec, "traceparent": traceparent},
+            kwargs={"spec": spec, "traceparent": traceparent, "ticket": ticket},
             task_id=task_id,
             queue=queue,
             # No repr of the spec in the message headers (Celery adds one for display):

@@ -12,7 +12,6 @@ import functools
 import json
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import redis
@@ -21,7 +20,7 @@ from redis.retry import Retry
 
 from orchestrator.adapters.keys import Keys
 from orchestrator.adapters.retry import ride_out
-from orchestrator.core.lifecycle import TERMINAL, TaskState
+from orchestrator.core.lifecycle import TERMINAL, Event, TaskState
 from orchestrator.errors import IllegalTransition, ServiceUnavailable, TaskNotFound
 
 P = ParamSpec("P")
@@ -69,11 +68,34 @@ if ttl > 0 then
   for i = 1, 2 do redis.call('EXPIRE', KEYS[i], ttl) end
   redis.call('EXPIRE', KEYS[4], ttl)
   redis.call('EXPIRE', KEYS[6], ttl)
+  local submitter = redis.call('HGET', KEYS[1], 'submitter')
+  if submitter then
+    redis.call('ZREM', KEYS[8] .. submitter .. ':live', redis.call('HGET', KEYS[1], 'id'))
+  end
 end
 return {1, current}
 """
     % GLOBAL_EVENTS_MAXLEN
 )
+
+# A caller's usage: tasks not yet ended (ended ones leave the live set in _ADVANCE; entries
+# older than any task can live are dropped) and submissions in the last 60 s.
+# KEYS: live, recent. ARGV: now, oldest live start kept.
+_USAGE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1] - 60)
+return {redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2])}
+"""
+
+# An Idempotency-Key: the task it made, or claim it for a new one. KEYS: the key's hash.
+# ARGV: task id, request digest, ttl. Returns {task, digest} of the first use, or {}.
+_IDEMPOTENT = """
+local known = redis.call('HMGET', KEYS[1], 'task', 'request')
+if known[1] then return known end
+redis.call('HSET', KEYS[1], 'task', ARGV[1], 'request', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return {}
+"""
 
 
 def _guard(method: Callable[P, R]) -> Callable[P, R]:
@@ -93,16 +115,6 @@ def _guard(method: Callable[P, R]) -> Callable[P, R]:
 
 def _unreachable(exc: BaseException) -> bool:
     return isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
-
-
-@dataclass(frozen=True)
-class Event:
-    id: str
-    task_id: str
-    state: TaskState
-    reason: str
-    at: float
-    previous: TaskState | None
 
 
 class Store:
@@ -132,6 +144,8 @@ class Store:
         self.ride_out_s = ride_out_s
         self._create = self.redis.register_script(_CREATE)
         self._advance = self.redis.register_script(_ADVANCE)
+        self._usage = self.redis.register_script(_USAGE)
+        self._idempotent = self.redis.register_script(_IDEMPOTENT)
 
     def key(self, task_id: str, part: str = "") -> str:
         return self.keys.task(task_id, part)
@@ -209,6 +223,7 @@ class Store:
             self.key(task_id, "signal"),
             self.key(task_id, "ended"),
             self.key(task_id, "owner"),
+            self.keys.caller(""),
         ]
         args = [
             target.value,
@@ -425,6 +440,37 @@ class Store:
     @_guard
     def alarms(self, task_id: str) -> list[dict[str, Any]]:
         return [json.loads(item) for item in self.redis.lrange(self.key(task_id, "alarms"), 0, -1)]
+
+    # -- the front door: callers' usage, idempotency keys ---------------------------------
+    @_guard
+    def caller_usage(self, caller: str, oldest_live: float) -> dict[str, int]:
+        """How many of `caller`'s tasks have not ended, and how many it submitted in the
+        last minute (`caller` as recorded: kind:name)."""
+        keys = [self.keys.caller(caller, "live"), self.keys.caller(caller, "recent")]
+        running, recent = self._usage(keys=keys, args=[self.clock(), oldest_live])
+        return {"running": int(running), "last_minute": int(recent)}
+
+    @_guard
+    def caller_submitted(self, caller: str, task_id: str, ttl_s: int) -> None:
+        now = self.clock()
+        pipe = self.redis.pipeline(transaction=False)
+        for part in ("live", "recent"):
+            pipe.zadd(self.keys.caller(caller, part), {task_id: now})
+            pipe.expire(self.keys.caller(caller, part), ttl_s)
+        pipe.execute()
+
+    @_guard
+    def idempotent(
+        self, key: str, task_id: str, request: str, ttl_s: int
+    ) -> tuple[str, str] | None:
+        """Claim an idempotency key for `task_id`; or the (task, request digest) of its
+        first use."""
+        found = self._idempotent(keys=[self.keys.idempotency(key)], args=[task_id, request, ttl_s])
+        return (str(found[0]), str(found[1])) if found else None
+
+    @_guard
+    def forget_idempotent(self, key: str) -> None:
+        self.redis.delete(self.keys.idempotency(key))
 
     # -- egress audit -----------------------------------------------------------------------
     @_guard

@@ -5,7 +5,8 @@ its work needs, and `airlock --help` lists them from the table below without loa
 
 Exit codes: 0 succeeded; for `submit --wait`, the task's own exit code when its command ran
 to an exit, 1 failed without one or cancelled, 124 timed out, 130 interrupted; 2 invalid
-input or rejected; 3 a required service is unreachable.
+input or rejected (by the task policy or the front door's); 3 a required service is
+unreachable; 4 not authenticated (no token, or one the API refused).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "vault": ("host", "vault", "Vault (or OpenBao) configuration for the agent registry."),
     "jwks": ("host", "jwks", "Print (or serve) the JWKS that verifies task JWTs."),
     "doctor": ("host", "doctor", "Check the services, the setup and the policy bundle."),
+    "serve": ("front", "serve", "Serve the HTTP API: the front door for the CLI and upstreams."),
+    "login": ("front", "login", "Store a bearer token for the CLI (0600)."),
+    "dev": ("front", "dev", "The local stack's callers: the OIDC issuer and their tokens."),
 }
 
 

@@ -6,14 +6,14 @@ import click
 from click.shell_completion import CompletionItem
 
 from orchestrator import config
-from orchestrator.client import Client
+from orchestrator.cli.connect import connect
 from orchestrator.errors import AirlockError
 
 
 def task_ids(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
     """Recent task ids that start with what was typed, with their state."""
     try:
-        tasks = Client().tasks(limit=200)
+        tasks = connect().tasks(limit=200)
     except AirlockError:
         return []
     return [

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from orchestrator import wiring
 from orchestrator.adapters.gateway.service import RemoteGateway
 from orchestrator.adapters.vault.setup import JWT_KEY, token_role
-from orchestrator.config import Settings
+from orchestrator.config import Settings, callers_file
 from orchestrator.errors import AirlockError
 from orchestrator.policy.agents import load_registry
 from orchestrator.policy.engine import load_bundle
@@ -117,7 +117,9 @@ class Doctor:
         return f"JWT key and token roles of {len(agents)} agents present"
 
     def policy(self) -> str:
-        bundle = load_bundle(self.settings.policy_dir, self.settings.agents_dir)
+        bundle = load_bundle(
+            self.settings.policy_dir, self.settings.agents_dir, callers_file(self.settings)
+        )
         return f"bundle {bundle.version}, {len(bundle.agents)} agents, tests pass"
 
     def gateway(self) -> str:

@@ -53,7 +53,7 @@ def policy() -> None:
 def policy_check(as_json: bool) -> None:
     """Load the agents and policies, compile them, and run the policy tests."""
     settings = config.load()
-    bundle = load_bundle(settings.policy_dir, settings.agents_dir)
+    bundle = load_bundle(settings.policy_dir, settings.agents_dir, config.callers_file(settings))
     results = run_policy_tests(bundle, settings.policy_dir / "tests")
     if as_json:
         emit_json(

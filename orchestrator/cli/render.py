@@ -17,8 +17,8 @@ from rich.table import Table
 from orchestrator.core.lifecycle import TaskState
 
 if TYPE_CHECKING:
-    from orchestrator.adapters.store import Event
     from orchestrator.core.agent import Agent
+    from orchestrator.core.lifecycle import Event
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -67,6 +67,7 @@ def status_table(status: dict[str, Any]) -> None:
         "reason",
         "exit_code",
         "agent",
+        "submitter",
         "on_behalf_of",
         "queue",
         "created_at",
@@ -246,22 +247,27 @@ def runners_table(
 
 
 def watch(client: Any, limit: int) -> None:
-    """Redraw in place on every state change (and every second, for ages and counts)."""
+    """Redraw in place on every state change (and every second, for ages and counts).
+    Through the API (no store at hand): every second, with each task's last reason."""
+    store = getattr(client, "store", None)
     last: dict[str, str] = {}
     after = "$"
-    with Live(
-        runners_table(client.runners(limit), last, client.store.pool_members()),
-        console=out,
-        screen=False,
-        auto_refresh=False,
-    ) as live:
+
+    def table() -> Table:
+        runners = client.runners(limit)
+        if store is None:
+            last.update({r["id"]: f"{r['state']}: {r.get('reason', '')}" for r in runners})
+        return runners_table(runners, last, store.pool_members() if store else {})
+
+    with Live(table(), console=out, screen=False, auto_refresh=False) as live:
         try:
             while True:
-                for event in client.store.all_events(after, block_ms=1000):
+                if store is None:
+                    time.sleep(1)
+                for event in store.all_events(after, block_ms=1000) if store else ():
                     after = event.id
                     last[event.task_id] = f"{event.state.value}: {event.reason}"
-                table = runners_table(client.runners(limit), last, client.store.pool_members())
-                live.update(table, refresh=True)
+                live.update(table(), refresh=True)
         except KeyboardInterrupt:
             pass
 

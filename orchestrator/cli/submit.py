@@ -11,7 +11,7 @@ import click
 from orchestrator.cli import render
 from orchestrator.cli.app import emit_json, fail, json_option
 from orchestrator.cli.complete import agent_names
-from orchestrator.client import Client
+from orchestrator.cli.connect import connect
 from orchestrator.core.lifecycle import TaskState
 from orchestrator.core.outcome import EXIT_INTERRUPTED, exit_code
 from orchestrator.core.spec import json_schema, load_file, parse
@@ -67,7 +67,7 @@ def submit(
     was rejected, and 130 on Ctrl-C (the task keeps running).
     """
     spec = parse(_spec_data(spec_file, command, env, labels, flags))
-    client = Client()
+    client = connect()
     task_id = client.submit(spec)
     if not wait:
         # A worker decides admission within milliseconds; say so now if it refused.

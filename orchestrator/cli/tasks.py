@@ -11,7 +11,7 @@ import click
 from orchestrator.cli import render
 from orchestrator.cli.app import emit_json, fail, json_option
 from orchestrator.cli.complete import task_ids
-from orchestrator.client import Client
+from orchestrator.cli.connect import connect
 from orchestrator.core.lifecycle import TaskState
 
 
@@ -20,7 +20,7 @@ from orchestrator.core.lifecycle import TaskState
 @json_option
 def status(task_id: str, as_json: bool) -> None:
     """Show a task's state, reason, exit code and output."""
-    result = Client().status(task_id)
+    result = connect().status(task_id)
     emit_json(result) if as_json else render.status_table(result)
 
 
@@ -30,7 +30,7 @@ def status(task_id: str, as_json: bool) -> None:
 @json_option
 def logs(task_id: str, follow: bool, as_json: bool) -> None:
     """Print a task's stdout and stderr (--json: one object per chunk and line)."""
-    for stream, text in Client().logs(task_id, follow=follow):
+    for stream, text in connect().logs(task_id, follow=follow):
         if as_json:
             render.json_line({"stream": stream, "text": text})
         else:
@@ -43,7 +43,7 @@ def logs(task_id: str, follow: bool, as_json: bool) -> None:
 @json_option
 def list_tasks(state: str | None, limit: int, as_json: bool) -> None:
     """List recent tasks, newest first."""
-    tasks = Client().tasks(state, limit)
+    tasks = connect().tasks(state, limit)
     emit_json(tasks) if as_json else render.task_list(tasks)
 
 
@@ -52,7 +52,7 @@ def list_tasks(state: str | None, limit: int, as_json: bool) -> None:
 @json_option
 def cancel(task_id: str, as_json: bool) -> None:
     """Cancel a task: a running container is stopped, a pending task never starts."""
-    result = Client().cancel(task_id)
+    result = connect().cancel(task_id)
     emit_json({"id": task_id, "result": result}) if as_json else click.echo(f"{task_id}: {result}")
 
 
@@ -67,7 +67,7 @@ def cancel(task_id: str, as_json: bool) -> None:
 @json_option
 def output(task_id: str, directory: Path | None, as_json: bool) -> None:
     """Fetch the files a task left in /workspace/output."""
-    files = Client().output(task_id)
+    files = connect().output(task_id)
     if directory is None and as_json:
         emit_json(
             [

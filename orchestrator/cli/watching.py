@@ -11,7 +11,7 @@ from orchestrator.adapters.gateway.audit import AuditLog
 from orchestrator.cli import render
 from orchestrator.cli.app import emit_json, fail, json_option
 from orchestrator.cli.complete import task_ids
-from orchestrator.client import Client
+from orchestrator.cli.connect import connect
 
 
 def _audit_log() -> AuditLog:
@@ -27,7 +27,11 @@ def audit(ctx: click.Context, task_id: str | None, denied: bool, as_json: bool) 
     """Every egress decision, allowed and denied, with who asked."""
     if ctx.invoked_subcommand is not None:
         return
-    records = _audit_log().records(task_id, denied)
+    client = connect()
+    if hasattr(client, "audit"):
+        records = client.audit(task_id, denied)
+    else:
+        records = _audit_log().records(task_id, denied)
     if as_json:
         emit_json(records)
     else:
@@ -53,7 +57,7 @@ def audit_verify(as_json: bool) -> None:
 @json_option
 def trace_command(task_id: str, as_json: bool) -> None:
     """The task's life as one trace: every phase and egress decision, as a waterfall."""
-    spans = Client().trace(task_id)
+    spans = connect().trace(task_id)
     if not spans:
         fail(f"no spans stored for task {task_id} (traces go to OTLP when it is configured)", 1)
     emit_json(spans) if as_json else render.waterfall(spans)
@@ -66,7 +70,7 @@ def trace_command(task_id: str, as_json: bool) -> None:
 def watch(limit: int, once: bool, as_json: bool) -> None:
     """A live view of runners: state, agent, age, egress allowed/denied, last event
     (--json: one snapshot)."""
-    client = Client()
+    client = connect()
     if as_json:
         emit_json(client.runners(limit))
         return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
 
@@ -37,6 +38,18 @@ log = logging.getLogger(__name__)
 # What the worker running a task can be woken by (the task's signal list in the store).
 SIGNAL_EXIT = "exit"  # the container's output ended: it has exited
 SIGNAL_CANCEL = "cancel"  # someone asked for the task to end
+
+
+@dataclass(frozen=True)
+class Event:
+    """One state change of a task, as its event stream has it."""
+
+    id: str
+    task_id: str
+    state: TaskState
+    reason: str
+    at: float
+    previous: TaskState | None
 
 
 class StateStore(Protocol):

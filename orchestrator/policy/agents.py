@@ -13,28 +13,37 @@ import yaml
 from pydantic import ValidationError
 
 from orchestrator.core.agent import Agent
+from orchestrator.core.caller import Callers
 from orchestrator.errors import PolicyError
 
 MAX_AGENT_FILE_BYTES = 256 * 1024
 
 
-def load_agent(path: Path) -> Agent:
-    """Raises PolicyError naming the file and field."""
+def _read_yaml(path: Path) -> object:
     try:
         if path.stat().st_size > MAX_AGENT_FILE_BYTES:
             raise PolicyError([f"{path}: larger than {MAX_AGENT_FILE_BYTES} bytes"])
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise PolicyError([f"{path}: cannot read ({exc})"]) from None
+
+
+def _problems(path: Path, exc: ValidationError) -> PolicyError:
+    return PolicyError(
+        [
+            f"{path.name}: {'.'.join(str(p) for p in e['loc']) or 'file'}: {e['msg']}"
+            for e in exc.errors(include_url=False)
+        ]
+    )
+
+
+def load_agent(path: Path) -> Agent:
+    """Raises PolicyError naming the file and field."""
+    data = _read_yaml(path)
     try:
         agent = Agent.model_validate(data)
     except ValidationError as exc:
-        raise PolicyError(
-            [
-                f"{path.name}: {'.'.join(str(p) for p in e['loc']) or 'file'}: {e['msg']}"
-                for e in exc.errors(include_url=False)
-            ]
-        ) from None
+        raise _problems(path, exc) from None
     if agent.name != path.stem:
         raise PolicyError([f"{path.name}: name {agent.name!r} does not match the file name"])
     return agent
@@ -56,3 +65,13 @@ def load_registry(directory: Path) -> dict[str, Agent]:
     if problems:
         raise PolicyError(problems)
     return agents
+
+
+def load_callers(path: Path) -> Callers:
+    """The callers registry; an absent file registers nobody. Raises PolicyError."""
+    if not path.exists():
+        return Callers()
+    try:
+        return Callers.model_validate(_read_yaml(path) or {})
+    except ValidationError as exc:
+        raise _problems(path, exc) from None

@@ -21,12 +21,14 @@ from regopy import Interpreter
 
 from orchestrator.config import Settings
 from orchestrator.core.agent import Agent
+from orchestrator.core.caller import Callers
 from orchestrator.core.grant import Grant
 from orchestrator.core.spec import TaskSpec
 from orchestrator.errors import PolicyError
-from orchestrator.policy.agents import load_registry
+from orchestrator.policy.agents import load_callers, load_registry
 
 ENTRYPOINT = "data.airlock.admission.decision"
+CALLERS_ENTRYPOINT = "airlock/callers/decision"
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,24 @@ class Deployment:
             max_timeout_s=settings.max_timeout_s,
             trust_domain=settings.trust_domain,
         )
+
+
+@dataclass(frozen=True)
+class CallerDecision:
+    """The front door's decision on one submission, and the quota it was held to."""
+
+    allowed: bool
+    reasons: tuple[str, ...]
+    quota: dict[str, int]
+    policy_version: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "allow": self.allowed,
+            "reasons": list(self.reasons),
+            "quota": self.quota,
+            "policy_version": self.policy_version,
+        }
 
 
 @dataclass(frozen=True)
@@ -118,22 +138,37 @@ class Bundle:
     version: str
     fingerprint: tuple[tuple[str, int, int], ...]
     agents: dict[str, Agent]
+    callers: Callers
     interpreter: Interpreter
     compiled: Any
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def evaluate(self, document: dict[str, Any]) -> dict[str, Any]:
-        """Run the compiled entrypoint on one input. Raises PolicyError."""
+    def evaluate(self, document: dict[str, Any], entrypoint: str | None = None) -> dict[str, Any]:
+        """Run the admission entrypoint (or `entrypoint`) on one input. Raises PolicyError."""
         with self.lock:
             try:
                 self.interpreter.set_input(document)
-                output = self.interpreter.query_bundle(self.compiled)
+                if entrypoint is None:
+                    output = self.interpreter.query_bundle(self.compiled)
+                else:
+                    output = self.interpreter.query_bundle_entrypoint(self.compiled, entrypoint)
             except Exception as exc:  # regopy raises its own error type for every failure
                 raise PolicyError([f"policy evaluation failed: {_short(exc)}"]) from None
         results = json.loads(str(output)).get("expressions") or []
         if len(results) != 1 or not isinstance(results[0], dict):
             raise PolicyError(["policy produced no decision for this task"])
         return dict(results[0])
+
+    def decide_caller(
+        self, caller: dict[str, str], agent: str, user: str | None, usage: dict[str, int]
+    ) -> CallerDecision:
+        """The front door's decision: may this caller run `agent` for `user`, now?"""
+        document = {"caller": caller, "agent": agent, "user": user, "usage": usage}
+        result = self.evaluate(document, CALLERS_ENTRYPOINT)
+        reasons = tuple(str(r) for r in result.get("reasons", []))
+        quota = {k: int(v) for k, v in dict(result.get("quota") or {}).items()}
+        allowed = result.get("allow") is True and not reasons
+        return CallerDecision(allowed, reasons, quota, self.version)
 
     def decide(self, spec: TaskSpec, deployment: Deployment) -> Decision:
         agent = self.agents.get(spec.agent)
@@ -150,7 +185,7 @@ class Bundle:
         return Decision(True, (), grant, self.version)
 
 
-def _files(policy_dir: Path, agents_dir: Path) -> list[Path]:
+def _files(policy_dir: Path, agents_dir: Path, callers: Path | None = None) -> list[Path]:
     rego = sorted(policy_dir.glob("*.rego")) if policy_dir.is_dir() else []
     tests = sorted((policy_dir / "tests").glob("*.yaml")) if policy_dir.is_dir() else []
     agents = (
@@ -158,13 +193,16 @@ def _files(policy_dir: Path, agents_dir: Path) -> list[Path]:
         if agents_dir.is_dir()
         else []
     )
-    return [*rego, *tests, *agents]
+    callers = callers or policy_dir / "callers.yaml"
+    return [*rego, *tests, *agents, *([callers] if callers.exists() else [])]
 
 
-def fingerprint(policy_dir: Path, agents_dir: Path) -> tuple[tuple[str, int, int], ...]:
+def fingerprint(
+    policy_dir: Path, agents_dir: Path, callers: Path | None = None
+) -> tuple[tuple[str, int, int], ...]:
     """What changed-on-disk detection compares: names, sizes and modification times."""
     out = []
-    for path in _files(policy_dir, agents_dir):
+    for path in _files(policy_dir, agents_dir, callers):
         try:
             info = path.stat()
         except OSError:
@@ -173,17 +211,21 @@ def fingerprint(policy_dir: Path, agents_dir: Path) -> tuple[tuple[str, int, int
     return tuple(out)
 
 
-def compile_bundle(policy_dir: Path, agents_dir: Path) -> Bundle:
-    """Load and compile a bundle (without its self-tests). Raises PolicyError listing what
-    is wrong."""
-    stamp = fingerprint(policy_dir, agents_dir)
+def compile_bundle(policy_dir: Path, agents_dir: Path, callers_path: Path | None = None) -> Bundle:
+    """Load and compile a bundle (without its self-tests): the Rego files, the agent registry
+    and the callers registry (`callers_path`, else callers.yaml beside the policies). Raises
+    PolicyError listing what is wrong."""
+    callers_path = callers_path or policy_dir / "callers.yaml"
+    stamp = fingerprint(policy_dir, agents_dir, callers_path)
     rego_files = sorted(policy_dir.glob("*.rego")) if policy_dir.is_dir() else []
     if not rego_files:
         raise PolicyError([f"{policy_dir}: no .rego policy files"])
     agents = load_registry(agents_dir)
+    callers = load_callers(callers_path)
     digest = hashlib.sha256()
     interpreter = Interpreter()
-    for path in _files(policy_dir, agents_dir):
+    interpreter.add_data({"callers": callers.policy_data()})
+    for path in _files(policy_dir, agents_dir, callers_path):
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     sources = {path.stem: path.read_text() for path in rego_files}
     with _library_output_to_stderr():
@@ -193,7 +235,8 @@ def compile_bundle(policy_dir: Path, agents_dir: Path) -> Bundle:
             except Exception as exc:
                 raise PolicyError([f"{path.name}: {_short(exc, sources)}"]) from None
         try:
-            compiled = interpreter.build(ENTRYPOINT)
+            compiled = interpreter.build(ENTRYPOINT, [CALLERS_ENTRYPOINT])
         except Exception as exc:
             raise PolicyError([f"compiling {ENTRYPOINT}: {_short(exc, sources)}"]) from None
-    return Bundle("sha256:" + digest.hexdigest()[:16], stamp, agents, interpreter, compiled)
+    version = "sha256:" + digest.hexdigest()[:16]
+    return Bundle(version, stamp, agents, callers, interpreter, compiled)

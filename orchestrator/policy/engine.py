@@ -14,15 +14,22 @@ from pathlib import Path
 
 from orchestrator.core.spec import TaskSpec
 from orchestrator.errors import PolicyError
-from orchestrator.policy.bundle import Bundle, Decision, Deployment, compile_bundle, fingerprint
+from orchestrator.policy.bundle import (
+    Bundle,
+    CallerDecision,
+    Decision,
+    Deployment,
+    compile_bundle,
+    fingerprint,
+)
 from orchestrator.policy.testing import run_policy_tests
 
 log = logging.getLogger(__name__)
 
 
-def load_bundle(policy_dir: Path, agents_dir: Path) -> Bundle:
+def load_bundle(policy_dir: Path, agents_dir: Path, callers: Path | None = None) -> Bundle:
     """Load, compile and self-test a bundle. Raises PolicyError listing what is wrong."""
-    bundle = compile_bundle(policy_dir, agents_dir)
+    bundle = compile_bundle(policy_dir, agents_dir, callers)
     failures = [r for r in run_policy_tests(bundle, policy_dir / "tests") if not r.passed]
     if failures:
         raise PolicyError([f"policy test {r.name!r} failed: {r.detail}" for r in failures])
@@ -37,9 +44,11 @@ class PolicyEngine:
         policy_dir: Path,
         agents_dir: Path,
         deployment: Callable[[], Deployment],
+        callers: Path | None = None,
     ) -> None:
         self.policy_dir = policy_dir
         self.agents_dir = agents_dir
+        self.callers = callers
         self._deployment = deployment
         self._bundle: Bundle | None = None
         self._refused: tuple[tuple[str, int, int], ...] | None = None
@@ -48,7 +57,7 @@ class PolicyEngine:
 
     def bundle(self) -> Bundle:
         """The bundle in force. Raises PolicyError if no valid bundle was ever loaded."""
-        stamp = fingerprint(self.policy_dir, self.agents_dir)
+        stamp = fingerprint(self.policy_dir, self.agents_dir, self.callers)
         with self._lock:
             current = self._bundle
             if (current is None or stamp != current.fingerprint) and stamp != self._refused:
@@ -59,7 +68,7 @@ class PolicyEngine:
 
     def _reload(self, stamp: tuple[tuple[str, int, int], ...]) -> None:
         try:
-            bundle = load_bundle(self.policy_dir, self.agents_dir)
+            bundle = load_bundle(self.policy_dir, self.agents_dir, self.callers)
         except PolicyError as exc:
             self._refused = stamp
             self.last_error = "; ".join(exc.problems)
@@ -73,3 +82,9 @@ class PolicyEngine:
     def admit(self, spec: TaskSpec) -> Decision:
         """Decide one task. Raises PolicyError when no decision can be made (fail closed)."""
         return self.bundle().decide(spec, self._deployment())
+
+    def admit_caller(
+        self, caller: dict[str, str], agent: str, user: str | None, usage: dict[str, int]
+    ) -> CallerDecision:
+        """The front door's decision on one submission. Raises PolicyError (fail closed)."""
+        return self.bundle().decide_caller(caller, agent, user, usage)

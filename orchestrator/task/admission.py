@@ -13,7 +13,8 @@ from typing import Any
 
 from orchestrator.adapters.runtime.base import Runtime
 from orchestrator.adapters.store import Store
-from orchestrator.config import Settings
+from orchestrator.config import Settings, callers_file
+from orchestrator.core.caller import Identities
 from orchestrator.core.grant import Grant
 from orchestrator.core.lifecycle import TERMINAL, TaskState, advance, try_advance
 from orchestrator.core.spec import TaskSpec, parse, record_fields
@@ -66,7 +67,7 @@ class Admission:
     ) -> None:
         self.settings, self.store, self.runtime = settings, store, runtime
         self.policy = policy or PolicyEngine(
-            settings.policy_dir, settings.agents_dir, self.deployment
+            settings.policy_dir, settings.agents_dir, self.deployment, callers_file(settings)
         )
         self._remove = remove
         self._runtimes: tuple[str, ...] | None = None
@@ -79,16 +80,21 @@ class Admission:
         return Deployment.of(self.settings, self._runtimes)
 
     def admit(
-        self, task_id: str, spec_data: object, fields: Mapping[str, Any] | None = None
+        self,
+        task_id: str,
+        spec_data: object,
+        fields: Mapping[str, Any] | None = None,
+        identities: Identities | None = None,
     ) -> Admitted | None:
         """Validate the task, decide it by policy, and record the decision in one step (the
-        record is made here if a raw producer enqueued the task). `fields` go on the record
-        with the decision (the trace id).
+        record is made here if the front door's record has expired or was never written).
+        `fields` go on the record with the decision (the trace id); so do `identities`, the
+        submitter and user the task's admission ticket vouched for.
 
         Returns None when the task must not run here: rejected, already taken, or ended. A
         redelivered task that a lost worker had started is recovered instead.
         """
-        extra = dict(fields or {})
+        extra = dict(fields or {}) | (identities.record_fields() if identities else {})
         try:
             spec = parse(spec_data)
         except InvalidSpec as exc:
@@ -96,7 +102,10 @@ class Admission:
             self.store.create(task_id, {"agent": agent if isinstance(agent, str) else "?"})
             self._try_advance(task_id, S.REJECTED, "; ".join(exc.problems), **extra)
             return None
-        verdict = self._decide(spec)
+        if identities is not None and spec.on_behalf_of != identities.user:
+            verdict = Verdict(S.REJECTED, "on_behalf_of is not the user the ticket proves")
+        else:
+            verdict = self._decide(spec)
         try:
             self._record(task_id, spec, verdict, extra)
         except IllegalTransition as exc:  # decided before: a redelivery, or it ended

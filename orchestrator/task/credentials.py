@@ -67,11 +67,13 @@ class Credentials:
     ) -> Handout:
         """Mint, journal and open. Raises ServiceUnavailable or VaultRefused.
 
-        `context` (model, prompt hash, policy version) goes on every audit record. With
+        `context` (model, prompt hash, policy version, submitter) goes on every audit record
+        and names the submitter in the task's JWT. With
         `member`, the endpoint of that warm runner is bound to the task and its runner is
         handed `launch` (its command and environment) once the credentials exist.
         """
-        given = self.broker.provision(task_id, grant, grant_hash, deadline)
+        submitter = (context or {}).get("submitter") or None
+        given = self.broker.provision(task_id, grant, grant_hash, deadline, submitter)
         if member is not None:
             directory = self.endpoints.claim(
                 member, task_id, given, grant, context or {}, launch or {}

@@ -20,6 +20,7 @@ from orchestrator.adapters import logs, telemetry
 from orchestrator.adapters.runtime.base import ContainerSpec, ExitStatus, Runtime
 from orchestrator.adapters.store import Store
 from orchestrator.config import TASK_USER, Settings
+from orchestrator.core.caller import Identities
 from orchestrator.core.grant import Grant
 from orchestrator.core.ids import is_task_id
 from orchestrator.core.lifecycle import SIGNAL_CANCEL, SIGNAL_EXIT, TaskState, advance, try_advance
@@ -63,6 +64,7 @@ class Run:
     handout: Handout | None = None
     marker: str = ""
     policy_version: str = ""
+    submitter: str = ""
     admitted_at: float = field(default_factory=time.time)
     pump: LogPump | None = None
     scanner: ResultScanner | None = None
@@ -110,19 +112,28 @@ class Executor:
         return self.admission.deployment()
 
     # -- entry point --------------------------------------------------------------------
-    def execute(self, task_id: str, spec_data: object, traceparent: str | None = None) -> TaskState:
+    def execute(
+        self,
+        task_id: str,
+        spec_data: object,
+        traceparent: str | None = None,
+        identities: Identities | None = None,
+    ) -> TaskState:
         """Run one task to a terminal state and return it. Never leaves a container behind.
 
-        The whole life is one trace: `traceparent` (from the submitter) is its parent. A
-        message whose id is not a task id is refused unrecorded (its id would become keys,
-        labels and paths).
+        The whole life is one trace: `traceparent` (from the submitter) is its parent.
+        `identities` are the submitter and user its admission ticket vouched for. A message
+        whose id is not a task id is refused unrecorded (its id would become keys, labels
+        and paths).
         """
         if not is_task_id(task_id):
             log.error("message refused, nothing recorded: %s", InvalidId(task_id))
             return S.REJECTED
         logs.current_task.set(task_id)
         with self.hooks.task(task_id, traceparent) as task:
-            state, summary = self._execute(task_id, spec_data)
+            if identities is not None:
+                task.facts["submitter"] = identities.submitter.label
+            state, summary = self._execute(task_id, spec_data, identities)
             task.facts.update(
                 agent=summary.get("agent", ""),
                 on_behalf_of=summary.get("on_behalf_of") or "",
@@ -133,12 +144,13 @@ class Executor:
                 task.failure = summary.get("reason") or state.value
             return state
 
-    def _execute(self, task_id: str, spec_data: object) -> tuple[TaskState, dict[str, str]]:
+    def _execute(
+        self, task_id: str, spec_data: object, identities: Identities | None
+    ) -> tuple[TaskState, dict[str, str]]:
         """The task's end state, and what its trace says of it (agent, owner, reason)."""
         with self.hooks.phase("admit", task_id) as phase:
-            admitted = self.admission.admit(
-                task_id, spec_data, {"trace_id": telemetry.current_trace_id()}
-            )
+            fields = {"trace_id": telemetry.current_trace_id()}
+            admitted = self.admission.admit(task_id, spec_data, fields, identities)
             if admitted is None:
                 record = self.store.get(task_id)
                 phase.facts["decision"] = record["state"]
@@ -155,6 +167,7 @@ class Executor:
             grant,
             deadline=self.clock() + grant.timeout_s,
             policy_version=admitted.policy_version,
+            submitter=identities.submitter.label if identities else "",
         )
         outcome = Outcome()
         try:
@@ -246,6 +259,7 @@ class Executor:
             "model": run.spec.model,
             "prompt_hash": run.spec.prompt_hash,
             "policy_version": run.policy_version,
+            "submitter": run.submitter,
         }
 
     def _provision(self, run: Run) -> None:

@@ -84,7 +84,12 @@ class Broker:
 
     # -- provision -------------------------------------------------------------------------
     def provision(
-        self, task_id: str, grant: Grant, grant_hash: str, deadline: float
+        self,
+        task_id: str,
+        grant: Grant,
+        grant_hash: str,
+        deadline: float,
+        submitter: str | None = None,
     ) -> Provisioned:
         """Mint the task's Vault token, its wrapped secrets and its JWT. A grant that reads
         nothing from Vault (no secrets, no injected credentials) gets no Vault token at all:
@@ -106,7 +111,7 @@ class Broker:
             inj.name: self._read_field(task_id, token, inj.path, inj.field)
             for inj in grant.injections()
         }
-        jwt = self.minter.mint(task_id, grant, grant_hash, deadline, jti)
+        jwt = self.minter.mint(task_id, grant, grant_hash, deadline, jti, submitter)
         return Provisioned(token, accessor, wrapped, jwt, injected)
 
     def _task_token(self, task_id: str, grant: Grant, deadline: float) -> tuple[str, str]:

@@ -170,14 +170,23 @@ class Minter:
             return self._version[0]
 
     def mint(
-        self, task_id: str, grant: Grant, grant_hash: str, deadline: float, jti: str | None = None
+        self,
+        task_id: str,
+        grant: Grant,
+        grant_hash: str,
+        deadline: float,
+        jti: str | None = None,
+        submitter: str | None = None,
     ) -> TaskToken:
+        """A task JWT in the shape of RFC 8693: `sub` is the user when the agent acts for one
+        (else the agent's identity); `act` names the agent and, nested, the submitting
+        caller when that is not the user; `submitter` names who submitted (kind:name)."""
         now = int(self.clock())
         version = self._key_version()
         jti = jti or str(uuid.uuid4())
         claims: dict[str, Any] = {
             "iss": self.issuer,
-            "sub": grant.identity,
+            "sub": grant.on_behalf_of or grant.identity,
             "aud": self.audience,
             "iat": now,
             "nbf": now,
@@ -187,10 +196,13 @@ class Minter:
             "agent": grant.agent,
             "grant_hash": grant_hash,
         }
+        if submitter:
+            claims["submitter"] = submitter
         if grant.on_behalf_of:
-            # RFC 8693 style: the agent is the actor, acting for the user.
-            claims["act"] = {"sub": grant.identity}
-            claims["on_behalf_of"] = {"sub": grant.on_behalf_of}
+            actor: dict[str, Any] = {"sub": grant.identity}
+            if submitter and submitter != f"user:{grant.on_behalf_of}":
+                actor["act"] = {"sub": submitter}
+            claims["act"] = actor
         header = {"alg": ALGORITHM, "typ": "JWT", "kid": f"{self.key}:v{version}"}
         signing_input = ".".join(
             b64url(json.dumps(part, separators=(",", ":")).encode()) for part in (header, claims)
