@@ -21,9 +21,11 @@ import pytest
 from orchestrator import wiring
 from orchestrator.adapters.gateway.audit import AuditLog
 from orchestrator.adapters.store import Store
+from orchestrator.adapters.vault.identity import InvalidToken, Verifier, transit_jwks
+from orchestrator.config import jwt_issuer
 from orchestrator.core.lifecycle import TaskState
 from orchestrator.core.spec import parse
-from orchestrator.task.credentials import Credentials, Handout
+from orchestrator.task.credentials import Credentials, Handout, task_verifier
 from orchestrator.task.executor import Executor
 from tests.upstream import HTTP_PORT, PLAIN_CREDENTIALED_PORT, TLS_PORT, Upstreams
 
@@ -763,8 +765,45 @@ def test_credentials_are_injected_only_over_tls_and_only_for_their_host(
     bootstrap = exchange(
         task.socket, b"POST /v1/bootstrap HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
     )
-    assert json.loads(bootstrap[2])["placeholders"] == {"upstream-token": placeholder}
+    assert json.loads(bootstrap[2])["placeholders"] == {
+        "upstream-token": placeholder,
+        "upstream-identity": "airlock-placeholder:upstream-identity",
+    }
     assert real not in bootstrap[2].decode()
+    assert task.handout.provisioned.injected["upstream-identity"] not in bootstrap[2].decode()
+
+
+def test_an_upstream_gets_a_token_for_its_own_audience_only(
+    task: LiveTask, vault: Any, settings: Any
+) -> None:
+    """The gateway adds a task JWT minted for that upstream's audience: same subject and
+    agent, expiring with the task. The upstream cannot replay it at the gateway, and the
+    task's own token (for the gateway) never goes upstream."""
+    status, _, body = exchange(
+        task.socket,
+        get(
+            "http://localhost:18443/api/identity", task.jwt, f"Authorization: Bearer {task.jwt}\r\n"
+        ),
+    )
+    assert status == 200, body
+    presented = dict(json.loads(body)["headers"])["authorization"].removeprefix("Bearer ")
+    assert presented != task.jwt
+    upstream = Verifier(
+        lambda: transit_jwks(vault),
+        "https://upstream.airlock.test",
+        jwt_issuer(settings),
+        lambda task_id, jti: True,
+    )
+    claims = upstream.verify(presented)
+    own = task.handout.provisioned.jwt.claims
+    assert claims["aud"] == "https://upstream.airlock.test" and own["aud"] == "airlock-gateway"
+    assert claims["sub"] == own["sub"] and claims["task_id"] == task.id
+    assert claims["agent"] == "web" and claims["exp"] <= own["exp"]
+    with pytest.raises(InvalidToken):
+        task_verifier(settings, vault, task.store).verify(presented)
+    # Replayed at the gateway as the task's own token: refused.
+    status, _, _ = exchange(task.socket, get(f"http://127.0.0.1:{HTTP_PORT}/api/x", presented))
+    assert status == 407  # proxy authentication required
 
 
 def test_real_clients_under_gvisor(executor: Executor, store: Store, upstreams: Upstreams) -> None:

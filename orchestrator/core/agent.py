@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from orchestrator.core.spec import HostPattern, Method, Name, PathPrefix, Port, parse_memory
 
@@ -17,13 +17,30 @@ class _Frozen(BaseModel):
 
 
 class Injection(_Frozen):
-    """A credential the gateway adds for one upstream; the task only ever sees a placeholder."""
+    """A credential the gateway adds for one upstream; the task only ever sees a placeholder.
+
+    Either a secret read from Vault KV (`path`, `field`), or the task's own identity as a
+    JWT minted for this upstream alone (`audience`): same subject and actor chain as the task
+    JWT, `aud` the upstream's, expiring with the task. The gateway's own token is never sent
+    upstream, and no two upstreams accept the same token.
+    """
 
     name: Name = Field(description="the placeholder's name, AIRLOCK_CREDENTIAL_<NAME> in the task")
-    path: str = Field(min_length=1, description="Vault KV path holding the credential")
+    path: str | None = Field(None, min_length=1, description="Vault KV path holding the credential")
     field: str = Field("token", min_length=1)
+    audience: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,199}$",
+        description="instead of a secret: a task JWT whose aud is this upstream's",
+    )
     header: Annotated[str, Field(pattern=r"^[a-z0-9-]{1,64}$")] = "authorization"
     template: Annotated[str, Field(pattern=r"\{value\}")] = "Bearer {value}"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Injection:
+        if (self.path is None) == (self.audience is None):
+            raise ValueError("an injection names either a Vault path or an audience")
+        return self
 
 
 class EgressRule(_Frozen):

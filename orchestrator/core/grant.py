@@ -96,6 +96,10 @@ class Grant(_Frozen):
                 seen[rule.inject.name] = rule.inject
         return list(seen.values())
 
+    def reads_vault(self) -> bool:
+        """Whether provisioning reads anything from Vault with a task token."""
+        return bool(self.secrets) or any(inj.path for inj in self.injections())
+
     # A grant is frozen: its JSON and digest are worked out once (a task asks several times).
     @cached_property
     def canonical(self) -> str:

@@ -98,7 +98,7 @@ class Broker:
         Raises ServiceUnavailable or VaultRefused; what was minted before is journaled.
         """
         token = accessor = ""
-        if grant.secrets or grant.injections():
+        if grant.reads_vault():
             token, accessor = self._task_token(task_id, grant, deadline)
         # The JWT's id is chosen now and journaled with the token, before either is used.
         jti = str(uuid.uuid4())
@@ -107,11 +107,17 @@ class Broker:
             task_id, on_task={"jwt_jti": jti}, created_at=self.clock(), jti=jti, **minted
         )
         wrapped = [self._wrapped(task_id, token, secret) for secret in grant.secrets]
+        jwt = self.minter.mint(task_id, grant, grant_hash, deadline, jti, submitter)
         injected = {
-            inj.name: self._read_field(task_id, token, inj.path, inj.field)
+            inj.name: (
+                self._read_field(task_id, token, inj.path, inj.field)
+                if inj.path
+                else self.minter.mint(
+                    task_id, grant, grant_hash, deadline, None, submitter, inj.audience
+                ).jwt
+            )
             for inj in grant.injections()
         }
-        jwt = self.minter.mint(task_id, grant, grant_hash, deadline, jti, submitter)
         return Provisioned(token, accessor, wrapped, jwt, injected)
 
     def _task_token(self, task_id: str, grant: Grant, deadline: float) -> tuple[str, str]:

@@ -177,17 +177,19 @@ class Minter:
         deadline: float,
         jti: str | None = None,
         submitter: str | None = None,
+        audience: str | None = None,
     ) -> TaskToken:
         """A task JWT in the shape of RFC 8693: `sub` is the user when the agent acts for one
         (else the agent's identity); `act` names the agent and, nested, the submitting
-        caller when that is not the user; `submitter` names who submitted (kind:name)."""
+        caller when that is not the user; `submitter` names who submitted (kind:name).
+        `aud` is the gateway's unless `audience` names one upstream's."""
         now = int(self.clock())
         version = self._key_version()
         jti = jti or str(uuid.uuid4())
         claims: dict[str, Any] = {
             "iss": self.issuer,
             "sub": grant.on_behalf_of or grant.identity,
-            "aud": self.audience,
+            "aud": audience or self.audience,
             "iat": now,
             "nbf": now,
             "exp": int(deadline),

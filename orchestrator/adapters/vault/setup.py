@@ -68,7 +68,7 @@ def policy_document(agent: Agent) -> str:
     """HCL granting read on exactly the agent's secrets, and nothing else."""
     paths = [f"database/creds/{s.role}" for s in agent.secrets if s.kind == "database" and s.role]
     paths += [s.path for s in agent.secrets if s.kind == "kv" and s.path]
-    paths += [rule.inject.path for rule in agent.egress if rule.inject]
+    paths += [rule.inject.path for rule in agent.egress if rule.inject and rule.inject.path]
     rules = [f'path "{p}" {{\n  capabilities = ["read"]\n}}' for p in sorted(set(paths))]
     return f"# Managed by airlock vault setup for agent {agent.name}.\n" + "\n".join(rules) + "\n"
 
