@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from orchestrator.core.spec import TaskSpec
+    from orchestrator.remote import RemoteClient
     from orchestrator.submission import Submitter
 
 _TIMES = ("created_at", "started_at", "finished_at", "updated_at")
@@ -227,13 +228,21 @@ class Client:
         self.store.close()
 
 
-_default: Client | None = None
+_default: Client | RemoteClient | None = None
 
 
-def _client() -> Client:
+def _client() -> Client | RemoteClient:
+    """The API when AIRLOCK_API_URL is set (with AIRLOCK_TOKEN or the stored login), else
+    direct access (the operator's mode on a worker host)."""
     global _default
     if _default is None:
-        _default = Client()
+        settings = config.load()
+        if settings.api_url:
+            from orchestrator.remote import RemoteClient  # lazy on purpose: HTTP mode only
+
+            _default = RemoteClient(settings.api_url)
+        else:
+            _default = Client(settings)
     return _default
 
 

@@ -10,6 +10,8 @@ import hashlib
 import hmac
 import json
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -28,7 +30,7 @@ from orchestrator.adapters.store import Store
 from orchestrator.adapters.vault.adapter import Vault
 from orchestrator.adapters.vault.issuer import dev_token, ensure_issuer
 from orchestrator.config import Settings
-from tests.conftest import IN_CI, airlock, running
+from tests.conftest import IN_CI, airlock, airlock_env, running
 
 pytestmark = pytest.mark.docker
 
@@ -430,3 +432,27 @@ def test_the_cli_submits_and_reads_through_the_api(api: Api, settings: Settings)
     assert refused.returncode == 2 and "callers.agents" in refused.stderr
     nobody = airlock(settings, "status", task_id, AIRLOCK_API_URL=api.url, AIRLOCK_TOKEN="x.y.z")
     assert nobody.returncode == 4 and "not authenticated" in nobody.stderr
+
+
+def test_the_python_client_goes_through_the_api(api: Api, settings: Settings) -> None:
+    """`from orchestrator import client` submits as the token's caller, needing no Redis."""
+    script = (
+        "import json\n"
+        "from orchestrator import client\n"
+        "task = client.submit({'agent': 'tester', 'command': ['sh', '-c', 'exit 5']})\n"
+        "done = client.wait(task, timeout_s=60)\n"
+        "print(json.dumps(done))\n"
+    )
+    env = airlock_env(
+        settings,
+        AIRLOCK_API_URL=api.url,
+        AIRLOCK_TOKEN=api.token("alice"),
+        REDIS_URL="redis://127.0.0.1:1/0",  # nothing there: the client must not need it
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert ran.returncode == 0, ran.stderr
+    done = json.loads(ran.stdout)
+    assert done["state"] == "failed" and done["exit_code"] == 5
+    assert done["submitter"] == "user:alice"
