@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator.adapters.gateway.audit import AuditLog
@@ -141,23 +142,28 @@ class _TooLarge(Exception):
 bearer = HTTPBearer(auto_error=False, description="an access token from the OIDC issuer")
 
 
-def _front(request: Request) -> FrontDoor:
+# The dependencies are coroutines: a sync one costs a hop to the thread pool per request.
+async def _front(request: Request) -> FrontDoor:
     front: FrontDoor = request.app.state.front
     return front
 
 
-def _client(request: Request) -> Client:
+async def _client(request: Request) -> Client:
     client: Client = request.app.state.client
     return client
 
 
-def _caller(
+async def _caller(
     front: Annotated[FrontDoor, Depends(_front)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Principal:
     if credentials is None or not credentials.credentials:
         raise Unauthenticated("no bearer token (Authorization: Bearer ...)")
-    return front.authenticate(credentials.credentials)
+    known = front.known(credentials.credentials)
+    if known is not None:
+        return known
+    # Verifying may fetch the issuer's keys: never on the event loop.
+    return await run_in_threadpool(front.authenticate, credentials.credentials)
 
 
 Front = Annotated[FrontDoor, Depends(_front)]
@@ -315,6 +321,9 @@ def create_app(front: FrontDoor, client: Client, jwks: Callable[[], dict[str, An
             "user's token in `Airlock-Subject-Token` (RFC 8693 subject token). Errors are "
             "RFC 9457 problem details."
         ),
+        # One server span per request; spans for every dependency and serialization would
+        # cost more than the submit they describe.
+        telemetry={"operation_spans": False, "metrics": False},
     )
     app.state.front, app.state.client, app.state.jwks = front, client, jwks
     app.add_middleware(BodyLimit)

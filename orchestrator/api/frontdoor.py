@@ -56,13 +56,19 @@ class FrontDoor:
         self._lock = threading.Lock()
 
     # -- who -----------------------------------------------------------------------------
-    def authenticate(self, token: str) -> Principal:
-        """Raises Unauthenticated (401) or ServiceUnavailable (issuer keys unavailable)."""
-        now = self.clock()
+    def known(self, token: str) -> Principal | None:
+        """The caller of a token verified before and not yet expired (no I/O)."""
         with self._lock:
             known = self._verified.get(token)
-        if known is not None and now < known[1]:
+        if known is not None and self.clock() < known[1]:
             return known[0]
+        return None
+
+    def authenticate(self, token: str) -> Principal:
+        """Raises Unauthenticated (401) or ServiceUnavailable (issuer keys unavailable)."""
+        known = self.known(token)
+        if known is not None:
+            return known
         caller = self.verifier.verify(token)
         principal = _principal_of(caller.claims, caller.issuer, caller.subject, caller.name)
         with self._lock:

@@ -67,6 +67,6 @@ def serve(settings: Settings, listen: str, log_level: str = "warning") -> None:
         log_level=log_level.lower(),
         access_log=False,
         loop="uvloop",
-        http="h11",
+        http="httptools",
         timeout_graceful_shutdown=5,
     )

@@ -185,16 +185,25 @@ class Bundle:
         return Decision(True, (), grant, self.version)
 
 
+def _listed(directory: Path, *suffixes: str) -> list[Path]:
+    """Files in `directory` ending in one of `suffixes`, sorted (none if it is not there).
+    os.scandir, not Path.glob: this runs on every admission and costs a tenth."""
+    try:
+        with os.scandir(directory) as entries:
+            names = [e.name for e in entries if e.name.endswith(suffixes) and e.is_file()]
+    except OSError:
+        return []
+    return [directory / name for name in sorted(names)]
+
+
 def _files(policy_dir: Path, agents_dir: Path, callers: Path | None = None) -> list[Path]:
-    rego = sorted(policy_dir.glob("*.rego")) if policy_dir.is_dir() else []
-    tests = sorted((policy_dir / "tests").glob("*.yaml")) if policy_dir.is_dir() else []
-    agents = (
-        sorted([*agents_dir.glob("*.yaml"), *agents_dir.glob("*.yml")])
-        if agents_dir.is_dir()
-        else []
-    )
     callers = callers or policy_dir / "callers.yaml"
-    return [*rego, *tests, *agents, *([callers] if callers.exists() else [])]
+    return [
+        *_listed(policy_dir, ".rego"),
+        *_listed(policy_dir / "tests", ".yaml"),
+        *_listed(agents_dir, ".yaml", ".yml"),
+        *([callers] if callers.exists() else []),
+    ]
 
 
 def fingerprint(
