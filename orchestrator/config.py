@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import os
 import re
-import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from orchestrator.errors import ConfigError
+
+if TYPE_CHECKING:
+    import ssl
 
 T = TypeVar("T")
 
@@ -279,6 +281,8 @@ def vault_tls(environ: Mapping[str, str] | None = None) -> ssl.SSLContext:
     cafile = env.get("VAULT_CACERT") or (
         None if env.get("VAULT_CAPATH") else ca_bundle_from_env(env)
     )
+    import ssl  # lazy on purpose: a CLI that reads a task over plain HTTP never needs it
+
     try:
         context = ssl.create_default_context(cafile=cafile, capath=env.get("VAULT_CAPATH"))
         if env.get("VAULT_CLIENT_CERT"):

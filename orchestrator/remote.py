@@ -11,7 +11,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import ssl
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -73,6 +72,8 @@ class RemoteClient:
     def _connection(self, timeout: float | None) -> http.client.HTTPConnection:
         host, port = self._parts.hostname or "", self._parts.port
         if self._parts.scheme == "https":
+            import ssl  # lazy on purpose: plain-HTTP callers never load it
+
             context = ssl.create_default_context()
             return http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
         return http.client.HTTPConnection(host, port, timeout=timeout)

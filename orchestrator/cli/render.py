@@ -9,14 +9,14 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.live import Live
 from rich.markup import escape
-from rich.status import Status
 from rich.table import Table
 
 from orchestrator.core.lifecycle import TaskState
 
 if TYPE_CHECKING:
+    from rich.status import Status
+
     from orchestrator.core.agent import Agent
     from orchestrator.core.lifecycle import Event
 
@@ -258,6 +258,8 @@ def watch(client: Any, limit: int) -> None:
         if store is None:
             last.update({r["id"]: f"{r['state']}: {r.get('reason', '')}" for r in runners})
         return runners_table(runners, last, store.pool_members() if store else {})
+
+    from rich.live import Live  # lazy on purpose: only `watch` redraws
 
     with Live(table(), console=out, screen=False, auto_refresh=False) as live:
         try:
