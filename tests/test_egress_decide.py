@@ -182,6 +182,18 @@ def test_internal_grant_reaches_internal_addresses_only_for_its_rule() -> None:
 
 
 @pytest.mark.parametrize(
+    "address", ["169.254.169.254", "100.100.100.200", "::ffff:169.254.169.254", "fd00:ec2::254"]
+)
+def test_no_grant_reaches_a_metadata_service(address: str) -> None:
+    """Not even `internal: true`: a name the internal rule allows, rebound to the metadata
+    service (in any spelling), is refused."""
+    verdict = decide_request(GRANT, Target("GET", "127.0.0.1", 8080, "/", None))
+    assert verdict.allowed and verdict.internal
+    refused, chosen = decide_addresses(verdict, [ip(address)])
+    assert not refused.allowed and chosen is None and "metadata" in refused.reason
+
+
+@pytest.mark.parametrize(
     ("path", "clean"),
     [
         ("/a/b", "/a/b"),

@@ -19,7 +19,7 @@ from orchestrator.core.agent import Agent
 from orchestrator.core.grant import CompiledGrant, Grant
 from orchestrator.core.lifecycle import TaskState
 from orchestrator.core.spec import parse
-from orchestrator.errors import PolicyError
+from orchestrator.errors import InvalidSpec, PolicyError
 from orchestrator.policy.agents import load_registry
 from orchestrator.policy.bundle import Bundle, Deployment, policy_input
 from orchestrator.policy.engine import PolicyEngine, load_bundle
@@ -187,9 +187,7 @@ def test_broken_agent_files_are_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("pattern", ["*", "*example.com", "*@*", "*@example", "a*@example.com"])
-def test_delegation_patterns_are_exact_names_or_whole_domains(
-    tmp_path: Path, pattern: str
-) -> None:
+def test_delegation_patterns_are_exact_names_or_whole_domains(tmp_path: Path, pattern: str) -> None:
     agents = shutil.copytree(AGENTS, tmp_path / "agents")
     demo = (AGENTS / "demo.yaml").read_text().replace("[demo-user]", f'["{pattern}"]')
     assert pattern in demo
@@ -551,3 +549,117 @@ def test_cli_rejects_with_exit_2(settings: Settings, worker: Any) -> None:
     )
     status = airlock(settings, "status", json.loads(waited.stdout)["id"])
     assert "rejected" in status.stdout
+
+
+# --- the registry is the ceiling -----------------------------------------------------------
+
+# Hostile edits of the shipped admission policy: each widens a grant past the registry.
+WIDENINGS = {
+    "limits": (
+        '"limits": limits,',
+        '"limits": {"cpus": 64, "memory": 68719476736, "pids": 32768},',
+        "limits.cpus 64",
+    ),
+    "egress": (
+        '"egress": egress,',
+        '"egress": array.concat(egress, [{"host": "evil.test", "ports": [443], '
+        '"methods": ["POST"], "paths": [], "internal": true, "upstream_tls": false, '
+        '"inject": null}]),',
+        "egress to evil.test",
+    ),
+    "identity": (
+        '"identity": sprintf("spiffe://%s/agent/%s", [deployment.trust_domain, agent.name]),',
+        '"identity": sprintf("spiffe://%s/agent/ops", [deployment.trust_domain]),',
+        "is not agent 'coder''s",
+    ),
+    "secrets": (
+        '"secrets": secrets,',
+        '"secrets": [{"name": "db", "kind": "database", "path": null, "role": "ops-readonly"}],',
+        "secret 'db'",
+    ),
+    "vault policies": (
+        '"vault_policies": agent.vault_policies,',
+        '"vault_policies": ["coder-git", "ops-db"],',
+        "vault policies ['ops-db']",
+    ),
+    "image": ('"image": image,', '"image": "attacker/anything:latest",', "image 'attacker"),
+    "tools": (
+        '"tools": tools,',
+        '"tools": [{"server": "git", "url": "https://git.example.com/mcp", '
+        '"tool": "delete_repo", "args": {}, "internal": false}],',
+        "tool git/delete_repo",
+    ),
+}
+
+
+@pytest.mark.parametrize("what", sorted(WIDENINGS))
+def test_a_policy_that_grants_beyond_the_registry_is_refused(tmp_path: Path, what: str) -> None:
+    """Rego decides, but the registry stays the ceiling: a bundle edited to widen a grant
+    (by mistake or by an attacker who can write policies) admits nothing beyond it."""
+    policies = shutil.copytree(POLICIES, tmp_path / "policies")
+    shutil.rmtree(policies / "tests")
+    old, new, reason = WIDENINGS[what]
+    rego = (policies / "admission.rego").read_text()
+    assert old in rego
+    (policies / "admission.rego").write_text(rego.replace(old, new))
+    decision = engine_over(policies, AGENTS).admit(parse({"agent": "coder", "command": ["true"]}))
+    assert not decision.allowed and decision.grant is None
+    assert any("beyond the registry" in r and reason in r for r in decision.reasons), (
+        decision.reasons
+    )
+
+
+HOSTILE_REGISTRY = {
+    "policy text in a kv path": (
+        "path: secret/data/agents/coder/git",
+        'path: "secret/data/x\\" {capabilities = [\\"sudo\\"]}\\npath \\"sys/*"',
+        "secrets.0.path",
+    ),
+    "a glob in a kv path": (
+        "path: secret/data/agents/coder/git",
+        "path: secret/data/*",
+        "secrets.0.path",
+    ),
+    "dot segments in a kv path": (
+        "path: secret/data/agents/coder/git",
+        "path: secret/data/../../sys/raw",
+        "secrets.0.path",
+    ),
+    "internal on a wildcard host": (
+        "  - host: pypi.org\n    ports: [443]",
+        '  - host: "*.example.com"\n    internal: true\n    ports: [443]',
+        "internal: true needs an exact host",
+    ),
+    "a credential for a wildcard host": (
+        "  - host: pypi.org\n    ports: [443]",
+        '  - host: "*.example.com"\n    inject: {name: tok, path: secret/data/t}\n    ports: [443]',
+        "injected for an exact host only",
+    ),
+    "the metadata service": (
+        "  - host: pypi.org\n    ports: [443]",
+        "  - host: 169.254.169.254\n    internal: true\n    ports: [80]",
+        "never an egress target",
+    ),
+}
+
+
+@pytest.mark.parametrize("what", sorted(HOSTILE_REGISTRY))
+def test_registry_values_that_reach_vault_or_the_gateway_are_checked(
+    tmp_path: Path, what: str
+) -> None:
+    agents = shutil.copytree(AGENTS, tmp_path / "agents")
+    old, new, problem = HOSTILE_REGISTRY[what]
+    coder = (AGENTS / "coder.yaml").read_text()
+    assert old in coder
+    (agents / "coder.yaml").write_text(coder.replace(old, new, 1))
+    with pytest.raises(PolicyError) as caught:
+        load_registry(agents)
+    assert any(problem in p for p in caught.value.problems), caught.value.problems
+
+
+@pytest.mark.parametrize(
+    "key", ["com.docker.compose.project", "airlock.task_id", "io.kubernetes.pod"]
+)
+def test_caller_labels_stay_out_of_reserved_namespaces(key: str) -> None:
+    with pytest.raises(InvalidSpec, match="reserved"):
+        parse({"agent": "demo", "command": ["true"], "labels": {key: "x"}})

@@ -16,6 +16,34 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+# Values that become Vault policy text and API paths: plain segments only. No quotes or
+# newlines (they would end the policy's path string), no `*` or `+` (Vault policy globs),
+# no `..`, no leading or doubled slash.
+VaultPath = Annotated[
+    str,
+    Field(
+        max_length=256,
+        pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-][A-Za-z0-9_.=-]*)*$",
+        description="a Vault path: segments of letters, digits, _ - . and =, no globs",
+    ),
+]
+VaultRole = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+# Hosts no registry rule may name: the metadata services hand out the host's own cloud
+# credentials (the gateway also refuses any name that resolves to one).
+METADATA_HOSTS = frozenset(
+    {
+        "169.254.169.254",
+        "169.254.170.2",
+        "100.100.100.200",
+        "metadata.google.internal",
+        "metadata.goog",
+        "metadata.azure.com",
+        "instance-data",
+        "instance-data.ec2.internal",
+    }
+)
+
+
 class Injection(_Frozen):
     """A credential the gateway adds for one upstream; the task only ever sees a placeholder.
 
@@ -26,7 +54,7 @@ class Injection(_Frozen):
     """
 
     name: Name = Field(description="the placeholder's name, AIRLOCK_CREDENTIAL_<NAME> in the task")
-    path: str | None = Field(None, min_length=1, description="Vault KV path holding the credential")
+    path: VaultPath | None = Field(None, description="Vault KV path holding the credential")
     field: str = Field("token", min_length=1)
     audience: str | None = Field(
         None,
@@ -57,6 +85,16 @@ class EgressRule(_Frozen):
     inject: Injection | None = None
     default: bool = True
 
+    @model_validator(mode="after")
+    def _guard_rails(self) -> EgressRule:
+        if self.host in METADATA_HOSTS:
+            raise ValueError(f"{self.host}: a cloud metadata service is never an egress target")
+        if self.host.startswith("*.") and self.internal:
+            raise ValueError(f"{self.host}: internal: true needs an exact host, not a wildcard")
+        if self.host.startswith("*.") and self.inject is not None:
+            raise ValueError(f"{self.host}: a credential is injected for an exact host only")
+        return self
+
 
 class ArgConstraint(_Frozen):
     prefix: str | None = None
@@ -80,9 +118,17 @@ class McpServer(_Frozen):
 class SecretRule(_Frozen):
     name: Name
     kind: Literal["kv", "database"]
-    path: str | None = Field(None, description="KV path, for kind kv")
-    role: str | None = Field(None, description="database role, for kind database")
+    path: VaultPath | None = Field(None, description="KV path, for kind kv")
+    role: VaultRole | None = Field(None, description="database role, for kind database")
     default: bool = True
+
+    @model_validator(mode="after")
+    def _source(self) -> SecretRule:
+        if self.kind == "kv" and (self.path is None or self.role is not None):
+            raise ValueError(f"secret {self.name}: kind kv names a path (and no role)")
+        if self.kind == "database" and (self.role is None or self.path is not None):
+            raise ValueError(f"secret {self.name}: kind database names a role (and no path)")
+        return self
 
 
 # A user name exactly, or every address of one domain ("*@example.com"); nothing else.

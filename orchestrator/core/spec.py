@@ -28,6 +28,16 @@ MAX_SPEC_BYTES = 256 * 1024
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 _MEMORY = re.compile(r"^\s*(\d+)\s*([bkmg]?)(?:i?b)?\s*$", re.IGNORECASE)
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+# Label namespaces of Airlock itself and of the tools that read container labels.
+RESERVED_LABEL_PREFIXES = (
+    "airlock.",
+    "com.docker.",
+    "io.docker.",
+    "org.dockerproject.",
+    "io.containerd.",
+    "io.kubernetes.",
+    "org.opencontainers.",
+)
 _LABEL_KEY = re.compile(r"^[a-z0-9][a-z0-9_./-]{0,62}$")
 RESERVED_ENV_PREFIX = "AIRLOCK_"
 
@@ -150,6 +160,8 @@ class TaskSpec(BaseModel):
         for key in labels:
             if not _LABEL_KEY.match(key):
                 raise ValueError(f"{key!r} is not a valid label key")
+            if key.startswith(RESERVED_LABEL_PREFIXES):
+                raise ValueError(f"{key!r}: label keys under {key.split('.')[0]}. are reserved")
         return labels
 
     def to_json(self) -> str:

@@ -22,6 +22,7 @@ from regopy import Interpreter
 from orchestrator.config import Settings
 from orchestrator.core.agent import Agent
 from orchestrator.core.caller import Callers
+from orchestrator.core.ceiling import beyond
 from orchestrator.core.grant import Grant
 from orchestrator.core.spec import TaskSpec
 from orchestrator.errors import PolicyError
@@ -182,6 +183,11 @@ class Bundle:
             raise PolicyError(
                 [f"policy produced a malformed grant: {exc.errors()[0]['msg']}"]
             ) from None
+        # The registry is the ceiling, whatever the Rego says: a wider grant is refused.
+        exceeded = beyond(grant, agent, deployment.trust_domain) if agent else ["unknown agent"]
+        if exceeded:
+            reasons = tuple(f"policy granted beyond the registry: {p}" for p in exceeded)
+            return Decision(False, reasons, None, self.version)
         return Decision(True, (), grant, self.version)
 
 

@@ -109,6 +109,15 @@ def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | Non
     return None
 
 
+def is_metadata(address: IPAddress) -> bool:
+    """A cloud metadata address, written plainly or inside an IPv6 address. No grant, not
+    even `internal: true`, reaches one: it hands out the host's own cloud credentials."""
+    if address in METADATA:
+        return True
+    inner = embedded_ipv4(address) if isinstance(address, ipaddress.IPv6Address) else None
+    return inner is not None and inner in METADATA
+
+
 def internal_reason(address: IPAddress, own: frozenset[IPAddress] = frozenset()) -> str | None:
     """Why `address` is internal (and denied unless granted), or None if it is public."""
     if address in METADATA:

@@ -16,6 +16,7 @@ from orchestrator.adapters.gateway.addresses import (
     BadHost,
     IPAddress,
     internal_reason,
+    is_metadata,
     normalize_host,
 )
 from orchestrator.core.agent import Injection
@@ -117,6 +118,13 @@ def decide_addresses(
     """
     if not addresses:
         return deny("dns", f"{verdict.host} did not resolve", verdict.host), None
+    for address in addresses:
+        if is_metadata(address):
+            return deny(
+                "ssrf",
+                f"{verdict.host} resolves to {address}, a cloud metadata address",
+                verdict.host,
+            ), None
     mine = frozenset(own)
     if not verdict.internal:
         for address in addresses:
