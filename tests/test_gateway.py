@@ -10,6 +10,10 @@ import base64
 import json
 import shutil
 import socket
+import stat
+import subprocess
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,8 +27,9 @@ from orchestrator.adapters.gateway.audit import AuditLog
 from orchestrator.adapters.store import Store
 from orchestrator.adapters.vault.identity import InvalidToken, Verifier, transit_jwks
 from orchestrator.config import jwt_issuer
-from orchestrator.core.lifecycle import TaskState
+from orchestrator.core.lifecycle import SIGNAL_CANCEL, TaskState
 from orchestrator.core.spec import parse
+from orchestrator.errors import TaskNotFound
 from orchestrator.task.credentials import Credentials, Handout, task_verifier
 from orchestrator.task.executor import Executor
 from tests.upstream import HTTP_PORT, PLAIN_CREDENTIALED_PORT, TLS_PORT, Upstreams
@@ -509,7 +514,6 @@ MCP_URL = f"http://127.0.0.1:{MCP_PORT}/mcp"
 @pytest.fixture(scope="module")
 def mcp_server() -> Iterator[None]:
     import subprocess
-    import sys
 
     proc = subprocess.Popen(
         [sys.executable, str(Path(__file__).parent / "mcp_server.py"), str(MCP_PORT)],
@@ -678,7 +682,6 @@ def test_a_separate_gateway_process_serves_the_tasks(
     """
     import signal
     import subprocess
-    import sys
     import tempfile
     import threading
     from dataclasses import replace
@@ -845,3 +848,70 @@ def test_the_gateway_resolves_once_and_connects_to_what_it_checked(
         loop.getaddrinfo = real
     assert status == 200 and json.loads(body)["path"] == "/api/x"  # nothing listens on .2
     assert asked == ["rebind.test"]
+
+
+PROBE = """
+import json, socket, sys
+try:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(sys.argv[1])
+        sock.sendall(b"POST /v1/bootstrap HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: 0\\r\\n\\r\\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    print(json.dumps({"answer": answer.decode(errors="replace")}))
+except OSError as exc:
+    print(json.dumps({"error": exc.__class__.__name__}))
+"""
+
+
+@pytest.mark.parametrize("agent", ["tester", "web-gvisor"])
+def test_another_local_process_cannot_speak_for_a_task(
+    executor: Executor, store: Store, agent: str
+) -> None:
+    """A running task's endpoint, tried from the host: another uid cannot even open the
+    socket; root outside the task's container is refused by the peer check and alarmed."""
+    if agent == "web-gvisor" and "runsc" not in executor.runtime.runtimes():
+        pytest.skip("runsc is not registered with this Docker engine")
+    task_id = str(uuid.uuid4())
+    spec = {"agent": agent, "command": ["python3", "-c", "import time; time.sleep(60)"]}
+    worker = threading.Thread(target=executor.execute, args=(task_id, spec))
+    worker.start()
+    try:
+        for _ in range(600):
+            if running(store, task_id):
+                break
+            time.sleep(0.05)
+        directory = executor.credentials.endpoints.directory(task_id)
+        sock = directory / "airlock.sock"
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600 and sock.stat().st_uid == 10001
+
+        def probe(uid: int | None) -> dict[str, str]:
+            ran = subprocess.run(
+                ["/usr/bin/python3", "-c", PROBE, str(sock)],  # any uid may run it
+                capture_output=True,
+                text=True,
+                timeout=30,
+                user=uid,
+            )
+            return dict(json.loads(ran.stdout))
+
+        assert probe(65534) == {"error": "PermissionError"}  # nobody: not even the socket
+        assert probe(None) == {"answer": ""}  # root, on the host: cut without a word
+        executor.credentials.audit.flush()
+        alarms = [r for r in AuditLog(store).records(task_id, denied=True) if r["rule"] == "peer"]
+        assert alarms and "not in the task's container" in alarms[-1]["reason"]
+        # The task itself bootstrapped through the same socket: its runner is in there.
+        assert store.get(task_id)["state"] == S.RUNNING.value
+    finally:
+        store.signal(task_id, SIGNAL_CANCEL)
+        worker.join(timeout=60)
+
+
+def running(store: Store, task_id: str) -> bool:
+    try:
+        return store.get(task_id).get("state") == S.RUNNING.value
+    except TaskNotFound:
+        return False

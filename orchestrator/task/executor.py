@@ -293,6 +293,8 @@ class Executor:
                 if run.container_id is not None:
                     raise
                 # the engine's error is the one to report; teardown revokes what was minted
+        # Only this container's processes may speak on the endpoint from now on.
+        self.credentials.endpoints.bind(run.task_id, run.container_id)
         run.marker = marker
 
     def _claim(self, run: Run) -> Member | None:

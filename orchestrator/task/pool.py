@@ -171,6 +171,7 @@ class WarmPool:
         container_id = ""
         try:
             container_id = self.runtime.create(spec)
+            self.gateway.bind(key, container_id)
             self.runtime.start(container_id)
         except AirlockError:
             if container_id:

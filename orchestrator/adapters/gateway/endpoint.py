@@ -22,8 +22,10 @@ import itertools
 import json
 import logging
 import os
+import re
 import socket
 import ssl
+import struct
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -39,6 +41,8 @@ from orchestrator.adapters.gateway.proxy import Session
 from orchestrator.core.ids import endpoint_key, is_endpoint_key
 
 log = logging.getLogger(__name__)
+_UCRED = struct.Struct("3i")
+_CONTAINER_ID = re.compile(r"(?<![0-9a-f])[0-9a-f]{64}(?![0-9a-f])")
 SOCKET_NAME = "airlock.sock"
 BACKLOG = 64  # connections a runner may open before the loop accepts them
 
@@ -62,13 +66,45 @@ class Route:
     # After a claim: the runner's own endpoint, which still answers its POST /v1/claim (a
     # runner that started after the claim asks only then).
     claim: Handler | None = None
+    # The container whose processes may connect (bound after create, before start).
+    container: str | None = None
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who is on the other end of a unix socket, as the kernel says (SO_PEERCRED)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+    @classmethod
+    def of(cls, sock: Any) -> Peer:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        return cls(*_UCRED.unpack(raw))
+
+    def containers(self, proc: Path = Path("/proc")) -> set[str]:
+        """The container ids in the peer's cgroup paths (none for a host process). Docker's
+        cgroupfs (`/docker/<id>`) and systemd (`docker-<id>.scope`) drivers, cgroup v1 and
+        v2, and gVisor's sandbox process (it sits in its container's cgroups) all name it."""
+        try:
+            text = (proc / str(self.pid) / "cgroup").read_text()
+        except OSError:
+            return set()
+        return set(_CONTAINER_ID.findall(text))
 
 
 class EndpointServer:
     def __init__(
-        self, root: Path, max_connections: int = 64, upstream_ca_file: Path | None = None
+        self,
+        root: Path,
+        max_connections: int = 64,
+        upstream_ca_file: Path | None = None,
+        owner: tuple[int, int] = (10001, 10001),
     ) -> None:
         self.root = root
+        # The task user: it alone may open a task's directory and socket on this host.
+        self.owner = owner
         # How the gateway checks upstreams it speaks TLS to (system roots unless told).
         self.tls = ssl.create_default_context(
             cafile=str(upstream_ca_file) if upstream_ca_file else None
@@ -107,11 +143,15 @@ class EndpointServer:
         path = directory / SOCKET_NAME
         if path.exists():
             raise FileExistsError(f"{directory} is already served")
-        os.chmod(directory, 0o755)
+        # Only the task's user may enter the directory and open the socket; the kernel then
+        # names each peer, and _serve admits only processes of the task's own container.
+        os.chown(directory, *self.owner)
+        os.chmod(directory, 0o700)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(str(path))
-            os.chmod(path, 0o666)  # the task's unprivileged user must be able to connect
+            os.chown(path, *self.owner)
+            os.chmod(path, 0o600)
             listener.listen(BACKLOG)
             listener.setblocking(False)
         except OSError:
@@ -131,6 +171,29 @@ class EndpointServer:
         except BaseException:
             listener.close()
             raise
+
+    def bind(self, key: str, container_id: str) -> None:
+        """The container whose processes may speak on `key`'s socket (its only peers,
+        besides this process). Called after the container is created, before it starts."""
+        route = self._routes.get(key)
+        if route is None:
+            raise KeyError(f"no endpoint for {key}")
+        route.container = container_id
+
+    def _peer_refused(self, route: Route, writer: asyncio.StreamWriter) -> str | None:
+        """Why the peer of a new connection may not speak for the route's task, or None."""
+        try:
+            peer = Peer.of(writer.get_extra_info("socket"))
+        except OSError as exc:
+            return f"peer credentials unavailable ({exc})"
+        if peer.pid == os.getpid():
+            return None  # this gateway itself (it holds everything the socket hands out)
+        if route.container is not None and route.container in peer.containers():
+            return None
+        return (
+            f"connection from pid {peer.pid} (uid {peer.uid}), which is not in the task's "
+            "container"
+        )
 
     def rebind(self, old: str, new: str, handler: Handler) -> Path:
         """A pool member's socket now speaks for task `new`, with that task's handler.
@@ -173,6 +236,12 @@ class EndpointServer:
         task_id = route.key
         handler = self.handlers.get(task_id)
         if handler is None:  # closed while this connection was accepted
+            writer.close()
+            return
+        refused = self._peer_refused(route, writer)
+        if refused is not None:
+            log.warning("endpoint %s: refused a local peer: %s", task_id, refused)
+            handler.audit({"method": "?", "decision": "deny", "rule": "peer", "reason": refused})
             writer.close()
             return
         current = asyncio.current_task()

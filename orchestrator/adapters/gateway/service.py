@@ -33,7 +33,7 @@ from orchestrator.adapters.retry import ride_out
 from orchestrator.adapters.store import Store
 from orchestrator.adapters.vault.broker import Broker, Provisioned, WrappedSecret
 from orchestrator.adapters.vault.identity import TaskToken, Verifier
-from orchestrator.config import Settings
+from orchestrator.config import TASK_USER, Settings
 from orchestrator.core.grant import Grant
 from orchestrator.core.ids import endpoint_key, is_endpoint_key
 from orchestrator.errors import ServiceUnavailable
@@ -69,6 +69,9 @@ class Gateway(Protocol):
 
     def directory(self, task_id: str) -> Path: ...
 
+    def bind(self, task_id: str, container_id: str) -> None:
+        """The container whose processes alone may speak on the endpoint."""
+
     def trace(self, task_id: str, traceparent: str | None) -> None:
         """The span the task's egress decisions are recorded under."""
 
@@ -89,10 +92,12 @@ class LocalGateway:
     ) -> None:
         self.settings, self.store, self.broker = settings, store, broker
         self.verifier, self.audit, self.connections = verifier, audit, connections
+        uid, _, gid = TASK_USER.partition(":")
         self.server = EndpointServer(
             settings.endpoint_dir / settings.namespace,
             settings.gateway_max_connections,
             settings.upstream_ca_file,
+            (int(uid), int(gid or uid)),
         )
 
     def open(self, task_id: str, given: Provisioned, grant: Grant, context: dict[str, Any]) -> Path:
@@ -143,6 +148,9 @@ class LocalGateway:
 
     def directory(self, task_id: str) -> Path:
         return self.server.directory(task_id)
+
+    def bind(self, task_id: str, container_id: str) -> None:
+        self.server.bind(task_id, container_id)
 
     def trace(self, task_id: str, traceparent: str | None) -> None:
         handler = self.server.handlers.get(task_id)
@@ -267,6 +275,9 @@ class RemoteGateway:
         """Raises InvalidId for anything but a task id or a warm runner's key."""
         return self.root / endpoint_key(task_id)
 
+    def bind(self, task_id: str, container_id: str) -> None:
+        self._call({"op": "bind", "task_id": task_id, "container_id": container_id})
+
     def trace(self, task_id: str, traceparent: str | None) -> None:
         if traceparent:
             self._call({"op": "trace", "task_id": task_id, "traceparent": traceparent})
@@ -315,6 +326,9 @@ class GatewayService:
             return {"ok": True, "endpoint_dir": str(directory)}
         if op == "close":
             return {"ok": True, "removed": self.local.close(str(request["task_id"]))}
+        if op == "bind":
+            self.local.bind(str(request["task_id"]), str(request["container_id"]))
+            return {"ok": True}
         if op == "trace":
             self.local.trace(str(request["task_id"]), str(request["traceparent"]))
             return {"ok": True}
