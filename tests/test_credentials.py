@@ -20,6 +20,7 @@ import pytest
 
 from orchestrator import wiring
 from orchestrator.adapters.runtime.docker_engine import DockerRuntime
+from orchestrator.adapters.gateway.audit import AuditLog
 from orchestrator.adapters.store import Store
 from orchestrator.adapters.vault.adapter import Vault
 from orchestrator.adapters.vault.broker import WRAPPING
@@ -207,6 +208,15 @@ def test_secrets_land_only_in_the_containers_tmpfs(
             text=True,
         )
         assert found.stdout == "", f"secret found in host files: {found.stdout}"
+    # Every hand-out is audited: the static one says it outlives the task.
+    credentials.audit.flush()
+    handed = {
+        r["rule"]: r["reason"]
+        for r in AuditLog(store).records(task_id)
+        if r.get("method") == "BOOTSTRAP"
+    }
+    assert "stays valid after the task ends" in handed["secret:api-key"]
+    assert "revoked with the task" in handed["secret:reports-db"]
 
 
 def _wait_for_state(store: Store, task_id: str, state: TaskState, limit_s: float = 30):  # type: ignore[no-untyped-def]

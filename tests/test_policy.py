@@ -271,7 +271,7 @@ agents = st.builds(
                 }
             ],
             "secrets": [
-                {"name": n, "kind": "kv", "path": f"kv/{n}", "default": d}
+                {"name": n, "kind": "kv", "path": f"kv/{n}", "deliver": "task", "default": d}
                 for n, d in secrets.items()
             ],
         }
@@ -610,6 +610,11 @@ def test_a_policy_that_grants_beyond_the_registry_is_refused(tmp_path: Path, wha
 
 
 HOSTILE_REGISTRY = {
+    "a static secret handed over by default": (
+        "    deliver: task  # git needs the token itself (a static value: rotate it in Vault)\n",
+        "",
+        "a static kv value outlives the task",
+    ),
     "policy text in a kv path": (
         "path: secret/data/agents/coder/git",
         'path: "secret/data/x\\" {capabilities = [\\"sudo\\"]}\\npath \\"sys/*"',

@@ -120,12 +120,24 @@ class SecretRule(_Frozen):
     kind: Literal["kv", "database"]
     path: VaultPath | None = Field(None, description="KV path, for kind kv")
     role: VaultRole | None = Field(None, description="database role, for kind database")
+    deliver: Literal["task"] | None = Field(
+        None,
+        description=(
+            "kind kv only: `task` hands the static value to the task itself, where it stays "
+            "valid after the task ends (prefer `inject` on an egress rule)"
+        ),
+    )
     default: bool = True
 
     @model_validator(mode="after")
     def _source(self) -> SecretRule:
         if self.kind == "kv" and (self.path is None or self.role is not None):
             raise ValueError(f"secret {self.name}: kind kv names a path (and no role)")
+        if self.kind == "kv" and self.deliver != "task":
+            raise ValueError(
+                f"secret {self.name}: a static kv value outlives the task; inject it at the "
+                "gateway (an egress rule's inject), or say deliver: task to hand it over"
+            )
         if self.kind == "database" and (self.role is None or self.path is not None):
             raise ValueError(f"secret {self.name}: kind database names a role (and no path)")
         return self

@@ -191,6 +191,22 @@ class TaskEndpoint:
             for s in self.given.secrets
         ]
         placeholders = {name: f"airlock-placeholder:{name}" for name in self.given.injected}
+        for secret in self.given.secrets:  # every hand-out is on the record
+            lasting = secret.kind == "kv"
+            self.audit(
+                {
+                    "method": "BOOTSTRAP",
+                    "host": "",
+                    "decision": "allow",
+                    "rule": f"secret:{secret.name}",
+                    "reason": (
+                        f"static {secret.kind} secret handed to the task (deliver: task); "
+                        "it stays valid after the task ends"
+                        if lasting
+                        else f"dynamic {secret.kind} secret, revoked with the task"
+                    ),
+                }
+            )
         return 200, {
             "task_id": self.task_id,
             "jwt": self.given.jwt.jwt,
