@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from orchestrator import wiring
-from orchestrator.adapters.runtime.docker_engine import DockerRuntime
 from orchestrator.adapters.gateway.audit import AuditLog
+from orchestrator.adapters.runtime.docker_engine import DockerRuntime
 from orchestrator.adapters.store import Store
 from orchestrator.adapters.vault.adapter import Vault
 from orchestrator.adapters.vault.broker import WRAPPING

@@ -191,8 +191,7 @@ class EndpointServer:
         if route.container is not None and route.container in peer.containers():
             return None
         return (
-            f"connection from pid {peer.pid} (uid {peer.uid}), which is not in the task's "
-            "container"
+            f"connection from pid {peer.pid} (uid {peer.uid}), which is not in the task's container"
         )
 
     def rebind(self, old: str, new: str, handler: Handler) -> Path:
