@@ -24,11 +24,14 @@ def test_a_ready_host_is_all_ok(settings: Any, vault: Any, runtime: Any) -> None
         "docker",
         "runner image",
         "vault",
+        "vault token",
         "vault setup",
         "policy bundle",
         "gateway",
     }
     assert all(f["ok"] for f in found.values())
+    # The local stack runs on the dev root token: said loudly, without failing.
+    assert found["vault token"]["warning"] and "ROOT TOKEN" in found["vault token"]["detail"]
 
 
 def test_problems_are_named_with_a_fix(settings: Any, vault: Any, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ class Finding:
     ok: bool
     detail: str
     fix: str = ""
+    warning: bool = False  # ok, but not how production should run
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -57,6 +58,7 @@ class Doctor:
             ),
             _run("runner image", self.image, "build it: scripts/bootstrap"),
             _run("vault", self.vault, "start Vault/OpenBao, set VAULT_ADDR and VAULT_TOKEN"),
+            self.vault_token(),
             _run("vault setup", self.vault_setup, "run: airlock vault setup"),
             _run("policy bundle", self.policy, "fix the files named, then: airlock policy check"),
             _run(
@@ -102,6 +104,28 @@ class Doctor:
     def vault(self) -> str:
         wiring.vault(self.settings).ping()
         return f"{self.settings.vault_addr} unsealed, token valid"
+
+    def vault_token(self) -> Finding:
+        """A root token works, and can do anything: fine on the local stack, never in
+        production (where each component has its own narrow AppRole)."""
+        try:
+            me = wiring.vault(self.settings).read("auth/token/lookup-self") or {}
+        except AirlockError as exc:
+            return Finding("vault token", False, str(exc), "set VAULT_TOKEN")
+        data = me.get("data") or {}
+        policies = sorted(data.get("policies") or [])
+        if "root" in policies:
+            return Finding(
+                "vault token",
+                True,
+                "ROOT TOKEN: this process may do anything in Vault (fine on the local stack "
+                "only)",
+                "give the worker, gateway and API their own narrow tokens "
+                "(docs/production.md)",
+                warning=True,
+            )
+        ttl = data.get("ttl")
+        return Finding("vault token", True, f"policies {', '.join(policies)}; ttl {ttl}s")
 
     def vault_setup(self) -> str:
         vault = wiring.vault(self.settings)

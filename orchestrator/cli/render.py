@@ -277,8 +277,10 @@ def watch(client: Any, limit: int) -> None:
 def findings(items: list[Any]) -> None:
     for item in items:
         mark = "[green]ok[/green]     " if item.ok else "[red]PROBLEM[/red]"
+        if item.ok and getattr(item, "warning", False):
+            mark = "[bold yellow]WARNING[/bold yellow]"
         out.print(f"{mark} {item.check:<14} {escape(item.detail)}")
-        if not item.ok:
+        if not item.ok or getattr(item, "warning", False):
             out.print(f"        {'':<14} fix: {item.fix}")
 
 
