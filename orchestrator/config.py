@@ -84,6 +84,11 @@ class Settings:
     jwt_audience: str = "airlock-gateway"
     # Per-task endpoint directories (one socket each) live under this directory.
     endpoint_dir: Path = Path("/run/airlock/endpoints")
+    # The audit's signed chain heads, outside Redis (append only, one file per host), and
+    # how long the audit stream keeps records.
+    audit_anchor_file: Path = Path("/var/lib/airlock/audit-anchors.jsonl")
+    audit_max_age_s: int = 90 * 24 * 3600
+    audit_max_records: int = 5_000_000
     # Warm pool: runners each worker keeps started ahead of time, for the runner image under
     # runc and under gVisor; recycled after pool_max_age_s. 0: no pool (every start is cold).
     pool_size: int = 0
@@ -240,6 +245,11 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             env, "AIRLOCK_GATEWAY_MAX_REQUESTS", d.gateway_max_requests, _positive_int
         ),
         endpoint_dir=Path(env.get("AIRLOCK_ENDPOINT_DIR") or d.endpoint_dir),
+        audit_anchor_file=Path(env.get("AIRLOCK_AUDIT_ANCHOR_FILE") or d.audit_anchor_file),
+        audit_max_age_s=_get(env, "AIRLOCK_AUDIT_MAX_AGE_S", d.audit_max_age_s, _positive_int),
+        audit_max_records=_get(
+            env, "AIRLOCK_AUDIT_MAX_RECORDS", d.audit_max_records, _positive_int
+        ),
         pool_size=_get(env, "AIRLOCK_POOL_SIZE", d.pool_size, _count),
         pool_gvisor_size=_get(env, "AIRLOCK_POOL_GVISOR_SIZE", d.pool_gvisor_size, _count),
         pool_max_age_s=_get(env, "AIRLOCK_POOL_MAX_AGE_S", d.pool_max_age_s, _positive_float),

@@ -19,6 +19,7 @@ from orchestrator.config import Settings, callers_file, database_addresses, jwt_
 from orchestrator.errors import AirlockError
 
 if TYPE_CHECKING:
+    from orchestrator.adapters.gateway.audit import AuditLog
     from orchestrator.adapters.gateway.service import GatewayService
     from orchestrator.adapters.runtime.docker_engine import DockerRuntime
     from orchestrator.adapters.vault.adapter import Vault
@@ -49,10 +50,18 @@ def vault(settings: Settings, ride_out_s: float = 0.0) -> Vault:
     return Vault(settings.vault_addr, settings.vault_token, ride_out_s=ride_out_s)
 
 
+def audit_log(settings: Settings, store: Store, client: Vault | None = None) -> AuditLog:
+    """The egress audit, anchoring its chain heads signed by Vault to this host's file."""
+    from orchestrator.adapters.gateway.audit import AuditLog
+    from orchestrator.adapters.vault.audit_key import AuditSigner
+
+    signer = AuditSigner(client or vault(settings))
+    return AuditLog(store, signer=signer, anchor_file=settings.audit_anchor_file)
+
+
 def credentials(settings: Settings, store: Store, ride_out_s: float = 0.0) -> Credentials:
     """Everything that mints, serves and revokes a task's credentials, and the gateway
     (this process's own, or the host's `airlock gateway` when AIRLOCK_GATEWAY=remote)."""
-    from orchestrator.adapters.gateway.audit import AuditLog
     from orchestrator.adapters.gateway.service import Gateway, LocalGateway, RemoteGateway
     from orchestrator.adapters.vault.broker import Broker
     from orchestrator.adapters.vault.identity import Minter
@@ -62,7 +71,7 @@ def credentials(settings: Settings, store: Store, ride_out_s: float = 0.0) -> Cr
     issuer = jwt_issuer(settings)
     minter = Minter(client, issuer, settings.jwt_audience)
     broker = Broker(client, store, settings, minter)
-    audit = AuditLog(store)
+    audit = audit_log(settings, store, client)
     endpoints: Gateway
     if settings.gateway == "remote":
         endpoints = RemoteGateway(settings)

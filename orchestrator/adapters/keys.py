@@ -17,6 +17,8 @@ NS:cred:ID            hash    a task's journaled token accessor and JWT id
 NS:cred:ID:leases     set     a task's journaled lease ids
 NS:audit              stream  every egress decision, hash-chained
 NS:audit:head:CHAIN   string  the last hash of one writer's chain
+NS:audit:anchor:CHAIN string  a chain's latest signed head (also in each host's anchor file)
+NS:audit:trim:CHAIN   string  where retention cut a chain (signed): its new genesis
 NS:trace:TRACE_ID     list    the embedded span store, one list per trace
 NS:caller:C:live      zset    a caller's tasks not yet ended (C is kind:name), for quotas
 NS:caller:C:recent    zset    a caller's submissions of the last minute, for quotas
@@ -66,6 +68,12 @@ class Keys:
 
     def audit_head(self, chain: str) -> str:
         return f"{self.ns}:audit:head:{chain}"
+
+    def audit_anchor(self, chain: str) -> str:
+        return f"{self.ns}:audit:anchor:{chain}"
+
+    def audit_trim(self, chain: str) -> str:
+        return f"{self.ns}:audit:trim:{chain}"
 
     def trace(self, trace_id: str) -> str:
         return f"{self.ns}:trace:{trace_id}"

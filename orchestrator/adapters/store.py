@@ -512,6 +512,29 @@ class Store:
         return found
 
     @_guard
+    def audit_marks(self, kind: str) -> dict[str, str]:
+        """Every chain's signed mark of `kind` ("anchor" or "trim"), as stored."""
+        key = self.keys.audit_anchor if kind == "anchor" else self.keys.audit_trim
+        found = {}
+        for name in self.redis.scan_iter(key("*")):
+            found[name.rsplit(":", 1)[1]] = self.redis.get(name) or ""
+        return found
+
+    @_guard
+    def set_audit_mark(self, kind: str, chain: str, document: str) -> None:
+        key = self.keys.audit_anchor if kind == "anchor" else self.keys.audit_trim
+        self.redis.set(key(chain), document)
+
+    @_guard
+    def audit_length(self) -> int:
+        return int(self.redis.xlen(self.keys.audit))
+
+    @_guard
+    def trim_audit(self, min_id: str) -> int:
+        """Remove audit entries older than stream id `min_id`; how many went."""
+        return int(self.redis.xtrim(self.keys.audit, minid=min_id, approximate=False))
+
+    @_guard
     def egress_counts(self, task_ids: list[str]) -> list[dict[str, int]]:
         """Allowed and denied egress decisions of each task, in order."""
         pipe = self.redis.pipeline(transaction=False)

@@ -118,10 +118,8 @@ class Doctor:
             return Finding(
                 "vault token",
                 True,
-                "ROOT TOKEN: this process may do anything in Vault (fine on the local stack "
-                "only)",
-                "give the worker, gateway and API their own narrow tokens "
-                "(docs/production.md)",
+                "ROOT TOKEN: this process may do anything in Vault (fine on the local stack only)",
+                "give the worker, gateway and API their own narrow tokens (docs/production.md)",
                 warning=True,
             )
         ttl = data.get("ttl")

@@ -15,7 +15,8 @@ from orchestrator.cli.connect import connect
 
 
 def _audit_log() -> AuditLog:
-    return AuditLog(wiring.store(config.load()))
+    settings = config.load()
+    return wiring.audit_log(settings, wiring.store(settings))
 
 
 @click.group(invoke_without_command=True)
@@ -41,7 +42,8 @@ def audit(ctx: click.Context, task_id: str | None, denied: bool, as_json: bool) 
 @audit.command("verify")
 @json_option
 def audit_verify(as_json: bool) -> None:
-    """Recompute the hash chains; exit 1 if a record was changed or removed."""
+    """Recompute the hash chains and hold them against their signed anchors (Redis and this
+    host's anchor file); exit 1 if a record or chain was changed, removed or deleted."""
     count, problems = _audit_log().verify()
     if as_json:
         emit_json({"checked": count, "problems": [p.__dict__ for p in problems]})

@@ -31,7 +31,7 @@ DEADLINE_GRACE_S = 30.0
 
 @dataclass(frozen=True)
 class Reaped:
-    kind: str  # container, task, credentials, journal or endpoint
+    kind: str  # container, task, credentials, journal, endpoint or audit
     id: str
     task_id: str
     why: str
@@ -187,6 +187,21 @@ def reap_endpoints(store: Store, credentials: Credentials, dry_run: bool = False
     return done
 
 
+def trim_audit(credentials: Credentials, dry_run: bool = False) -> list[Reaped]:
+    """Retention of the egress audit, by age and size (the chains stay verifiable)."""
+    if dry_run:
+        return []
+    settings = credentials.settings
+    removed = credentials.audit.trim(settings.audit_max_age_s, settings.audit_max_records)
+    if not removed:
+        return []
+    why = (
+        f"older than {settings.audit_max_age_s}s or beyond the newest "
+        f"{settings.audit_max_records}"
+    )
+    return [Reaped("audit", f"{removed} records", "-", why, True)]
+
+
 def _end(store: Store, task_id: str, state: TaskState, reason: str) -> None:
     try:
         if state is not TaskState.TEARING_DOWN:
@@ -209,6 +224,7 @@ def reap_all(
     found += reap_tasks(store, runtime, namespace, dry_run)
     found += reap_credentials(store, credentials, dry_run)
     found += reap_endpoints(store, credentials, dry_run)
+    found += trim_audit(credentials, dry_run)
     for item in found:
         log.warning("reaped %s of task %s: %s", item.kind, item.task_id, item.why)
     return found

@@ -1,10 +1,21 @@
 """The audit log: every egress decision, append-only and hash-chained, in a Redis stream.
 
-Each writer (a gateway) keeps its own chain: every record carries the hash of the one
-before it in that chain, and the chain's head hash is stored beside the stream in the same
-transaction. `verify` recomputes every chain: a changed record breaks its successor's link,
-a removed record breaks the link across the gap, and a removed tail no longer matches the
-stored head.
+Each writer (a gateway) keeps its own chain: every record carries its position (`seq`) and
+the hash of the one before it in that chain, and the chain's head hash is stored beside the
+stream in the same transaction. `verify` recomputes every chain: a changed record breaks its
+successor's link, a removed record breaks the link across the gap, and a removed tail no
+longer matches the stored head.
+
+Redis alone cannot prove that much against someone who can write to it: they could rewrite
+a chain and its head together, or delete both. So a writer with a signer also **anchors**
+its head every few seconds: (chain, seq, head) signed by a Vault transit key that never
+leaves Vault, kept in Redis and appended to this host's anchor file (outside Redis, append
+only). `verify` checks every anchor's signature and that the chain still holds the anchored
+record: a chain rewritten, cut short or wholly deleted since is found.
+
+Retention (`trim`) removes the oldest records by age and size; per chain it leaves a signed
+mark of the last removed record, which the first remaining record links to, so a trimmed
+chain still verifies and a forged trim does not.
 """
 
 from __future__ import annotations
@@ -13,19 +24,64 @@ import collections
 import hashlib
 import json
 import logging
+import os
 import queue
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from orchestrator.adapters.store import Store
 
 GENESIS = "0" * 64
 BATCH_WINDOW_S = 0.005
+ANCHOR_EVERY_S = 2.0
 log = logging.getLogger(__name__)
+
+
+class Signer(Protocol):
+    def sign(self, text: str) -> str: ...
+
+    def verify(self, text: str, signature: str) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A signed statement about one chain: its record `seq` has hash `head`. An anchor says
+    the chain reached that record; a trim mark says records up to it were removed."""
+
+    chain: str
+    seq: int
+    head: str
+    at: float
+    ns: str = ""
+    signature: str = ""
+
+    def text(self, kind: str) -> str:
+        """What is signed: everything but the signature, and what kind of mark it is."""
+        fields = {k: v for k, v in self.__dict__.items() if k != "signature"}
+        return canonical({"kind": kind, **fields})
+
+    def signed(self, signature: str) -> Mark:
+        return Mark(self.chain, self.seq, self.head, self.at, self.ns, signature)
+
+    def to_json(self) -> str:
+        return canonical(self.__dict__)
+
+    @classmethod
+    def from_json(cls, text: str) -> Mark:
+        data = json.loads(text)
+        return cls(
+            str(data["chain"]),
+            int(data["seq"]),
+            str(data["head"]),
+            float(data["at"]),
+            str(data.get("ns", "")),
+            str(data.get("signature", "")),
+        )
 
 
 def canonical(record: dict[str, Any]) -> str:
@@ -46,10 +102,19 @@ class Problem:
 
 
 class AuditLog:
-    def __init__(self, store: Store, chain: str | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        chain: str | None = None,
+        signer: Signer | None = None,
+        anchor_file: Path | None = None,
+    ) -> None:
         self.store = store
         self.chain = chain or uuid.uuid4().hex[:12]
+        self.signer, self.anchor_file = signer, anchor_file
         self._head = GENESIS
+        self._seq = 0
+        self._anchored = (0, 0.0)  # (seq, monotonic time) of the last anchor
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -95,9 +160,40 @@ class AuditLog:
                     self._drained.notify_all()
 
     def flush(self, timeout_s: float = 30) -> None:
-        """Wait until every submitted record is written."""
+        """Wait until every submitted record is written, and anchor the head."""
         with self._pending_lock:
             self._drained.wait_for(lambda: self._pending == 0, timeout=timeout_s)
+        self.anchor(force=True)
+
+    def anchor(self, force: bool = False) -> Mark | None:
+        """Sign this writer's head and keep it in Redis and the host's anchor file (at most
+        every ANCHOR_EVERY_S unless `force`). Never raises: an anchor that could not be
+        made is logged, and the next one covers it."""
+        if self.signer is None:
+            return None
+        with self._lock:
+            seq, head = self._seq, self._head
+        last_seq, last_at = self._anchored
+        if seq == last_seq or (not force and time.monotonic() - last_at < ANCHOR_EVERY_S):
+            return None
+        mark = Mark(self.chain, seq, head, time.time(), self.store.keys.ns)
+        try:
+            mark = mark.signed(self.signer.sign(mark.text("anchor")))
+            self.store.set_audit_mark("anchor", self.chain, mark.to_json())
+        except Exception:  # Vault or Redis away: the file still gets nothing unsigned
+            log.exception("audit anchor of chain %s at %d not made", self.chain, seq)
+            return None
+        if self.anchor_file is not None:
+            try:
+                self.anchor_file.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.anchor_file, "a", encoding="utf-8") as out:
+                    out.write(mark.to_json() + "\n")
+                    out.flush()
+                    os.fsync(out.fileno())
+            except OSError:
+                log.exception("audit anchor file %s not written", self.anchor_file)
+        self._anchored = (seq, time.monotonic())
+        return mark
 
     def append(self, record: dict[str, Any]) -> str:
         """Add one record to this writer's chain now; returns its hash."""
@@ -106,11 +202,17 @@ class AuditLog:
     def append_many(self, records: list[dict[str, Any]]) -> list[str]:
         """Add records to this writer's chain in one transaction; their hashes."""
         with self._lock:
-            head, digests = self._head, []
+            head, seq, digests = self._head, self._seq, []
             entries = []
             decided: collections.Counter[tuple[str, str]] = collections.Counter()
             for record in records:
-                entry = {**record, "time": record.get("time", time.time()), "chain": self.chain}
+                seq += 1
+                entry = {
+                    **record,
+                    "time": record.get("time", time.time()),
+                    "chain": self.chain,
+                    "seq": seq,
+                }
                 text = canonical(entry)
                 digest = record_hash(head, entry, text)
                 entries.append({"record": text, "prev": head, "hash": digest})
@@ -119,8 +221,9 @@ class AuditLog:
                 if entry.get("task") and entry.get("decision") in ("allow", "deny"):
                     decided[(str(entry["task"]), str(entry["decision"]))] += 1
             self.store.append_audit(entries, self.chain, head, decided)
-            self._head = head
-            return digests
+            self._head, self._seq = head, seq
+        self.anchor()
+        return digests
 
     def entries(self) -> Iterator[tuple[str, dict[str, Any], str, str]]:
         """(stream id, record, prev, hash), oldest first."""
@@ -145,15 +248,90 @@ class AuditLog:
             found.append({**record, "hash": digest})
         return found
 
+    # -- retention ---------------------------------------------------------------------
+    def trim(self, max_age_s: float | None = None, max_records: int | None = None) -> int:
+        """Remove records older than `max_age_s` and beyond the newest `max_records`;
+        how many went. Each trimmed chain gets a signed mark of its last removed record."""
+        cut = self._cut(max_age_s, max_records)
+        if cut is None:
+            return 0
+        last: dict[str, tuple[int, str]] = {}
+        for entry_id, record, _, digest in self.entries():
+            ms, _, sub = entry_id.partition("-")
+            if (int(ms), int(sub)) >= cut:
+                break
+            last[str(record.get("chain"))] = (int(record.get("seq") or 0), digest)
+        if not last:
+            return 0
+        for chain, (seq, head) in last.items():
+            mark = Mark(chain, seq, head, time.time(), ns=self.store.keys.ns)
+            if self.signer is not None:
+                mark = mark.signed(self.signer.sign(mark.text("trim")))
+            self.store.set_audit_mark("trim", chain, mark.to_json())
+        return self.store.trim_audit(f"{cut[0]}-{cut[1]}")
+
+    def _cut(self, max_age_s: float | None, max_records: int | None) -> tuple[int, int] | None:
+        """The stream id (as numbers) before which retention removes records."""
+        cuts = []
+        if max_age_s is not None:
+            cuts.append((int((time.time() - max_age_s) * 1000), 0))
+        excess = self.store.audit_length() - max_records if max_records is not None else 0
+        for n, (entry_id, *_) in enumerate(self.entries() if excess > 0 else (), 1):
+            if n == excess:
+                ms, _, sub = entry_id.partition("-")
+                cuts.append((int(ms), int(sub) + 1))
+                break
+        return max(cuts) if cuts else None
+
+    # -- verification --------------------------------------------------------------------
+    def _marks(
+        self, kind: str, problems: list[Problem], extra: list[str] | None = None
+    ) -> dict[str, Mark]:
+        """The latest valid mark of `kind` per chain (Redis, plus `extra` JSON lines)."""
+        latest: dict[str, Mark] = {}
+        for text in [*self.store.audit_marks(kind).values(), *(extra or [])]:
+            try:
+                mark = Mark.from_json(text)
+            except (ValueError, KeyError, TypeError):
+                problems.append(Problem("-", "?", f"an unreadable {kind} mark"))
+                continue
+            if mark.ns != self.store.keys.ns:
+                continue
+            if self.signer is not None and not self.signer.verify(mark.text(kind), mark.signature):
+                problems.append(Problem("-", mark.chain, f"{kind} mark with a forged signature"))
+                continue
+            if mark.chain not in latest or mark.seq > latest[mark.chain].seq:
+                latest[mark.chain] = mark
+        return latest
+
+    def _anchor_lines(self, problems: list[Problem]) -> list[str]:
+        if self.anchor_file is None or not self.anchor_file.exists():
+            return []
+        try:
+            return [line for line in self.anchor_file.read_text().splitlines() if line.strip()]
+        except OSError as exc:
+            problems.append(Problem("-", "?", f"anchor file {self.anchor_file}: {exc}"))
+            return []
+
     def verify(self) -> tuple[int, list[Problem]]:
-        """Recompute every chain. Returns (records checked, problems found)."""
-        heads: dict[str, str] = {}
+        """Recompute every chain, and hold it against its signed anchors and trim marks.
+        Returns (records checked, problems found)."""
         problems: list[Problem] = []
+        trims = self._marks("trim", problems)
+        anchors = (
+            self._marks("anchor", problems, self._anchor_lines(problems))
+            if self.signer is not None
+            else {}
+        )
+        heads: dict[str, str] = {}
+        seqs: dict[str, int] = {}
+        at_anchor: dict[str, str] = {}
         count = 0
         for entry_id, record, prev, digest in self.entries():
             count += 1
             chain = str(record.get("chain"))
-            expected_prev = heads.get(chain, GENESIS)
+            start = trims.get(chain)
+            expected_prev = heads.get(chain, start.head if start else GENESIS)
             if prev != expected_prev:
                 problems.append(
                     Problem(
@@ -162,10 +340,36 @@ class AuditLog:
                 )
             if record_hash(prev, record) != digest:
                 problems.append(Problem(entry_id, chain, "record changed after it was written"))
-            heads[chain] = digest
+            seq = int(record.get("seq") or seqs.get(chain, start.seq if start else 0) + 1)
+            anchor = anchors.get(chain)
+            if anchor is not None and seq == anchor.seq:
+                at_anchor[chain] = digest
+            heads[chain], seqs[chain] = digest, seq
         for chain, head in self.store.audit_heads().items():
-            if head != heads.get(chain):
+            if head != heads.get(chain, trims[chain].head if chain in trims else None):
                 problems.append(
                     Problem("-", chain, "chain ends early: its last records were removed")
                 )
+        problems += _against_anchors(anchors, trims, heads, at_anchor)
         return count, problems
+
+
+def _against_anchors(
+    anchors: dict[str, Mark], trims: dict[str, Mark], heads: dict[str, str], at: dict[str, str]
+) -> list[Problem]:
+    """What the chains as found say against their signed anchors."""
+    problems = []
+    for chain, anchor in anchors.items():
+        if chain in trims and anchor.seq <= trims[chain].seq:
+            continue  # removed by retention, under a signed trim mark
+        if chain not in heads:
+            problems.append(
+                Problem("-", chain, f"chain deleted: it was anchored at record {anchor.seq}")
+            )
+        elif chain not in at:
+            problems.append(Problem("-", chain, f"anchored record {anchor.seq} is gone"))
+        elif at[chain] != anchor.head:
+            problems.append(
+                Problem("-", chain, f"record {anchor.seq} differs from its anchor: rewritten")
+            )
+    return problems

@@ -19,6 +19,7 @@ from orchestrator.core.agent import Agent
 
 PREFIX = "airlock-"
 JWT_KEY = "airlock-task-jwt"
+AUDIT_KEY = "airlock-audit"  # signs audit chain heads (anchors) and retention marks
 DB_CONNECTION = "airlock-postgres"
 
 CREATION = [
@@ -48,6 +49,8 @@ path "sys/leases/revoke" {{ capabilities = ["update"] }}
 path "sys/wrapping/lookup" {{ capabilities = ["update"] }}
 path "transit/keys/{JWT_KEY}" {{ capabilities = ["read"] }}
 path "transit/sign/{JWT_KEY}" {{ capabilities = ["update"] }}
+path "transit/sign/{AUDIT_KEY}" {{ capabilities = ["update"] }}
+path "transit/verify/{AUDIT_KEY}" {{ capabilities = ["update"] }}
 path "sys/health" {{ capabilities = ["read"] }}
 """
 
@@ -100,10 +103,11 @@ def ensure_mount(vault: Vault, report: Report, path: str, kind: str) -> None:
 
 
 def ensure_jwt_key(vault: Vault, report: Report) -> None:
-    present = vault.read(f"transit/keys/{JWT_KEY}", missing_ok=True) is not None
-    if not present:
-        vault.write(f"transit/keys/{JWT_KEY}", {"type": "ecdsa-p256"})
-    report.note(f"transit key {JWT_KEY}", not present)
+    for name, kind in ((JWT_KEY, "ecdsa-p256"), (AUDIT_KEY, "ed25519")):
+        present = vault.read(f"transit/keys/{name}", missing_ok=True) is not None
+        if not present:
+            vault.write(f"transit/keys/{name}", {"type": kind})
+        report.note(f"transit key {name}", not present)
 
 
 def ensure_agent(vault: Vault, report: Report, agent: Agent, grace_s: int, period_s: int) -> None:

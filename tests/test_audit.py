@@ -1,0 +1,152 @@
+"""The audit holds against someone who can write to Redis: chains rewritten consistently,
+cut short or wholly deleted are found by their signed anchors (Redis and the host's anchor
+file); forged anchors and trim marks are found by their signatures; retention trims and
+the chains still verify."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.adapters.gateway.audit import GENESIS, AuditLog, Mark, canonical, record_hash
+from orchestrator.adapters.store import Store
+from orchestrator.adapters.vault.adapter import Vault
+from orchestrator.adapters.vault.audit_key import AuditSigner
+from orchestrator.config import Settings
+
+
+@pytest.fixture
+def isolated(settings: Settings) -> Iterator[Store]:
+    store = Store(settings.redis_url, f"{settings.namespace}-audit-{uuid.uuid4().hex[:6]}")
+    yield store
+    for key in store.redis.scan_iter(f"{store.keys.ns}:*"):
+        store.redis.delete(key)
+
+
+def signed_log(store: Store, vault: Vault, anchors: Path, chain: str = "c1") -> AuditLog:
+    return AuditLog(store, chain, AuditSigner(vault), anchors)
+
+
+def whats(log: AuditLog) -> list[str]:
+    return [p.what for p in log.verify()[1]]
+
+
+def rewrite(store: Store, change: Any) -> None:
+    """What an attacker with Redis write access does: change records and re-link the whole
+    chain, head included, so the plain hash chain verifies again."""
+    entries = store.redis.xrange(store.keys.audit)
+    store.redis.delete(store.keys.audit)
+    head = GENESIS
+    for _, fields in entries:
+        record = change(json.loads(fields["record"]))
+        digest = record_hash(head, record)
+        store.redis.xadd(
+            store.keys.audit, {"record": canonical(record), "prev": head, "hash": digest}
+        )
+        head = digest
+    store.redis.set(store.keys.audit_head("c1"), head)
+
+
+def test_a_consistently_rewritten_chain_is_found_by_its_anchor(
+    isolated: Store, vault: Vault, tmp_path: Path
+) -> None:
+    anchors = tmp_path / "anchors.jsonl"
+    log = signed_log(isolated, vault, anchors)
+    for i in range(20):
+        log.append({"task": "t", "decision": "deny", "n": i})
+    log.flush()
+    assert log.verify() == (20, [])
+    assert json.loads(anchors.read_text().splitlines()[-1])["seq"] == 20
+
+    rewrite(isolated, lambda r: {**r, "decision": "allow"})
+    assert AuditLog(isolated).verify() == (20, [])  # the bare chain cannot tell
+    assert whats(log) == ["record 20 differs from its anchor: rewritten"]
+
+
+def test_a_wholly_deleted_chain_is_found_by_the_hosts_anchor_file(
+    isolated: Store, vault: Vault, tmp_path: Path
+) -> None:
+    anchors = tmp_path / "anchors.jsonl"
+    log = signed_log(isolated, vault, anchors)
+    for i in range(5):
+        log.append({"task": "t", "decision": "deny", "n": i})
+    log.flush()
+    for key in isolated.redis.scan_iter(f"{isolated.keys.ns}:*"):
+        isolated.redis.delete(key)  # stream, head and the anchor kept in Redis: all gone
+    assert whats(log) == ["chain deleted: it was anchored at record 5"]
+
+
+def test_a_chain_cut_short_with_its_head_moved_back_is_found(
+    isolated: Store, vault: Vault, tmp_path: Path
+) -> None:
+    log = signed_log(isolated, vault, tmp_path / "anchors.jsonl")
+    for i in range(6):
+        log.append({"n": i})
+    log.flush()
+    entries = isolated.redis.xrange(isolated.keys.audit)
+    for entry_id, _ in entries[3:]:
+        isolated.redis.xdel(isolated.keys.audit, entry_id)
+    isolated.redis.set(isolated.keys.audit_head("c1"), entries[2][1]["hash"])
+    assert whats(log) == ["anchored record 6 is gone"]
+
+
+def test_forged_anchors_and_trim_marks_are_refused(
+    isolated: Store, vault: Vault, tmp_path: Path
+) -> None:
+    log = signed_log(isolated, vault, tmp_path / "anchors.jsonl")
+    for i in range(4):
+        log.append({"n": i})
+    log.flush()
+    forged = Mark("c1", 2, "f" * 64, 0.0, isolated.keys.ns, "vault:v1:" + "A" * 86)
+    isolated.set_audit_mark("anchor", "c9", forged.to_json())
+    isolated.set_audit_mark("trim", "c1", forged.to_json())  # "records 1-2 were trimmed"
+    found = whats(log)
+    assert "anchor mark with a forged signature" in found
+    assert "trim mark with a forged signature" in found
+
+
+def test_retention_trims_and_the_chains_still_verify(
+    isolated: Store, vault: Vault, tmp_path: Path
+) -> None:
+    log = signed_log(isolated, vault, tmp_path / "anchors.jsonl")
+    other = signed_log(isolated, vault, tmp_path / "anchors.jsonl", chain="c2")
+    for i in range(30):
+        (log if i % 3 else other).append({"n": i})
+    log.flush()
+    other.flush()
+    assert log.trim(max_records=10) == 20
+    count, problems = log.verify()
+    assert (count, problems) == (10, [])
+    assert log.trim(max_age_s=0) == 10  # everything, both chains: still verifiable
+    assert log.verify() == (0, [])
+    # Removing records without a signed trim mark is still found.
+    log.append({"n": "after"})
+    log.append({"n": "after 2"})
+    first = isolated.redis.xrange(isolated.keys.audit)[0][0]
+    isolated.redis.xdel(isolated.keys.audit, first)
+    assert any("link broken" in what for what in whats(log))
+
+
+def test_audit_verify_cli_reads_the_anchor_file(
+    settings: Settings, vault: Vault, tmp_path: Path
+) -> None:
+    from tests.conftest import airlock
+
+    anchors = tmp_path / "anchors.jsonl"
+    store = Store(settings.redis_url, settings.namespace)
+    log = AuditLog(store, "cli", AuditSigner(vault), anchors)
+    log.append({"task": "t", "decision": "allow"})
+    log.flush()
+    ok = airlock(settings, "audit", "verify", "--json", AIRLOCK_AUDIT_ANCHOR_FILE=str(anchors))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    store.redis.delete(
+        store.keys.audit, store.keys.audit_head("cli"), store.keys.audit_anchor("cli")
+    )
+    gone = airlock(settings, "audit", "verify", "--json", AIRLOCK_AUDIT_ANCHOR_FILE=str(anchors))
+    assert gone.returncode == 1
+    assert "chain deleted" in json.dumps(json.loads(gone.stdout)["problems"])
