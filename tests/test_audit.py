@@ -6,6 +6,9 @@ the chains still verify."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,3 +153,125 @@ def test_audit_verify_cli_reads_the_anchor_file(
     gone = airlock(settings, "audit", "verify", "--json", AIRLOCK_AUDIT_ANCHOR_FILE=str(anchors))
     assert gone.returncode == 1
     assert "chain deleted" in json.dumps(json.loads(gone.stdout)["problems"])
+
+
+# OCSF 1.1: what every event of these classes must carry (the base event's required
+# attributes and the class's own), checked for each exported line.
+REQUIRED = (
+    "class_uid",
+    "category_uid",
+    "activity_id",
+    "type_uid",
+    "time",
+    "severity_id",
+    "metadata",
+    "status_id",
+    "action_id",
+    "disposition_id",
+)
+
+
+def test_export_as_ocsf_follows_and_rotates(settings: Settings, tmp_path: Path) -> None:
+    from tests.conftest import airlock, airlock_env
+
+    store = Store(settings.redis_url, f"{settings.namespace}-ocsf")
+    log = AuditLog(store, "x")
+    context = {
+        "task": str(uuid.uuid4()),
+        "agent": "coder",
+        "on_behalf_of": "alice",
+        "submitter": "service:ci-bot",
+        "trace_id": "ab" * 16,
+        "policy_version": "v",
+    }
+    log.append(
+        {
+            **context,
+            "method": "GET",
+            "host": "pypi.org",
+            "port": 443,
+            "path": "/simple/",
+            "decision": "allow",
+            "rule": "egress",
+            "reason": "granted",
+            "status": 200,
+            "bytes_in": 10,
+            "bytes_out": 2,
+            "duration_ms": 3.5,
+        }
+    )
+    log.append(
+        {
+            **context,
+            "method": "POST",
+            "host": "git.example.com",
+            "port": 443,
+            "path": "/mcp",
+            "mcp_method": "tools/call",
+            "tool": "merge",
+            "decision": "deny",
+            "rule": "mcp.tool",
+            "reason": "tool merge is not granted",
+        }
+    )
+    env = {"AIRLOCK_NAMESPACE": f"{settings.namespace}-ocsf"}
+    done = airlock(settings, "audit", "export", "--format", "ocsf", **env)
+    assert done.returncode == 0, done.stderr
+    http, api = (json.loads(line) for line in done.stdout.splitlines())
+    for event in (http, api):
+        assert all(key in event for key in REQUIRED), event
+        assert event["actor"]["user"]["name"] == "alice" and event["actor"]["app_name"] == "coder"
+        assert event["metadata"]["correlation_uid"] == "ab" * 16
+        assert event["actor"]["session"]["uid"] == context["task"]
+    assert (http["class_uid"], http["type_uid"], http["disposition"]) == (4002, 400203, "Allowed")
+    assert http["http_request"]["url"] == {"hostname": "pypi.org", "port": 443, "path": "/simple/"}
+    assert (api["class_uid"], api["disposition"], api["api"]["operation"]) == (
+        6003,
+        "Blocked",
+        "tools/call",
+    )
+    assert api["resources"] == [{"name": "merge", "type": "mcp tool"}]
+
+    # --follow into a file rotated by size: a record written later arrives within seconds.
+    out = tmp_path / "siem" / "airlock.ocsf.jsonl"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "audit",
+            "export",
+            "--follow",
+            "--output",
+            str(out),
+            "--rotate-mb",
+            "1",
+        ],
+        env=airlock_env(settings, **env),
+    )
+    try:
+        for i in range(50):
+            log.append(
+                {
+                    **context,
+                    "method": "GET",
+                    "host": "h",
+                    "decision": "deny",
+                    "rule": "egress",
+                    "reason": "x" * 40_000,
+                    "n": i,
+                }
+            )
+        for _ in range(200):
+            lines = sum(len(p.read_text().splitlines()) for p in out.parent.glob("airlock*"))
+            if lines >= 52:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert lines == 52
+    assert (out.parent / "airlock.ocsf.jsonl.1").exists()  # rotated past 1 MiB
+    for key in store.redis.scan_iter(f"{settings.namespace}-ocsf:*"):
+        store.redis.delete(key)

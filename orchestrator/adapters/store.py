@@ -504,6 +504,15 @@ class Store:
         return entries
 
     @_guard
+    def audit_after(
+        self, last_id: str, block_ms: int | None, count: int = 1000
+    ) -> list[tuple[str, dict[str, str]]]:
+        """Audit entries after stream id `last_id` ("0" for all), waiting up to `block_ms`
+        for one to arrive (None: not at all)."""
+        answer = self.redis.xread({self.keys.audit: last_id}, count=count, block=block_ms)
+        return list(answer[0][1]) if answer else []
+
+    @_guard
     def audit_heads(self) -> dict[str, str]:
         """Every writer's chain and its stored head hash."""
         found = {}

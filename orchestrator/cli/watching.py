@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
 from orchestrator import config, wiring
 from orchestrator.adapters.gateway.audit import AuditLog
+from orchestrator.adapters.gateway.ocsf import RotatingSink, to_ocsf
 from orchestrator.cli import render
 from orchestrator.cli.app import emit_json, fail, json_option
 from orchestrator.cli.complete import task_ids
@@ -52,6 +54,42 @@ def audit_verify(as_json: bool) -> None:
             click.echo(f"{problem.entry} (chain {problem.chain}): {problem.what}", err=True)
         click.echo(f"{count} records checked, {len(problems)} problems")
     sys.exit(1 if problems else 0)
+
+
+@audit.command("export")
+@click.option("--format", "fmt", type=click.Choice(["ocsf"]), default="ocsf", show_default=True)
+@click.option("--follow", "-f", is_flag=True, help="keep writing records as they are made")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="write to this file, rotated by size (default: standard output)",
+)
+@click.option("--rotate-mb", type=click.IntRange(1, 10240), default=100, show_default=True)
+@click.option("--keep", type=click.IntRange(1, 100), default=5, show_default=True)
+@click.option("--after", default="0", help="start after this stream id (default: the start)")
+def audit_export(
+    fmt: str, follow: bool, output: Path | None, rotate_mb: int, keep: int, after: str
+) -> None:
+    """Every egress decision as OCSF JSON lines (HTTP Activity, and API Activity for MCP),
+    with identities and trace ids, for a SIEM; --follow streams new ones within a second."""
+    log = _audit_log()
+    sink = RotatingSink(output, rotate_mb << 20, keep) if output else None
+    written = 0
+    try:
+        for _, record in log.follow(after, forever=follow):
+            event = to_ocsf(record)
+            if sink is not None:
+                sink.write(event)
+            else:
+                render.json_line(event)
+            written += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if sink is not None:
+            sink.close()
+            click.echo(f"{written} {fmt} events written to {output}", err=True)
 
 
 @click.command("trace")

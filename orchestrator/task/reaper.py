@@ -196,8 +196,7 @@ def trim_audit(credentials: Credentials, dry_run: bool = False) -> list[Reaped]:
     if not removed:
         return []
     why = (
-        f"older than {settings.audit_max_age_s}s or beyond the newest "
-        f"{settings.audit_max_records}"
+        f"older than {settings.audit_max_age_s}s or beyond the newest {settings.audit_max_records}"
     )
     return [Reaped("audit", f"{removed} records", "-", why, True)]
 

@@ -238,6 +238,19 @@ class AuditLog:
                 return
             after = batch[-1][0]
 
+    def follow(
+        self, after: str = "0", forever: bool = False
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(stream id, record with its hash) after stream id `after`; with `forever`, then
+        each new one as it is written (within a second)."""
+        while True:
+            batch = self.store.audit_after(after, 1000 if forever else None)
+            if not batch and not forever:
+                return
+            for entry_id, fields in batch:
+                after = entry_id
+                yield entry_id, {**json.loads(fields["record"]), "hash": fields["hash"]}
+
     def records(self, task: str | None = None, denied: bool = False) -> list[dict[str, Any]]:
         found = []
         for _, record, _, digest in self.entries():
