@@ -80,6 +80,11 @@ class Settings:
     # Per task: connections open at once on its endpoint, and requests over its lifetime.
     gateway_max_connections: int = 64
     gateway_max_requests: int = 100_000
+    # Per task, so that no task can slow another: requests per second (a burst of twice
+    # that), open CONNECT tunnels, and bytes relayed both ways.
+    gateway_rate: int = 200
+    gateway_max_tunnels: int = 16
+    gateway_max_bytes: int = 4 << 30
     # Task JWTs name this audience; the gateway is who checks them.
     jwt_audience: str = "airlock-gateway"
     # Per-task endpoint directories (one socket each) live under this directory.
@@ -240,6 +245,13 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         upstream_ca_file=_path(env, "AIRLOCK_UPSTREAM_CA_FILE"),
         gateway_max_connections=_get(
             env, "AIRLOCK_GATEWAY_MAX_CONNECTIONS", d.gateway_max_connections, _positive_int
+        ),
+        gateway_rate=_get(env, "AIRLOCK_GATEWAY_RATE", d.gateway_rate, _positive_int),
+        gateway_max_tunnels=_get(
+            env, "AIRLOCK_GATEWAY_MAX_TUNNELS", d.gateway_max_tunnels, _positive_int
+        ),
+        gateway_max_bytes=_get(
+            env, "AIRLOCK_GATEWAY_MAX_BYTES", d.gateway_max_bytes, _positive_int
         ),
         gateway_max_requests=_get(
             env, "AIRLOCK_GATEWAY_MAX_REQUESTS", d.gateway_max_requests, _positive_int

@@ -218,7 +218,10 @@ class EndpointServer:
             return False
         directory = self.directory(key)
         route = self._routes.pop(key, None)
-        self.handlers.pop(key, None)
+        handler = self.handlers.pop(key, None)
+        finish = getattr(handler, "finish", None)
+        if finish is not None:
+            finish()
         if route is not None and route.server is not None:
             sessions = self._sessions.pop(key, set())
             self._loop.call_soon_threadsafe(_stop, route.server, sessions)

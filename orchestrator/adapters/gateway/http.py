@@ -58,6 +58,12 @@ class ProxyPolicy(Protocol):
     def count_request(self) -> str | None:
         """Count one more request of the task; why not, once it is over its limit."""
 
+    def tunnel(self, delta: int) -> str | None:
+        """Open (+1) or close (-1) a tunnel; why not, when the task has too many open."""
+
+    def relayed(self, count: int) -> str | None:
+        """Count bytes relayed for the task; why no more, once it is over its budget."""
+
     def credential(self, name: str) -> str | None:
         """The real value behind an injection's placeholder (held by the gateway only)."""
 

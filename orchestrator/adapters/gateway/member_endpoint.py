@@ -72,5 +72,11 @@ class MemberEndpoint:
     def count_request(self) -> str | None:
         return None
 
+    def tunnel(self, delta: int) -> str | None:
+        return UNCLAIMED if delta > 0 else None
+
+    def relayed(self, count: int) -> str | None:
+        return None
+
     def credential(self, name: str) -> str | None:
         return None

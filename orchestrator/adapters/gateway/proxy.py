@@ -167,6 +167,7 @@ class Session:
             exchange.reason = f"bad request: {exc}"
             raise
         finally:
+            self.policy.relayed(exchange.bytes_in + exchange.bytes_out)
             self.policy.audit(exchange.record())
             if upstream.reusable() and len(self.pool) < 4:
                 upstream.conn.start_next_cycle()
@@ -391,6 +392,12 @@ class Session:
             exchange.status, exchange.rule, exchange.reason = exc.status, exc.rule, exc.reason
             self.policy.audit(exchange.record())
             raise
+        over = self.policy.tunnel(+1)
+        if over is not None:
+            up_writer.close()
+            exchange.status, exchange.rule, exchange.reason = 429, "limits", over
+            self.policy.audit(exchange.record())
+            raise Refused(429, "limits", over)
         exchange.decision, exchange.status = "allow", 200
         self.writer.write(self.conn.send(h11.Response(status_code=200, headers=[])) or b"")
         leftover, _ = self.conn.trailing_data
@@ -399,22 +406,31 @@ class Session:
             exchange.bytes_out += len(leftover)
         try:
             sent, received = await asyncio.gather(
-                pipe(self.reader, up_writer), pipe(up_reader, self.writer)
+                pipe(self.reader, up_writer, self.policy.relayed),
+                pipe(up_reader, self.writer, self.policy.relayed),
             )
             exchange.bytes_out += sent
             exchange.bytes_in += received
         finally:
+            self.policy.tunnel(-1)
             self.policy.audit(exchange.record())
 
 
-async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
-    """Copy one direction of a tunnel until either side closes; the bytes copied."""
+async def pipe(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    relayed: Callable[[int], str | None] = lambda n: None,
+) -> int:
+    """Copy one direction of a tunnel until either side closes, or the task's byte budget
+    is spent (`relayed` says why); the bytes copied."""
     total = 0
     try:
         while chunk := await reader.read(65536):
             writer.write(chunk)
             total += len(chunk)
             await writer.drain()
+            if relayed(len(chunk)) is not None:
+                break
     except (ConnectionError, OSError):
         pass
     finally:

@@ -27,6 +27,7 @@ from orchestrator.adapters.gateway.endpoint import (
     remove_endpoint_directory,
     stale_endpoints,
 )
+from orchestrator.adapters.gateway.limits import TaskLimits
 from orchestrator.adapters.gateway.member_endpoint import MemberEndpoint
 from orchestrator.adapters.gateway.task_endpoint import TaskEndpoint
 from orchestrator.adapters.retry import ride_out
@@ -137,7 +138,12 @@ class LocalGateway:
             self.verifier,
             self.audit,
             context,
-            self.settings.gateway_max_requests,
+            TaskLimits(
+                rate=self.settings.gateway_rate,
+                max_requests=self.settings.gateway_max_requests,
+                max_tunnels=self.settings.gateway_max_tunnels,
+                max_bytes=self.settings.gateway_max_bytes,
+            ),
         )
 
     def close(self, task_id: str) -> bool:

@@ -17,6 +17,7 @@ from orchestrator.adapters import logs, telemetry
 from orchestrator.adapters.gateway.audit import AuditLog
 from orchestrator.adapters.gateway.decide import Target, Verdict, decide_request
 from orchestrator.adapters.gateway.http import bearer_token
+from orchestrator.adapters.gateway.limits import Budget, TaskLimits
 from orchestrator.adapters.store import Store
 from orchestrator.adapters.vault.broker import Broker, Provisioned
 from orchestrator.adapters.vault.identity import InvalidToken, Verifier
@@ -43,7 +44,7 @@ class TaskEndpoint:
         verifier: Verifier,
         audit: AuditLog,
         context: dict[str, Any],
-        max_requests: int = 100_000,
+        limits: TaskLimits | None = None,
     ) -> None:
         self.task_id = task_id
         self.given = given
@@ -61,9 +62,10 @@ class TaskEndpoint:
         }
         self._wrap_tokens = {s.token for s in given.secrets}
         self._accepted: dict[str, float] = {}
-        self._requests = 0
+        # Tokens that failed, with why: a repeated forgery costs a lookup, not a verification.
+        self._refused: dict[str, str] = {}
+        self.budget = Budget(limits or TaskLimits())
         self._verdicts: dict[Target, Verdict] = {}
-        self.max_requests = max_requests
         self._fetched = False
         self._lock = threading.Lock()
 
@@ -75,12 +77,15 @@ class TaskEndpoint:
         now = time.monotonic()
         if self._accepted.get(token, 0.0) > now:
             return None  # this token passed every check less than a second ago
+        known = self._refused.get(token)
+        if known is not None:
+            return known
         try:
             claims = self.verifier.verify(token)
         except InvalidToken as exc:
-            return f"task token refused: {exc}"
+            return self._remember(token, f"task token refused: {exc}")
         if claims.get("task_id") != self.task_id:
-            return "task token of another task"
+            return self._remember(token, "task token of another task")
         left = float(claims["exp"]) - time.time()
         self._accepted = {token: now + min(ACCEPTED_FOR_S, left)}
         return None
@@ -88,11 +93,37 @@ class TaskEndpoint:
     def credential(self, name: str) -> str | None:
         return self.given.injected.get(name)
 
+    def _remember(self, token: str, why: str) -> str:
+        if len(self._refused) >= 256:
+            self._refused.clear()
+        self._refused[token] = why
+        return why
+
     def count_request(self) -> str | None:
-        with self._lock:
-            self._requests += 1
-            over = self._requests > self.max_requests
-        return f"more than {self.max_requests} requests for this task" if over else None
+        return self.budget.request()
+
+    def tunnel(self, delta: int) -> str | None:
+        return self.budget.tunnel(delta)
+
+    def relayed(self, count: int) -> str | None:
+        return self.budget.relayed(count)
+
+    def finish(self) -> None:
+        """The task's endpoint closes: write what the denial bound held back."""
+        self._summarize(self.budget.unlogged())
+
+    def _summarize(self, unlogged: int) -> None:
+        if unlogged:
+            self._write(
+                {
+                    "method": "?",
+                    "decision": "deny",
+                    "rule": "limits",
+                    "reason": f"{unlogged} more denied requests, not logged one by one "
+                    f"(over {self.budget.limits.denials_logged_per_s} a second)",
+                    "suppressed": unlogged,
+                }
+            )
 
     def decide(self, target: Target) -> Verdict:
         # The grant never changes during the task, so a verdict holds for the same target.
@@ -104,6 +135,14 @@ class TaskEndpoint:
         return verdict
 
     def audit(self, record: dict[str, Any]) -> None:
+        if record.get("decision") == "deny":
+            individually, unlogged = self.budget.denial()
+            self._summarize(unlogged)
+            if not individually:
+                return
+        self._write(record)
+
+    def _write(self, record: dict[str, Any]) -> None:
         logs.current_task.set(self.task_id)
         full = {**self.context, **record}
         self._span(full)  # before the traceparent is taken out of the record
