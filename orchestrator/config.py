@@ -196,16 +196,19 @@ def _gateway_mode(raw: str) -> str:
     return raw
 
 
-def load(environ: Mapping[str, str] | None = None) -> Settings:
-    """Build settings from `environ` (the process environment by default).
+def load(environ: Mapping[str, str] | None = None, component: str | None = None) -> Settings:
+    """Build settings from `environ` (the process environment by default). A `component`
+    (api, worker, gateway) connects to Redis as its own user when
+    AIRLOCK_REDIS_URL_<COMPONENT> is set (see adapters/redis_acl.py), else with REDIS_URL.
 
     Raises ConfigError naming the variable when a value is malformed.
     """
     env = os.environ if environ is None else environ
     d = Settings()
     namespace = _get(env, "AIRLOCK_NAMESPACE", d.namespace, _name)
+    own = env.get(f"AIRLOCK_REDIS_URL_{component.upper()}") if component else None
     return Settings(
-        redis_url=env.get("REDIS_URL") or d.redis_url,
+        redis_url=own or env.get("REDIS_URL") or d.redis_url,
         broker_url=env.get("AIRLOCK_BROKER_URL") or None,
         namespace=namespace,
         docker_host=env.get("DOCKER_HOST") or None,

@@ -148,6 +148,12 @@ def airlock_env(settings: Settings, **extra: str) -> dict[str, str]:
         AIRLOCK_QUEUE=settings.queue,
         AIRLOCK_STOP_GRACE_S=str(settings.stop_grace_s),
         REDIS_URL=settings.redis_url,
+        # Components connect as the session's Redis user (tests/test_redis_acl.py runs them
+        # on their own users, scoped to a namespace of its own).
+        AIRLOCK_REDIS_URL_API="",
+        AIRLOCK_REDIS_URL_WORKER="",
+        AIRLOCK_REDIS_URL_GATEWAY="",
+        AIRLOCK_REDIS_URL_OPS="",
         AIRLOCK_AGENTS_DIR=str(settings.agents_dir),
         AIRLOCK_POLICY_DIR=str(settings.policy_dir),
         AIRLOCK_CALLERS_FILE=str(settings.callers_file or ""),

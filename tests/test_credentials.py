@@ -478,6 +478,54 @@ def test_a_task_jwt_dies_with_its_task(executor: Executor, store: Store) -> None
         check.verify(tokens[0])
 
 
+def test_planted_journal_entries_are_ignored_and_alarmed(
+    executor: Executor, credentials: Credentials, store: Store, vault: Vault
+) -> None:
+    """Someone who can write the journal in Redis names another task's token, a foreign
+    wrapping accessor and leases this task was never given: the worker revokes none of
+    them, drops them, and raises an alarm for each; the task's own credentials still go."""
+    victim = vault.write("auth/token/create", {"meta": {"task_id": "someone-else"}, "ttl": "10m"})
+    victim_accessor = victim["auth"]["accessor"]  # type: ignore[index]
+    task_id = str(uuid.uuid4())
+    store.create(task_id, {"agent": "dba"})
+    grant = executor.policy.admit(parse({"agent": "dba", "command": ["true"]})).grant
+    assert grant is not None
+    store.update(task_id, {"grant": grant.canonical_json()})
+    credentials.provision(task_id, grant, grant.digest(), time.time() + 60)
+    planted = [
+        f"wrapping:{victim_accessor}",
+        "sys/raw/core/master",
+        "database/creds/some-other-role/abc123",
+    ]
+    for lease in planted:
+        store.journal_lease(task_id, lease)
+    receipt = credentials.revoke(task_id)
+    assert {i["why"] for i in receipt["ignored"]} == {
+        "not a wrapping token",
+        "not a lease of a dynamic secret",
+        "a lease of role 'some-other-role', which this task was not granted",
+    }
+    assert receipt["verified"] is False  # a tampered journal is never a clean receipt
+    assert receipt["token"]["verified"] is True  # the task's own token went all the same
+    assert vault.write("auth/token/lookup-accessor", {"accessor": victim_accessor})  # alive
+    alarms = [a["alarm"] for a in store.alarms(task_id)]
+    assert len([a for a in alarms if "journal entry" in a]) == 3
+    assert store.journaled(task_id) == ({}, set())  # dropped, never retried by the reaper
+
+    # The task token's accessor swapped for another task's: refused the same way.
+    other = str(uuid.uuid4())
+    store.create(other, {"agent": "dba"})
+    credentials.provision(other, grant, grant.digest(), time.time() + 60)
+    own = store.journaled(other)[0]["token_accessor"]
+    store.journal(other, token_accessor=victim_accessor)
+    receipt = credentials.revoke(other)
+    assert "not this one" in receipt["token"]["ignored"] and receipt["verified"] is False
+    assert store.journaled(other)[0] == {}  # dropped: the reaper will not try it again
+    assert vault.write("auth/token/lookup-accessor", {"accessor": victim_accessor})
+    vault.write("auth/token/revoke-accessor", {"accessor": own})
+    vault.write("auth/token/revoke-accessor", {"accessor": victim_accessor})
+
+
 def test_the_orchestrator_needs_only_its_documented_policy(
     settings: Settings, store: Store, runtime: DockerRuntime, vault: Vault
 ) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
 from orchestrator import config, wiring
 from orchestrator.cli.app import emit_json, fail, json_option
+from orchestrator.config import gvisor_queue
 
 
 @click.command()
@@ -18,7 +20,7 @@ def serve(listen: str | None, loglevel: str) -> None:
     # Lazy on purpose: FastAPI and uvicorn load only for the server.
     from orchestrator.api.serve import serve as run
 
-    settings = config.load()
+    settings = config.load(component="api")
     address = listen or settings.api_listen
     click.echo(f"airlock api on http://{address} (issuer {settings.oidc_issuer})", err=True)
     run(settings, address, loglevel)
@@ -82,3 +84,38 @@ def issuer(as_json: bool) -> None:
         emit_json({"issuer": info.url, "audience": info.audience})
     else:
         click.echo(info.url)
+
+
+@dev.command("redis-users")
+@click.argument("secrets", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--url", default="redis://127.0.0.1:6379/0", show_default=True)
+def redis_users(secrets: Path, url: str) -> None:
+    """Give each component its own Redis user (passwords in SECRETS/<component>.password)
+    and switch password-less access off (idempotent); prints the admin user's URL."""
+    import redis
+
+    from orchestrator.adapters import redis_acl
+
+    settings = config.load()
+    passwords = {
+        component: (secrets / f"{component}.password").read_text().strip()
+        for component in ("admin", *redis_acl.COMPONENTS)
+    }
+    admin_name = redis_acl.user_name("admin")
+    host = redis.Redis.from_url(url, decode_responses=True)
+    admin = redis.Redis.from_url(
+        url, username=admin_name, password=passwords["admin"], decode_responses=True
+    )
+    try:
+        admin.ping()
+    except redis.exceptions.AuthenticationError:  # the first time: no users yet
+        admin = host
+    queues = [settings.queue, gvisor_queue(settings)]
+    redis_acl.apply(admin, passwords, settings.namespace, queues)
+    redis_acl.lock_default(admin)
+    saved = redis_acl.save(admin)
+    click.echo(
+        f"users {', '.join(redis_acl.user_name(c) for c in passwords)}"
+        f"{'' if saved else ' (not saved: this server has no ACL file)'}",
+        err=True,
+    )

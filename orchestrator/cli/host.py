@@ -30,20 +30,20 @@ from orchestrator.worker import reap_now, run_beat, run_worker
 )
 def worker(queues: tuple[str, ...], concurrency: int | None, loglevel: str, beat: bool) -> None:
     """Run a worker that executes tasks from the queue."""
-    run_worker(config.load(), list(queues) or None, concurrency, loglevel, beat)
+    run_worker(config.load(component="worker"), list(queues) or None, concurrency, loglevel, beat)
 
 
 @click.command()
 @click.option("--loglevel", default="INFO", show_default=True)
 def beat(loglevel: str) -> None:
     """Run the periodic scheduler alone (the reaper), for workers started with --no-beat."""
-    run_beat(config.load(), loglevel)
+    run_beat(config.load(component="worker"), loglevel)
 
 
 @click.command()
 def gateway() -> None:
     """Serve every task endpoint of this host (workers run with AIRLOCK_GATEWAY=remote)."""
-    settings = config.load()
+    settings = config.load(component="gateway")
     logs.configure("INFO", settings.log_format)
     service = wiring.gateway_service(settings)
     # Stopped as a service is stopped (SIGTERM): close every endpoint and the control socket.

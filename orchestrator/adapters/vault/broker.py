@@ -12,6 +12,7 @@ in the journal for the reaper to retry, even across a worker crash.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -216,8 +217,15 @@ class Broker:
         """
         fields, leases = self.store.journaled(task_id)
         receipt: dict[str, Any] = {"at": self.clock(), "leases": [], "token": None}
-        done = set()
+        done, foreign = set(), set()
+        roles = self._database_roles(task_id)
         for lease in sorted(leases):
+            why = self._not_ours(task_id, lease, roles)
+            if why is not None:  # a planted entry: never revoked, dropped, and alarmed
+                foreign.add(lease)
+                self._alarm(task_id, f"journal entry {lease[:120]!r} ignored: {why}")
+                receipt.setdefault("ignored", []).append({"id": lease[:120], "why": why})
+                continue
             if lease.startswith(WRAPPING):  # unwrapped already, or cut now
                 entry = self._revoke_token(lease.removeprefix(WRAPPING))
                 receipt.setdefault("wrapped", []).append(entry)
@@ -228,16 +236,74 @@ class Broker:
                 done.add(lease)
         accessor = fields.get("token_accessor")
         if accessor:
-            receipt["token"] = self._revoke_token(accessor)
+            why = self._not_ours(task_id, accessor, roles, task_token=True)
+            if why is None:
+                receipt["token"] = self._revoke_token(accessor)
+            else:
+                self._alarm(task_id, f"journaled token accessor ignored: {why}")
+                receipt["token"] = {"accessor": accessor, "verified": False, "ignored": why}
         if fields.get("jti"):
             receipt["jwt"] = {"jti": fields["jti"], "invalidated": True}
-        verified = len(done) == len(leases) and (not accessor or receipt["token"]["verified"])
+        done |= foreign
+        token = receipt["token"] or {}
+        settled = len(done) == len(leases) and (
+            not accessor or token["verified"] or "ignored" in token
+        )
+        verified = settled and not foreign and "ignored" not in token
         receipt["verified"] = verified
-        if verified:
+        if settled:  # nothing left to retry (planted entries are dropped, never retried)
             self.store.forget_credentials(task_id)
         else:
             self.store.forget_credentials(task_id, done)
         return receipt
+
+    # -- whose is a journal entry? ----------------------------------------------------------
+    # The journal lives in Redis; the worker revokes only what Vault says is this task's.
+    def _database_roles(self, task_id: str) -> set[str] | None:
+        """The database roles of the task's grant; None when its record (or the grant on
+        it) is gone, and only the kind of lease can be checked."""
+        try:
+            grant = json.loads(self.store.get(task_id)["grant"])
+        except (AirlockError, KeyError, ValueError):
+            return None
+        return {str(s.get("role")) for s in grant.get("secrets", []) if s.get("kind") == "database"}
+
+    def _not_ours(
+        self, task_id: str, entry: str, roles: set[str] | None, task_token: bool = False
+    ) -> str | None:
+        """Why a journaled lease or accessor is not this task's to revoke, or None."""
+        if task_token or entry.startswith(WRAPPING):
+            accessor = entry.removeprefix(WRAPPING)
+            try:
+                found = self.vault.write(
+                    "auth/token/lookup-accessor",
+                    {"accessor": accessor},
+                    absent_ok=True,
+                    ride_out_s=0,
+                )
+            except VaultRefused as exc:
+                return f"Vault refused to look it up ({exc})"
+            if found is None:
+                return None  # gone already: nothing to revoke, and verification says so
+            data = found.get("data") or {}
+            if task_token:
+                owner = (data.get("meta") or {}).get("task_id")
+                return None if owner == task_id else f"a token of task {owner!r}, not this one"
+            policies = data.get("policies") or []
+            return None if policies == ["response-wrapping"] else "not a wrapping token"
+        if not entry.startswith("database/creds/"):
+            return "not a lease of a dynamic secret"
+        role = entry.removeprefix("database/creds/").split("/", 1)[0]
+        if roles is not None and role not in roles:
+            return f"a lease of role {role!r}, which this task was not granted"
+        return None
+
+    def _alarm(self, task_id: str, text: str) -> None:
+        log.warning("task %s: %s", task_id, text)
+        try:
+            self.store.alarm(task_id, text)
+        except AirlockError:
+            pass
 
     def _revoke_lease(self, lease: str) -> dict[str, Any]:
         entry: dict[str, Any] = {"id": lease, "revoked": False, "verified": False}
