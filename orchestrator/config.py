@@ -92,6 +92,9 @@ class Settings:
     # The audit's signed chain heads, outside Redis (append only, one file per host), and
     # how long the audit stream keeps records.
     audit_anchor_file: Path = Path("/var/lib/airlock/audit-anchors.jsonl")
+    # This component's Vault AppRole credentials (a directory with role_id and secret_id);
+    # unset: VAULT_TOKEN is used as it is.
+    vault_approle: Path | None = None
     audit_max_age_s: int = 90 * 24 * 3600
     audit_max_records: int = 5_000_000
     # Warm pool: runners each worker keeps started ahead of time, for the runner image under
@@ -199,7 +202,9 @@ def _gateway_mode(raw: str) -> str:
 def load(environ: Mapping[str, str] | None = None, component: str | None = None) -> Settings:
     """Build settings from `environ` (the process environment by default). A `component`
     (api, worker, gateway) connects to Redis as its own user when
-    AIRLOCK_REDIS_URL_<COMPONENT> is set (see adapters/redis_acl.py), else with REDIS_URL.
+    AIRLOCK_REDIS_URL_<COMPONENT> is set (see adapters/redis_acl.py), else with REDIS_URL,
+    and logs in to Vault with its own AppRole when AIRLOCK_VAULT_APPROLE_<COMPONENT> names
+    its credentials' directory, else uses VAULT_TOKEN.
 
     Raises ConfigError naming the variable when a value is malformed.
     """
@@ -207,6 +212,7 @@ def load(environ: Mapping[str, str] | None = None, component: str | None = None)
     d = Settings()
     namespace = _get(env, "AIRLOCK_NAMESPACE", d.namespace, _name)
     own = env.get(f"AIRLOCK_REDIS_URL_{component.upper()}") if component else None
+    approle = env.get(f"AIRLOCK_VAULT_APPROLE_{component.upper()}") if component else None
     return Settings(
         redis_url=own or env.get("REDIS_URL") or d.redis_url,
         broker_url=env.get("AIRLOCK_BROKER_URL") or None,
@@ -261,6 +267,7 @@ def load(environ: Mapping[str, str] | None = None, component: str | None = None)
         ),
         endpoint_dir=Path(env.get("AIRLOCK_ENDPOINT_DIR") or d.endpoint_dir),
         audit_anchor_file=Path(env.get("AIRLOCK_AUDIT_ANCHOR_FILE") or d.audit_anchor_file),
+        vault_approle=Path(approle) if approle else None,
         audit_max_age_s=_get(env, "AIRLOCK_AUDIT_MAX_AGE_S", d.audit_max_age_s, _positive_int),
         audit_max_records=_get(
             env, "AIRLOCK_AUDIT_MAX_RECORDS", d.audit_max_records, _positive_int

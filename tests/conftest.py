@@ -154,6 +154,11 @@ def airlock_env(settings: Settings, **extra: str) -> dict[str, str]:
         AIRLOCK_REDIS_URL_WORKER="",
         AIRLOCK_REDIS_URL_GATEWAY="",
         AIRLOCK_REDIS_URL_OPS="",
+        # ... and with the session's Vault token (test_vault_approle.py runs them on their
+        # own AppRoles).
+        AIRLOCK_VAULT_APPROLE_WORKER="",
+        AIRLOCK_VAULT_APPROLE_GATEWAY="",
+        AIRLOCK_VAULT_APPROLE_API="",
         AIRLOCK_AGENTS_DIR=str(settings.agents_dir),
         AIRLOCK_POLICY_DIR=str(settings.policy_dir),
         AIRLOCK_CALLERS_FILE=str(settings.callers_file or ""),

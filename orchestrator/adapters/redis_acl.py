@@ -110,8 +110,8 @@ def apply(
             spec = ["~*", "&*", "+@all"]
         else:
             spec = rules(component, namespace, queues)
-        admin.acl_setuser(name, reset=True, enabled=True, passwords=[f"+{password}"])
-        admin.execute_command("ACL", "SETUSER", name, *spec)
+        # One command: the user may be the one this connection is logged in as.
+        admin.execute_command("ACL", "SETUSER", name, "reset", "on", f">{password}", *spec)
         made.append(name)
     return made
 

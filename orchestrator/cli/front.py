@@ -119,3 +119,26 @@ def redis_users(secrets: Path, url: str) -> None:
         f"{'' if saved else ' (not saved: this server has no ACL file)'}",
         err=True,
     )
+
+
+@dev.command("approles")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def approles(directory: Path) -> None:
+    """Write each part of Airlock's Vault AppRole credentials (role_id, a fresh secret_id)
+    to DIRECTORY/<component>/, 0600 (after `airlock vault setup`)."""
+    import os
+
+    from orchestrator.adapters.vault.setup import COMPONENT_POLICIES, component_credentials
+
+    vault = wiring.vault(config.load())
+    for component in COMPONENT_POLICIES:
+        role_id, secret_id = component_credentials(vault, component)
+        home = directory / component
+        home.mkdir(parents=True, exist_ok=True)
+        os.chmod(home, 0o700)
+        for name, value in (("role_id", role_id), ("secret_id", secret_id)):
+            path = home / name
+            path.touch(mode=0o600)
+            os.chmod(path, 0o600)
+            path.write_text(value + "\n")
+    click.echo(f"AppRole credentials of {', '.join(COMPONENT_POLICIES)} in {directory}", err=True)

@@ -11,6 +11,10 @@ that could not connect or that a sealed Vault turned away, so repeating it is sa
 
 from __future__ import annotations
 
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import hvac
@@ -20,16 +24,49 @@ import requests
 from orchestrator.adapters import http1, telemetry
 from orchestrator.adapters.retry import ride_out
 from orchestrator.config import ca_bundle_from_env, proxies_in_env, vault_tls
-from orchestrator.errors import ServiceUnavailable, VaultRefused
+from orchestrator.errors import ConfigError, ServiceUnavailable, VaultRefused
+
+
+@dataclass(frozen=True)
+class AppRoleLogin:
+    """How a part of Airlock logs in: an AppRole's role id and secret id (files, 0600)."""
+
+    mount: str
+    role_id: str
+    secret_id: str = ""
+
+    @classmethod
+    def from_dir(cls, directory: Path, mount: str) -> AppRoleLogin:
+        """Raises ConfigError when the files are not there."""
+        try:
+            role_id = (directory / "role_id").read_text().strip()
+            secret_id = (directory / "secret_id").read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"Vault AppRole credentials in {directory}: {exc}") from exc
+        return cls(mount, role_id, secret_id)
+
+
+# A token is renewed once two thirds of its time to live are gone.
+RENEW_AT = 2 / 3
 
 
 class Vault:
     def __init__(
-        self, addr: str, token: str | None, timeout: float = 10.0, ride_out_s: float = 0.0
+        self,
+        addr: str,
+        token: str | None,
+        timeout: float = 10.0,
+        ride_out_s: float = 0.0,
+        login: AppRoleLogin | None = None,
     ) -> None:
         self.addr = addr
         self.token = token
         self.ride_out_s = ride_out_s
+        # With a login, this client's own token is its own: acquired at first use, renewed
+        # before it expires, and acquired again when Vault no longer knows it (a restart).
+        self.login = login
+        self._renew_at = 0.0
+        self._token_lock = threading.Lock()
         # No default token on the client: each request carries the token it acts with.
         # (hvac falls back to VAULT_TOKEN when given None; that must not happen here.)
         # hvac's requests go through http1 (a sixth of requests' CPU per call), unless the
@@ -71,6 +108,9 @@ class Vault:
         the client's for this call. Raises VaultRefused (Vault answered no) or
         ServiceUnavailable (Vault did not answer, or is sealed).
         """
+        own = token is None
+        if own and self.login is not None:
+            self._fresh_token()
         headers = {"X-Vault-Token": token or self.token or ""}
         # One span per call: method and path only (paths hold no secret values).
         with telemetry.tracer().start_as_current_span(
@@ -88,6 +128,86 @@ class Vault:
                 )
             except _Restarting as exc:
                 raise ServiceUnavailable("vault", exc.detail) from exc.__cause__
+            except VaultRefused:
+                if not (own and self.login is not None and self._lost_token()):
+                    raise
+            # Our token is gone (Vault restarted, or it was revoked): log in again, once.
+            headers["X-Vault-Token"] = self._log_in()
+            return self._call(method, path, data, headers, wrap_ttl, missing_ok, absent_ok)
+
+    # -- this client's own token (with a login) ----------------------------------------------
+    def _fresh_token(self) -> None:
+        with self._token_lock:
+            if self.token and time.monotonic() < self._renew_at:
+                return
+            if self.token:
+                try:
+                    renewed = (
+                        self._call(
+                            "POST",
+                            "auth/token/renew-self",
+                            {},
+                            {"X-Vault-Token": self.token},
+                            None,
+                            False,
+                            False,
+                        )
+                        or {}
+                    )
+                    self._until(renewed)
+                    return
+                except (VaultRefused, _Restarting):
+                    pass  # past its maximum, or unknown: a new login below
+            self._log_in_locked()
+
+    def _log_in(self) -> str:
+        with self._token_lock:
+            return self._log_in_locked()
+
+    def _log_in_locked(self) -> str:
+        assert self.login is not None
+        answer = (
+            self._call(
+                "POST",
+                f"auth/{self.login.mount}/login",
+                {"role_id": self.login.role_id, "secret_id": self.login.secret_id},
+                {},
+                None,
+                False,
+                False,
+            )
+            or {}
+        )
+        self.token = str(answer["auth"]["client_token"])
+        self._until(answer)
+        return self.token
+
+    def _until(self, answer: dict[str, Any]) -> None:
+        auth = answer.get("auth") or {}
+        ttl = float(auth.get("lease_duration") or 0)
+        renewable = bool(auth.get("renewable"))
+        # Renew at two thirds of its life; one that cannot be renewed is replaced then.
+        self._renew_at = time.monotonic() + (ttl * RENEW_AT if ttl else 3600)
+        if not renewable and ttl:
+            self._renew_at = time.monotonic() + ttl * RENEW_AT
+
+    def _lost_token(self) -> bool:
+        """Whether Vault no longer knows this client's own token."""
+        try:
+            self._call(
+                "GET",
+                "auth/token/lookup-self",
+                None,
+                {"X-Vault-Token": self.token or ""},
+                None,
+                False,
+                False,
+            )
+        except VaultRefused:
+            return True
+        except _Restarting:
+            return False
+        return False
 
     def _call(
         self,

@@ -52,7 +52,36 @@ path "transit/sign/{JWT_KEY}" {{ capabilities = ["update"] }}
 path "transit/sign/{AUDIT_KEY}" {{ capabilities = ["update"] }}
 path "transit/verify/{AUDIT_KEY}" {{ capabilities = ["update"] }}
 path "sys/health" {{ capabilities = ["read"] }}
+path "auth/token/lookup-self" {{ capabilities = ["read"] }}
+path "auth/token/renew-self" {{ capabilities = ["update"] }}
 """
+
+
+# Airlock's own parts log in with AppRole (production may use JWT or Kubernetes auth the
+# same way), each with its own narrow policy. The worker's is the orchestrator policy above.
+COMPONENT_AUTH = "airlock-components"
+GATEWAY_RULES = f"""# Managed by airlock vault setup: the capabilities of `airlock gateway`.
+path "transit/keys/{JWT_KEY}" {{ capabilities = ["read"] }}
+path "sys/wrapping/lookup" {{ capabilities = ["update"] }}
+path "transit/sign/{AUDIT_KEY}" {{ capabilities = ["update"] }}
+path "transit/verify/{AUDIT_KEY}" {{ capabilities = ["update"] }}
+path "sys/health" {{ capabilities = ["read"] }}
+path "auth/token/lookup-self" {{ capabilities = ["read"] }}
+path "auth/token/renew-self" {{ capabilities = ["update"] }}
+"""
+API_RULES = f"""# Managed by airlock vault setup: the capabilities of `airlock serve`.
+path "transit/keys/{JWT_KEY}" {{ capabilities = ["read"] }}
+path "transit/verify/{AUDIT_KEY}" {{ capabilities = ["update"] }}
+path "sys/health" {{ capabilities = ["read"] }}
+path "auth/token/lookup-self" {{ capabilities = ["read"] }}
+path "auth/token/renew-self" {{ capabilities = ["update"] }}
+"""
+COMPONENT_POLICIES = {
+    "worker": (ORCHESTRATOR_POLICY, ORCHESTRATOR_RULES),
+    "gateway": (f"{PREFIX}gateway", GATEWAY_RULES),
+    "api": (f"{PREFIX}api", API_RULES),
+}
+COMPONENT_TOKEN_TTL = "1h"
 
 
 def token_role(agent: str) -> str:
@@ -196,6 +225,42 @@ def remove_stale(vault: Vault, report: Report, agents: dict[str, Agent]) -> None
             report.removed.append(f"policy {policy}")
 
 
+def ensure_components(vault: Vault, report: Report) -> None:
+    """A policy and an AppRole per part of Airlock (worker, gateway, api): renewable
+    service tokens of an hour, nothing else attached."""
+    auths = (vault.read("sys/auth") or {}).get("data", {})
+    present = f"{COMPONENT_AUTH}/" in auths
+    if not present:
+        vault.write(f"sys/auth/{COMPONENT_AUTH}", {"type": "approle"})
+    report.note(f"auth method approle at {COMPONENT_AUTH}/", not present)
+    for component, (policy, rules) in COMPONENT_POLICIES.items():
+        current = vault.read(f"sys/policies/acl/{policy}", missing_ok=True)
+        same = current is not None and current.get("data", {}).get("policy") == rules
+        _put(
+            vault, report, f"policy {policy}", f"sys/policies/acl/{policy}", {"policy": rules}, same
+        )
+        role = {
+            "token_policies": [policy],
+            "token_no_default_policy": True,
+            "token_ttl": COMPONENT_TOKEN_TTL,
+            "token_max_ttl": "24h",
+            "token_type": "service",
+            "secret_id_num_uses": 0,
+        }
+        path = f"auth/{COMPONENT_AUTH}/role/{component}"
+        found = (vault.read(path, missing_ok=True) or {}).get("data", {})
+        same = found.get("token_policies") == [policy]
+        _put(vault, report, f"approle {component}", path, role, same)
+
+
+def component_credentials(vault: Vault, component: str) -> tuple[str, str]:
+    """The role id and a fresh secret id of a part of Airlock (an administrator's step)."""
+    base = f"auth/{COMPONENT_AUTH}/role/{component}"
+    role_id = str(((vault.read(f"{base}/role-id") or {}).get("data") or {})["role_id"])
+    secret = vault.write(f"{base}/secret-id") or {}
+    return role_id, str(secret["data"]["secret_id"])
+
+
 def setup(
     vault: Vault,
     agents: dict[str, Agent],
@@ -218,6 +283,7 @@ def setup(
     )
     ensure_mount(vault, report, "transit", "transit")
     ensure_jwt_key(vault, report)
+    ensure_components(vault, report)
     for agent in agents.values():
         ensure_agent(vault, report, agent, grace_s, period_s)
     needs_db = any(s.kind == "database" for a in agents.values() for s in a.secrets)

@@ -1,0 +1,140 @@
+"""Airlock's own parts in Vault: each logs in with its own AppRole and narrow policy, is
+refused outside it, renews its token before expiry and logs in again when Vault no longer
+knows it; a worker on its AppRole runs a database task end to end."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.adapters.store import Store
+from orchestrator.adapters.vault.adapter import AppRoleLogin, Vault
+from orchestrator.adapters.vault.setup import (
+    COMPONENT_AUTH,
+    ORCHESTRATOR_POLICY,
+    component_credentials,
+)
+from orchestrator.client import Client
+from orchestrator.config import Settings
+from orchestrator.errors import VaultRefused
+from orchestrator.submission import Submitter
+from tests.conftest import running
+
+
+def login_dir(vault: Vault, component: str, where: Path) -> Path:
+    role_id, secret_id = component_credentials(vault, component)
+    home = where / component
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "role_id").write_text(role_id)
+    (home / "secret_id").write_text(secret_id)
+    return home
+
+
+def as_component(settings: Settings, vault: Vault, component: str, where: Path) -> Vault:
+    home = login_dir(vault, component, where)
+    return Vault(settings.vault_addr, None, login=AppRoleLogin.from_dir(home, COMPONENT_AUTH))
+
+
+def refused(call: Any) -> bool:
+    try:
+        call()
+    except VaultRefused:
+        return True
+    return False
+
+
+def test_each_component_is_refused_outside_its_policy(
+    settings: Settings, vault: Vault, tmp_path: Path
+) -> None:
+    worker, gateway, api = (
+        as_component(settings, vault, c, tmp_path) for c in ("worker", "gateway", "api")
+    )
+    me = worker.read("auth/token/lookup-self")["data"]  # type: ignore[index]
+    assert me["policies"] == [ORCHESTRATOR_POLICY] and "root" not in me["policies"]
+    for client in (worker, gateway, api):
+        assert refused(lambda c=client: c.write("sys/policies/acl/evil", {"policy": ""}))
+        assert refused(lambda c=client: c.write("auth/token/create", {"policies": ["root"]}))
+        assert refused(lambda c=client: c.read("secret/data/airlock-tests/api"))
+        assert refused(lambda c=client: c.write("transit/sign/some-other-key", {"input": "eA=="}))
+    # Tokens come from the agents' own roles only, and only the worker mints them.
+    assert refused(lambda: worker.write("auth/token/create/default", {}))
+    for client in (gateway, api):
+        assert refused(lambda c=client: c.write("auth/token/create/airlock-tester", {}))
+        assert refused(lambda c=client: c.write("transit/sign/airlock-task-jwt", {"input": "eA=="}))
+    assert refused(lambda: api.write("transit/sign/airlock-audit", {"input": "eA=="}))
+    gateway.write("transit/sign/airlock-audit", {"input": "eA=="})  # anchors its audit
+
+
+@pytest.fixture
+def short_role(vault: Vault, tmp_path: Path) -> Iterator[AppRoleLogin]:
+    """A role whose tokens live 2 s (renewable up to 4 s), to watch renewal happen."""
+    name = f"short-{uuid.uuid4().hex[:8]}"
+    base = f"auth/{COMPONENT_AUTH}/role/{name}"
+    vault.write(
+        base,
+        {
+            "token_policies": [ORCHESTRATOR_POLICY],
+            "token_no_default_policy": True,
+            "token_ttl": "2s",
+            "token_max_ttl": "4s",
+        },
+    )
+    role_id = vault.read(f"{base}/role-id")["data"]["role_id"]  # type: ignore[index]
+    secret_id = vault.write(f"{base}/secret-id")["data"]["secret_id"]  # type: ignore[index]
+    yield AppRoleLogin(COMPONENT_AUTH, role_id, secret_id)
+    vault.delete(base)
+
+
+def test_tokens_are_renewed_and_acquired_again(
+    settings: Settings, vault: Vault, short_role: AppRoleLogin
+) -> None:
+    client = Vault(settings.vault_addr, None, login=short_role)
+    client.ping()
+    first = client.token
+    time.sleep(1.5)  # past two thirds of its 2 s: the next call renews it first
+    client.ping()
+    assert client.token == first
+    time.sleep(3)  # past its 4 s maximum: a new login
+    client.ping()
+    second = client.token
+    assert second != first
+    # Vault forgets the token (a restart of a dev server, an operator's revoke): the next
+    # call logs in again instead of failing.
+    vault.write("auth/token/revoke", {"token": second})
+    client.ping()
+    assert client.token not in (first, second)
+
+
+def test_a_worker_on_its_approle_runs_a_database_task(
+    settings: Settings, vault: Vault, store: Store, tmp_path: Path
+) -> None:
+    home = login_dir(vault, "worker", tmp_path)
+    ns = f"{settings.namespace}-approle"
+    scoped = replace(settings, namespace=ns, queue=ns)
+    with running(
+        scoped,
+        "worker",
+        "--concurrency",
+        "1",
+        log=f"worker-{ns}",
+        AIRLOCK_VAULT_APPROLE_WORKER=str(home),
+        VAULT_TOKEN="not-a-token",  # nothing but the AppRole to fall back on
+    ):
+        scoped_store = Store(settings.redis_url, ns)
+        query = (
+            "python3 -c \"import airlock_task; print(sorted(airlock_task.secret('reports-db')))\""
+        )
+        task_id = Submitter(scoped, scoped_store).submit(
+            {"agent": "dba", "command": ["sh", "-c", query]}
+        )
+        done = Client(scoped, scoped_store).wait(task_id, 120)
+    assert done["state"] == "succeeded", done
+    assert done["revocation"]["verified"] is True and done["revocation"]["leases"]
+    for key in scoped_store.redis.scan_iter(f"{ns}:*"):
+        scoped_store.redis.delete(key)
