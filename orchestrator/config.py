@@ -204,7 +204,8 @@ def load(environ: Mapping[str, str] | None = None, component: str | None = None)
     (api, worker, gateway) connects to Redis as its own user when
     AIRLOCK_REDIS_URL_<COMPONENT> is set (see adapters/redis_acl.py), else with REDIS_URL,
     and logs in to Vault with its own AppRole when AIRLOCK_VAULT_APPROLE_<COMPONENT> names
-    its credentials' directory, else uses VAULT_TOKEN.
+    its credentials' directory, else uses VAULT_TOKEN; AIRLOCK_BROKER_URL_<COMPONENT>
+    likewise names its own broker user (RabbitMQ), else AIRLOCK_BROKER_URL.
 
     Raises ConfigError naming the variable when a value is malformed.
     """
@@ -213,9 +214,10 @@ def load(environ: Mapping[str, str] | None = None, component: str | None = None)
     namespace = _get(env, "AIRLOCK_NAMESPACE", d.namespace, _name)
     own = env.get(f"AIRLOCK_REDIS_URL_{component.upper()}") if component else None
     approle = env.get(f"AIRLOCK_VAULT_APPROLE_{component.upper()}") if component else None
+    broker = env.get(f"AIRLOCK_BROKER_URL_{component.upper()}") if component else None
     return Settings(
         redis_url=own or env.get("REDIS_URL") or d.redis_url,
-        broker_url=env.get("AIRLOCK_BROKER_URL") or None,
+        broker_url=broker or env.get("AIRLOCK_BROKER_URL") or None,
         namespace=namespace,
         docker_host=env.get("DOCKER_HOST") or None,
         vault_addr=env.get("VAULT_ADDR") or d.vault_addr,

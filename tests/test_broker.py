@@ -38,3 +38,64 @@ def test_other_brokers_keep_their_transport(settings: Settings) -> None:
 
     app = create_app(replace(settings, broker_url="amqp://guest:guest@127.0.0.1:5672//"))
     assert app.conf.broker_transport is None
+
+
+def test_rabbitmq_users_the_front_door_publishes_and_only_the_worker_consumes(
+    settings: Settings,
+) -> None:
+    """On Airlock's vhost the front door's user may publish but never take a message (a
+    stolen API credential cannot drain or read the queue); the worker's user runs the task."""
+    import os
+    import time
+    import uuid
+    from dataclasses import replace
+
+    import kombu
+    import pytest
+
+    from orchestrator.adapters.queue import TASK_EXCHANGE
+    from orchestrator.client import Client
+    from orchestrator.submission import Submitter
+    from tests.conftest import IN_CI, running
+
+    api_url = os.environ.get("AIRLOCK_RABBITMQ_URL_API")
+    worker_url = os.environ.get("AIRLOCK_RABBITMQ_URL_WORKER")
+    if not api_url or not worker_url:
+        message = "AIRLOCK_RABBITMQ_URL_API/_WORKER not set (run scripts/bootstrap)"
+        pytest.fail(message) if IN_CI else pytest.skip(message)
+    queue = f"{settings.namespace}-mq-{uuid.uuid4().hex[:6]}"
+    declared = kombu.Queue(queue, kombu.Exchange(TASK_EXCHANGE, "direct"), routing_key=queue)
+    with kombu.Connection(api_url) as conn:  # declares, binds and publishes as enqueue does
+        kombu.Producer(conn.default_channel).publish(
+            {"probe": 1}, exchange=declared.exchange, routing_key=queue, declare=[declared]
+        )
+        with pytest.raises(Exception, match="ACCESS_REFUSED"):
+            kombu.Queue(queue, channel=conn.default_channel, no_declare=True).get()
+    with kombu.Connection(worker_url) as conn:
+        bound = declared.bind(conn.default_channel)
+        message = bound.get(no_ack=True)
+        assert message is not None and message.payload == {"probe": 1}
+        bound.delete()
+
+    scoped = replace(settings, queue=queue, broker_url=api_url)
+    with running(
+        scoped,
+        "worker",
+        "--concurrency",
+        "1",
+        log=f"worker-{queue}",
+        AIRLOCK_BROKER_URL=worker_url,
+    ):
+        with kombu.Connection(worker_url) as conn:  # the worker has declared its queue
+            for _ in range(300):
+                try:
+                    conn.default_channel.queue_declare(queue, passive=True)
+                    break
+                except Exception:
+                    conn.close()
+                    conn.connect()
+                    time.sleep(0.1)
+        task_id = Submitter(scoped, Client(scoped).store).submit(
+            {"agent": "tester", "command": ["true"]}
+        )
+        assert Client(scoped).wait(task_id, 120)["state"] == "succeeded"

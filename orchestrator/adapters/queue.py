@@ -19,11 +19,13 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from kombu.entity import Exchange, Queue
 
 from orchestrator.config import Settings
 from orchestrator.errors import ServiceUnavailable
 
 TASK_NAME = "airlock.run"
+TASK_EXCHANGE = "airlock.tasks"
 REAP_TASK_NAME = "airlock.reap"
 
 
@@ -46,7 +48,12 @@ def celery_app(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": settings.max_timeout_s + 600},
+        # AMQP: publishes are confirmed by the broker (a publish it refuses is an error here,
+        # never a message lost without a word).
+        broker_transport_options={
+            "visibility_timeout": settings.max_timeout_s + 600,
+            **({"confirm_publish": True} if broker.startswith(("amqp://", "amqps://")) else {}),
+        },
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=3,
         worker_hijack_root_logger=False,
@@ -67,13 +74,23 @@ def enqueue(
     queue: str,
     ticket: str,
 ) -> None:
-    """Send one task. Raises ServiceUnavailable when the broker did not take it."""
+    """Send one task. Raises ServiceUnavailable when the broker did not take it.
+
+    To an AMQP broker every queue is bound to one exchange, TASK_EXCHANGE: a producer needs
+    read rights on that exchange alone to declare and bind, never on a queue, so the front
+    door's broker user can publish but not take a task (see scripts/bootstrap's RabbitMQ
+    users). Workers consume the queues by name as before.
+    """
+    destination: str | Queue = queue
+    if str(app.conf.broker_url or "").startswith(("amqp://", "amqps://")):
+        exchange = Exchange(TASK_EXCHANGE, "direct", durable=True)  # type: ignore[no-untyped-call]
+        destination = Queue(queue, exchange, routing_key=queue)  # type: ignore[no-untyped-call]
     try:
         app.send_task(
             TASK_NAME,
             kwargs={"spec": spec, "traceparent": traceparent, "ticket": ticket},
             task_id=task_id,
-            queue=queue,
+            queue=destination,
             # No repr of the spec in the message headers (Celery adds one for display):
             # the spec is in the body already, and its env has no business in broker tools.
             argsrepr="",
