@@ -37,6 +37,12 @@ from orchestrator.config import TASK_USER, Settings  # noqa: E402
 from orchestrator.core.lifecycle import TaskState, advance  # noqa: E402
 
 
+def own_namespace_env() -> dict[str, str]:
+    """This environment for processes in a benchmark's own namespace: they connect to Redis
+    as REDIS_URL's user (each component's own user is scoped to the deployment's namespace)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("AIRLOCK_REDIS_URL_")}
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -130,7 +136,7 @@ def start_worker(
     settings: Settings, tmp: str, *argv: str, concurrency: int = 4, **extra: str
 ) -> subprocess.Popen[bytes]:
     env = dict(
-        os.environ,
+        own_namespace_env(),
         AIRLOCK_NAMESPACE=settings.namespace,
         AIRLOCK_QUEUE=settings.queue,
         TMPDIR=tmp,
@@ -607,7 +613,7 @@ def bench_cli(runs: int) -> dict[str, object]:
     ns = f"bench{uuid.uuid4().hex[:6]}"
     settings = replace(config.load(), namespace=ns, queue=ns)
     # Direct mode: this bench measures the CLI itself (`scripts/bench api` measures the API).
-    env = dict(os.environ, AIRLOCK_NAMESPACE=ns, AIRLOCK_QUEUE=ns, AIRLOCK_API_URL="")
+    env = dict(own_namespace_env(), AIRLOCK_NAMESPACE=ns, AIRLOCK_QUEUE=ns, AIRLOCK_API_URL="")
     airlock = str(Path(sys.executable).parent / "airlock")
     client = Client(settings)
     task_id = str(uuid.uuid4())
@@ -762,7 +768,10 @@ def bench_api(runs: int) -> dict[str, object]:
     callers.write_text(BENCH_CALLERS)
     settings = replace(config.load(), namespace=ns, queue=ns, callers_file=callers)
     env = dict(
-        os.environ, AIRLOCK_NAMESPACE=ns, AIRLOCK_QUEUE=ns, AIRLOCK_CALLERS_FILE=str(callers)
+        own_namespace_env(),
+        AIRLOCK_NAMESPACE=ns,
+        AIRLOCK_QUEUE=ns,
+        AIRLOCK_CALLERS_FILE=str(callers),
     )
     vault = wiring.vault(settings)
     ensure_issuer(vault, settings.oidc_audience)
