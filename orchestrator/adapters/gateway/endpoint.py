@@ -68,6 +68,8 @@ class Route:
     claim: Handler | None = None
     # The container whose processes may connect (bound after create, before start).
     container: str | None = None
+    # Or one host process (a runner outside any container: benchmarks, a debugger).
+    process: int | None = None
 
 
 @dataclass(frozen=True)
@@ -180,14 +182,21 @@ class EndpointServer:
             raise KeyError(f"no endpoint for {key}")
         route.container = container_id
 
+    def allow_process(self, key: str, pid: int) -> None:
+        """Let the host process `pid` speak on `key`'s socket as well (no container)."""
+        route = self._routes.get(key)
+        if route is None:
+            raise KeyError(f"no endpoint for {key}")
+        route.process = pid
+
     def _peer_refused(self, route: Route, writer: asyncio.StreamWriter) -> str | None:
         """Why the peer of a new connection may not speak for the route's task, or None."""
         try:
             peer = Peer.of(writer.get_extra_info("socket"))
         except OSError as exc:
             return f"peer credentials unavailable ({exc})"
-        if peer.pid == os.getpid():
-            return None  # this gateway itself (it holds everything the socket hands out)
+        if peer.pid in (os.getpid(), route.process):
+            return None  # this gateway itself, or the one process it was told to trust
         if route.container is not None and route.container in peer.containers():
             return None
         return (
