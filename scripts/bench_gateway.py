@@ -123,6 +123,27 @@ async def client(paths: list[dict[str, Any]], count: int, seconds: float) -> dic
     return results
 
 
+async def flood(socket_path: str, seconds: float, connections: int = 8) -> int:
+    """Forged-token requests at a task's endpoint, as fast as they are answered; how many."""
+    stop = time.perf_counter() + seconds
+    sent = 0
+
+    async def one_connection(n: int) -> None:
+        nonlocal sent
+        while time.perf_counter() < stop:
+            try:
+                reader, writer = await asyncio.open_unix_connection(socket_path)
+                writer.write(request(True, f"forged.{n}.{sent}"))
+                await reader.read(4096)
+                writer.close()
+            except OSError:
+                await asyncio.sleep(0.001)
+            sent += 1
+
+    await asyncio.gather(*(one_connection(n) for n in range(connections)))
+    return sent
+
+
 # --- the driver -----------------------------------------------------------------------------
 def start_tinyproxy(directory: Path) -> subprocess.Popen[bytes]:
     conf = directory / "tinyproxy.conf"
@@ -174,9 +195,61 @@ def live_task(directory: Path) -> tuple[Any, str, str, Any]:
     return credentials, task_id, str(handout.endpoint_dir / "airlock.sock"), handout
 
 
+def noisy_neighbour(credentials: Any, victim: dict[str, Any], seconds: float) -> None:
+    """The victim task's latency alone, then while another task's runner floods its own
+    endpoint with forged tokens (that task keeps the default per-task budget)."""
+    from orchestrator.adapters.gateway.limits import Budget, TaskLimits
+    from orchestrator.core.grant import Grant
+
+    store = credentials.store
+    noisy = str(uuid.uuid4())
+    store.create(noisy, {"agent": "demo"})
+    store.redis.hset(store.key(noisy), "state", "running")
+    grant = Grant.build("demo", identity="spiffe://bench/agent/demo", image="i", timeout_s=600)
+    handout = credentials.provision(noisy, grant, grant.digest(), time.time() + 600)
+    credentials.endpoints.server.handlers[noisy].budget = Budget(TaskLimits())
+    spec = json.dumps({"paths": [victim], "count": 1000, "seconds": 1})
+
+    def victim_p50() -> float:
+        load = subprocess.Popen(
+            [sys.executable, __file__, "_client", spec], stdout=subprocess.PIPE, text=True
+        )
+        credentials.endpoints.server.allow_process(victim["task"], load.pid)
+        out, _ = load.communicate()
+        return float(json.loads(out)["airlock"]["p50"])
+
+    try:
+        alone = victim_p50()
+        flooder = subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "_flood",
+                str(handout.endpoint_dir / "airlock.sock"),
+                str(seconds),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        credentials.endpoints.server.allow_process(noisy, flooder.pid)
+        time.sleep(0.5)
+        during = victim_p50()
+        sent = int(flooder.communicate()[0] or 0)
+    finally:
+        credentials.revoke(noisy)
+    print(
+        f"  noisy neighbour: victim p50 {alone * 1e3:.3f} ms alone, {during * 1e3:.3f} ms "
+        f"while another task sent {sent / seconds:.0f} forged requests/s "
+        f"({during / alone:.2f}x)"
+    )
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_upstream":
         asyncio.run(upstream())
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "_flood":
+        print(asyncio.run(flood(sys.argv[2], float(sys.argv[3]))))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "_client":
         spec = json.loads(sys.argv[2])
@@ -202,6 +275,7 @@ def run(count: int, seconds: float) -> None:
                 "socket": sock,
                 "proxied": True,
                 "jwt": handout.provisioned.jwt.jwt,
+                "task": task_id,
             },
             # tinyproxy closes the client connection after each answer (without saying so)
             {
@@ -234,6 +308,7 @@ def run(count: int, seconds: float) -> None:
         if load.returncode:
             sys.exit(f"the load client failed:\n{stderr[-3000:]}")
         results = json.loads(stdout)
+        noisy_neighbour(credentials, paths[1], max(seconds, 5.0))
     finally:
         credentials.revoke(task_id)
         credentials.endpoints.shutdown()

@@ -255,6 +255,18 @@ class EndpointServer:
             handler.audit({"method": "?", "decision": "deny", "rule": "peer", "reason": refused})
             writer.close()
             return
+        budget = getattr(handler, "budget", None)
+        if budget is not None and budget.spent():  # flooding: cut before any parsing
+            budget.request()  # counted (and refused) like any request over the rate
+            handler.audit(
+                {"method": "?", "decision": "deny", "rule": "limits", "reason": "over its rate"}
+            )
+            writer.write(
+                b"HTTP/1.1 429 Too Many Requests\r\nx-airlock-denied: limits\r\n"
+                b"content-length: 0\r\nconnection: close\r\n\r\n"
+            )
+            writer.close()
+            return
         current = asyncio.current_task()
         sessions = self._sessions.setdefault(task_id, set())
         if len(sessions) >= self.max_connections:

@@ -47,6 +47,14 @@ class Budget:
             self._tokens -= 1
         return None
 
+    def spent(self) -> bool:
+        """Whether the next request would be refused for its rate (a cheap look, counting
+        nothing): a flooding task's connections can then be cut before any parsing."""
+        with self._lock:
+            now = self.clock()
+            tokens = self._tokens + (now - self._filled) * self.limits.rate
+            return tokens < 1
+
     def tunnel(self, delta: int) -> str | None:
         """Open (+1) or close (-1) a tunnel; why one may not be opened, if it may not."""
         with self._lock:
