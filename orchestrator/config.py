@@ -212,9 +212,16 @@ def load(environ: Mapping[str, str] | None = None, component: str | None = None)
     env = os.environ if environ is None else environ
     d = Settings()
     namespace = _get(env, "AIRLOCK_NAMESPACE", d.namespace, _name)
-    own = env.get(f"AIRLOCK_REDIS_URL_{component.upper()}") if component else None
-    approle = env.get(f"AIRLOCK_VAULT_APPROLE_{component.upper()}") if component else None
-    broker = env.get(f"AIRLOCK_BROKER_URL_{component.upper()}") if component else None
+
+    def mine(variable: str) -> str | None:
+        """The component's own value of `variable` (VARIABLE_<COMPONENT>), if it has one."""
+        return env.get(f"{variable}_{component.upper()}") if component else None
+
+    own, approle, broker = (
+        mine("AIRLOCK_REDIS_URL"),
+        mine("AIRLOCK_VAULT_APPROLE"),
+        mine("AIRLOCK_BROKER_URL"),
+    )
     return Settings(
         redis_url=own or env.get("REDIS_URL") or d.redis_url,
         broker_url=broker or env.get("AIRLOCK_BROKER_URL") or None,

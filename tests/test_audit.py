@@ -148,7 +148,7 @@ def test_audit_verify_cli_reads_the_anchor_file(
     ok = airlock(settings, "audit", "verify", "--json", AIRLOCK_AUDIT_ANCHOR_FILE=str(anchors))
     assert ok.returncode == 0, ok.stdout + ok.stderr
     store.redis.delete(
-        store.keys.audit, store.keys.audit_head("cli"), store.keys.audit_anchor("cli")
+        store.keys.audit, store.keys.audit_head("cli"), store.keys.audit_mark("anchor", "cli")
     )
     gone = airlock(settings, "audit", "verify", "--json", AIRLOCK_AUDIT_ANCHOR_FILE=str(anchors))
     assert gone.returncode == 1

@@ -82,6 +82,17 @@ def task(executor: Executor, upstreams: Upstreams) -> Iterator[LiveTask]:
     live.end()
 
 
+def hold_tunnels(task: LiveTask, count: int, held: list[socket.socket]) -> None:
+    """Open `count` CONNECT tunnels of the task and keep them (in `held`) open."""
+    for _ in range(count):
+        sock = socket.socket(socket.AF_UNIX)
+        held.append(sock)
+        sock.settimeout(10)
+        sock.connect(task.socket)
+        sock.sendall(connect(f"127.0.0.1:{HTTP_PORT}", task.jwt))
+        assert sock.recv(64).startswith(b"HTTP/1.1 200")
+
+
 def exchange(path: str, data: bytes, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
     """Send raw bytes on a task socket; the status, headers and body of the answer."""
     with socket.socket(socket.AF_UNIX) as sock:
@@ -653,13 +664,7 @@ def test_per_task_limits(executor: Executor, task: LiveTask, upstreams: Upstream
     endpoints.max_connections = 2
     held = []
     try:
-        for _ in range(2):
-            sock = socket.socket(socket.AF_UNIX)
-            sock.settimeout(10)
-            sock.connect(task.socket)
-            sock.sendall(connect(f"127.0.0.1:{HTTP_PORT}", task.jwt))
-            assert sock.recv(64).startswith(b"HTTP/1.1 200")
-            held.append(sock)
+        hold_tunnels(task, 2, held)
         status, headers, _ = exchange(task.socket, get(API, task.jwt))
         assert status == 429 and headers["x-airlock-denied"] == "limits"
     finally:
@@ -703,13 +708,7 @@ def test_tunnels_and_bytes_have_a_budget_per_task(executor: Executor, task: Live
     handler.budget = Budget(TaskLimits(max_tunnels=2, max_bytes=200_000))
     held = []
     try:
-        for _ in range(2):
-            sock = socket.socket(socket.AF_UNIX)
-            sock.settimeout(10)
-            sock.connect(task.socket)
-            sock.sendall(connect(f"127.0.0.1:{HTTP_PORT}", task.jwt))
-            assert sock.recv(64).startswith(b"HTTP/1.1 200")
-            held.append(sock)
+        hold_tunnels(task, 2, held)
         status, _, body = exchange(task.socket, connect(f"127.0.0.1:{HTTP_PORT}", task.jwt))
         assert status == 429 and b"open tunnels" in body
     finally:

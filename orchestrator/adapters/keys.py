@@ -69,11 +69,9 @@ class Keys:
     def audit_head(self, chain: str) -> str:
         return f"{self.ns}:audit:head:{chain}"
 
-    def audit_anchor(self, chain: str) -> str:
-        return f"{self.ns}:audit:anchor:{chain}"
-
-    def audit_trim(self, chain: str) -> str:
-        return f"{self.ns}:audit:trim:{chain}"
+    def audit_mark(self, kind: str, chain: str) -> str:
+        """A chain's signed mark: kind "anchor" or "trim"."""
+        return f"{self.ns}:audit:{kind}:{chain}"
 
     def trace(self, trace_id: str) -> str:
         return f"{self.ns}:trace:{trace_id}"

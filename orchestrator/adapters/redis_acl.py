@@ -39,47 +39,29 @@ def _queues(queues: Iterable[str]) -> list[str]:
     return [*keys, *control, "~_kombu.*", "~unacked", "~unacked_index", "~unacked_mutex"]
 
 
+# Each component's keys under the namespace; "r:" marks read-only access.
+_RECORDS = ("task:*", "tasks", "events", "trace:*", "caller:*")
+_KEYS = {
+    "api": (*_RECORDS, "idem:*", "r:audit"),
+    "worker": (*_RECORDS, "pool", "member:*", "credentials", "cred:*", "audit", "audit:*"),
+    "gateway": ("r:task:*", "task:*:egress", "task:*:alarms", "audit", "audit:*", "trace:*"),
+}
+_QUEUE_USERS = ("api", "worker")  # the queue's producer and consumer; the only pub/sub users
+
+
+def _pattern(namespace: str, key: str) -> str:
+    read_only = key.startswith("r:")
+    return f"{'%R' if read_only else ''}~{namespace}:{key.removeprefix('r:')}"
+
+
 def rules(component: str, namespace: str, queues: Iterable[str]) -> list[str]:
     """The ACL rules of one component, for a deployment's namespace and queue names."""
     ns = namespace
     queues = list(queues)
-    if component == "api":
-        keys = [
-            f"~{ns}:task:*",
-            f"~{ns}:tasks",
-            f"~{ns}:events",
-            f"~{ns}:idem:*",
-            f"~{ns}:caller:*",
-            f"~{ns}:trace:*",
-            f"%R~{ns}:audit",
-            *_queues(queues),
-        ]
-        return ["&*", *keys, *_COMMANDS]
-    if component == "worker":
-        keys = [
-            f"~{ns}:task:*",
-            f"~{ns}:tasks",
-            f"~{ns}:events",
-            f"~{ns}:pool",
-            f"~{ns}:member:*",
-            f"~{ns}:credentials",
-            f"~{ns}:cred:*",
-            f"~{ns}:audit",
-            f"~{ns}:audit:*",
-            f"~{ns}:trace:*",
-            f"~{ns}:caller:*",
-            *_queues(queues),
-        ]
-        return ["&*", *keys, *_COMMANDS]
-    if component == "gateway":
-        keys = [
-            f"%R~{ns}:task:*",
-            f"~{ns}:task:*:egress",
-            f"~{ns}:task:*:alarms",
-            f"~{ns}:audit",
-            f"~{ns}:audit:*",
-            f"~{ns}:trace:*",
-        ]
+    if component in _KEYS:
+        keys = [_pattern(ns, key) for key in _KEYS[component]]
+        if component in _QUEUE_USERS:
+            return ["&*", *keys, *_queues(queues), *_COMMANDS]
         return ["resetchannels", *keys, *_COMMANDS]
     if component == "ops":
         return [

@@ -523,16 +523,14 @@ class Store:
     @_guard
     def audit_marks(self, kind: str) -> dict[str, str]:
         """Every chain's signed mark of `kind` ("anchor" or "trim"), as stored."""
-        key = self.keys.audit_anchor if kind == "anchor" else self.keys.audit_trim
         found = {}
-        for name in self.redis.scan_iter(key("*")):
+        for name in self.redis.scan_iter(self.keys.audit_mark(kind, "*")):
             found[name.rsplit(":", 1)[1]] = self.redis.get(name) or ""
         return found
 
     @_guard
     def set_audit_mark(self, kind: str, chain: str, document: str) -> None:
-        key = self.keys.audit_anchor if kind == "anchor" else self.keys.audit_trim
-        self.redis.set(key(chain), document)
+        self.redis.set(self.keys.audit_mark(kind, chain), document)
 
     @_guard
     def audit_length(self) -> int:

@@ -118,19 +118,12 @@ def decide_addresses(
     """
     if not addresses:
         return deny("dns", f"{verdict.host} did not resolve", verdict.host), None
-    for address in addresses:
-        if is_metadata(address):
-            return deny(
-                "ssrf",
-                f"{verdict.host} resolves to {address}, a cloud metadata address",
-                verdict.host,
-            ), None
     mine = frozenset(own)
-    if not verdict.internal:
-        for address in addresses:
+    for address in addresses:
+        if verdict.internal:  # private ranges open, a metadata service never
+            why = "a cloud metadata address" if is_metadata(address) else None
+        else:
             why = internal_reason(address, mine)
-            if why:
-                return deny(
-                    "ssrf", f"{verdict.host} resolves to {address}, {why}", verdict.host
-                ), None
+        if why:
+            return deny("ssrf", f"{verdict.host} resolves to {address}, {why}", verdict.host), None
     return verdict, addresses[0]

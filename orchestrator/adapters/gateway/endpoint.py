@@ -255,22 +255,15 @@ class EndpointServer:
             handler.audit({"method": "?", "decision": "deny", "rule": "peer", "reason": refused})
             writer.close()
             return
-        budget = getattr(handler, "budget", None)
-        if budget is not None and budget.spent():  # flooding: cut before any parsing
-            budget.request()  # counted (and refused) like any request over the rate
-            handler.audit(
-                {"method": "?", "decision": "deny", "rule": "limits", "reason": "over its rate"}
-            )
-            writer.write(
-                b"HTTP/1.1 429 Too Many Requests\r\nx-airlock-denied: limits\r\n"
-                b"content-length: 0\r\nconnection: close\r\n\r\n"
-            )
-            writer.close()
+        over = handler.at_door()
+        if over is not None:  # flooding: cut before anything is parsed
+            self._refuse_at_door(handler, writer, over)
             return
         current = asyncio.current_task()
         sessions = self._sessions.setdefault(task_id, set())
         if len(sessions) >= self.max_connections:
-            self._refuse_over_limit(handler, writer)
+            over = f"more than {self.max_connections} connections at once"
+            self._refuse_at_door(handler, writer, over)
             return
         if current is not None:
             sessions.add(current)
@@ -308,15 +301,8 @@ class EndpointServer:
             log.exception("endpoint handler failed")
             return 500, {"error": f"internal error: {exc.__class__.__name__}"}
 
-    def _refuse_over_limit(self, handler: Handler, writer: asyncio.StreamWriter) -> None:
-        handler.audit(
-            {
-                "method": "?",
-                "decision": "deny",
-                "rule": "limits",
-                "reason": f"more than {self.max_connections} connections at once",
-            }
-        )
+    def _refuse_at_door(self, handler: Handler, writer: asyncio.StreamWriter, why: str) -> None:
+        handler.audit({"method": "?", "decision": "deny", "rule": "limits", "reason": why})
         writer.write(
             b"HTTP/1.1 429 Too Many Requests\r\nx-airlock-denied: limits\r\n"
             b"content-length: 0\r\nconnection: close\r\n\r\n"

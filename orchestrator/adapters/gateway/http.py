@@ -58,6 +58,10 @@ class ProxyPolicy(Protocol):
     def count_request(self) -> str | None:
         """Count one more request of the task; why not, once it is over its limit."""
 
+    def at_door(self) -> str | None:
+        """Why a new connection is refused before anything is read (a task over its
+        request rate), counted as a refused request; None to serve it."""
+
     def tunnel(self, delta: int) -> str | None:
         """Open (+1) or close (-1) a tunnel; why not, when the task has too many open."""
 

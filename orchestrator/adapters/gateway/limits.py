@@ -33,10 +33,7 @@ class Budget:
         """Count one request; why it may not go on, if it may not."""
         limits = self.limits
         with self._lock:
-            now = self.clock()
-            burst = 2 * limits.rate
-            self._tokens = min(burst, self._tokens + (now - self._filled) * limits.rate)
-            self._filled = now
+            self._refill()
             self._requests += 1
             if self._requests > limits.max_requests:
                 return f"more than {limits.max_requests} requests for this task"
@@ -51,9 +48,15 @@ class Budget:
         """Whether the next request would be refused for its rate (a cheap look, counting
         nothing): a flooding task's connections can then be cut before any parsing."""
         with self._lock:
-            now = self.clock()
-            tokens = self._tokens + (now - self._filled) * self.limits.rate
-            return tokens < 1
+            self._refill()
+            return self._tokens < 1
+
+    def _refill(self) -> None:
+        """Top the bucket up for the time since it was last looked at (lock held)."""
+        now = self.clock()
+        rate = self.limits.rate
+        self._tokens = min(2 * rate, self._tokens + (now - self._filled) * rate)
+        self._filled = now
 
     def tunnel(self, delta: int) -> str | None:
         """Open (+1) or close (-1) a tunnel; why one may not be opened, if it may not."""

@@ -72,6 +72,9 @@ class MemberEndpoint:
     def count_request(self) -> str | None:
         return None
 
+    def at_door(self) -> str | None:
+        return None
+
     def tunnel(self, delta: int) -> str | None:
         return UNCLAIMED if delta > 0 else None
 

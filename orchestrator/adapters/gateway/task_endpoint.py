@@ -102,6 +102,9 @@ class TaskEndpoint:
     def count_request(self) -> str | None:
         return self.budget.request()
 
+    def at_door(self) -> str | None:
+        return self.budget.request() if self.budget.spent() else None
+
     def tunnel(self, delta: int) -> str | None:
         return self.budget.tunnel(delta)
 

@@ -183,13 +183,10 @@ class Vault:
         return self.token
 
     def _until(self, answer: dict[str, Any]) -> None:
-        auth = answer.get("auth") or {}
-        ttl = float(auth.get("lease_duration") or 0)
-        renewable = bool(auth.get("renewable"))
-        # Renew at two thirds of its life; one that cannot be renewed is replaced then.
+        """Renew at two thirds of the token's life (one that cannot be renewed is replaced
+        then, by a new login); a token without a TTL is looked at again in an hour."""
+        ttl = float((answer.get("auth") or {}).get("lease_duration") or 0)
         self._renew_at = time.monotonic() + (ttl * RENEW_AT if ttl else 3600)
-        if not renewable and ttl:
-            self._renew_at = time.monotonic() + ttl * RENEW_AT
 
     def _lost_token(self) -> bool:
         """Whether Vault no longer knows this client's own token."""

@@ -123,6 +123,12 @@ def _put(
     report.note(what, not same)
 
 
+def ensure_policy(vault: Vault, report: Report, name: str, document: str) -> None:
+    current = vault.read(f"sys/policies/acl/{name}", missing_ok=True)
+    same = current is not None and current.get("data", {}).get("policy") == document
+    _put(vault, report, f"policy {name}", f"sys/policies/acl/{name}", {"policy": document}, same)
+
+
 def ensure_mount(vault: Vault, report: Report, path: str, kind: str) -> None:
     mounts = (vault.read("sys/mounts") or {}).get("data", {})
     present = f"{path}/" in mounts
@@ -141,10 +147,7 @@ def ensure_jwt_key(vault: Vault, report: Report) -> None:
 
 def ensure_agent(vault: Vault, report: Report, agent: Agent, grace_s: int, period_s: int) -> None:
     name = agent_policy(agent.name)
-    document = policy_document(agent)
-    current = vault.read(f"sys/policies/acl/{name}", missing_ok=True)
-    same = current is not None and current.get("data", {}).get("policy") == document
-    _put(vault, report, f"policy {name}", f"sys/policies/acl/{name}", {"policy": document}, same)
+    ensure_policy(vault, report, name, policy_document(agent))
     role = {
         "allowed_policies": sorted({name, *agent.vault_policies}),
         "orphan": True,
@@ -234,11 +237,7 @@ def ensure_components(vault: Vault, report: Report) -> None:
         vault.write(f"sys/auth/{COMPONENT_AUTH}", {"type": "approle"})
     report.note(f"auth method approle at {COMPONENT_AUTH}/", not present)
     for component, (policy, rules) in COMPONENT_POLICIES.items():
-        current = vault.read(f"sys/policies/acl/{policy}", missing_ok=True)
-        same = current is not None and current.get("data", {}).get("policy") == rules
-        _put(
-            vault, report, f"policy {policy}", f"sys/policies/acl/{policy}", {"policy": rules}, same
-        )
+        ensure_policy(vault, report, policy, rules)  # the worker's: the orchestrator policy
         role = {
             "token_policies": [policy],
             "token_no_default_policy": True,
@@ -271,16 +270,6 @@ def setup(
 ) -> Report:
     """Bring Vault in line with `agents`. Raises VaultRefused, ServiceUnavailable."""
     report = Report()
-    current = vault.read(f"sys/policies/acl/{ORCHESTRATOR_POLICY}", missing_ok=True)
-    same = current is not None and current.get("data", {}).get("policy") == ORCHESTRATOR_RULES
-    _put(
-        vault,
-        report,
-        f"policy {ORCHESTRATOR_POLICY}",
-        f"sys/policies/acl/{ORCHESTRATOR_POLICY}",
-        {"policy": ORCHESTRATOR_RULES},
-        same,
-    )
     ensure_mount(vault, report, "transit", "transit")
     ensure_jwt_key(vault, report)
     ensure_components(vault, report)
