@@ -3,10 +3,13 @@
 # input.caller  the verified caller: {"name", "kind": "user" | "service"}
 # input.agent   the agent the task asks for
 # input.user    the user the task acts for, proven by their own token (null: nobody)
-# input.usage   {"running": tasks of this caller not yet ended, "last_minute": submitted in 60 s}
 # data.callers  the callers registry (callers.yaml): users and services with their rights
 #
 # data.airlock.callers.decision is {"allow", "reasons", "quota"}; every reason names its rule.
+# The quota is this policy's to set; the store counts against it as it records the task, in
+# the same step, so concurrent submits cannot all slip under it (refusals name
+# callers.concurrent or callers.per_minute). The decision depends on nothing but this input
+# and the bundle, so the front door reuses it until either changes.
 package airlock.callers
 
 import rego.v1
@@ -73,18 +76,4 @@ acts_for_allowed if "*" in rights.act_for
 acts_for_allowed if {
 	some pattern in rights.act_for
 	data.airlock.admission.user_matches(pattern, input.user)
-}
-
-# --- how much ----------------------------------------------------------------------------
-
-reasons contains msg if {
-	known
-	input.usage.running >= concurrent
-	msg := sprintf("callers.concurrent: %s '%s' has %d tasks running (quota %d)", [caller.kind, caller.name, input.usage.running, concurrent])
-}
-
-reasons contains msg if {
-	known
-	input.usage.last_minute >= per_minute
-	msg := sprintf("callers.per_minute: %s '%s' submitted %d tasks in the last minute (quota %d)", [caller.kind, caller.name, input.usage.last_minute, per_minute])
 }

@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -340,6 +341,42 @@ def test_quotas_are_policy(api: Api) -> None:
     api.wait("ci-bot", again.body["id"])
 
 
+def test_a_quota_holds_when_submits_race(api: Api) -> None:
+    """Eight submits at once against a quota of 2: the count and the check are one step, so
+    exactly two get in, however the requests interleave."""
+    sleeper = {"agent": "tester", "command": ["sleep", "60"]}
+    token = api.token("ci-bot")
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: api.submit("ci-bot", sleeper), range(8)))
+    admitted = [a.body["id"] for a in answers if a.status == 201]
+    try:
+        assert len(admitted) == 2, [a.status for a in answers]
+        refused = [a for a in answers if a.status != 201]
+        assert all(a.status == 403 and "callers.concurrent" in a.text for a in refused)
+    finally:
+        for task_id in admitted:
+            api.call("POST", f"/v1/tasks/{task_id}/cancel", token=token)
+        for task_id in admitted:
+            api.wait("ci-bot", task_id)
+
+
+def test_the_callers_trace_continues_into_the_task(api: Api) -> None:
+    """A submit with a W3C traceparent: the task's spans are in the caller's trace, under
+    the submit's server span."""
+    trace_id, parent = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    answer = api.submit("alice", TESTER, traceparent=f"00-{trace_id}-{parent}-01")
+    assert answer.status == 201, answer
+    api.wait("alice", answer.body["id"])
+    spans = api.call("GET", f"/v1/tasks/{answer.body['id']}/trace", token=api.token("alice"))
+    assert spans.status == 200 and spans.body, spans
+    assert {span["trace_id"] for span in spans.body} == {trace_id}
+    submit = next(span for span in spans.body if span["name"] == "submit")
+    assert submit["parent_id"] == parent
+    assert submit["attributes"]["http.route"] == "/v1/tasks"
+    assert submit["attributes"]["http.response.status_code"] == 201
+    assert submit["attributes"]["airlock.submitter"] == "user:alice"
+
+
 def test_an_idempotency_key_returns_the_first_task(api: Api) -> None:
     key = str(uuid.uuid4())
     first = api.submit("alice", TESTER, Idempotency_Key=key)
@@ -367,6 +404,9 @@ def test_bad_bodies_are_4xx_problems_with_the_field(
         (422, api.call("POST", "/v1/tasks", {**TESTER, "privileged": True}, token)),
         (422, api.call("POST", "/v1/tasks", {**TESTER, "limits": {"cpus": "many"}}, token)),
         (422, api.call("POST", "/v1/tasks", [1, 2], token)),
+        (422, api.call("POST", "/v1/tasks", token=token, raw=b"")),
+        (422, api.call("POST", "/v1/tasks", TESTER, token, Content_Type="text/plain")),
+        (422, api.call("POST", "/v1/tasks", TESTER, token, Idempotency_Key="k" * 256)),
     ]
     for expected, answer in cases:
         assert answer.status == expected, answer
@@ -374,6 +414,7 @@ def test_bad_bodies_are_4xx_problems_with_the_field(
         assert answer.body["status"] == expected and answer.body["detail"], answer
     assert cases[2][1].body["errors"][0]["field"] == "privileged"
     assert cases[3][1].body["errors"][0]["field"] == "limits.cpus"
+    assert cases[7][1].body["errors"][0]["field"] == "header.idempotency-key"
     assert queued(store, settings) == before
 
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import uuid
+
 from orchestrator.adapters import redis_transport as broker
+from orchestrator.adapters.queue import celery_app, enqueue, redis_message
+from orchestrator.client import Client
 from orchestrator.config import Settings
 from orchestrator.worker import create_app
 
@@ -31,6 +37,38 @@ def test_redis_urls_get_the_shared_client_transport(settings: Settings) -> None:
         finally:
             queue.clear()
             queue.close()
+
+
+def test_a_message_built_in_one_step_is_the_one_celery_sends(settings: Settings) -> None:
+    """The submit path pushes its message with the record (queue.redis_message); what it
+    builds must be what Celery's own send_task pushes, but for per-send ids."""
+    queue = f"{settings.namespace}-message-test"
+    task_id = str(uuid.uuid4())
+    spec = {"agent": "tester", "command": ["true"], "env": {"A": "é"}}
+    client = Client(settings).store.redis
+    try:
+        enqueue(
+            celery_app(settings),
+            task_id,
+            spec,
+            "00-" + "1" * 32 + "-" + "2" * 16 + "-01",
+            queue,
+            "T",
+        )
+        sent = json.loads(client.rpop(queue))
+    finally:
+        client.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
+    ours = json.loads(
+        redis_message(task_id, spec, "00-" + "1" * 32 + "-" + "2" * 16 + "-01", queue, "T")
+    )
+    for message in (sent, ours):
+        message["body"] = json.loads(base64.b64decode(message["body"]))
+        message["properties"].pop("delivery_tag")
+        message["properties"].pop("reply_to")  # Celery's per-app reply queue; no result is kept
+        message["headers"].pop("origin")
+        for repr_field in ("argsrepr", "kwargsrepr"):
+            message["properties"].pop(repr_field, None)
+    assert ours == sent
 
 
 def test_other_brokers_keep_their_transport(settings: Settings) -> None:

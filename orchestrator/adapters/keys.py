@@ -23,6 +23,7 @@ NS:trace:TRACE_ID     list    the embedded span store, one list per trace
 NS:caller:C:live      zset    a caller's tasks not yet ended (C is kind:name), for quotas
 NS:caller:C:recent    zset    a caller's submissions of the last minute, for quotas
 NS:idem:DIGEST        hash    an Idempotency-Key's task and request digest (24 h)
+QUEUE                 list    a queue's messages on a Redis broker (kombu's key, no NS)
 """
 
 from __future__ import annotations
@@ -81,3 +82,9 @@ class Keys:
 
     def idempotency(self, digest: str) -> str:
         return f"{self.ns}:idem:{digest}"
+
+    @staticmethod
+    def queue(name: str) -> str:
+        """A queue's list on a Redis broker (kombu's, at the default priority): the queue's
+        own name, outside the namespace, as every Celery worker expects it."""
+        return name

@@ -16,6 +16,11 @@ what runs the tasks (`orchestrator.worker`); a producer only sends.
 
 from __future__ import annotations
 
+import base64
+import json
+import os
+import socket
+import uuid
 from typing import Any
 
 from celery import Celery
@@ -64,6 +69,63 @@ def celery_app(settings: Settings) -> Celery:
         },
     )
     return app
+
+
+_ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
+
+
+def redis_message(
+    task_id: str, spec: dict[str, Any], traceparent: str | None, queue: str, ticket: str
+) -> str:
+    """The message for one task as a Redis broker holds it (kombu's envelope around a Celery
+    protocol 2 message, body base64), built in one step: what `enqueue` sends through
+    Celery, ready to be pushed onto the queue's list (Keys.queue) in the same Redis call that
+    records the task. Producers in other languages build the same."""
+    body = [
+        [],
+        {"spec": spec, "traceparent": traceparent, "ticket": ticket},
+        {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
+    ]
+    headers: dict[str, Any] = {
+        "lang": "py",
+        "task": TASK_NAME,
+        "id": task_id,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": task_id,
+        "parent_id": None,
+        "argsrepr": "",
+        "kwargsrepr": "",
+        "origin": _ORIGIN,
+        "ignore_result": None,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+    }
+    encoded = json.dumps(body, separators=(",", ":")).encode()
+    return json.dumps(
+        {
+            "body": base64.b64encode(encoded).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": headers,
+            "properties": {
+                "correlation_id": task_id,
+                "reply_to": "",
+                "delivery_mode": 2,
+                "delivery_info": {"exchange": "", "routing_key": queue},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+            },
+        },
+        separators=(",", ":"),
+    )
 
 
 def enqueue(

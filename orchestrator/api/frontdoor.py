@@ -6,26 +6,44 @@ agents, delegation, quotas), idempotent submission, and who may read which task.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import threading
 import time
-import uuid
 from typing import Any
 
 from orchestrator.adapters.oidc import OidcVerifier
-from orchestrator.adapters.store import Store
+from orchestrator.adapters.store import Once, Quota, Store
 from orchestrator.config import Settings
 from orchestrator.core.caller import Identities, Principal
 from orchestrator.core.ids import is_task_id
 from orchestrator.core.spec import TaskSpec
 from orchestrator.errors import Forbidden, InvalidId, InvalidSpec, TaskNotFound, Unauthenticated
+from orchestrator.policy.bundle import Bundle, CallerDecision
 from orchestrator.policy.engine import PolicyEngine
 from orchestrator.submission import Submitter
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 TOKEN_CACHE_SIZE = 10_000
+DECISION_CACHE_SIZE = 10_000
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+@-")
+
+
+def _over_quota(caller: Principal, quota: Quota, running: int, last_minute: int) -> list[str]:
+    """Why a caller over its quota is refused, naming the callers policy's rule."""
+    who = f"{caller.kind} '{caller.name}'"
+    reasons = []
+    if running >= quota.concurrent:
+        reasons.append(
+            f"callers.concurrent: {who} has {running} tasks running (quota {quota.concurrent})"
+        )
+    if last_minute >= quota.per_minute:
+        reasons.append(
+            f"callers.per_minute: {who} submitted {last_minute} tasks in the last minute "
+            f"(quota {quota.per_minute})"
+        )
+    return reasons
 
 
 def _principal_of(claims: dict[str, Any], issuer: str, subject: str, name: str) -> Principal:
@@ -53,6 +71,9 @@ class FrontDoor:
         # token -> (caller, expiry): a token is verified once, and its expiry checked on
         # every use (a signature never changes its mind; the clock does).
         self._verified: dict[str, tuple[Principal, float]] = {}
+        self._decisions: dict[
+            tuple[str, str, str, str, str | None], tuple[CallerDecision, str]
+        ] = {}
         self._lock = threading.Lock()
 
     # -- who -----------------------------------------------------------------------------
@@ -104,45 +125,71 @@ class FrontDoor:
         )
 
     # -- submit ---------------------------------------------------------------------------
-    def submit(
+    def decide(self, caller: Principal, agent: str, user: str | None) -> tuple[CallerDecision, str]:
+        """The callers policy's decision and its JSON, reused while the bundle and the
+        question are the same (it depends on nothing else; usage is counted by the store)."""
+        return self._decided(self.policy.bundle(), caller, agent, user)
+
+    def _decided(
+        self, bundle: Bundle, caller: Principal, agent: str, user: str | None
+    ) -> tuple[CallerDecision, str]:
+        question = (bundle.version, caller.name, caller.kind, agent, user)
+        known = self._decisions.get(question)
+        if known is None:
+            decision = bundle.decide_caller({"name": caller.name, "kind": caller.kind}, agent, user)
+            known = (decision, json.dumps(decision.to_json()))
+            with self._lock:
+                if len(self._decisions) >= DECISION_CACHE_SIZE:
+                    self._decisions.clear()
+                self._decisions[question] = known
+        return known
+
+    async def submit(
         self,
         caller: Principal,
         spec: TaskSpec,
         subject_token: str | None = None,
         idempotency_key: str | None = None,
+        traceparent: str | None = None,
     ) -> tuple[str, bool]:
         """Decide and enqueue; (task id, whether it was made now). A retried submit with the
-        same Idempotency-Key gets the first task. Raises Forbidden, InvalidSpec,
-        Unauthenticated or ServiceUnavailable; nothing is queued unless it returns."""
+        same Idempotency-Key gets the first task; `traceparent` is the caller's trace.
+        Raises Forbidden, InvalidSpec, Unauthenticated or ServiceUnavailable; nothing is
+        queued unless it returns.
+
+        Runs on the event loop: what may block (fetching the issuer's keys, reloading an
+        edited policy) goes to a thread, the rest is a cached decision and one Redis call."""
+        if subject_token and self.known(subject_token) is None:
+            await asyncio.to_thread(self.authenticate, subject_token)
         user = self.user_for(caller, spec, subject_token)
-        usage = self.store.caller_usage(
-            caller.label, self.clock() - self.settings.max_timeout_s - 3600
-        )
-        decision = self.policy.admit_caller(
-            {"name": caller.name, "kind": caller.kind}, spec.agent, user, usage
-        )
+        bundle = self.policy.current()
+        if bundle is None:
+            decision, text = await asyncio.to_thread(self.decide, caller, spec.agent, user)
+        else:
+            decision, text = self._decided(bundle, caller, spec.agent, user)
         if not decision.allowed:
             raise Forbidden(list(decision.reasons))
-        task_id = str(uuid.uuid4())
-        key = None
+        quota = Quota(
+            caller.label,
+            decision.quota["concurrent"],
+            decision.quota["per_minute"],
+            oldest_live=self.clock() - self.settings.max_timeout_s - 3600,
+            ttl_s=self.settings.max_timeout_s + 3600,
+        )
+        once = None
         if idempotency_key:
             key = hashlib.sha256(f"{caller.label}\0{idempotency_key}".encode()).hexdigest()
             request = hashlib.sha256(f"{spec.to_json()}\0{user}".encode()).hexdigest()
-            first = self.store.idempotent(key, task_id, request, IDEMPOTENCY_TTL_S)
-            if first is not None:
-                if first[1] != request:
-                    raise InvalidSpec(["Idempotency-Key: already used for a different request"])
-                return first[0], False
-        record = {"front_door": json.dumps({**decision.to_json(), "usage": usage})}
-        # Counted before the record exists: a task that ends at once still leaves the count.
-        self.store.caller_submitted(caller.label, task_id, self.settings.max_timeout_s + 3600)
-        try:
-            self.submitter.submit(spec, Identities(caller, user), record, task_id)
-        except Exception:
-            if key is not None:
-                self.store.forget_idempotent(key)
-            raise
-        return task_id, True
+            once = Once(key, request, IDEMPOTENCY_TTL_S)
+        identities = Identities(caller, user)
+        made = await self.submitter.send_async(spec, identities, quota, once, text, traceparent)
+        if made.outcome == "quota":
+            raise Forbidden(_over_quota(caller, quota, int(made.detail[0]), int(made.detail[1])))
+        if made.outcome == "again":
+            if once is None or made.detail[1] != once.request:
+                raise InvalidSpec(["Idempotency-Key: already used for a different request"])
+            return made.detail[0], False
+        return made.detail[0], True
 
     # -- read -----------------------------------------------------------------------------
     def may_read_all(self, caller: Principal) -> bool:

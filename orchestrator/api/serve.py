@@ -22,6 +22,7 @@ from orchestrator.policy.engine import PolicyEngine
 from orchestrator.submission import Submitter
 
 JWKS_CACHE_S = 60.0
+POLICY_RECHECK_S = 1.0  # an edited callers policy is in force within a second
 
 
 def build(settings: Settings) -> FastAPI:
@@ -36,6 +37,7 @@ def build(settings: Settings) -> FastAPI:
         settings.agents_dir,
         lambda: Deployment.of(settings, ()),
         callers_file(settings),
+        recheck_s=POLICY_RECHECK_S,
     )
     policy.bundle()  # a broken bundle is found at start, not at the first submit
     front = FrontDoor(settings, store, verifier, policy, Submitter(settings, store))
@@ -68,5 +70,7 @@ def serve(settings: Settings, listen: str, log_level: str = "warning") -> None:
         access_log=False,
         loop="uvloop",
         http="httptools",
+        # Nothing here reads the client's address: no X-Forwarded-* rewriting per request.
+        proxy_headers=False,
         timeout_graceful_shutdown=5,
     )

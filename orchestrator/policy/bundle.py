@@ -160,11 +160,10 @@ class Bundle:
             raise PolicyError(["policy produced no decision for this task"])
         return dict(results[0])
 
-    def decide_caller(
-        self, caller: dict[str, str], agent: str, user: str | None, usage: dict[str, int]
-    ) -> CallerDecision:
-        """The front door's decision: may this caller run `agent` for `user`, now?"""
-        document = {"caller": caller, "agent": agent, "user": user, "usage": usage}
+    def decide_caller(self, caller: dict[str, str], agent: str, user: str | None) -> CallerDecision:
+        """The front door's decision: may this caller run `agent` for `user`, and within
+        which quota?"""
+        document = {"caller": caller, "agent": agent, "user": user}
         result = self.evaluate(document, CALLERS_ENTRYPOINT)
         reasons = tuple(str(r) for r in result.get("reasons", []))
         quota = {k: int(v) for k, v in dict(result.get("quota") or {}).items()}

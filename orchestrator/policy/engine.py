@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,7 +46,10 @@ class PolicyEngine:
         agents_dir: Path,
         deployment: Callable[[], Deployment],
         callers: Path | None = None,
+        recheck_s: float = 0.0,
     ) -> None:
+        """`recheck_s`: how long a bundle is used before its files are looked at again (0:
+        on every decision; the front door, deciding thousands a second, waits a second)."""
         self.policy_dir = policy_dir
         self.agents_dir = agents_dir
         self.callers = callers
@@ -54,9 +58,15 @@ class PolicyEngine:
         self._refused: tuple[tuple[str, int, int], ...] | None = None
         self.last_error: str | None = None
         self._lock = threading.Lock()
+        self.recheck_s = recheck_s
+        self._checked = -recheck_s
 
     def bundle(self) -> Bundle:
         """The bundle in force. Raises PolicyError if no valid bundle was ever loaded."""
+        current = self.current()
+        if current is not None:
+            return current
+        self._checked = time.monotonic()
         stamp = fingerprint(self.policy_dir, self.agents_dir, self.callers)
         with self._lock:
             current = self._bundle
@@ -65,6 +75,14 @@ class PolicyEngine:
             if self._bundle is None:
                 raise PolicyError([f"no valid policy bundle: {self.last_error}"])
             return self._bundle
+
+    def current(self) -> Bundle | None:
+        """The bundle in force if its files need no look now (within `recheck_s` of the
+        last), else None: then `bundle()`, which may reload, is the caller's to call."""
+        current = self._bundle
+        if current is not None and time.monotonic() - self._checked < self.recheck_s:
+            return current
+        return None
 
     def _reload(self, stamp: tuple[tuple[str, int, int], ...]) -> None:
         try:
@@ -83,8 +101,6 @@ class PolicyEngine:
         """Decide one task. Raises PolicyError when no decision can be made (fail closed)."""
         return self.bundle().decide(spec, self._deployment())
 
-    def admit_caller(
-        self, caller: dict[str, str], agent: str, user: str | None, usage: dict[str, int]
-    ) -> CallerDecision:
+    def admit_caller(self, caller: dict[str, str], agent: str, user: str | None) -> CallerDecision:
         """The front door's decision on one submission. Raises PolicyError (fail closed)."""
-        return self.bundle().decide_caller(caller, agent, user, usage)
+        return self.bundle().decide_caller(caller, agent, user)
