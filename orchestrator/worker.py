@@ -60,7 +60,7 @@ def create_app(settings: Settings, executor: LazyExecutor | None = None) -> Cele
             traceparent = None
         runner = executor.get()
         runner.worker_name = str(self.request.hostname or runner.worker_name)
-        return runner.execute(task_id, spec, traceparent, verified.identities).value
+        return runner.execute(task_id, spec, traceparent, verified.identities, verified.text).value
 
     @app.task(name=REAP_TASK_NAME)  # type: ignore[untyped-decorator]
     def reap_orphans() -> int:

@@ -483,6 +483,7 @@ def bench_secrets(runs: int) -> dict[str, object]:
         settings.postgres_url,
         settings.credential_grace_s,
         settings.vault_token_period_s,
+        ticket_public_key=settings.ticket_public_key,
     )
     store = Store(settings.redis_url, ns)
     credentials = wiring.credentials(settings, store)

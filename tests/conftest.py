@@ -104,6 +104,7 @@ def vault(settings: Settings) -> Vault:
         settings.postgres_url,
         settings.credential_grace_s,
         settings.vault_token_period_s,
+        ticket_public_key=settings.ticket_public_key,
     )
     vault.write("secret/data/airlock-tests/api", {"data": {"key": "kv-" + uuid.uuid4().hex}})
     vault.write("secret/data/airlock-tests/upstream", {"data": {"token": "up-" + uuid.uuid4().hex}})

@@ -22,6 +22,7 @@ from orchestrator import wiring
 from orchestrator.adapters.gateway.audit import AuditLog
 from orchestrator.adapters.runtime.docker_engine import DockerRuntime
 from orchestrator.adapters.store import Store
+from orchestrator.adapters.ticket import TicketSigner
 from orchestrator.adapters.vault.adapter import Vault
 from orchestrator.adapters.vault.broker import WRAPPING
 from orchestrator.adapters.vault.identity import (
@@ -37,10 +38,12 @@ from orchestrator.adapters.vault.identity import (
 from orchestrator.adapters.vault.setup import JWT_KEY
 from orchestrator.client import Client
 from orchestrator.config import Settings
+from orchestrator.core.caller import Identities
 from orchestrator.core.grant import Grant
 from orchestrator.core.lifecycle import TaskState
 from orchestrator.core.spec import parse
 from orchestrator.errors import VaultRefused
+from orchestrator.submission import local_operator
 from orchestrator.task.credentials import Credentials
 from orchestrator.task.executor import Executor
 from tests.conftest import ROOT, airlock, airlock_env
@@ -93,9 +96,20 @@ class Spy:
         self.credentials.broker.unwrap = self._unwrap  # type: ignore[method-assign]
 
 
-def run_task(executor: Executor, **spec: Any) -> tuple[TaskState, dict[str, Any], str]:
+def run_task(
+    executor: Executor, ticketed: bool = False, **spec: Any
+) -> tuple[TaskState, dict[str, Any], str]:
+    """Run a dba task; `ticketed`: with the front door's admission ticket, as a worker gets
+    it from the queue (what lets a worker's own narrow Vault token mint)."""
     task_id = str(uuid.uuid4())
-    state = executor.execute(task_id, {"agent": "dba", "timeout_s": 60, **spec})
+    data = {"agent": "dba", "timeout_s": 60, **spec}
+    ticket = None
+    if ticketed:
+        me = Identities(local_operator(), None)
+        ticket = TicketSigner(executor.settings.ticket_key).sign(
+            task_id, data, executor.settings.queue, me
+        )
+    state = executor.execute(task_id, data, None, None, ticket)
     status = Client(executor.settings).status(task_id)
     logs = "".join(text for _, text in Client(executor.settings).logs(task_id))
     return state, status, logs
@@ -529,7 +543,8 @@ def test_planted_journal_entries_are_ignored_and_alarmed(
 def test_the_orchestrator_needs_only_its_documented_policy(
     settings: Settings, store: Store, runtime: DockerRuntime, vault: Vault
 ) -> None:
-    """A worker whose Vault token holds only `airlock-orchestrator` runs a database task."""
+    """A worker whose Vault token holds only `airlock-orchestrator` runs a database task: it
+    mints with the task's admission ticket, and without one it cannot."""
     created = vault.write(
         "auth/token/create",
         {"policies": ["airlock-orchestrator"], "no_default_policy": True, "ttl": "10m"},
@@ -539,10 +554,12 @@ def test_the_orchestrator_needs_only_its_documented_policy(
     credentials = wiring.credentials(narrow, store)
     try:
         executor = Executor(narrow, store, runtime, credentials=credentials)
-        state, status, logs = run_task(executor, command=["sh", "-c", QUERY])
+        unticketed, refusal, _ = run_task(executor, command=["sh", "-c", QUERY])
+        state, status, logs = run_task(executor, True, command=["sh", "-c", QUERY])
     finally:
         credentials.endpoints.shutdown()
         vault.write("auth/token/revoke-accessor", {"accessor": created["auth"]["accessor"]})  # type: ignore[index]
+    assert unticketed is S.FAILED and "permission denied" in refusal["reason"], refusal
     assert state is S.SUCCEEDED, (status["reason"], logs)
     assert logs == "checkout\n" and status["revocation"]["verified"] is True
 

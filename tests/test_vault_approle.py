@@ -11,19 +11,25 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from orchestrator.adapters.store import Store
+from orchestrator.adapters.ticket import TicketSigner, generate
 from orchestrator.adapters.vault.adapter import AppRoleLogin, Vault
 from orchestrator.adapters.vault.setup import (
     COMPONENT_AUTH,
     ORCHESTRATOR_POLICY,
+    TICKET_AUTH,
     component_credentials,
+    mint_policy,
 )
 from orchestrator.client import Client
 from orchestrator.config import Settings
+from orchestrator.core.caller import Identities
 from orchestrator.errors import VaultRefused
-from orchestrator.submission import Submitter
+from orchestrator.submission import Submitter, local_operator
 from tests.conftest import running
 
 
@@ -62,13 +68,59 @@ def test_each_component_is_refused_outside_its_policy(
         assert refused(lambda c=client: c.write("auth/token/create", {"policies": ["root"]}))
         assert refused(lambda c=client: c.read("secret/data/airlock-tests/api"))
         assert refused(lambda c=client: c.write("transit/sign/some-other-key", {"input": "eA=="}))
-    # Tokens come from the agents' own roles only, and only the worker mints them.
+    # No component mints a task token or signs a task JWT with its own token, the worker
+    # included: that takes an admission ticket (test below).
     assert refused(lambda: worker.write("auth/token/create/default", {}))
-    for client in (gateway, api):
+    for client in (worker, gateway, api):
         assert refused(lambda c=client: c.write("auth/token/create/airlock-tester", {}))
         assert refused(lambda c=client: c.write("transit/sign/airlock-task-jwt", {"input": "eA=="}))
     assert refused(lambda: api.write("transit/sign/airlock-audit", {"input": "eA=="}))
     gateway.write("transit/sign/airlock-audit", {"input": "eA=="})  # anchors its audit
+
+
+def test_minting_takes_the_front_doors_ticket_for_that_agent(
+    settings: Settings, vault: Vault, tmp_path: Path
+) -> None:
+    """A ticket logs in as the agent it names and may mint that agent's task token and sign
+    task JWTs, nothing else; a ticket for another agent, another key's ticket, an expired
+    one, and a ticket without an agent are refused by Vault itself."""
+    task_id = str(uuid.uuid4())
+    me = Identities(local_operator(), None)
+    signer = TicketSigner(settings.ticket_key)
+    spec = {"agent": "tester", "command": ["true"]}
+    ticket = signer.sign(task_id, spec, settings.queue, me)
+    login = f"auth/{TICKET_AUTH}/login"
+    minting = vault.write(login, {"role": "tester", "jwt": ticket})["auth"]  # type: ignore[index]
+    assert minting["policies"] == [mint_policy("tester")]
+    assert minting["metadata"]["task_id"] == task_id
+    assert int(minting["lease_duration"]) <= 300
+    as_ticket = minting["client_token"]
+    made = vault.write("auth/token/create/airlock-tester", {"ttl": "30s"}, token=as_ticket)
+    vault.write("auth/token/revoke", {"token": made["auth"]["client_token"]})  # type: ignore[index]
+    vault.write("transit/sign/airlock-task-jwt", {"input": "eA=="}, token=as_ticket)
+    for path, body in (
+        ("auth/token/create/airlock-dba", {}),
+        ("auth/token/create", {"policies": ["airlock-agent-dba"]}),
+        ("secret/data/airlock-tests/api", None),
+        ("transit/sign/airlock-audit", {"input": "eA=="}),
+    ):
+        call = vault.read if body is None else lambda p, b=body, **kw: vault.write(p, b, **kw)
+        assert refused(lambda c=call, p=path: c(p, token=as_ticket)), path
+    # Another agent's role, another key, no agent, and an old ticket: no login at all.
+    assert refused(lambda: vault.write(login, {"role": "dba", "jwt": ticket}))
+    generate(tmp_path / "other.key", tmp_path / "other.pub")
+    forged = TicketSigner(tmp_path / "other.key").sign(task_id, spec, settings.queue, me)
+    assert refused(lambda: vault.write(login, {"role": "tester", "jwt": forged}))
+    agentless = signer.sign(task_id, ["not", "a", "spec"], settings.queue, me)
+    assert refused(lambda: vault.write(login, {"role": "tester", "jwt": agentless}))
+    now = int(time.time())
+    old = jwt.encode(
+        {**jwt.decode(ticket, options={"verify_signature": False}), "exp": now - 3600},
+        serialization.load_pem_private_key(settings.ticket_key.read_bytes(), None),  # type: ignore[union-attr]
+        algorithm="EdDSA",
+    )
+    assert refused(lambda: vault.write(login, {"role": "tester", "jwt": old}))
+    vault.write("auth/token/revoke-self", token=as_ticket)
 
 
 @pytest.fixture

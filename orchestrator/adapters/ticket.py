@@ -6,6 +6,10 @@ submitter and the proven user. A worker holds only the public key: a message wit
 ticket, with one signed by another key, or whose spec, id or queue differs from what was
 signed, is refused before anything is recorded or started. Tickets expire (a replay of an
 old message after its record has expired finds nothing to run).
+
+The worker presents the ticket to Vault (a JWT auth method that trusts the same public key)
+to mint the task's Vault token and sign its JWTs: its own Vault policy can do neither, so it
+mints only for tasks the front door admitted, and only as the agent each ticket names.
 """
 
 from __future__ import annotations
@@ -85,6 +89,9 @@ class TicketSigner:
             "iat": now,
             "exp": now + TICKET_TTL_S,
             "spec": spec_digest(spec),
+            # Named apart from the digest: Vault lets a ticket's holder mint credentials for
+            # this agent only (the ticket auth roles bind this claim; vault setup).
+            "agent": spec.get("agent") if isinstance(spec, dict) else None,
             "queue": queue,
             "submitter": identities.submitter.to_json(),
             "user": identities.user,
@@ -96,6 +103,7 @@ class TicketSigner:
 class Ticket:
     identities: Identities
     queue: str
+    text: str  # the ticket itself: presented to Vault to mint the task's credentials
 
 
 class TicketVerifier:
@@ -127,6 +135,9 @@ class TicketVerifier:
             raise InvalidTicket("admission ticket is for another task")
         if claims.get("spec") != spec_digest(spec):
             raise InvalidTicket("task spec differs from the one the ticket was signed for")
+        agent = spec.get("agent") if isinstance(spec, dict) else None
+        if claims.get("agent") != agent:
+            raise InvalidTicket("admission ticket is for another agent")
         user = claims.get("user")
         if user is not None and not isinstance(user, str):
             raise InvalidTicket("admission ticket names a malformed user")
@@ -134,4 +145,4 @@ class TicketVerifier:
             submitter = Principal.from_json(claims.get("submitter"))
         except ValueError as exc:
             raise InvalidTicket(f"admission ticket: {exc}") from None
-        return Ticket(Identities(submitter, user), str(claims.get("queue") or ""))
+        return Ticket(Identities(submitter, user), str(claims.get("queue") or ""), ticket)

@@ -89,6 +89,7 @@ def vault_setup(prune: bool, as_json: bool) -> None:
         settings.credential_grace_s,
         settings.vault_token_period_s,
         prune=prune,
+        ticket_public_key=settings.ticket_public_key,
     )
     if as_json:
         emit_json(report.__dict__)

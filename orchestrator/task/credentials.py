@@ -64,16 +64,18 @@ class Credentials:
         context: dict[str, Any] | None = None,
         member: str | None = None,
         launch: dict[str, Any] | None = None,
+        ticket: str | None = None,
     ) -> Handout:
         """Mint, journal and open. Raises ServiceUnavailable or VaultRefused.
 
         `context` (model, prompt hash, policy version, submitter) goes on every audit record
         and names the submitter in the task's JWT. With
         `member`, the endpoint of that warm runner is bound to the task and its runner is
-        handed `launch` (its command and environment) once the credentials exist.
+        handed `launch` (its command and environment) once the credentials exist. The
+        admission `ticket` is what Vault mints against (Broker.provision).
         """
         submitter = (context or {}).get("submitter") or None
-        given = self.broker.provision(task_id, grant, grant_hash, deadline, submitter)
+        given = self.broker.provision(task_id, grant, grant_hash, deadline, submitter, ticket)
         if member is not None:
             directory = self.endpoints.claim(
                 member, task_id, given, grant, context or {}, launch or {}

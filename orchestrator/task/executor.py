@@ -65,6 +65,7 @@ class Run:
     marker: str = ""
     policy_version: str = ""
     submitter: str = ""
+    ticket: str | None = None  # the front door's admission ticket: what lets Vault mint
     admitted_at: float = field(default_factory=time.time)
     pump: LogPump | None = None
     scanner: ResultScanner | None = None
@@ -118,11 +119,13 @@ class Executor:
         spec_data: object,
         traceparent: str | None = None,
         identities: Identities | None = None,
+        ticket: str | None = None,
     ) -> TaskState:
         """Run one task to a terminal state and return it. Never leaves a container behind.
 
         The whole life is one trace: `traceparent` (from the submitter) is its parent.
-        `identities` are the submitter and user its admission ticket vouched for. A message
+        `identities` are the submitter and user its admission `ticket` vouched for (the
+        ticket is presented again to Vault to mint the task's credentials). A message
         whose id is not a task id is refused unrecorded (its id would become keys, labels
         and paths).
         """
@@ -133,7 +136,7 @@ class Executor:
         with self.hooks.task(task_id, traceparent) as task:
             if identities is not None:
                 task.facts["submitter"] = identities.submitter.label
-            state, summary = self._execute(task_id, spec_data, identities)
+            state, summary = self._execute(task_id, spec_data, identities, ticket)
             task.facts.update(
                 agent=summary.get("agent", ""),
                 on_behalf_of=summary.get("on_behalf_of") or "",
@@ -145,7 +148,11 @@ class Executor:
             return state
 
     def _execute(
-        self, task_id: str, spec_data: object, identities: Identities | None
+        self,
+        task_id: str,
+        spec_data: object,
+        identities: Identities | None,
+        ticket: str | None,
     ) -> tuple[TaskState, dict[str, str]]:
         """The task's end state, and what its trace says of it (agent, owner, reason)."""
         with self.hooks.phase("admit", task_id) as phase:
@@ -168,6 +175,7 @@ class Executor:
             deadline=self.clock() + grant.timeout_s,
             policy_version=admitted.policy_version,
             submitter=identities.submitter.label if identities else "",
+            ticket=ticket,
         )
         outcome = Outcome()
         try:
@@ -278,6 +286,7 @@ class Executor:
             run.grant.digest(),
             run.deadline,
             context,
+            ticket=run.ticket,
         )
         marker = secrets.token_hex(16)
         try:
@@ -332,6 +341,7 @@ class Executor:
                     self._context(run),
                     member=member.key,
                     launch=launch,
+                    ticket=run.ticket,
                 )
             except AirlockError:
                 self.credentials.endpoints.close(member.key)  # never bound to the task

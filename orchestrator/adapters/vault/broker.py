@@ -24,7 +24,7 @@ from typing import Any
 from orchestrator.adapters.store import Store
 from orchestrator.adapters.vault.adapter import Vault
 from orchestrator.adapters.vault.identity import Minter, TaskToken
-from orchestrator.adapters.vault.setup import entity_alias, token_role
+from orchestrator.adapters.vault.setup import TICKET_AUTH, entity_alias, token_role
 from orchestrator.config import Settings
 from orchestrator.core.grant import Grant, SecretGrant
 from orchestrator.errors import AirlockError, VaultRefused
@@ -91,16 +91,49 @@ class Broker:
         grant_hash: str,
         deadline: float,
         submitter: str | None = None,
+        ticket: str | None = None,
     ) -> Provisioned:
         """Mint the task's Vault token, its wrapped secrets and its JWT. A grant that reads
         nothing from Vault (no secrets, no injected credentials) gets no Vault token at all:
         nothing would use it, and a credential nothing uses is one too many.
 
+        Minting and signing happen with the token a login with the task's admission `ticket`
+        gives (the front door's proof that it admitted this task, for this agent): the
+        worker's own policy holds neither right. Without a ticket (the operator's direct
+        calls), this client's own token is used, and works only where its policy allows.
+
         Raises ServiceUnavailable or VaultRefused; what was minted before is journaled.
         """
+        minting = self._log_in_with(ticket, grant.agent) if ticket else None
+        try:
+            return self._provision(task_id, grant, grant_hash, deadline, submitter, minting)
+        finally:
+            if minting:
+                self._let_go(minting)
+
+    def _log_in_with(self, ticket: str, agent: str) -> str:
+        """A token of minutes that may mint for `agent` only, from its admission ticket."""
+        answer = self.vault.write(f"auth/{TICKET_AUTH}/login", {"role": agent, "jwt": ticket})
+        return str(((answer or {}).get("auth") or {})["client_token"])
+
+    def _let_go(self, minting: str) -> None:
+        try:
+            self.vault.write("auth/token/revoke-self", token=minting)
+        except AirlockError as exc:  # it expires in minutes anyway
+            log.info("minting token not revoked (expires on its own): %s", exc)
+
+    def _provision(
+        self,
+        task_id: str,
+        grant: Grant,
+        grant_hash: str,
+        deadline: float,
+        submitter: str | None,
+        minting: str | None,
+    ) -> Provisioned:
         token = accessor = ""
         if grant.reads_vault():
-            token, accessor = self._task_token(task_id, grant, deadline)
+            token, accessor = self._task_token(task_id, grant, deadline, minting)
         # The JWT's id is chosen now and journaled with the token, before either is used.
         jti = str(uuid.uuid4())
         minted: dict[str, Any] = {"token_accessor": accessor} if accessor else {}
@@ -108,20 +141,22 @@ class Broker:
             task_id, on_task={"jwt_jti": jti}, created_at=self.clock(), jti=jti, **minted
         )
         wrapped = [self._wrapped(task_id, token, secret) for secret in grant.secrets]
-        jwt = self.minter.mint(task_id, grant, grant_hash, deadline, jti, submitter)
+        jwt = self.minter.mint(task_id, grant, grant_hash, deadline, jti, submitter, token=minting)
         injected = {
             inj.name: (
                 self._read_field(task_id, token, inj.path, inj.field)
                 if inj.path
                 else self.minter.mint(
-                    task_id, grant, grant_hash, deadline, None, submitter, inj.audience
+                    task_id, grant, grant_hash, deadline, None, submitter, inj.audience, minting
                 ).jwt
             )
             for inj in grant.injections()
         }
         return Provisioned(token, accessor, wrapped, jwt, injected)
 
-    def _task_token(self, task_id: str, grant: Grant, deadline: float) -> tuple[str, str]:
+    def _task_token(
+        self, task_id: str, grant: Grant, deadline: float, minting: str | None
+    ) -> tuple[str, str]:
         """The task's Vault token (its secrets' leases hang off it) and its accessor."""
         ttl = math.ceil(deadline - self.clock()) + self.settings.credential_grace_s
         created = (
@@ -138,6 +173,7 @@ class Broker:
                     "display_name": f"task-{task_id}",
                     "renewable": True,
                 },
+                token=minting,
             )
             or {}
         )

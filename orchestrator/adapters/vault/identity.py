@@ -178,11 +178,13 @@ class Minter:
         jti: str | None = None,
         submitter: str | None = None,
         audience: str | None = None,
+        token: str | None = None,
     ) -> TaskToken:
         """A task JWT in the shape of RFC 8693: `sub` is the user when the agent acts for one
         (else the agent's identity); `act` names the agent and, nested, the submitting
         caller when that is not the user; `submitter` names who submitted (kind:name).
-        `aud` is the gateway's unless `audience` names one upstream's."""
+        `aud` is the gateway's unless `audience` names one upstream's. Signed with `token`
+        (the task's minting token) where given, else this client's own."""
         now = int(self.clock())
         version = self._key_version()
         jti = jti or str(uuid.uuid4())
@@ -218,6 +220,7 @@ class Minter:
                     "hash_algorithm": "sha2-256",
                     "marshaling_algorithm": "jws",
                 },
+                token=token,
             )
             or {}
         )

@@ -1,21 +1,25 @@
 """`airlock vault setup`: make Vault match the agent registry. Idempotent.
 
-Per agent role: a policy naming exactly the secrets it may request, and a token role that
+Per agent role: a policy naming exactly the secrets it may request, a token role that
 mints orphan, periodic tokens with an explicit max TTL, bound to the agent's own entity
-alias (one identity per role in Vault too). Shared: a transit key that signs task JWTs, and
-the database secrets engine against PostgreSQL with one role per database secret, whose
-revocation really drops the PostgreSQL role. Anything `airlock-*` that no agent needs any
-more is removed with `--prune` (leave it off where several registries share one Vault).
+alias (one identity per role in Vault too), and a ticket role: only a login with the front
+door's admission ticket for that agent may use the token role. Shared: a transit key that
+signs task JWTs, and the database secrets engine against PostgreSQL with one role per
+database secret, whose revocation really drops the PostgreSQL role. Anything `airlock-*`
+that no agent needs any more is removed with `--prune` (leave it off where several
+registries share one Vault).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from orchestrator.adapters.vault.adapter import Vault
 from orchestrator.core.agent import Agent
+from orchestrator.errors import ConfigError
 
 PREFIX = "airlock-"
 JWT_KEY = "airlock-task-jwt"
@@ -37,23 +41,45 @@ REVOCATION = [
 ]
 
 
+# Admission tickets as Vault logins: a JWT auth method trusting the front door's ticket key,
+# with one role per agent bound to the ticket's `agent` claim. Logging in with a task's
+# ticket gives a token of minutes whose one right is minting that agent's task token and
+# signing task JWTs; nothing else in Airlock holds either right.
+TICKET_AUTH = "airlock-tickets"
+TICKET_ISSUER = "airlock-front-door"  # as adapters.ticket signs it
+MINT_TOKEN_TTL = "5m"
+
+
 # Everything the orchestrator's own token needs at run time, and nothing more. `vault setup`
 # (which needs an administrator's token) writes it; workers then run with a token of it.
 ORCHESTRATOR_POLICY = "airlock-orchestrator"
 ORCHESTRATOR_RULES = f"""# Managed by airlock vault setup: the capabilities of an Airlock worker.
-path "auth/token/create/{PREFIX}*" {{ capabilities = ["update"] }}
+# It mints no task token and signs no task JWT with its own token: for each task it logs in
+# with the front door's admission ticket (auth/{TICKET_AUTH}), as that task's agent only.
 path "auth/token/lookup-accessor" {{ capabilities = ["update"] }}
 path "auth/token/revoke-accessor" {{ capabilities = ["update"] }}
 path "sys/leases/lookup" {{ capabilities = ["update"] }}
 path "sys/leases/revoke" {{ capabilities = ["update"] }}
 path "sys/wrapping/lookup" {{ capabilities = ["update"] }}
 path "transit/keys/{JWT_KEY}" {{ capabilities = ["read"] }}
-path "transit/sign/{JWT_KEY}" {{ capabilities = ["update"] }}
 path "transit/sign/{AUDIT_KEY}" {{ capabilities = ["update"] }}
 path "transit/verify/{AUDIT_KEY}" {{ capabilities = ["update"] }}
 path "sys/health" {{ capabilities = ["read"] }}
 path "auth/token/lookup-self" {{ capabilities = ["read"] }}
 path "auth/token/renew-self" {{ capabilities = ["update"] }}
+"""
+
+
+def mint_policy(agent: str) -> str:
+    return f"{PREFIX}mint-{agent}"
+
+
+def mint_rules(agent: str) -> str:
+    return f"""# Managed by airlock vault setup: what a ticket for agent {agent} may mint.
+path "auth/token/create/{token_role(agent)}" {{ capabilities = ["update"] }}
+path "transit/keys/{JWT_KEY}" {{ capabilities = ["read"] }}
+path "transit/sign/{JWT_KEY}" {{ capabilities = ["update"] }}
+path "auth/token/revoke-self" {{ capabilities = ["update"] }}
 """
 
 
@@ -221,11 +247,67 @@ def remove_stale(vault: Vault, report: Report, agents: dict[str, Agent]) -> None
         if role.startswith(PREFIX) and role not in wanted_roles:
             vault.delete(f"auth/token/roles/{role}")
             report.removed.append(f"token role {role}")
-    wanted_policies = {agent_policy(a) for a in agents}
+    for role in vault.list(f"auth/{TICKET_AUTH}/role"):
+        if role not in agents:
+            vault.delete(f"auth/{TICKET_AUTH}/role/{role}")
+            report.removed.append(f"ticket role {role}")
+    wanted_policies = {agent_policy(a) for a in agents} | {mint_policy(a) for a in agents}
     for policy in vault.list("sys/policies/acl"):
-        if policy.startswith(f"{PREFIX}agent-") and policy not in wanted_policies:
+        managed = policy.startswith((f"{PREFIX}agent-", f"{PREFIX}mint-"))
+        if managed and policy not in wanted_policies:
             vault.delete(f"sys/policies/acl/{policy}")
             report.removed.append(f"policy {policy}")
+
+
+def ensure_tickets(vault: Vault, report: Report, public_key: str | None) -> None:
+    """The JWT auth method that turns an admission ticket into a minting token. Without
+    the front door's public key it is left as it is (and workers cannot mint)."""
+    auths = (vault.read("sys/auth") or {}).get("data", {})
+    present = f"{TICKET_AUTH}/" in auths
+    if not present:
+        vault.write(f"sys/auth/{TICKET_AUTH}", {"type": "jwt"})
+    report.note(f"auth method jwt at {TICKET_AUTH}/", not present)
+    if public_key is None:
+        report.unchanged.append("ticket key (no AIRLOCK_TICKET_PUBLIC_KEY given; kept)")
+        return
+    config: dict[str, object] = {
+        "jwt_validation_pubkeys": [public_key.strip()],
+        "jwt_supported_algs": ["EdDSA"],
+        "bound_issuer": TICKET_ISSUER,
+    }
+    found = (vault.read(f"auth/{TICKET_AUTH}/config", missing_ok=True) or {}).get("data", {})
+    same = [k.strip() for k in found.get("jwt_validation_pubkeys") or []] == [public_key.strip()]
+    _put(vault, report, "ticket key", f"auth/{TICKET_AUTH}/config", config, same)
+
+
+def _read_key(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"ticket public key {path}: {exc.strerror}") from None
+
+
+def ensure_ticket_role(vault: Vault, report: Report, agent: Agent) -> None:
+    ensure_policy(vault, report, mint_policy(agent.name), mint_rules(agent.name))
+    role = {
+        "role_type": "jwt",
+        "user_claim": "agent",  # one identity per agent role, as the token role's alias
+        "bound_claims": {"agent": agent.name},
+        "claim_mappings": {"jti": "task_id", "queue": "queue"},
+        "token_policies": [mint_policy(agent.name)],
+        "token_no_default_policy": True,
+        "token_ttl": MINT_TOKEN_TTL,
+        "token_max_ttl": MINT_TOKEN_TTL,
+        "token_type": "service",
+    }
+    path = f"auth/{TICKET_AUTH}/role/{agent.name}"
+    found = (vault.read(path, missing_ok=True) or {}).get("data", {})
+    same = found.get("bound_claims") == role["bound_claims"] and found.get("token_policies") == [
+        mint_policy(agent.name)
+    ]
+    _put(vault, report, f"ticket role {agent.name}", path, role, same)
 
 
 def ensure_components(vault: Vault, report: Report) -> None:
@@ -267,14 +349,18 @@ def setup(
     grace_s: int,
     period_s: int,
     prune: bool = False,
+    ticket_public_key: Path | None = None,
 ) -> Report:
-    """Bring Vault in line with `agents`. Raises VaultRefused, ServiceUnavailable."""
+    """Bring Vault in line with `agents`; `ticket_public_key` is the front door's (PEM
+    file). Raises VaultRefused, ServiceUnavailable, ConfigError (an unreadable key)."""
     report = Report()
     ensure_mount(vault, report, "transit", "transit")
     ensure_jwt_key(vault, report)
     ensure_components(vault, report)
+    ensure_tickets(vault, report, _read_key(ticket_public_key))
     for agent in agents.values():
         ensure_agent(vault, report, agent, grace_s, period_s)
+        ensure_ticket_role(vault, report, agent)
     needs_db = any(s.kind == "database" for a in agents.values() for s in a.secrets)
     if needs_db and postgres_url:
         ensure_database(vault, report, agents.values(), postgres_url, grace_s)
