@@ -167,6 +167,7 @@ egress := sort({narrow(rule, asked) |
 rule_grant(rule) := {
 	"host": rule.host, "ports": rule.ports, "methods": rule.methods, "paths": rule.paths,
 	"internal": rule.internal, "upstream_tls": rule.upstream_tls, "inject": rule.inject,
+	"name": rule.name, "enforce": rule.enforce,
 }
 
 narrow(rule, asked) := {
@@ -177,6 +178,8 @@ narrow(rule, asked) := {
 	"internal": rule.internal,
 	"upstream_tls": rule.upstream_tls,
 	"inject": rule.inject,
+	"name": rule.name,
+	"enforce": rule.enforce,
 }
 
 pick(asked, allowed) := allowed if asked == null

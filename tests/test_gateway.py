@@ -10,6 +10,7 @@ import base64
 import json
 import shutil
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -154,6 +155,18 @@ def test_allowed_request_is_forwarded_without_proxy_credentials(task: LiveTask) 
     assert "proxy-authorization" not in seen["headers"]  # the JWT stops at the gateway
 
 
+def test_the_upstream_gets_the_path_the_rule_saw(executor: Executor, task: LiveTask) -> None:
+    """One normal form: escapes of unreserved characters decoded, dot segments removed; the
+    rule, the audit and the upstream all see the same path."""
+    spelled = f"http://127.0.0.1:{HTTP_PORT}/x/../ap%69/./items?q=%2e%2e"
+    status, _headers, body = exchange(task.socket, get(spelled, task.jwt))
+    assert status == 200, body
+    assert json.loads(body)["path"] == "/api/items?q=%2e%2e"
+    executor.credentials.audit.flush()
+    last = AuditLog(executor.store).records(task.id)[-1]
+    assert last["path"] == "/api/items" and last["decision"] == "allow"
+
+
 def test_basic_proxy_credentials_carry_the_jwt(task: LiveTask) -> None:
     basic = base64.b64encode(f"task:{task.jwt}".encode()).decode()
     status, _, _ = exchange(task.socket, get(API, None, f"Proxy-Authorization: Basic {basic}\r\n"))
@@ -234,12 +247,26 @@ ADVERSARIAL = [
         "dot segments",
         lambda t, e: get(f"http://127.0.0.1:{HTTP_PORT}/api/../admin", t.jwt),
         403,
-        "ambiguous-path",
-        "",
+        "egress[1] 127.0.0.1",
+        "path is outside",
     ),
     (
         "encoded dot segments",
         lambda t, e: get(f"http://127.0.0.1:{HTTP_PORT}/api/%2e%2e/admin", t.jwt),
+        403,
+        "egress[1] 127.0.0.1",
+        "path is outside",
+    ),
+    (
+        "a path parameter that Tomcat reads as a dot segment",
+        lambda t, e: get(f"http://127.0.0.1:{HTTP_PORT}/api/..;/admin", t.jwt),
+        403,
+        "ambiguous-path",
+        "",
+    ),
+    (
+        "an empty segment",
+        lambda t, e: get(f"http://127.0.0.1:{HTTP_PORT}/api//admin", t.jwt),
         403,
         "ambiguous-path",
         "",
@@ -341,6 +368,26 @@ ADVERSARIAL = [
         "smuggling",
         "",
     ),
+    (
+        "a header line ending in a bare LF",
+        lambda t, e: (
+            f"POST {API} HTTP/1.1\r\nHost: 127.0.0.1:{HTTP_PORT}\r\n"
+            f"Proxy-Authorization: Bearer {t.jwt}\nContent-Length: 4\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        ).encode(),
+        400,
+        "smuggling",
+        "bare LF",
+    ),
+    (
+        "a head of bare LFs only",
+        lambda t, e: (
+            f"GET {API} HTTP/1.1\nHost: 127.0.0.1:{HTTP_PORT}\nProxy-Authorization: Bearer {t.jwt}\n\n"
+        ).encode(),
+        400,
+        "smuggling",
+        "bare LF",
+    ),
     ("pipelined requests", lambda t, e: get(API, t.jwt) * 2, 400, "pipelining", ""),
 ]
 
@@ -400,6 +447,39 @@ def test_connect_tunnel_carries_tls(task: LiveTask, upstreams: Upstreams) -> Non
             while chunk := tls.recv(65536):
                 reply += chunk
     assert b'"path": "/api/secure"' in reply
+
+
+@pytest.mark.parametrize(
+    ("first_bytes", "reason"),
+    [
+        ("tls:evil.test", "TLS server name 'evil.test' in a tunnel to 127.0.0.1"),
+        (b"GET /api/secure HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", "TLS handshake"),
+    ],
+)
+def test_a_tunnel_must_carry_tls_for_its_connect_host(
+    executor: Executor, task: LiveTask, upstreams: Upstreams, first_bytes: Any, reason: str
+) -> None:
+    """Domain fronting (a TLS server name other than the CONNECT host) and anything but a
+    TLS handshake are cut before a byte reaches the upstream, and audited."""
+    with socket.socket(socket.AF_UNIX) as raw:
+        raw.settimeout(10)
+        raw.connect(task.socket)
+        raw.sendall(connect(f"127.0.0.1:{TLS_PORT}", task.jwt))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += raw.recv(1)
+        assert head.startswith(b"HTTP/1.1 200")
+        if isinstance(first_bytes, bytes):
+            raw.sendall(first_bytes)
+            assert raw.recv(65536) == b""  # cut, nothing relayed back
+        else:
+            context = ssl.create_default_context(cadata=upstreams.ca_pem)
+            context.check_hostname = False
+            with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+                context.wrap_socket(raw, server_hostname=first_bytes.removeprefix("tls:"))
+    executor.credentials.audit.flush()
+    last = AuditLog(executor.store).records(task.id, denied=True)[-1]
+    assert last["rule"] == "sni" and reason in last["reason"], last
 
 
 def test_tunnels_are_cut_when_the_task_ends(executor: Executor, upstreams: Upstreams) -> None:
@@ -638,6 +718,15 @@ def test_mcp_tools_are_checked_and_lists_filtered(
     )
     status, _, inside = client.post(call(5, "read_file", path="/docs/readme"))
     assert status == 200 and "contents of /docs/readme" in json.dumps(inside)
+    status, _, climbed = client.post(call(51, "read_file", path="/docs/../etc/passwd"))
+    assert status == 403 and "not a plain path" in climbed["error"]["message"]
+    # Every method is decided: another spelling of tools/call, or a method no grant names,
+    # is refused, never forwarded as "not a tool call".
+    spelled = {**call(52, "shell", command="id"), "method": "Tools/Call"}
+    read = {"jsonrpc": "2.0", "id": 53, "method": "resources/read", "params": {"uri": "file:///"}}
+    for refused in (spelled, read):
+        status, headers, answer = client.post(refused)
+        assert status == 403 and headers["x-airlock-denied"] == "mcp-method", answer
 
     status, _, batch = client.post([call(6, "add", a=1, b=1), call(7, "shell", command="id")])
     assert status == 403 and [e["id"] for e in batch] == [6, 7]

@@ -27,6 +27,7 @@ from orchestrator.policy.testing import run_policy_tests
 from orchestrator.task.credentials import Credentials
 from orchestrator.task.executor import Executor
 from tests.conftest import ROOT, airlock
+from tests.grants import compiled_grant
 
 POLICIES, AGENTS = ROOT / "policies", ROOT / "agents"
 DEPLOYMENT = Deployment(
@@ -389,26 +390,19 @@ EGRESS_CHECKS = [
 
 
 def compiled() -> CompiledGrant:
-    return CompiledGrant(
-        Grant.build(
-            "a",
-            identity="spiffe://t/agent/a",
-            image="i",
-            timeout_s=10,
-            limits={"cpus": 1, "memory": 1 << 30, "pids": 10},
-            egress=[
-                {"host": "*.example.com", "ports": [443], "methods": ["GET", "HEAD"], "paths": []},
-                {"host": "docs.test", "ports": [80, 443], "methods": ["GET"], "paths": ["/api/"]},
-            ],
-            tools=[
-                {
-                    "server": "git",
-                    "url": "https://g/mcp",
-                    "tool": "clone",
-                    "args": {"url": {"prefix": "https://g/"}, "depth": {"one_of": [1, 10]}},
-                }
-            ],
-        )
+    return compiled_grant(
+        egress=[
+            {"host": "*.example.com", "ports": [443], "methods": ["GET", "HEAD"], "paths": []},
+            {"host": "docs.test", "ports": [80, 443], "methods": ["GET"], "paths": ["/api/"]},
+        ],
+        tools=[
+            {
+                "server": "git",
+                "url": "https://g/mcp",
+                "tool": "clone",
+                "args": {"url": {"prefix": "https://g/"}, "depth": {"one_of": [1, 10]}},
+            }
+        ],
     )
 
 
@@ -418,6 +412,37 @@ def test_compiled_egress_checks(
 ) -> None:
     check = compiled().check_egress(host, port, method, path)
     assert (check.allowed, check.reason) == (allowed, reason)
+
+
+def test_rules_are_named_and_a_report_only_rule_denies_nothing() -> None:
+    grant = compiled_grant(
+        egress=[
+            {
+                "name": "docs",
+                "host": "docs.test",
+                "ports": [80],
+                "methods": ["GET"],
+                "paths": ["/api/"],
+            },
+            {
+                "name": "rollout",
+                "host": "new.test",
+                "ports": [80],
+                "methods": ["GET"],
+                "paths": ["/v2/"],
+                "enforce": False,
+            },
+        ],
+        tools=[],
+    )
+    assert grant.check_egress("docs.test", 80, "GET", "/api/x").rule == "docs"
+    refused = grant.check_egress("docs.test", 80, "POST", "/api/x")
+    assert (refused.allowed, refused.rule) == (False, "docs")
+    reported = grant.check_egress("new.test", 80, "POST", "/v1/x")
+    assert reported.allowed and reported.rule == "rollout"
+    assert reported.reason == "report-only: would deny: method POST is not granted for new.test"
+    assert grant.check_egress("new.test", 80, "GET", "/v2/x").reason == "granted"
+    assert not grant.check_egress("other.test", 80, "GET", "/").allowed  # no rule: denied
 
 
 def test_compiled_tool_checks() -> None:
@@ -583,6 +608,18 @@ WIDENINGS = {
         "vault policies ['ops-db']",
     ),
     "image": ('"image": image,', '"image": "attacker/anything:latest",', "image 'attacker"),
+    # A rule switched to report-only lets through what it would deny: the registry decides.
+    "report only": (
+        '"name": rule.name, "enforce": rule.enforce,',
+        '"name": rule.name, "enforce": false,',
+        "egress to pypi.org",
+    ),
+    # A renamed rule would hide which registry rule allowed a request.
+    "rule name": (
+        '"name": rule.name, "enforce": rule.enforce,',
+        '"name": "harmless", "enforce": rule.enforce,',
+        "egress to pypi.org",
+    ),
     "tools": (
         '"tools": tools,',
         '"tools": [{"server": "git", "url": "https://git.example.com/mcp", '
@@ -631,20 +668,21 @@ HOSTILE_REGISTRY = {
         "secrets.0.path",
     ),
     "internal on a wildcard host": (
-        "  - host: pypi.org\n    ports: [443]",
-        '  - host: "*.example.com"\n    internal: true\n    ports: [443]',
+        "    host: pypi.org\n    ports: [443]",
+        '    host: "*.example.com"\n    internal: true\n    ports: [443]',
         "internal: true needs an exact host",
     ),
     "a credential for a wildcard host": (
-        "  - host: pypi.org\n    ports: [443]",
-        '  - host: "*.example.com"\n    inject: {name: tok, path: secret/data/t}\n    ports: [443]',
+        "    host: pypi.org\n    ports: [443]",
+        '    host: "*.example.com"\n    inject: {name: tok, path: secret/data/t}\n    ports: [443]',
         "injected for an exact host only",
     ),
     "the metadata service": (
-        "  - host: pypi.org\n    ports: [443]",
-        "  - host: 169.254.169.254\n    internal: true\n    ports: [80]",
+        "    host: pypi.org\n    ports: [443]",
+        "    host: 169.254.169.254\n    internal: true\n    ports: [80]",
         "never an egress target",
     ),
+    "two rules of one name": ("name: pypi-files", "name: pypi-index", "names must be unique"),
 }
 
 

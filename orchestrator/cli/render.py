@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from rich.status import Status
 
     from orchestrator.core.agent import Agent
+    from orchestrator.core.grant import Grant
     from orchestrator.core.lifecycle import Event
 
 out = Console(highlight=False, soft_wrap=True)
@@ -138,6 +139,48 @@ def agent_table(agents: list[Agent]) -> None:
             str(len(agent.secrets)),
         )
     out.print(table)
+
+
+def reach(grant: Grant, on_request: dict[str, list[Any]], policy_version: str) -> None:
+    """What a grant lets an agent reach, rule by rule (`airlock policy explain`)."""
+    out.print(
+        f"[bold]{escape(grant.agent)}[/bold] as {escape(grant.identity)} "
+        f"(policy {policy_version[:23]})"
+    )
+    out.print(f"  image {escape(grant.image)}, runtime {grant.runtime}, timeout {grant.timeout_s}s")
+    table = Table(box=None, header_style="bold", title="egress", title_justify="left")
+    for column in ("RULE", "HOST", "PORTS", "METHODS", "PATHS", "NOTES"):
+        table.add_column(column, overflow="fold")
+    for index, rule in enumerate(grant.egress):
+        notes = [
+            *(["internal"] if rule.internal else []),
+            *(["tls upstream"] if rule.upstream_tls else []),
+            *([f"injects {rule.inject.name}"] if rule.inject else []),
+            *(["[yellow]report only[/yellow]"] if not rule.enforce else []),
+        ]
+        table.add_row(
+            escape(rule.name or f"egress[{index}] {rule.host}"),
+            escape(rule.host),
+            ",".join(map(str, rule.ports)),
+            ",".join(rule.methods),
+            escape(",".join(rule.paths) or "any"),
+            ", ".join(notes),
+        )
+    out.print(table if grant.egress else "  egress: none (every request is denied)")
+    for tool in grant.tools:
+        rules = "; ".join(
+            f"{name} {constraint.model_dump(exclude_none=True)}"
+            for name, constraint in tool.args.items()
+        )
+        out.print(
+            f"  tool {escape(tool.server)}/{escape(tool.tool)} at {escape(tool.url)}"
+            + (f" ({escape(rules)})" if rules else "")
+        )
+    for secret in grant.secrets:
+        out.print(f"  secret {escape(secret.name)} ({secret.kind})")
+    asked = [f"{len(v)} {k}" for k, v in on_request.items() if v]
+    if asked:
+        out.print(f"  on request (task scopes): {', '.join(asked)}")
 
 
 def audit_table(records: list[dict[str, Any]]) -> None:

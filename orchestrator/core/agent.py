@@ -72,6 +72,10 @@ class Injection(_Frozen):
 
 
 class EgressRule(_Frozen):
+    name: Name | None = Field(
+        None,
+        description="what answers, audit lines and spans call the rule (default: egress[N] HOST)",
+    )
     host: HostPattern = Field(description="exact host name, or *.suffix for its subdomains")
     ports: tuple[Port, ...] = Field((443,), min_length=1)
     methods: tuple[Method, ...] = Field(("GET", "HEAD"), min_length=1)
@@ -83,6 +87,13 @@ class EgressRule(_Frozen):
         False, description="the task sends plain http://; the gateway speaks TLS upstream"
     )
     inject: Injection | None = None
+    enforce: bool = Field(
+        True,
+        description=(
+            "false: report only; what this rule would deny for its host is let through and "
+            "audited as 'report-only: would deny', to roll a new rule out safely"
+        ),
+    )
     default: bool = True
 
     @model_validator(mode="after")
@@ -175,6 +186,13 @@ class Agent(_Frozen):
     egress: tuple[EgressRule, ...] = ()
     mcp: tuple[McpServer, ...] = ()
     delegation: Delegation = Delegation()
+
+    @model_validator(mode="after")
+    def _rule_names_are_unique(self) -> Agent:
+        named = [rule.name for rule in self.egress if rule.name]
+        if len(named) != len(set(named)):
+            raise ValueError("egress rule names must be unique within an agent")
+        return self
 
     def policy_input(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

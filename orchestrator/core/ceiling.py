@@ -48,6 +48,8 @@ def _egress_within(granted: EgressGrant, rule: EgressRule) -> bool:
         and granted.internal <= rule.internal
         and granted.upstream_tls == rule.upstream_tls
         and granted.inject == rule.inject
+        and granted.name == rule.name
+        and granted.enforce >= rule.enforce  # report-only only where the registry says so
     )
 
 

@@ -31,6 +31,8 @@ class EgressGrant(_Frozen):
     internal: bool = False
     upstream_tls: bool = False
     inject: Injection | None = None
+    name: str | None = None
+    enforce: bool = True
 
 
 class ToolGrant(_Frozen):
@@ -139,7 +141,7 @@ class CompiledGrant:
         self._exact: dict[str, list[tuple[str, EgressGrant, frozenset[int], frozenset[str]]]] = {}
         self._suffix: list[tuple[str, str, EgressGrant, frozenset[int], frozenset[str]]] = []
         for index, rule in enumerate(grant.egress):
-            name = f"egress[{index}] {rule.host}"
+            name = rule.name or f"egress[{index}] {rule.host}"
             ports, methods = frozenset(rule.ports), frozenset(rule.methods)
             if rule.host.startswith("*."):
                 self._suffix.append((rule.host[1:], name, rule, ports, methods))
@@ -191,7 +193,7 @@ class CompiledGrant:
         if not candidates:
             return DENY_NO_RULE
         # Of several rules for the host, the refusal names the one that came closest.
-        refusal, closeness = DENY_NO_RULE, -1
+        refusal, closeness, rule_of = DENY_NO_RULE, -1, None
         for name, rule, ports, methods in candidates:
             if port not in ports:
                 near = 0, Check(False, name, f"port {port} is not granted for {rule.host}")
@@ -202,7 +204,10 @@ class CompiledGrant:
             else:
                 return Check(True, name, "granted", rule.internal, rule.upstream_tls, rule.inject)
             if near[0] > closeness:
-                closeness, refusal = near
+                closeness, (refusal, rule_of) = near[0], (near[1], rule)
+        if rule_of is not None and not rule_of.enforce:  # a rule being rolled out: report only
+            reason = f"report-only: would deny: {refusal.reason}"
+            return Check(True, refusal.rule, reason, rule_of.internal, rule_of.upstream_tls)
         return refusal
 
     def check_tool(self, server: str, tool: str, args: dict[str, Any]) -> Check:
@@ -221,11 +226,32 @@ class CompiledGrant:
 def _arg_problem(constraint: ArgConstraint, value: Any) -> str | None:
     if constraint.one_of is not None and value not in constraint.one_of:
         return "is not one of the allowed values"
-    if constraint.prefix is not None and (
-        not isinstance(value, str) or not value.startswith(constraint.prefix)
-    ):
-        return f"must start with {constraint.prefix!r}"
-    too_long = constraint.max_length is not None and len(str(value)) > constraint.max_length
-    if too_long and isinstance(value, str):
+    if constraint.prefix is not None:
+        if not isinstance(value, str) or not value.startswith(constraint.prefix):
+            return f"must start with {constraint.prefix!r}"
+        if _climbs(value):
+            return (
+                "is not a plain path (dot segments, escapes or backslashes could leave the prefix)"
+            )
+    if constraint.max_length is not None and _length(value) > constraint.max_length:
         return f"is longer than {constraint.max_length}"
     return None
+
+
+def _climbs(value: str) -> bool:
+    """Whether a prefixed value could mean something outside its prefix to whoever reads it
+    as a path or URL: `.` or `..` segments, escaped dots or separators, backslashes, NUL."""
+    lowered = value.lower()
+    if "\\" in value or "\0" in value or any(e in lowered for e in ("%2e", "%2f", "%5c", "%00")):
+        return True
+    return any(segment in (".", "..") for segment in value.split("/"))
+
+
+def _length(value: Any) -> int:
+    """How long a value is, for max_length: characters of a string, items of an array,
+    characters of the JSON of anything else (an object, a number)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, (list, tuple)):
+        return len(value)
+    return len(json.dumps(value, separators=(",", ":"), default=str))

@@ -8,7 +8,7 @@ will connect to, so that what was checked is exactly what is reached.
 
 from __future__ import annotations
 
-import posixpath
+import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -58,16 +58,64 @@ def _host_port(authority: str, default_port: int) -> tuple[str, int]:
     return host, int(port)
 
 
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+_HEX = frozenset(string.hexdigits)
+
+
 def clean_path(path: str) -> str | None:
-    """The path without its query, if it is unambiguous; None if it could mean two things."""
+    """The one normal form of a request path (its query and fragment cut off), or None when
+    servers could read it two ways. Percent-escapes of unreserved characters are decoded
+    (`/ap%69` is `/api`), other escapes upper-cased; dot segments are removed (RFC 3986
+    5.2.4, after decoding, so `%2e%2e` counts). Refused: escaped `/`, `\\` or NUL, a
+    backslash, a NUL, an empty segment (`//`: servers disagree on it), and `..;` or `.;`
+    (Tomcat and others read them as dot segments). What this returns is what the rules see,
+    what the audit records and what goes upstream."""
     bare = path.split("?", 1)[0].split("#", 1)[0]
-    lowered = bare.lower()
-    if not bare.startswith("/") or "\\" in bare or any(x in lowered for x in ("%2e", "%2f", "%5c")):
+    if not bare.startswith("/") or "\\" in bare or "\0" in bare:
         return None
-    if any(segment in (".", "..") for segment in bare.split("/")):
-        return None
-    normalized = posixpath.normpath(bare) + ("/" if bare.endswith("/") and bare != "/" else "")
-    return normalized if normalized == bare or normalized + "/" == bare else None
+    decoded = _decode_unreserved(bare)
+    return None if decoded is None else _without_dot_segments(decoded)
+
+
+def _decode_unreserved(path: str) -> str | None:
+    """`path` with escapes of unreserved characters decoded and the rest upper-cased; None
+    for a broken escape or an escaped separator or NUL."""
+    out: list[str] = []
+    i = 0
+    while i < len(path):
+        if path[i] != "%":
+            out.append(path[i])
+            i += 1
+            continue
+        digits = path[i + 1 : i + 3]
+        if len(digits) != 2 or not set(digits) <= _HEX:
+            return None
+        char = chr(int(digits, 16))
+        if char in "/\\\0":
+            return None
+        out.append(char if char in _UNRESERVED else "%" + digits.upper())
+        i += 3
+    return "".join(out)
+
+
+def _without_dot_segments(path: str) -> str | None:
+    """RFC 3986 5.2.4 on an absolute path; None for `//`, `.;` or `..;` segments."""
+    kept: list[str] = []
+    parts = path.split("/")[1:]
+    for n, segment in enumerate(parts):
+        last = n == len(parts) - 1
+        if ";" in segment and segment.split(";", 1)[0] in (".", ".."):
+            return None
+        if segment in (".", ".."):
+            if segment == ".." and kept:
+                kept.pop()
+            if last:
+                kept.append("")
+        elif segment == "" and not last:
+            return None
+        else:
+            kept.append(segment)
+    return "/" + "/".join(kept)
 
 
 def decide_request(grant: CompiledGrant, target: Target) -> Verdict:

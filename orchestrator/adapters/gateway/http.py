@@ -115,6 +115,8 @@ class Refused(Exception):
 
 def smuggling_problem(head: bytes) -> str | None:
     """Header framing that two HTTP parsers could read differently."""
+    if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
+        return "a line ends in a bare LF or CR (only CRLF is read the same by every parser)"
     names = [line.split(b":", 1)[0].strip().lower() for line in head.split(b"\r\n")[1:] if line]
     if any(b" " in name or b"\t" in name for name in names):
         return "whitespace in a header name"
@@ -127,8 +129,10 @@ def smuggling_problem(head: bytes) -> str | None:
 
 
 async def read_head(reader: asyncio.StreamReader, buffer: bytearray) -> bool:
-    """Fill `buffer` until it holds a whole request head; False on a clean end of stream."""
-    while b"\r\n\r\n" not in buffer:
+    """Fill `buffer` until it holds a whole request head (or what a lenient parser would
+    take for one: a blank line of bare LFs, for smuggling_problem to refuse); False on a
+    clean end of stream."""
+    while b"\r\n\r\n" not in buffer and b"\n\n" not in buffer:
         if len(buffer) > MAX_HEAD:
             raise Refused(431, "limits", "request head too large")
         chunk = await read_chunk(reader)

@@ -1,10 +1,13 @@
 """MCP inspection, as pure functions: JSON-RPC messages in, decisions and filtered answers out.
 
-A task may call only the tools its grant names, with the argument constraints the policy
-set; `tools/list` answers are cut down to those tools, so an agent never even sees the rest.
-Batches are decided element by element: one denied element refuses the batch, and the
-answer says which element was refused and why. Anything that does not parse as JSON-RPC
-is refused.
+Every JSON-RPC method is decided. Protocol plumbing (PLUMBING: initialize, ping,
+notifications, the list methods) passes; `tools/call` passes only for a tool the grant
+names, with the argument constraints the policy set; anything else (`resources/read`,
+`prompts/get`, `sampling/...`, a method spelled in another case) is refused, as no grant
+names it. `tools/list` answers are cut down to the granted tools, so an agent never even
+sees the rest. Batches are decided element by element: one denied element refuses the
+batch, and the answer says which element was refused and why. Anything that does not parse
+as JSON-RPC is refused on the way out and dropped on the way back, never passed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,20 @@ from orchestrator.core.grant import CompiledGrant
 
 MAX_MCP_BODY = 1 << 20
 DENIED_CODE = -32001  # a server-defined JSON-RPC error: refused by policy
+# What any MCP session needs, whatever its grant: the handshake, liveness, notifications
+# (client to server: initialized, cancelled, progress, roots changed) and the list methods
+# (tools/list answers are filtered to the grant).
+PLUMBING = frozenset(
+    {
+        "initialize",
+        "ping",
+        "tools/list",
+        "resources/list",
+        "resources/templates/list",
+        "prompts/list",
+        "logging/setLevel",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -40,8 +57,12 @@ def _decide(grant: CompiledGrant, server: str, message: Any) -> Call:
         return Call(ident, "(response)", None, True, f"mcp {server}", "client response")
     if not isinstance(method, str):
         return Call(ident, "?", None, False, "mcp-malformed", "method is not a string")
+    if method in PLUMBING or method.startswith("notifications/"):
+        return Call(ident, method, None, True, f"mcp {server}", "protocol plumbing")
     if method != "tools/call":
-        return Call(ident, method, None, True, f"mcp {server}", "not a tool call")
+        return Call(
+            ident, method, None, False, "mcp-method", f"method {method[:64]!r} is not granted"
+        )
     params = message.get("params")
     if not isinstance(params, dict) or not isinstance(params.get("name"), str):
         return Call(ident, method, None, False, "mcp-malformed", "tools/call without a tool name")
@@ -101,34 +122,72 @@ def filter_message(grant: CompiledGrant, server: str, message: Any) -> Any:
 
 
 def filter_json_body(grant: CompiledGrant, server: str, body: bytes) -> bytes:
+    """A JSON answer with its tool lists filtered; one that does not parse is dropped."""
+    if not body.strip():
+        return body
     try:
         document = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        return body
+        return b""
     return json.dumps(filter_message(grant, server, document)).encode()
 
 
 class EventStreamFilter:
-    """Filters a text/event-stream as it flows, one complete line at a time."""
+    """Filters a text/event-stream as it flows, one whole event at a time, parsed as the
+    HTML server-sent events grammar says: lines end in CRLF, LF or CR; an event ends at a
+    blank line; its `data:` lines are joined with newlines (one optional space after the
+    colon dropped). An event's data must be JSON-RPC to pass (filtered); one that does not
+    parse is dropped. Comments and `event:`, `id:`, `retry:` fields pass with their event."""
 
     def __init__(self, grant: CompiledGrant, server: str) -> None:
         self.grant, self.server = grant, server
         self._pending = b""
+        self._fields: list[bytes] = []
+        self._data: list[bytes] | None = None
 
     def feed(self, data: bytes) -> bytes:
         self._pending += data
-        *lines, self._pending = self._pending.split(b"\n")
-        return b"".join(self._line(line) + b"\n" for line in lines)
+        out = bytearray()
+        while True:
+            line, ending = _split_line(self._pending)
+            if ending is None:
+                return bytes(out)
+            self._pending = self._pending[len(line) + ending :]
+            out += self._line(line)
 
     def finish(self) -> bytes:
-        rest, self._pending = self._pending, b""
-        return self._line(rest) if rest else b""
+        """What is left at the end of the stream: an unterminated event is dropped."""
+        self._pending, self._fields, self._data = b"", [], None
+        return b""
 
     def _line(self, line: bytes) -> bytes:
-        if not line.startswith(b"data:"):
-            return line
+        if line:
+            name, _, value = line.partition(b":")
+            if name == b"data":
+                self._data = [*(self._data or []), value[1:] if value[:1] == b" " else value]
+            else:
+                self._fields.append(line)
+            return b""
+        fields, data = self._fields, self._data
+        self._fields, self._data = [], None
+        if data is None:
+            return b"".join(f + b"\n" for f in fields) + b"\n" if fields else b""
         try:
-            message = json.loads(line[5:].strip())
+            message = json.loads(b"\n".join(data))
         except (ValueError, UnicodeDecodeError):
-            return line
-        return b"data: " + json.dumps(filter_message(self.grant, self.server, message)).encode()
+            return b""  # not JSON: dropped, with the fields that belonged to it
+        filtered = json.dumps(filter_message(self.grant, self.server, message)).encode()
+        return b"".join(f + b"\n" for f in fields) + b"data: " + filtered + b"\n\n"
+
+
+def _split_line(buffer: bytes) -> tuple[bytes, int | None]:
+    """The first line of `buffer` and the length of its ending (None: no whole line yet; a
+    CR at the very end may be the first half of a CRLF)."""
+    for i, byte in enumerate(buffer):
+        if byte == 0x0A:
+            return buffer[:i], 1
+        if byte == 0x0D:
+            if i + 1 == len(buffer):
+                return buffer, None
+            return buffer[:i], 2 if buffer[i + 1] == 0x0A else 1
+    return buffer, None

@@ -1,14 +1,17 @@
 """The gateway's thin asyncio shell: it moves bytes, and asks the pure core what is allowed.
 
 One client connection carries a sequence of requests (keep-alive). Request heads are
-scanned for smuggling (Content-Length with Transfer-Encoding, repeated Content-Length)
-before h11 sees them; pipelined requests are refused. Plain HTTP is forwarded in origin
-form to exactly the address that was checked; CONNECT becomes a byte tunnel to it.
+scanned for smuggling (Content-Length with Transfer-Encoding, repeated Content-Length, line
+ends other than CRLF) before h11 sees them; pipelined requests are refused. Plain HTTP is
+forwarded in origin form, with the path in its one normal form, to exactly the address that
+was checked; CONNECT becomes a byte tunnel to it once the client's TLS ClientHello names
+the CONNECT host (no domain fronting inside a granted tunnel).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import ssl
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -16,7 +19,7 @@ from urllib.parse import urlsplit
 import h11
 
 from orchestrator.adapters.gateway.addresses import IPAddress
-from orchestrator.adapters.gateway.decide import Target, Verdict
+from orchestrator.adapters.gateway.decide import Target, Verdict, clean_path
 from orchestrator.adapters.gateway.http import (
     HOP_BY_HOP,
     MAX_HEAD,
@@ -43,6 +46,7 @@ from orchestrator.adapters.gateway.mcp import (
     inspect_request,
     refusal_body,
 )
+from orchestrator.adapters.gateway.tls_hello import NotTls, hello_length, server_name
 
 
 class Session:
@@ -68,7 +72,8 @@ class Session:
         buffer = bytearray()
         try:
             while await read_head(self.reader, buffer):
-                head = bytes(buffer[: buffer.index(b"\r\n\r\n")])
+                end = buffer.find(b"\r\n\r\n")
+                head = bytes(buffer[:end] if end >= 0 else buffer)
                 problem = smuggling_problem(head)
                 if problem:
                     self.policy.audit(Exchange("?", reason=problem, rule="smuggling").record())
@@ -139,7 +144,9 @@ class Session:
             url = urlsplit(target)
             if url.scheme != "http" or not url.hostname:
                 raise Refused(400, "scheme", "only absolute http:// URLs; use CONNECT for TLS")
-            exchange.path = url.path or "/"
+            # One normal form (decide.clean_path) is what is decided, audited and sent on; a
+            # path with none goes to the decision as it is, to be refused there.
+            exchange.path = clean_path(url.path or "/") or url.path or "/"
             exchange.port = url.port or 80
             path = exchange.path + (f"?{url.query}" if url.query else "")
             self._authenticate(request)
@@ -308,7 +315,8 @@ class Session:
         exchange: Exchange,
         server: str,
     ) -> None:
-        """An MCP server's answer: event streams filtered as they flow, JSON as a whole."""
+        """An MCP server's answer: event streams filtered as they flow, JSON as a whole,
+        anything else dropped."""
         response = await next_event(upstream, up_reader)
         while not isinstance(response, h11.Response):
             response = await next_event(upstream, up_reader)
@@ -325,7 +333,8 @@ class Session:
                 body += event.data
                 if len(body) > MAX_MCP_BODY:
                     raise Refused(502, "mcp-malformed", "MCP answer too large to inspect")
-            elif data := (stream.feed(event.data) if kind == b"text/event-stream" else event.data):
+            # An MCP answer is JSON or an event stream; any other body is not passed on.
+            elif kind == b"text/event-stream" and (data := stream.feed(event.data)):
                 self.writer.write(self.conn.send(h11.Data(data=data)) or b"")
                 await self.writer.drain()
         if kind == b"application/json":
@@ -361,6 +370,16 @@ class Session:
             )
             or b""
         )
+
+    async def _client_hello(self, first: bytes, host: str) -> tuple[bytes, str | None]:
+        """The tunnel's first bytes (its whole ClientHello), and why it must be cut, if so."""
+        try:
+            hello = await _read_hello(self.reader, first)
+        except NotTls as exc:
+            return b"", str(exc)
+        except (TimeoutError, ConnectionError) as exc:
+            return b"", f"no ClientHello: {exc or exc.__class__.__name__}"
+        return hello, sni_problem(hello, host)
 
     async def connect(self, request: h11.Request, authority: str) -> None:
         exchange = Exchange("CONNECT")
@@ -400,11 +419,17 @@ class Session:
             raise Refused(429, "limits", over)
         exchange.decision, exchange.status = "allow", 200
         self.writer.write(self.conn.send(h11.Response(status_code=200, headers=[])) or b"")
-        leftover, _ = self.conn.trailing_data
-        if leftover:
-            up_writer.write(leftover)
-            exchange.bytes_out += len(leftover)
+        leftover = bytes(self.conn.trailing_data[0])
         try:
+            if granted is None:  # a TLS tunnel: its ClientHello must name the CONNECT host
+                leftover, problem = await self._client_hello(leftover, exchange.host)
+                if problem is not None:
+                    exchange.decision, exchange.status = "deny", 403
+                    exchange.rule, exchange.reason = "sni", problem
+                    return
+            if leftover:
+                up_writer.write(leftover)
+                exchange.bytes_out += len(leftover)
             sent, received = await asyncio.gather(
                 pipe(self.reader, up_writer, self.policy.relayed),
                 pipe(up_reader, self.writer, self.policy.relayed),
@@ -412,8 +437,38 @@ class Session:
             exchange.bytes_out += sent
             exchange.bytes_in += received
         finally:
+            up_writer.close()  # already, unless cut or cancelled before the relay began
             self.policy.tunnel(-1)
             self.policy.audit(exchange.record())
+
+
+async def _read_hello(reader: asyncio.StreamReader, first: bytes) -> bytes:
+    """The client's first bytes in a tunnel, up to the end of its ClientHello. Raises NotTls,
+    TimeoutError, or ConnectionError (closed before the hello ended)."""
+    data = first
+    while hello_length(data) is None:
+        chunk = await read_chunk(reader)
+        if not chunk:
+            raise ConnectionError("the client closed the tunnel before its ClientHello")
+        data += chunk
+    return data
+
+
+def sni_problem(hello: bytes, host: str) -> str | None:
+    """Why a tunnel whose ClientHello is `hello` does not go to `host` (the CONNECT host,
+    normalized), or None when it does: the SNI must be that host, or absent for an
+    address (clients send no SNI for an IP literal)."""
+    try:
+        name = server_name(hello[: hello_length(hello)])
+    except NotTls as exc:
+        return str(exc)
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        if name != host:
+            return f"TLS server name {name!r} is not the CONNECT host {host!r}"
+        return None
+    return None if name is None else f"TLS server name {name!r} in a tunnel to {host}"
 
 
 async def pipe(

@@ -1,0 +1,152 @@
+"""MCP inspection as pure functions: every JSON-RPC method decided, argument rules that no
+spelling of a path escapes, and server answers parsed as the SSE grammar says, with
+anything unparsable dropped rather than passed."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from orchestrator.adapters.gateway.mcp import EventStreamFilter, filter_json_body, inspect_request
+from tests.grants import compiled_grant
+
+GRANT = compiled_grant(
+    egress=[],
+    tools=[
+        {
+            "server": "files",
+            "url": "http://f/mcp",
+            "tool": "read_file",
+            "args": {"path": {"prefix": "/docs/", "max_length": 40}},
+        },
+        {
+            "server": "files",
+            "url": "http://f/mcp",
+            "tool": "tag",
+            "args": {"labels": {"max_length": 2}, "meta": {"max_length": 20}},
+        },
+    ],
+)
+
+
+def message(method: str, **params: Any) -> bytes:
+    return json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode()
+
+
+def decided(body: bytes) -> tuple[bool, str, str]:
+    [call], _ = inspect_request(GRANT, "files", body)
+    return call.allowed, call.rule, call.reason
+
+
+@pytest.mark.parametrize(
+    ("method", "allowed"),
+    [
+        ("initialize", True),
+        ("ping", True),
+        ("notifications/initialized", True),
+        ("notifications/cancelled", True),
+        ("tools/list", True),
+        ("resources/list", True),
+        ("prompts/list", True),
+        ("resources/read", False),
+        ("prompts/get", False),
+        ("sampling/createMessage", False),
+        ("completion/complete", False),
+        ("Tools/Call", False),
+        ("TOOLS/LIST", False),
+        ("tools/call ", False),
+        ("x", False),
+    ],
+)
+def test_every_method_is_decided(method: str, allowed: bool) -> None:
+    got, rule, _ = decided(message(method, uri="file:///etc/passwd", name="p"))
+    assert got is allowed, (method, rule)
+    if not allowed:
+        assert rule == "mcp-method"
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        ("/docs/readme", True),
+        ("/docs/a/b.txt", True),
+        ("/etc/passwd", False),
+        ("/docs/../etc/passwd", False),
+        ("/docs/./../etc/passwd", False),
+        ("/docs/%2e%2e/etc/passwd", False),
+        ("/docs/%2E%2E%2Fetc", False),
+        ("/docs/..\\etc\\passwd", False),
+        ("/docs/a\x00", False),
+        ("/docs/" + "a" * 40, False),
+        (["/docs/readme"], False),
+    ],
+)
+def test_path_arguments_cannot_climb_out_of_their_prefix(path: Any, allowed: bool) -> None:
+    got, _, reason = decided(message("tools/call", name="read_file", arguments={"path": path}))
+    assert got is allowed, reason
+
+
+def test_max_length_holds_for_every_type() -> None:
+    def tag(**arguments: Any) -> bool:
+        return decided(message("tools/call", name="tag", arguments=arguments))[0]
+
+    assert tag(labels=["a", "b"], meta={"k": "v"})
+    assert not tag(labels=["a", "b", "c"])  # items of an array
+    assert not tag(meta={"key": "a long enough value"})  # characters of an object's JSON
+    assert not tag(meta=10**30)  # digits of a number
+    assert tag(labels="ab") and not tag(labels="abc")
+
+
+TOOLS = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "result": {"tools": [{"name": "read_file"}, {"name": "shell"}, {"name": "tag"}]},
+}
+
+
+def names(event_data: bytes) -> list[str]:
+    return [t["name"] for t in json.loads(event_data)["result"]["tools"]]
+
+
+def test_event_streams_are_parsed_as_the_sse_grammar_says() -> None:
+    stream = EventStreamFilter(GRANT, "files")
+    text = json.dumps(TOOLS, indent=1)  # a message spread over many data: lines
+    raw = "event: message\r\nid: 7\r\n" + "".join(f"data: {line}\r\n" for line in text.split("\n"))
+    raw += "\r\n"
+    out = b"".join(stream.feed(raw[i : i + 5].encode()) for i in range(0, len(raw), 5))
+    out += stream.finish()
+    lines = out.decode().split("\n")
+    assert lines[:2] == ["event: message", "id: 7"]
+    assert names(lines[2].removeprefix("data: ").encode()) == ["read_file", "tag"]
+    assert "shell" not in out.decode()
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        b'data: {"jsonrpc": "2.0", "id": 1, "result": {"tools": [{"name": "shell"}\n\n',
+        b"data: not json at all\n\n",
+        b'data: {"jsonrpc": "2.0",\rdata: "result": {"tools": [{"name": "shell"}]}}\r\r',
+    ],
+)
+def test_what_does_not_parse_is_dropped_never_passed(event: bytes) -> None:
+    stream = EventStreamFilter(GRANT, "files")
+    out = stream.feed(event) + stream.finish()
+    assert b"shell" not in out
+
+
+def test_an_unterminated_event_is_dropped() -> None:
+    stream = EventStreamFilter(GRANT, "files")
+    assert stream.feed(b"data: " + json.dumps(TOOLS).encode()) == b""
+    assert stream.finish() == b""
+
+
+def test_json_answers_are_filtered_and_garbage_dropped() -> None:
+    assert names(filter_json_body(GRANT, "files", json.dumps(TOOLS).encode())) == [
+        "read_file",
+        "tag",
+    ]
+    assert filter_json_body(GRANT, "files", b'{"result": {"tools": [{"name": "shell"}') == b""
+    assert filter_json_body(GRANT, "files", b"") == b""
