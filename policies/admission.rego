@@ -36,6 +36,7 @@ grant := {
 	"limits": limits,
 	"egress": egress,
 	"tools": tools,
+	"mcp_reads": mcp_reads,
 	"secrets": secrets,
 	"vault_policies": agent.vault_policies,
 }
@@ -249,6 +250,15 @@ agent_tools[key] := {
 tools := sort([tool_grant(tool) | some tool in agent_tools; tool.default]) if task.scopes.tools == null
 
 tools := sort({tool_grant(agent_tools[key]) | some key in task.scopes.tools; agent_tools[key]}) if task.scopes.tools != null
+
+# Resources (URI prefixes) and prompts an MCP server offers this agent, granted with it.
+mcp_reads := sort([{
+	"server": server.name, "url": server.url, "internal": server.internal,
+	"resources": server.resources, "prompts": server.prompts,
+} |
+	some server in agent.mcp
+	count(server.resources) + count(server.prompts) > 0
+])
 
 tool_grant(tool) := {
 	"server": tool.server, "url": tool.url, "tool": tool.tool, "args": tool.args,

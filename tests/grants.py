@@ -9,9 +9,11 @@ from orchestrator.core.grant import CompiledGrant, Grant
 
 
 def compiled_grant(
-    egress: Sequence[dict[str, Any]] = (), tools: Sequence[dict[str, Any]] = ()
+    egress: Sequence[dict[str, Any]] = (),
+    tools: Sequence[dict[str, Any]] = (),
+    mcp_reads: Sequence[dict[str, Any]] = (),
 ) -> CompiledGrant:
-    """A compiled grant of agent `a` with these egress rules and MCP tools."""
+    """A compiled grant of agent `a` with these egress rules, MCP tools and reads."""
     return CompiledGrant(
         Grant.build(
             "a",
@@ -21,5 +23,6 @@ def compiled_grant(
             limits={"cpus": 1, "memory": 1 << 30, "pids": 10},
             egress=list(egress),
             tools=list(tools),
+            mcp_reads=list(mcp_reads),
         )
     )

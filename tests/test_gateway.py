@@ -720,13 +720,13 @@ def test_mcp_tools_are_checked_and_lists_filtered(
     assert status == 200 and "contents of /docs/readme" in json.dumps(inside)
     status, _, climbed = client.post(call(51, "read_file", path="/docs/../etc/passwd"))
     assert status == 403 and "not a plain path" in climbed["error"]["message"]
-    # Every method is decided: another spelling of tools/call, or a method no grant names,
-    # is refused, never forwarded as "not a tool call".
+    # Every method is decided: another spelling of tools/call, or a resource no grant
+    # names, is refused, never forwarded as "not a tool call".
     spelled = {**call(52, "shell", command="id"), "method": "Tools/Call"}
     read = {"jsonrpc": "2.0", "id": 53, "method": "resources/read", "params": {"uri": "file:///"}}
-    for refused in (spelled, read):
+    for refused, rule in ((spelled, "mcp-method"), (read, "default-deny")):
         status, headers, answer = client.post(refused)
-        assert status == 403 and headers["x-airlock-denied"] == "mcp-method", answer
+        assert status == 403 and headers["x-airlock-denied"] == rule, answer
 
     status, _, batch = client.post([call(6, "add", a=1, b=1), call(7, "shell", command="id")])
     assert status == 403 and [e["id"] for e in batch] == [6, 7]

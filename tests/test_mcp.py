@@ -12,6 +12,14 @@ import pytest
 from orchestrator.adapters.gateway.mcp import EventStreamFilter, filter_json_body, inspect_request
 from tests.grants import compiled_grant
 
+READS = [
+    {
+        "server": "files",
+        "url": "http://f/mcp",
+        "resources": ["docs://manual/"],
+        "prompts": ["summarize"],
+    }
+]
 GRANT = compiled_grant(
     egress=[],
     tools=[
@@ -28,6 +36,7 @@ GRANT = compiled_grant(
             "args": {"labels": {"max_length": 2}, "meta": {"max_length": 20}},
         },
     ],
+    mcp_reads=READS,
 )
 
 
@@ -50,8 +59,8 @@ def decided(body: bytes) -> tuple[bool, str, str]:
         ("tools/list", True),
         ("resources/list", True),
         ("prompts/list", True),
-        ("resources/read", False),
-        ("prompts/get", False),
+        ("resources/read", False),  # of a URI no prefix grants
+        ("prompts/get", False),  # of a prompt no grant names
         ("sampling/createMessage", False),
         ("completion/complete", False),
         ("Tools/Call", False),
@@ -64,7 +73,7 @@ def test_every_method_is_decided(method: str, allowed: bool) -> None:
     got, rule, _ = decided(message(method, uri="file:///etc/passwd", name="p"))
     assert got is allowed, (method, rule)
     if not allowed:
-        assert rule == "mcp-method"
+        assert rule in ("mcp-method", "default-deny")
 
 
 @pytest.mark.parametrize(
@@ -85,6 +94,28 @@ def test_every_method_is_decided(method: str, allowed: bool) -> None:
 )
 def test_path_arguments_cannot_climb_out_of_their_prefix(path: Any, allowed: bool) -> None:
     got, _, reason = decided(message("tools/call", name="read_file", arguments={"path": path}))
+    assert got is allowed, reason
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "allowed"),
+    [
+        ("resources/read", {"uri": "docs://manual/intro.md"}, True),
+        ("resources/read", {"uri": "docs://manual/"}, True),
+        ("resources/read", {"uri": "docs://secret/keys"}, False),
+        ("resources/read", {"uri": "docs://manual/../secret/keys"}, False),
+        ("resources/read", {"uri": "docs://manual/%2e%2e/secret"}, False),
+        ("resources/read", {"uri": ["docs://manual/intro.md"]}, False),
+        ("resources/read", {}, False),
+        ("prompts/get", {"name": "summarize"}, True),
+        ("prompts/get", {"name": "exfiltrate"}, False),
+        ("prompts/get", {"name": "Summarize"}, False),
+    ],
+)
+def test_resources_and_prompts_only_as_granted(
+    method: str, params: dict[str, Any], allowed: bool
+) -> None:
+    got, _, reason = decided(message(method, **params))
     assert got is allowed, reason
 
 

@@ -614,6 +614,13 @@ WIDENINGS = {
         '"name": rule.name, "enforce": false,',
         "egress to pypi.org",
     ),
+    # Resources of an MCP server the registry never offered.
+    "mcp reads": (
+        '"mcp_reads": mcp_reads,',
+        '"mcp_reads": [{"server": "git", "url": "https://git.example.com/mcp", '
+        '"internal": false, "resources": ["file:///"], "prompts": []}],',
+        "MCP reads of git",
+    ),
     # A renamed rule would hide which registry rule allowed a request.
     "rule name": (
         '"name": rule.name, "enforce": rule.enforce,',

@@ -22,7 +22,9 @@ from orchestrator.adapters.vault.setup import (
     COMPONENT_AUTH,
     ORCHESTRATOR_POLICY,
     TICKET_AUTH,
+    Report,
     component_credentials,
+    ensure_tickets,
     mint_policy,
 )
 from orchestrator.client import Client
@@ -121,6 +123,35 @@ def test_minting_takes_the_front_doors_ticket_for_that_agent(
     )
     assert refused(lambda: vault.write(login, {"role": "tester", "jwt": old}))
     vault.write("auth/token/revoke-self", token=as_ticket)
+
+
+def test_deployments_sharing_a_vault_keep_each_others_ticket_key(
+    settings: Settings, vault: Vault, tmp_path: Path
+) -> None:
+    """vault setup adds its ticket key to those trusted; --prune leaves it alone trusted."""
+    generate(tmp_path / "other.key", tmp_path / "other.pub")
+    other = (tmp_path / "other.pub").read_text()
+    config = f"auth/{TICKET_AUTH}/config"
+    before = vault.read(config)["data"]["jwt_validation_pubkeys"]  # type: ignore[index]
+    try:
+        ensure_tickets(vault, Report(), other)
+        trusted = vault.read(config)["data"]["jwt_validation_pubkeys"]  # type: ignore[index]
+        assert len(trusted) == len(before) + 1
+        spec = {"agent": "tester", "command": ["true"]}
+        me = Identities(local_operator(), None)
+        for key in (settings.ticket_key, tmp_path / "other.key"):
+            ticket = TicketSigner(key).sign(str(uuid.uuid4()), spec, settings.queue, me)
+            login = vault.write(f"auth/{TICKET_AUTH}/login", {"role": "tester", "jwt": ticket})
+            vault.write("auth/token/revoke-self", token=login["auth"]["client_token"])  # type: ignore[index]
+    finally:
+        vault.write(
+            config,
+            {
+                "jwt_validation_pubkeys": before,
+                "jwt_supported_algs": ["EdDSA"],
+                "bound_issuer": "airlock-front-door",
+            },
+        )
 
 
 @pytest.fixture

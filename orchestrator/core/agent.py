@@ -123,6 +123,12 @@ class McpServer(_Frozen):
     name: Name
     url: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/\S*)?$")]
     tools: tuple[ToolRule, ...] = ()
+    resources: tuple[Annotated[str, Field(pattern=r"^[a-z][a-z0-9+.-]*:\S*$")], ...] = Field(
+        (), description="URI prefixes resources/read may ask for (none: no resource)"
+    )
+    prompts: tuple[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")], ...] = Field(
+        (), description="prompt names prompts/get may ask for (none: no prompt)"
+    )
     internal: bool = Field(False, description="the server is on an internal address")
 
 

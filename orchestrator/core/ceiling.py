@@ -114,6 +114,14 @@ def _reach(grant: Grant, agent: Agent) -> list[str]:
     for tool in grant.tools:
         if tools.get((tool.server, tool.url, tool.internal, tool.tool)) != tool.args:
             problems.append(f"tool {tool.server}/{tool.tool} is beyond the registry")
+    servers = {(m.name, m.url, m.internal): m for m in agent.mcp}
+    for read in grant.mcp_reads:
+        server = servers.get((read.server, read.url, read.internal))
+        if server is None or not (
+            set(read.resources) <= set(server.resources)
+            and set(read.prompts) <= set(server.prompts)
+        ):
+            problems.append(f"MCP reads of {read.server} are beyond the registry")
     secrets = {(s.name, s.kind, s.path, s.role) for s in agent.secrets}
     for secret in grant.secrets:
         if (secret.name, secret.kind, secret.path, secret.role) not in secrets:

@@ -43,6 +43,16 @@ class ToolGrant(_Frozen):
     internal: bool = False
 
 
+class McpReadGrant(_Frozen):
+    """What a task may read from one MCP server besides its tools."""
+
+    server: str
+    url: str
+    resources: tuple[str, ...] = ()  # URI prefixes for resources/read
+    prompts: tuple[str, ...] = ()  # names for prompts/get
+    internal: bool = False
+
+
 class SecretGrant(_Frozen):
     name: str
     kind: str
@@ -68,6 +78,7 @@ class Grant(_Frozen):
     tools: tuple[ToolGrant, ...]
     secrets: tuple[SecretGrant, ...]
     vault_policies: tuple[str, ...]
+    mcp_reads: tuple[McpReadGrant, ...] = ()
 
     @classmethod
     def build(cls, agent: str, **fields: Any) -> Grant:
@@ -148,12 +159,15 @@ class CompiledGrant:
             else:
                 self._exact.setdefault(rule.host, []).append((name, rule, ports, methods))
         self._tools = {(t.server, t.tool): t for t in grant.tools}
+        self._reads = {r.server: r for r in grant.mcp_reads}
         self._servers: dict[tuple[str, int], list[tuple[str, str, bool]]] = {}
-        for tool in grant.tools:
-            url = urlsplit(tool.url)
+        servers = [(t.server, t.url, t.internal) for t in grant.tools]
+        servers += [(r.server, r.url, r.internal) for r in grant.mcp_reads]
+        for server, address, internal in servers:
+            url = urlsplit(address)
             if url.scheme == "http" and url.hostname:
                 where = (url.hostname.lower(), url.port or 80)
-                entry = (url.path or "/", tool.server, tool.internal)
+                entry = (url.path or "/", server, internal)
                 if entry not in self._servers.setdefault(where, []):
                     self._servers[where].append(entry)
 
@@ -210,6 +224,14 @@ class CompiledGrant:
             return Check(True, refusal.rule, reason, rule_of.internal, rule_of.upstream_tls)
         return refusal
 
+    def check_read(self, server: str, method: str, what: Any) -> Check:
+        """May this task read resource URI `what` (resources/read) or get prompt `what`
+        (prompts/get) from MCP `server`?"""
+        problem = _read_problem(self._reads.get(server), method, what)
+        if problem:
+            return Check(False, "default-deny", problem)
+        return Check(True, f"mcp {server} {method}", "granted")
+
     def check_tool(self, server: str, tool: str, args: dict[str, Any]) -> Check:
         """May this task call MCP `tool` on `server` with these arguments?"""
         granted = self._tools.get((server, tool))
@@ -221,6 +243,20 @@ class CompiledGrant:
             if problem:
                 return Check(False, name, f"argument {arg!r} {problem}")
         return Check(True, name, "granted")
+
+
+def _read_problem(granted: McpReadGrant | None, method: str, what: Any) -> str | None:
+    """Why resources/read of URI `what`, or prompts/get of name `what`, is not granted."""
+    if not isinstance(what, str):
+        return f"{method} needs a {'uri' if method == 'resources/read' else 'name'}"
+    if method == "resources/read":
+        prefixes = granted.resources if granted else ()
+        if not any(what.startswith(p) for p in prefixes) or _climbs(what):
+            return f"resource {what[:128]!r} is not granted"
+        return None
+    if what not in (granted.prompts if granted else ()):
+        return f"prompt {what[:128]!r} is not granted"
+    return None
 
 
 def _arg_problem(constraint: ArgConstraint, value: Any) -> str | None:

@@ -2,9 +2,10 @@
 
 Every JSON-RPC method is decided. Protocol plumbing (PLUMBING: initialize, ping,
 notifications, the list methods) passes; `tools/call` passes only for a tool the grant
-names, with the argument constraints the policy set; anything else (`resources/read`,
-`prompts/get`, `sampling/...`, a method spelled in another case) is refused, as no grant
-names it. `tools/list` answers are cut down to the granted tools, so an agent never even
+names, with the argument constraints the policy set; `resources/read` only for a URI under
+a granted prefix (and no dot segments or escaped separators), `prompts/get` only for a
+granted prompt name; anything else (`sampling/...`, a method spelled in another case) is
+refused. `tools/list` answers are cut down to the granted tools, so an agent never even
 sees the rest. Batches are decided element by element: one denied element refuses the
 batch, and the answer says which element was refused and why. Anything that does not parse
 as JSON-RPC is refused on the way out and dropped on the way back, never passed.
@@ -59,11 +60,15 @@ def _decide(grant: CompiledGrant, server: str, message: Any) -> Call:
         return Call(ident, "?", None, False, "mcp-malformed", "method is not a string")
     if method in PLUMBING or method.startswith("notifications/"):
         return Call(ident, method, None, True, f"mcp {server}", "protocol plumbing")
-    if method != "tools/call":
-        return Call(
-            ident, method, None, False, "mcp-method", f"method {method[:64]!r} is not granted"
-        )
     params = message.get("params")
+    if method in ("resources/read", "prompts/get"):
+        key = "uri" if method == "resources/read" else "name"
+        what = params.get(key) if isinstance(params, dict) else None
+        check = grant.check_read(server, method, what)
+        return Call(ident, method, None, check.allowed, check.rule, check.reason)
+    if method != "tools/call":
+        why = f"method {method[:64]!r} is not granted"
+        return Call(ident, method, None, False, "mcp-method", why)
     if not isinstance(params, dict) or not isinstance(params.get("name"), str):
         return Call(ident, method, None, False, "mcp-malformed", "tools/call without a tool name")
     arguments = params.get("arguments") or {}

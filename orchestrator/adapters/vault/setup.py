@@ -259,9 +259,12 @@ def remove_stale(vault: Vault, report: Report, agents: dict[str, Agent]) -> None
             report.removed.append(f"policy {policy}")
 
 
-def ensure_tickets(vault: Vault, report: Report, public_key: str | None) -> None:
-    """The JWT auth method that turns an admission ticket into a minting token. Without
-    the front door's public key it is left as it is (and workers cannot mint)."""
+def ensure_tickets(
+    vault: Vault, report: Report, public_key: str | None, prune: bool = False
+) -> None:
+    """The JWT auth method that turns an admission ticket into a minting token, trusting
+    `public_key` (the front door's) besides any other deployment's that shares this Vault;
+    with `prune`, that key alone. Without a key, the trusted keys are left as they are."""
     auths = (vault.read("sys/auth") or {}).get("data", {})
     present = f"{TICKET_AUTH}/" in auths
     if not present:
@@ -270,14 +273,16 @@ def ensure_tickets(vault: Vault, report: Report, public_key: str | None) -> None
     if public_key is None:
         report.unchanged.append("ticket key (no AIRLOCK_TICKET_PUBLIC_KEY given; kept)")
         return
+    found = (vault.read(f"auth/{TICKET_AUTH}/config", missing_ok=True) or {}).get("data", {})
+    trusted = [k.strip() for k in found.get("jwt_validation_pubkeys") or []]
+    wanted = [public_key.strip()] if prune else [*trusted, public_key.strip()]
+    wanted = list(dict.fromkeys(wanted))
     config: dict[str, object] = {
-        "jwt_validation_pubkeys": [public_key.strip()],
+        "jwt_validation_pubkeys": wanted,
         "jwt_supported_algs": ["EdDSA"],
         "bound_issuer": TICKET_ISSUER,
     }
-    found = (vault.read(f"auth/{TICKET_AUTH}/config", missing_ok=True) or {}).get("data", {})
-    same = [k.strip() for k in found.get("jwt_validation_pubkeys") or []] == [public_key.strip()]
-    _put(vault, report, "ticket key", f"auth/{TICKET_AUTH}/config", config, same)
+    _put(vault, report, "ticket key", f"auth/{TICKET_AUTH}/config", config, trusted == wanted)
 
 
 def _read_key(path: Path | None) -> str | None:
@@ -357,7 +362,7 @@ def setup(
     ensure_mount(vault, report, "transit", "transit")
     ensure_jwt_key(vault, report)
     ensure_components(vault, report)
-    ensure_tickets(vault, report, _read_key(ticket_public_key))
+    ensure_tickets(vault, report, _read_key(ticket_public_key), prune)
     for agent in agents.values():
         ensure_agent(vault, report, agent, grace_s, period_s)
         ensure_ticket_role(vault, report, agent)
