@@ -492,6 +492,7 @@ class Chaos:
 
     # -- the count ------------------------------------------------------------------------
     def count_leaks(self, counter: StartCounter) -> dict[str, Any]:
+        self.await_docker()  # a restart the last fault began may still be under way
         records = {t: self.client.store.get(t) for t in self.kinds}
         terminal = {t: r for t, r in records.items() if TaskState(r["state"]) in TERMINAL}
         vault = self.bao.vault()
@@ -551,6 +552,17 @@ class Chaos:
             },
             "faults": self.faults,
         }
+
+    def await_docker(self, seconds: float = 60.0) -> None:
+        until = time.monotonic() + seconds
+        while True:
+            try:
+                self.runtime.ping()
+                return
+            except AirlockError:
+                if time.monotonic() > until:
+                    raise
+                time.sleep(0.5)
 
     def run(self, fault_every_s: float, timeout_s: float) -> dict[str, Any]:
         counter = StartCounter(self.namespace)
