@@ -754,11 +754,30 @@ class ApiCaller:
         return str(body["id"])
 
 
+def _hammer(job: tuple[int, str, dict[str, object], int, float]) -> int:
+    """Submits from `connections` keep-alive connections for `seconds`; how many."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    port, token, spec, connections, seconds = job
+    callers = [ApiCaller(port, token) for _ in range(connections)]
+
+    def one(caller: ApiCaller) -> int:
+        count = 0
+        until = time.perf_counter() + seconds
+        while time.perf_counter() < until:
+            caller.submit(spec)
+            count += 1
+        return count
+
+    with ThreadPoolExecutor(connections) as pool:
+        return sum(pool.map(one, callers))
+
+
 def bench_api(runs: int) -> dict[str, object]:
     """The front door against direct enqueue, in the same run: added latency of one submit
     (token verification, callers policy, idempotency, signing), sustained submits per second
     on one API process, and whole-process `submit --wait -- true` and `status` through it."""
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor
 
     from orchestrator.adapters.vault.issuer import dev_token, ensure_issuer
     from orchestrator.submission import Submitter
@@ -804,25 +823,20 @@ def bench_api(runs: int) -> dict[str, object]:
         print(f"  added p50: {added:.2f} ms (target <= 2 ms)")
         result["added_p50_ms"] = round(added, 2)
 
-        seconds, clients = 10.0, 16
-        callers_pool = [ApiCaller(port, token) for _ in range(clients)]
-        done = [0] * clients
-
-        def hammer(n: int) -> None:
-            until = time.perf_counter() + seconds
-            while time.perf_counter() < until:
-                callers_pool[n].submit(spec)
-                done[n] += 1
-
+        # The load comes from two client processes of 8 keep-alive connections each: one
+        # Python process of 16 threads is itself the bottleneck before the API is.
+        seconds, processes, connections = 10.0, 2, 8
         api_cpu0 = process_s(api.pid)
-        with ThreadPoolExecutor(clients) as pool:
-            list(pool.map(hammer, range(clients)))
+        with ProcessPoolExecutor(processes) as pool:
+            done = sum(pool.map(_hammer, [(port, token, spec, connections, seconds)] * processes))
         api_cpu = process_s(api.pid) - api_cpu0
-        rate = sum(done) / seconds
+        rate = done / seconds
         print(
-            f"Sustained: {rate:.0f} submits/s on one API process, {clients} clients "
-            f"({api_cpu / seconds:.2f} cores of API CPU; target >= 500/s)"
+            f"Sustained: {rate:.0f} submits/s on one API process, {processes * connections} "
+            f"clients in {processes} processes ({api_cpu / seconds:.2f} cores of API CPU, "
+            f"{api_cpu / max(done, 1) * 1000:.2f} ms per submit; target >= 500/s)"
         )
+        result["api_cpu_ms_per_submit"] = round(api_cpu / max(done, 1) * 1000, 2)
         result["submits_per_s"] = round(rate)
         for key in client.store.redis.scan_iter(f"{ns}:*"):
             client.store.redis.delete(key)

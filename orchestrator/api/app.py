@@ -420,6 +420,34 @@ def create_app(front: FrontDoor, client: Client, jwks: Callable[[], dict[str, An
     return app
 
 
+class Served:
+    """The app as `airlock serve` runs it: POST /v1/tasks, the hot path, goes straight to
+    its handler (the same one FastAPI's route uses, with the same body limit and the same
+    problem answers), skipping the middleware and routing layers that cost as much as the
+    submit itself; every other request goes to FastAPI."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self._submit = BodyLimit(self._serve)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/tasks":
+            scope["app"] = self.app
+            await self._submit(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        try:
+            response = await _serve_submit(request)
+        except AirlockError as exc:
+            response = _airlock_error(request, exc)
+        except RequestValidationError as exc:
+            response = _invalid_request(request, exc)
+        await response(scope, receive, send)
+
+
 def _events(front: FrontDoor, task_id: str, after: str) -> Iterator[str]:
     quiet_since = time.monotonic()
     while True:

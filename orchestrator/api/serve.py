@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from orchestrator import wiring
 from orchestrator.adapters.oidc import OidcVerifier
 from orchestrator.adapters.vault.identity import transit_jwks
-from orchestrator.api.app import create_app
+from orchestrator.api.app import Served, create_app
 from orchestrator.api.frontdoor import FrontDoor
 from orchestrator.client import Client
 from orchestrator.config import Settings, callers_file
@@ -63,7 +63,7 @@ def serve(settings: Settings, listen: str, log_level: str = "warning") -> None:
     if not host or not port.isdigit():
         raise ConfigError(f"listen address {listen!r}: expected HOST:PORT")
     uvicorn.run(
-        build(settings),
+        Served(build(settings)),
         host=host.strip("[]"),
         port=int(port),
         log_level=log_level.lower(),
