@@ -43,6 +43,7 @@ class Verdict:
     internal: bool = False  # the matching rule may reach internal addresses
     tls: bool = False  # speak TLS to the upstream
     inject: Injection | None = None  # add this credential for the upstream
+    path: str | None = None  # the path in its one normal form (clean_path), once decided
 
 
 def deny(rule: str, reason: str, host: str = "") -> Verdict:
@@ -139,7 +140,7 @@ def decide_request(grant: CompiledGrant, target: Target) -> Verdict:
     if path is not None:
         mcp = grant.mcp_server_for(host, target.port, path)
         if mcp is not None:  # a granted MCP server: its messages are checked one by one
-            return Verdict(True, f"mcp {mcp[0]}", "granted MCP server", host, mcp[1])
+            return Verdict(True, f"mcp {mcp[0]}", "granted MCP server", host, mcp[1], path=path)
     method = None if target.path is None else target.method  # a tunnel hides its methods
     check = grant.check_egress(host, target.port, method, path)
     tunnel = target.path is None  # the client speaks TLS itself: nothing to add, no TLS of ours
@@ -151,6 +152,7 @@ def decide_request(grant: CompiledGrant, target: Target) -> Verdict:
         check.internal,
         check.tls and not tunnel,
         None if tunnel else check.inject,
+        path,
     )
 
 

@@ -225,6 +225,7 @@ async def connect_checked(
     """
     verdict = policy.decide(target)
     exchange.host, exchange.rule, exchange.reason = verdict.host, verdict.rule, verdict.reason
+    exchange.path = verdict.path or exchange.path  # the normal form, once there is one
     if not verdict.allowed:
         raise Refused(403, verdict.rule, verdict.reason)
     addresses = await resolve(verdict.host, target.port)

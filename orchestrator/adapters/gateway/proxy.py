@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import h11
 
 from orchestrator.adapters.gateway.addresses import IPAddress
-from orchestrator.adapters.gateway.decide import Target, Verdict, clean_path
+from orchestrator.adapters.gateway.decide import Target, Verdict
 from orchestrator.adapters.gateway.http import (
     HOP_BY_HOP,
     MAX_HEAD,
@@ -144,15 +144,15 @@ class Session:
             url = urlsplit(target)
             if url.scheme != "http" or not url.hostname:
                 raise Refused(400, "scheme", "only absolute http:// URLs; use CONNECT for TLS")
-            # One normal form (decide.clean_path) is what is decided, audited and sent on; a
-            # path with none goes to the decision as it is, to be refused there.
-            exchange.path = clean_path(url.path or "/") or url.path or "/"
+            exchange.path = url.path or "/"
             exchange.port = url.port or 80
-            path = exchange.path + (f"?{url.query}" if url.query else "")
+            query = f"?{url.query}" if url.query else ""
+            host_header = header(request, b"host")
+            asked = Target(method, url.hostname, exchange.port, exchange.path + query, host_header)
             self._authenticate(request)
             upstream, verdict = await connect_checked(
                 self.policy,
-                Target(method, url.hostname, url.port or 80, path, header(request, b"host")),
+                asked,
                 exchange,
                 self.own,
                 self.pool,
@@ -163,6 +163,8 @@ class Session:
             self.policy.audit(exchange.record())
             raise
         exchange.decision = "allow"
+        # What was decided is what goes upstream: the path in its normal form (decide.py).
+        path = exchange.path + query
         server = verdict.rule[4:] if verdict.rule.startswith("mcp ") else None
         try:
             if server is None:
@@ -459,7 +461,7 @@ def sni_problem(hello: bytes, host: str) -> str | None:
     normalized), or None when it does: the SNI must be that host, or absent for an
     address (clients send no SNI for an IP literal)."""
     try:
-        name = server_name(hello[: hello_length(hello)])
+        name = server_name(hello)
     except NotTls as exc:
         return str(exc)
     try:

@@ -19,7 +19,14 @@ class NotTls(ValueError):
 def hello_length(data: bytes) -> int | None:
     """How many bytes the whole ClientHello takes (its handshake records), once `data` holds
     enough to say; None while more is needed. Raises NotTls."""
-    message: bytes = b""
+    found = _client_hello(data)
+    return None if found is None else found[1]
+
+
+def _client_hello(data: bytes) -> tuple[bytes, int] | None:
+    """The ClientHello message's body, joined from its handshake records, and the bytes
+    those records take; None while `data` holds only part of it. Raises NotTls."""
+    message = b""
     offset = 0
     while True:
         if len(data) < offset + 5:
@@ -34,25 +41,20 @@ def hello_length(data: bytes) -> int | None:
         if len(message) >= 4:
             if message[0] != _CLIENT_HELLO:
                 raise NotTls("the first handshake message is not a ClientHello")
-            if len(message) >= 4 + int.from_bytes(message[1:4], "big"):
-                return offset
+            declared = int.from_bytes(message[1:4], "big")
+            if len(message) >= 4 + declared:
+                return message[4 : 4 + declared], offset
         if offset > MAX_HELLO:
             raise NotTls("the ClientHello is too large")
 
 
 def server_name(data: bytes) -> str | None:
-    """The host name a complete ClientHello (as hello_length measured it) asks for, lower
-    case; None when it names none. Raises NotTls for a malformed one."""
-    message = b""
-    offset = 0
-    while offset < len(data):
-        length = int.from_bytes(data[offset + 3 : offset + 5], "big")
-        message += data[offset + 5 : offset + 5 + length]
-        offset += 5 + length
-    declared = int.from_bytes(message[1:4], "big")
-    if message[:1] != bytes([_CLIENT_HELLO]) or len(message) < 4 + declared:
+    """The host name the ClientHello at the start of `data` asks for, lower case; None when
+    it names none. Raises NotTls for a malformed or partial one."""
+    hello = _client_hello(data)
+    if hello is None:
         raise NotTls("not a whole ClientHello")
-    reader = _Reader(message[4 : 4 + declared])
+    reader = _Reader(hello[0])
     reader.take(2 + 32)  # version, random
     reader.take(reader.number(1))  # session id
     reader.take(reader.number(2))  # cipher suites
