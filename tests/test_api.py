@@ -5,7 +5,9 @@ quotas hold; bad input is a problem-details 4xx, never a 5xx; the CLI speaks thr
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -30,6 +32,7 @@ from orchestrator.adapters.oidc import fetch_json
 from orchestrator.adapters.store import Store
 from orchestrator.adapters.vault.adapter import Vault
 from orchestrator.adapters.vault.issuer import dev_token, ensure_issuer
+from orchestrator.api.app import Served, create_app
 from orchestrator.config import Settings
 from tests.conftest import IN_CI, airlock, airlock_env, running
 
@@ -257,6 +260,14 @@ def test_alice_runs_her_task_and_it_carries_her_as_submitter(api: Api) -> None:
     assert api.call("GET", f"/v1/tasks/{status['id']}", token=api.token("ci-bot")).status == 200
     mine = api.call("GET", "/v1/tasks?limit=500", token=api.token("mallory"))
     assert all(task["id"] != status["id"] for task in mine.body)
+
+
+def test_a_submit_after_redis_forgot_its_scripts(api: Api, store: Store) -> None:
+    """Redis keeps no scripts across a restart: the API's submit loads its script again."""
+    store.redis.script_flush()
+    answer = api.submit("alice", TESTER)
+    assert answer.status == 201, answer
+    assert api.wait("alice", answer.body["id"])["state"] == "succeeded"
 
 
 def test_mallory_may_run_nothing_and_a_403_names_the_rule(
@@ -497,3 +508,48 @@ def test_the_python_client_goes_through_the_api(api: Api, settings: Settings) ->
     done = json.loads(ran.stdout)
     assert done["state"] == "failed" and done["exit_code"] == 5
     assert done["submitter"] == "user:alice"
+
+
+def test_a_fault_of_the_servers_own_is_a_problem_that_names_nothing_internal() -> None:
+    """An error the API did not expect, on the served submit path and on FastAPI's routes:
+    a 500 problem answer, its detail free of the exception's text."""
+
+    class Faulty:
+        def known(self, token: str) -> None:
+            raise RuntimeError("internal: /var/lib/airlock/secret")
+
+    served = Served(create_app(Faulty(), None, dict))  # type: ignore[arg-type]
+
+    async def call(method: str, path: str) -> tuple[int, dict[str, str], bytes]:
+        scope = {
+            "type": "http",
+            "method": method,
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "headers": [(b"authorization", b"Bearer x"), (b"content-type", b"application/json")],
+            "http_version": "1.1",
+            "scheme": "http",
+            "server": ("127.0.0.1", 8600),
+            "client": ("127.0.0.1", 1),
+            "root_path": "",
+        }
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        with contextlib.suppress(RuntimeError):  # FastAPI's path re-raises after answering
+            await served(scope, receive, send)
+        head = sent[0]
+        headers = {k.decode(): v.decode() for k, v in head["headers"]}
+        return head["status"], headers, b"".join(m.get("body", b"") for m in sent[1:])
+
+    for method, path in (("POST", "/v1/tasks"), ("GET", "/v1/tasks")):
+        status, headers, body = asyncio.run(call(method, path))
+        assert status == 500 and headers["content-type"] == "application/problem+json", body
+        answer = json.loads(body)
+        assert answer["title"] == "Internal error" and "secret" not in body.decode(), answer

@@ -193,8 +193,9 @@ def _pack_with_hiredis(client: redis.asyncio.Redis) -> None:  # type: ignore[typ
     base = client.connection_pool.connection_class
 
     class Packed(base):  # type: ignore[valid-type,misc]
-        def pack_command(self, *args: Any) -> list[bytes]:
-            return [hiredis.pack_command(args)]
+        def pack_command(self, name: str, *args: Any) -> list[bytes]:
+            # A two-word command ("SCRIPT LOAD") goes out as two words, as redis-py sends it.
+            return [hiredis.pack_command((*name.split(), *args))]
 
     client.connection_pool.connection_class = Packed
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any
@@ -40,6 +41,8 @@ from orchestrator.errors import (
     TaskNotFound,
     Unauthenticated,
 )
+
+_log = logging.getLogger("airlock.api")
 
 MAX_BODY_BYTES = 1 << 20
 KEEPALIVE_S = 10.0
@@ -87,6 +90,13 @@ def _airlock_error(request: Request, exc: Exception) -> JSONResponse:
     problems = getattr(exc, "problems", None)
     extra = {"errors": list(problems)} if problems and status < 500 else {}
     return problem(status, title, str(exc), headers, **extra)
+
+
+def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """A fault of the server's own: a problem answer that names nothing internal; the
+    traceback goes to the server's log."""
+    _log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return problem(500, "Internal error", "the server met an error it did not expect")
 
 
 def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
@@ -398,6 +408,7 @@ def create_app(front: FrontDoor, client: Client, jwks: Callable[[], dict[str, An
     app.add_middleware(BodyLimit)
     app.add_exception_handler(AirlockError, _airlock_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(Exception, _unexpected)
     app.include_router(meta)
     app.include_router(tasks)
     return app
@@ -428,6 +439,8 @@ class Served:
             response = _airlock_error(request, exc)
         except RequestValidationError as exc:
             response = _invalid_request(request, exc)
+        except Exception as exc:  # answered as a problem, logged in full
+            response = _unexpected(request, exc)
         await response(scope, receive, send)
 
 
