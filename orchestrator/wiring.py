@@ -66,6 +66,7 @@ def audit_log(settings: Settings, store: Store, client: Vault | None = None) -> 
 def credentials(settings: Settings, store: Store, ride_out_s: float = 0.0) -> Credentials:
     """Everything that mints, serves and revokes a task's credentials, and the gateway
     (this process's own, or the host's `airlock gateway` when AIRLOCK_GATEWAY=remote)."""
+    from orchestrator.adapters.gateway.interception import LeafCertificates
     from orchestrator.adapters.gateway.service import Gateway, LocalGateway, RemoteGateway
     from orchestrator.adapters.vault.broker import Broker
     from orchestrator.adapters.vault.identity import Minter
@@ -82,7 +83,13 @@ def credentials(settings: Settings, store: Store, ride_out_s: float = 0.0) -> Cr
     else:
         verifier = task_verifier(settings, client, store)
         endpoints = LocalGateway(
-            settings, store, broker, verifier, audit, database_addresses(settings)
+            settings,
+            store,
+            broker,
+            verifier,
+            audit,
+            database_addresses(settings),
+            LeafCertificates(client),
         )
     return Credentials(settings, store, client, minter, broker, audit, endpoints)
 

@@ -168,7 +168,7 @@ egress := sort({narrow(rule, asked) |
 rule_grant(rule) := {
 	"host": rule.host, "ports": rule.ports, "methods": rule.methods, "paths": rule.paths,
 	"internal": rule.internal, "upstream_tls": rule.upstream_tls, "inject": rule.inject,
-	"name": rule.name, "enforce": rule.enforce,
+	"name": rule.name, "enforce": rule.enforce, "scheme": rule.scheme, "tls": rule.tls,
 }
 
 narrow(rule, asked) := {
@@ -181,6 +181,8 @@ narrow(rule, asked) := {
 	"inject": rule.inject,
 	"name": rule.name,
 	"enforce": rule.enforce,
+	"scheme": rule.scheme,
+	"tls": rule.tls,
 }
 
 pick(asked, allowed) := allowed if asked == null

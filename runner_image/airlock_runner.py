@@ -22,6 +22,14 @@ ENDPOINT_SOCKET = "/run/airlock-endpoint/airlock.sock"
 TOKEN_FILE = "/run/airlock/token"
 PROXY_PORT = 3128
 SECRETS_DIR = "/run/airlock/secrets"
+# The gateway ends the task's TLS where a rule must see inside; the task trusts its CA.
+GATEWAY_CA_FILE = "/run/airlock/gateway-ca.pem"
+CA_BUNDLE = "/run/airlock/ca-bundle.pem"
+SYSTEM_ROOTS = (
+    "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Alpine
+    "/etc/pki/tls/certs/ca-bundle.crt",  # Fedora, RHEL
+    "/etc/ssl/cert.pem",  # others
+)
 BOOTSTRAP_FAILED = 111
 # Where a secret's wrapping token must have been created; anything else is refused.
 WRAPPED_AT = "sys/wrapping/wrap"
@@ -177,6 +185,33 @@ def proxy_environment(jwt):
     return env
 
 
+def trust_environment(ca):
+    """Point every common client at a bundle of the image's own roots (for passthrough
+    tunnels, where the upstream's certificate arrives untouched) and the gateway CA."""
+    write_private(GATEWAY_CA_FILE, ca)
+    roots = ""
+    for path in SYSTEM_ROOTS:
+        try:
+            with open(path) as found:
+                roots = found.read()
+            break
+        except OSError:
+            continue
+    write_private(CA_BUNDLE, roots.rstrip("\n") + "\n" + ca)
+    env = {
+        name: CA_BUNDLE
+        for name in (
+            "SSL_CERT_FILE",
+            "REQUESTS_CA_BUNDLE",
+            "CURL_CA_BUNDLE",
+            "PIP_CERT",
+            "GIT_SSL_CAINFO",
+        )
+    }
+    env["NODE_EXTRA_CA_CERTS"] = GATEWAY_CA_FILE  # node adds these to its own roots
+    return env
+
+
 def write_private(path, text):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
     try:
@@ -220,6 +255,7 @@ def bootstrap():
         "PYTHONPATH": "/opt/airlock",
         **placeholders,
         **proxy_environment(boot["jwt"]),
+        **(trust_environment(boot["ca"]) if boot.get("ca") else {}),
     }
 
 

@@ -1,17 +1,23 @@
-"""Gateway benchmark: direct vs Airlock vs tinyproxy, against one local upstream, same run.
+"""Gateway benchmark, same run, against one local upstream: plain HTTP (direct vs Airlock
+vs tinyproxy), and HTTPS with interception (direct TLS vs Airlock vs squid's ssl_bump, each
+ending the client's TLS with a certificate of its own CA and verifying the upstream's).
 
-Three processes so no two share a GIL: the upstream (a minimal keep-alive HTTP responder),
-this process (the Airlock gateway, serving a real task's endpoint with policy, JWT checks
-and audit on), and the load client. Reported: added latency per request at 1 connection
-(p50/p99 over the direct path) and requests/s at 16 connections.
+Three processes so no two share a GIL: the upstream (a minimal keep-alive HTTP responder,
+plain and TLS), this process (the Airlock gateway, serving a real task's endpoint with
+policy, JWT checks and audit on), and the load client. Reported: added latency per request
+at 1 connection (p50/p99 over the direct path) and requests/s at 16 connections, keep-alive
+on every side.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -25,11 +31,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 UPSTREAM_PORT, TINYPROXY_PORT = 18180, 18888
+UPSTREAM_TLS_PORT, SQUID_PORT = 18181, 18889
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
 
 
 # --- the upstream ---------------------------------------------------------------------------
-async def upstream() -> None:
+async def upstream(directory: str) -> None:
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
@@ -48,12 +55,19 @@ async def upstream() -> None:
         writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", UPSTREAM_PORT, backlog=512)
-    async with server:
-        await server.serve_forever()
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(
+        str(Path(directory) / "upstream.pem"), str(Path(directory) / "upstream.key")
+    )
+    secure = await asyncio.start_server(serve, "127.0.0.1", UPSTREAM_TLS_PORT, backlog=512, ssl=tls)
+    async with server, secure:
+        await asyncio.gather(server.serve_forever(), secure.serve_forever())
 
 
 # --- the client -----------------------------------------------------------------------------
-def request(proxied: bool, auth: str | None) -> bytes:
+def request(proxied: bool, auth: str | None, tls: bool = False) -> bytes:
+    if tls:  # inside a tunnel, or straight to the TLS upstream: origin form
+        return f"GET /bench HTTP/1.1\r\nHost: 127.0.0.1:{UPSTREAM_TLS_PORT}\r\n\r\n".encode()
     target = f"http://127.0.0.1:{UPSTREAM_PORT}/bench" if proxied else "/bench"
     extra = f"Proxy-Authorization: Bearer {auth}\r\n" if auth else ""
     return f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{UPSTREAM_PORT}\r\n{extra}\r\n".encode()
@@ -61,8 +75,21 @@ def request(proxied: bool, auth: str | None) -> bytes:
 
 async def open_path(path: dict[str, Any]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     if path["kind"] == "unix":
-        return await asyncio.open_unix_connection(path["socket"])
-    return await asyncio.open_connection("127.0.0.1", path["port"])
+        reader, writer = await asyncio.open_unix_connection(path["socket"])
+    else:
+        reader, writer = await asyncio.open_connection("127.0.0.1", path["port"])
+    if "ca" not in path:
+        return reader, writer
+    context = ssl.create_default_context(cadata=path["ca"])
+    if path["proxied"]:  # a tunnel, then TLS with whoever intercepts it
+        authority = f"127.0.0.1:{UPSTREAM_TLS_PORT}"
+        auth = f"Proxy-Authorization: Bearer {path['jwt']}\r\n" if path.get("jwt") else ""
+        writer.write(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{auth}\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")):
+            raise RuntimeError(f"CONNECT refused: {head[:80]!r}")
+    await writer.start_tls(context, server_hostname="127.0.0.1")
+    return reader, writer
 
 
 async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes) -> bool:
@@ -77,7 +104,7 @@ async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: 
 
 
 async def latency(path: dict[str, Any], count: int) -> list[float]:
-    data = request(path["proxied"], path.get("jwt"))
+    data = request(path["proxied"], path.get("jwt"), "ca" in path)
     reader, writer = await open_path(path)
     samples = []
     for _ in range(count):
@@ -91,7 +118,7 @@ async def latency(path: dict[str, Any], count: int) -> list[float]:
 
 
 async def throughput(path: dict[str, Any], connections: int, seconds: float) -> float:
-    data = request(path["proxied"], path.get("jwt"))
+    data = request(path["proxied"], path.get("jwt"), "ca" in path)
     stop = time.perf_counter() + seconds
     done = 0
 
@@ -157,6 +184,99 @@ def start_tinyproxy(directory: Path) -> subprocess.Popen[bytes]:
     )
 
 
+def certificates(directory: Path) -> str:
+    """A CA for the upstream's certificate (127.0.0.1), one for squid; the upstream CA."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def issue(name: str, issuer: Any = None, ca: bool = True) -> tuple[Any, Any]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        signer_cert, signer_key = issuer or (None, key)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(signer_cert.subject if signer_cert else subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False,
+            )
+        return builder.sign(signer_key, hashes.SHA256()), key
+
+    def write(stem: str, cert: Any, key: Any) -> None:
+        (directory / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (directory / f"{stem}.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+
+    upstream_ca = issue("bench upstream CA")
+    write("upstream-ca", *upstream_ca)
+    write("upstream", *issue("127.0.0.1", upstream_ca, ca=False))
+    write("squid-ca", *issue("bench squid CA"))
+    return (directory / "upstream-ca.pem").read_text()
+
+
+def start_squid(directory: Path) -> subprocess.Popen[bytes]:
+    """squid with ssl_bump: it ends the client's TLS with a leaf of its own CA (generated per
+    host, cached in memory) and verifies the upstream; the same allow-list as the grant."""
+    home = directory / "squid"
+    home.mkdir()
+    for name in ("squid-ca.pem", "squid-ca.key", "upstream-ca.pem"):
+        shutil.copy(directory / name, home / name)
+    subprocess.run(
+        ["/usr/lib/squid/security_file_certgen", "-c", "-s", str(home / "ssl_db"), "-M", "16MB"],
+        check=True,
+        capture_output=True,
+    )
+    (home / "squid.conf").write_text(
+        f"""http_port 127.0.0.1:{SQUID_PORT} ssl-bump generate-host-certificates=on \
+  dynamic_cert_mem_cache_size=16MB tls-cert={home}/squid-ca.pem tls-key={home}/squid-ca.key
+sslcrtd_program /usr/lib/squid/security_file_certgen -s {home}/ssl_db -M 16MB
+sslcrtd_children 4
+tls_outgoing_options cafile={home}/upstream-ca.pem
+acl step1 at_step SslBump1
+ssl_bump peek step1
+ssl_bump bump all
+acl bench_host dst 127.0.0.1
+acl bench_port port {UPSTREAM_TLS_PORT}
+acl connect method CONNECT
+acl bench_method method GET
+acl bench_path urlpath_regex ^/bench
+http_access allow connect bench_host bench_port
+http_access allow bench_host bench_port bench_method bench_path
+http_access deny all
+cache deny all
+access_log none
+cache_log {home}/cache.log
+pid_filename {home}/squid.pid
+coredump_dir {home}
+shutdown_lifetime 1 seconds
+"""
+    )
+    subprocess.run(["chown", "-R", "proxy:proxy", str(home)], check=True)
+    directory.chmod(0o755)
+    return subprocess.Popen(
+        ["squid", "-N", "-f", str(home / "squid.conf")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def live_task(directory: Path) -> tuple[Any, str, str, Any]:
     from orchestrator import config, wiring
     from orchestrator.adapters.store import Store
@@ -181,11 +301,19 @@ def live_task(directory: Path) -> tuple[Any, str, str, Any]:
         egress=[
             {
                 "host": "127.0.0.1",
+                "scheme": "http",
                 "ports": [UPSTREAM_PORT],
                 "methods": ["GET"],
                 "paths": ["/bench"],
                 "internal": True,
-            }
+            },
+            {
+                "host": "127.0.0.1",
+                "ports": [UPSTREAM_TLS_PORT],
+                "methods": ["GET"],
+                "paths": ["/bench"],
+                "internal": True,
+            },
         ],
     )
     task_id = str(uuid.uuid4())
@@ -246,7 +374,7 @@ def noisy_neighbour(credentials: Any, victim: dict[str, Any], seconds: float) ->
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_upstream":
-        asyncio.run(upstream())
+        asyncio.run(upstream(sys.argv[2]))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "_flood":
         print(asyncio.run(flood(sys.argv[2], float(sys.argv[3]))))
@@ -259,24 +387,24 @@ def main() -> None:
 
 
 def run(count: int, seconds: float) -> None:
-    if not shutil.which("tinyproxy"):
-        sys.exit("tinyproxy is not installed (apt-get install tinyproxy)")
+    for tool in ("tinyproxy", "squid"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is not installed (scripts/bench gateway installs it)")
     directory = Path(tempfile.mkdtemp(prefix="airlock-bench-gw-"))
-    up = subprocess.Popen([sys.executable, __file__, "_upstream"])
+    upstream_ca = certificates(directory)
+    up = subprocess.Popen([sys.executable, __file__, "_upstream", str(directory)])
     tiny = start_tinyproxy(directory)
+    squid = start_squid(directory)
     credentials, task_id, sock, handout = live_task(directory)
+    # The gateway verifies the upstream as squid does: against the upstream's CA.
+    credentials.endpoints.server.tls.load_verify_locations(cadata=upstream_ca)
+    jwt = handout.provisioned.jwt.jwt
     try:
         time.sleep(1)
+        airlock = {"kind": "unix", "socket": sock, "proxied": True, "jwt": jwt, "task": task_id}
         paths = [
             {"name": "direct", "kind": "tcp", "port": UPSTREAM_PORT, "proxied": False},
-            {
-                "name": "airlock",
-                "kind": "unix",
-                "socket": sock,
-                "proxied": True,
-                "jwt": handout.provisioned.jwt.jwt,
-                "task": task_id,
-            },
+            {"name": "airlock", **airlock},
             # tinyproxy closes the client connection after each answer (without saying so)
             {
                 "name": "tinyproxy",
@@ -284,6 +412,21 @@ def run(count: int, seconds: float) -> None:
                 "port": TINYPROXY_PORT,
                 "proxied": True,
                 "fresh": True,
+            },
+            {
+                "name": "direct tls",
+                "kind": "tcp",
+                "port": UPSTREAM_TLS_PORT,
+                "proxied": False,
+                "ca": upstream_ca,
+            },
+            {"name": "airlock tls", **airlock, "ca": credentials.endpoints.certificates.ca_pem()},
+            {
+                "name": "squid tls",
+                "kind": "tcp",
+                "port": SQUID_PORT,
+                "proxied": True,
+                "ca": (directory / "squid-ca.pem").read_text(),
             },
         ]
         print(
@@ -306,39 +449,51 @@ def run(count: int, seconds: float) -> None:
         credentials.endpoints.server.allow_process(task_id, load.pid)
         stdout, stderr = load.communicate()
         if load.returncode:
-            sys.exit(f"the load client failed:\n{stderr[-3000:]}")
+            log = directory / "squid" / "cache.log"
+            sys.exit(
+                f"the load client failed:\n{stderr[-3000:]}"
+                + (f"\nsquid:\n{log.read_text()[-2000:]}" if log.exists() else "")
+            )
         results = json.loads(stdout)
         noisy_neighbour(credentials, paths[1], max(seconds, 5.0))
     finally:
         credentials.revoke(task_id)
         credentials.endpoints.shutdown()
-        for proc in (up, tiny):
+        for proc in (up, tiny, squid):
             proc.terminate()
             proc.wait(timeout=10)
         for key in credentials.store.redis.scan_iter(f"{credentials.settings.namespace}:*"):
             credentials.store.redis.delete(key)
         shutil.rmtree(directory, ignore_errors=True)
-    direct = results["direct"]
-    for name in ("direct", "airlock", "tinyproxy"):
-        r = results[name]
-        added = (
-            ""
-            if name == "direct"
-            else (
-                f"  added p50 {(r['p50'] - direct['p50']) * 1e3:6.3f} ms"
-                f"  p99 {(r['p99'] - direct['p99']) * 1e3:6.3f} ms"
+    for direct, names in (
+        ("direct", ("direct", "airlock", "tinyproxy")),
+        ("direct tls", ("direct tls", "airlock tls", "squid tls")),
+    ):
+        base = results[direct]
+        for name in names:
+            r = results[name]
+            added = (
+                ""
+                if name == direct
+                else (
+                    f"  added p50 {(r['p50'] - base['p50']) * 1e3:6.3f} ms"
+                    f"  p99 {(r['p99'] - base['p99']) * 1e3:6.3f} ms"
+                )
             )
-        )
+            print(
+                f"  {name:<11} p50 {r['p50'] * 1e3:6.3f} ms  p99 {r['p99'] * 1e3:6.3f} ms  "
+                f"{r['rps16']:8.0f} req/s at 16 conns{added}"
+            )
+    for ours, peer, direct in (
+        ("airlock", "tinyproxy", "direct"),
+        ("airlock tls", "squid tls", "direct tls"),
+    ):
+        mine, theirs, base = results[ours], results[peer], results[direct]
+        added = (mine["p50"] - base["p50"]) / max(theirs["p50"] - base["p50"], 1e-9)
         print(
-            f"  {name:<10} p50 {r['p50'] * 1e3:6.3f} ms  p99 {r['p99'] * 1e3:6.3f} ms  "
-            f"{r['rps16']:8.0f} req/s at 16 conns{added}"
+            f"  {ours} vs {peer}: added p50 {added:.2f}x, "
+            f"req/s {mine['rps16'] / theirs['rps16']:.2f}x"
         )
-    airlock, tiny_r = results["airlock"], results["tinyproxy"]
-    added = (airlock["p50"] - direct["p50"]) / max(tiny_r["p50"] - direct["p50"], 1e-9)
-    print(
-        f"  airlock vs tinyproxy: added p50 {added:.2f}x, "
-        f"req/s {airlock['rps16'] / tiny_r['rps16']:.2f}x"
-    )
 
 
 if __name__ == "__main__":

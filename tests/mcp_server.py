@@ -26,4 +26,17 @@ def shell(command: str) -> str:
 
 
 if __name__ == "__main__":
-    server.run("streamable-http", host="127.0.0.1", port=int(sys.argv[1]))
+    port = int(sys.argv[1])
+    if len(sys.argv) == 4:  # a certificate and its key: streamable HTTP over TLS
+        import uvicorn
+
+        uvicorn.run(
+            server.streamable_http_app(),
+            host="127.0.0.1",
+            port=port,
+            ssl_certfile=sys.argv[2],
+            ssl_keyfile=sys.argv[3],
+            log_level="warning",
+        )
+    else:
+        server.run("streamable-http", host="127.0.0.1", port=port)

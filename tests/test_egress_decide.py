@@ -18,13 +18,20 @@ from tests.grants import compiled_grant
 GRANT = compiled_grant(
     egress=[
         {"host": "*.example.com", "ports": [443], "methods": ["GET", "CONNECT"], "paths": []},
-        {"host": "api.test", "ports": [80], "methods": ["GET", "POST"], "paths": ["/v1/"]},
+        {
+            "host": "api.test",
+            "ports": [80],
+            "methods": ["GET", "POST"],
+            "paths": ["/v1/"],
+            "scheme": "http",
+        },
         {
             "host": "127.0.0.1",
             "ports": [8080],
             "methods": ["GET"],
             "paths": [],
             "internal": True,
+            "scheme": "http",
         },
     ],
 )
@@ -149,13 +156,17 @@ REQUESTS = [
     (("GET", "127.0.0.1", 8081, "/", None), False, "egress[2] 127.0.0.1"),
     (("GET", "a b", 80, "/", None), False, "malformed-host"),
     (("GET", "api.test", 0, "/v1/", None), False, "malformed-port"),
+    # A plain-HTTP rule opens no tunnel: inside one, its method and path rules would be blind.
+    (("CONNECT", "api.test", 80, None, None), False, "egress[1] api.test"),
+    (("CONNECT", "127.0.0.1", 8080, None, None), False, "egress[2] 127.0.0.1"),
 ]
 
 
 @pytest.mark.parametrize(("request_", "allowed", "rule"), REQUESTS)
 def test_request_decisions(request_: tuple, allowed: bool, rule: str) -> None:  # type: ignore[type-arg]
     method, host, port, path, header = request_
-    verdict = decide_request(GRANT, Target(method, host, port, path, header))
+    scheme = "https" if port in (443, 8443) else "http"  # https: read inside a tunnel
+    verdict = decide_request(GRANT, Target(method, host, port, path, header, scheme))
     assert (verdict.allowed, verdict.rule) == (allowed, rule), verdict.reason
 
 
@@ -163,7 +174,7 @@ ip = ipaddress.ip_address
 
 
 def test_every_resolved_address_is_checked() -> None:
-    verdict = decide_request(GRANT, Target("GET", "api.example.com", 443, "/", None))
+    verdict = decide_request(GRANT, Target("GET", "api.example.com", 443, "/", None, "https"))
     ok, chosen = decide_addresses(verdict, [ip("93.184.216.34")])
     assert ok.allowed and chosen == ip("93.184.216.34")
     # a name that resolves to a public and a private address is refused as a whole

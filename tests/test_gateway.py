@@ -7,6 +7,7 @@ inside a real sealed container. Every decision must be audited with who asked.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import shutil
 import socket
@@ -34,7 +35,13 @@ from orchestrator.core.spec import parse
 from orchestrator.errors import TaskNotFound
 from orchestrator.task.credentials import Credentials, Handout, task_verifier
 from orchestrator.task.executor import Executor
-from tests.upstream import HTTP_PORT, PLAIN_CREDENTIALED_PORT, TLS_PORT, Upstreams
+from tests.upstream import (
+    HTTP_PORT,
+    IMPOSTOR_PORT,
+    PLAIN_CREDENTIALED_PORT,
+    TLS_PORT,
+    Upstreams,
+)
 
 S = TaskState
 
@@ -90,7 +97,7 @@ def hold_tunnels(task: LiveTask, count: int, held: list[socket.socket]) -> None:
         held.append(sock)
         sock.settimeout(10)
         sock.connect(task.socket)
-        sock.sendall(connect(f"127.0.0.1:{HTTP_PORT}", task.jwt))
+        sock.sendall(connect(OPAQUE, task.jwt))
         assert sock.recv(64).startswith(b"HTTP/1.1 200")
 
 
@@ -145,6 +152,7 @@ def connect(authority: str, jwt: str | None, host: str | None = None) -> bytes:
 
 
 API = f"http://127.0.0.1:{HTTP_PORT}/api/items"
+OPAQUE = f"localhost:{TLS_PORT}"  # a passthrough rule's: an opaque tunnel
 
 
 def test_allowed_request_is_forwarded_without_proxy_credentials(task: LiveTask) -> None:
@@ -317,8 +325,15 @@ ADVERSARIAL = [
         "CONNECT to ssh on loopback",
         lambda t, e: connect("127.0.0.1:22", t.jwt),
         403,
-        "egress[1] 127.0.0.1",
+        "impostor",
         "port 22",
+    ),
+    (
+        "CONNECT under a plain-HTTP rule",
+        lambda t, e: connect(f"127.0.0.1:{HTTP_PORT}", t.jwt),
+        403,
+        "impostor",
+        f"port {HTTP_PORT} is not granted",
     ),
     (
         "https in absolute form",
@@ -429,46 +444,148 @@ def test_an_ended_task_is_refused(executor: Executor, task: LiveTask) -> None:
     assert status == 407 and b"no longer live" in body
 
 
-def test_connect_tunnel_carries_tls(task: LiveTask, upstreams: Upstreams) -> None:
-    import ssl
+def open_tunnel(task: LiveTask, authority: str) -> socket.socket:
+    """A CONNECT tunnel of the task, answered 200 (the caller closes it)."""
+    raw = socket.socket(socket.AF_UNIX)
+    raw.settimeout(10)
+    raw.connect(task.socket)
+    raw.sendall(connect(authority, task.jwt))
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += raw.recv(1)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return raw
 
-    with socket.socket(socket.AF_UNIX) as raw:
-        raw.settimeout(10)
-        raw.connect(task.socket)
-        raw.sendall(connect(f"127.0.0.1:{TLS_PORT}", task.jwt))
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += raw.recv(1)
-        assert head.startswith(b"HTTP/1.1 200")
+
+def test_an_opaque_tunnel_carries_the_tasks_own_tls(task: LiveTask, upstreams: Upstreams) -> None:
+    """A passthrough rule: the task's TLS goes end to end, the upstream's certificate
+    arrives untouched."""
+    with open_tunnel(task, OPAQUE) as raw:
         context = ssl.create_default_context(cadata=upstreams.ca_pem)
-        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            tls.sendall(b"GET /api/secure HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"GET /admin HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             reply = b""
             while chunk := tls.recv(65536):
                 reply += chunk
-    assert b'"path": "/api/secure"' in reply
+    assert b'"path": "/admin"' in reply  # no rule looks inside: passthrough means any path
+
+
+def gateway_ca(executor: Executor) -> str:
+    return str(executor.credentials.endpoints.certificates.ca_pem())  # type: ignore[attr-defined]
+
+
+def inside(
+    task: LiveTask, ca: str, *requests: bytes, authority: str = f"127.0.0.1:{TLS_PORT}"
+) -> list[tuple[int, dict[str, str], bytes]]:
+    """Send `requests` one after another on one intercepted tunnel, trusting the gateway
+    CA alone; each answer (a closed connection ends the list)."""
+    answers = []
+    with open_tunnel(task, authority) as raw:
+        context = ssl.create_default_context(cadata=ca)
+        with context.wrap_socket(raw, server_hostname=authority.rsplit(":", 1)[0]) as tls:
+            reader = tls.makefile("rb")
+            for request in requests:
+                try:
+                    tls.sendall(request)
+                    status_line = reader.readline()
+                except OSError:
+                    break
+                if not status_line:
+                    break
+                headers = {}
+                while (line := reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.decode("latin-1").partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                body = reader.read(int(headers.get("content-length", 0)))
+                answers.append((int(status_line.split()[1]), headers, body))
+    return answers
+
+
+def req(method: str, path: str, host: str = f"127.0.0.1:{TLS_PORT}", extra: str = "") -> bytes:
+    return f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Content-Length: 0\r\n\r\n".encode()
+
+
+def test_an_intercepted_tunnel_decides_every_request_inside(
+    executor: Executor, task: LiveTask, upstreams: Upstreams, vault: Any
+) -> None:
+    """The grant {secure: GET, POST under /api/ and /big} over HTTPS: inside the tunnel the
+    gateway sees each request, as on plain HTTP. What once passed (any method, any path once
+    the tunnel was open) is refused, the real credential is added upstream (the task holds a
+    placeholder), and every decision is audited with its rule."""
+    ca = gateway_ca(executor)
+    real = vault.read("secret/data/airlock-tests/upstream")["data"]["data"]["token"]
+    stolen = "Authorization: Bearer airlock-placeholder:upstream-token\r\n"
+    ok = inside(task, ca, req("GET", "/api/one", extra=stolen), req("POST", "/api/two"))
+    assert [status for status, _, _ in ok] == [200, 200], ok  # keep-alive inside the tunnel
+    seen = json.loads(ok[0][2])
+    assert seen["path"] == "/api/one" and seen["headers"]["authorization"] == f"Bearer {real}"
+    assert "proxy-authorization" not in seen["headers"]
+    for request, rule, reason in [
+        (req("GET", "/admin/users"), "secure", "path is outside /api/, /big"),
+        (req("DELETE", "/api/one"), "secure", "method DELETE is not granted"),
+        (req("GET", "/api/..;/admin"), "ambiguous-path", "dot segments"),
+        (req("GET", "/api/%2e%2e/admin"), "secure", "path is outside"),
+        (req("GET", "/api/x", host="evil.test"), "host-mismatch", "Host header"),
+        (req("GET", "http://127.0.0.1:18080/api/x"), "malformed", "a /path only"),
+        (b"GET /api/x HTTP/1.1\nHost: 127.0.0.1:18443\n\n", "smuggling", "bare LF"),
+    ]:
+        (status, headers, body), *_ = inside(task, ca, request)
+        assert status in (400, 403) and headers["x-airlock-denied"] == rule, (request, body)
+        assert reason in json.loads(body)["reason"], body
+    executor.credentials.audit.flush()
+    records = AuditLog(executor.store).records(task.id)
+    https = [(r["method"], r["path"], r["decision"]) for r in records if r.get("scheme") == "https"]
+    assert ("GET", "/api/one", "allow") in https and ("GET", "/admin/users", "deny") in https
+    assert ("CONNECT", None, "allow") in https
+
+
+def test_an_intercepted_tunnel_refuses_what_is_not_tls_for_its_host(
+    executor: Executor, task: LiveTask
+) -> None:
+    """Domain fronting (another server name than the CONNECT host) and plain text where TLS
+    belongs are cut before anything reaches the upstream, and audited."""
+    ca = gateway_ca(executor)
+    with open_tunnel(task, f"127.0.0.1:{TLS_PORT}") as raw:
+        context = ssl.create_default_context(cadata=ca)
+        context.check_hostname = False  # the fronting client does not care; the gateway does
+        with context.wrap_socket(raw, server_hostname="evil.test") as tls:
+            tls.sendall(req("GET", "/api/x"))
+            assert tls.recv(65536) == b""
+    with open_tunnel(task, f"127.0.0.1:{TLS_PORT}") as raw:
+        raw.sendall(req("GET", "/api/x"))
+        assert raw.recv(65536) == b""
+    executor.credentials.audit.flush()
+    denied = AuditLog(executor.store).records(task.id, denied=True)
+    assert [r["rule"] for r in denied[-2:]] == ["sni", "interception"], denied[-2:]
+    assert "TLS server name 'evil.test' in a tunnel to 127.0.0.1" in denied[-2]["reason"]
+
+
+def test_the_gateway_speaks_only_to_an_upstream_it_can_verify(
+    executor: Executor, task: LiveTask, upstreams: Upstreams
+) -> None:
+    """An upstream under a certificate no one trusts (a man in the middle on the gateway's
+    side): the task gets a 502, nothing is sent to it."""
+    impostor = f"127.0.0.1:{IMPOSTOR_PORT}"
+    (status, headers, body), *_ = inside(
+        task, gateway_ca(executor), req("GET", "/api/x", host=impostor), authority=impostor
+    )
+    assert status == 502 and headers["x-airlock-denied"] == "upstream-tls", body
+    assert "CERTIFICATE_VERIFY_FAILED" in json.loads(body)["reason"]
 
 
 @pytest.mark.parametrize(
     ("first_bytes", "reason"),
     [
-        ("tls:evil.test", "TLS server name 'evil.test' in a tunnel to 127.0.0.1"),
-        (b"GET /api/secure HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", "TLS handshake"),
+        ("tls:evil.test", "TLS server name 'evil.test' is not the CONNECT host 'localhost'"),
+        (b"GET /api/secure HTTP/1.1\r\nHost: localhost\r\n\r\n", "TLS handshake"),
     ],
 )
-def test_a_tunnel_must_carry_tls_for_its_connect_host(
+def test_an_opaque_tunnel_must_carry_tls_for_its_connect_host(
     executor: Executor, task: LiveTask, upstreams: Upstreams, first_bytes: Any, reason: str
 ) -> None:
     """Domain fronting (a TLS server name other than the CONNECT host) and anything but a
     TLS handshake are cut before a byte reaches the upstream, and audited."""
-    with socket.socket(socket.AF_UNIX) as raw:
-        raw.settimeout(10)
-        raw.connect(task.socket)
-        raw.sendall(connect(f"127.0.0.1:{TLS_PORT}", task.jwt))
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += raw.recv(1)
-        assert head.startswith(b"HTTP/1.1 200")
+    with open_tunnel(task, OPAQUE) as raw:
         if isinstance(first_bytes, bytes):
             raw.sendall(first_bytes)
             assert raw.recv(65536) == b""  # cut, nothing relayed back
@@ -484,14 +601,7 @@ def test_a_tunnel_must_carry_tls_for_its_connect_host(
 
 def test_tunnels_are_cut_when_the_task_ends(executor: Executor, upstreams: Upstreams) -> None:
     live = LiveTask(executor)
-    with socket.socket(socket.AF_UNIX) as raw:
-        raw.settimeout(10)
-        raw.connect(live.socket)
-        raw.sendall(connect(f"127.0.0.1:{HTTP_PORT}", live.jwt))
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += raw.recv(1)
-        assert head.startswith(b"HTTP/1.1 200")
+    with open_tunnel(live, OPAQUE) as raw:
         receipt = live.end()
         assert receipt["endpoint_removed"] is True
         assert raw.recv(1) == b""  # the gateway closed the tunnel
@@ -502,9 +612,15 @@ CLIENTS = r"""
 import http.client, json, os, ssl, urllib.request, urllib.error
 api = "http://127.0.0.1:18080/api/from-container"
 print("urllib http", json.loads(urllib.request.urlopen(api, timeout=10).read())["path"])
+body = urllib.request.urlopen("https://127.0.0.1:18443/api/tls", timeout=10).read()
+print("urllib https", json.loads(body)["path"], json.loads(body)["headers"]["authorization"][:10])
+try:
+    urllib.request.urlopen("https://127.0.0.1:18443/admin", timeout=10)
+except urllib.error.HTTPError as exc:
+    print("https denied", exc.code, exc.headers["X-Airlock-Denied"], json.loads(exc.read())["reason"])
 context = ssl.create_default_context(cadata=os.environ["UPSTREAM_CA"])
-body = urllib.request.urlopen("https://127.0.0.1:18443/api/tls", timeout=10, context=context).read()
-print("urllib https", json.loads(body)["path"])
+body = urllib.request.urlopen("https://localhost:18443/opaque", timeout=10, context=context).read()
+print("urllib opaque", json.loads(body)["path"])
 proxy = http.client.HTTPConnection("127.0.0.1", 3128, timeout=10)
 proxy.request("POST", api, body=b"x" * 100000, headers={"Proxy-Authorization": "Bearer " + open(os.environ["AIRLOCK_TOKEN_FILE"]).read()})
 answer = proxy.getresponse()
@@ -545,7 +661,9 @@ def test_real_clients_in_a_sealed_container(
     logs = "".join(text for _, text in store.iter_logs(task_id))
     assert state is S.SUCCEEDED, logs
     assert "urllib http /api/from-container" in logs
-    assert "urllib https /api/tls" in logs
+    assert "urllib https /api/tls Bearer up-" in logs  # intercepted; the real token added
+    assert "https denied 403 secure path is outside /api/, /big" in logs
+    assert "urllib opaque /opaque" in logs
     assert "http.client via proxy 200 100000" in logs
     assert f"streamed {1 << 20}" in logs
     assert "denied 403 egress[1] 127.0.0.1 path is outside /api/, /big" in logs
@@ -603,26 +721,122 @@ MCP_PORT = 18090
 MCP_URL = f"http://127.0.0.1:{MCP_PORT}/mcp"
 
 
-@pytest.fixture(scope="module")
-def mcp_server() -> Iterator[None]:
-    import subprocess
+SECURE_MCP_PORT = 18091
+SECURE_MCP_URL = f"https://127.0.0.1:{SECURE_MCP_PORT}/mcp"
 
-    proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).parent / "mcp_server.py"), str(MCP_PORT)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+
+@pytest.fixture(scope="module")
+def mcp_server(upstreams: Upstreams) -> Iterator[None]:
+    """The test MCP server, over plain HTTP and over HTTPS (the upstreams' certificate)."""
+    script = str(Path(__file__).parent / "mcp_server.py")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for args in (
+            [str(MCP_PORT)],
+            [str(SECURE_MCP_PORT), str(upstreams.cert), str(upstreams.key)],
+        )
+    ]
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", MCP_PORT), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        for port in (MCP_PORT, SECURE_MCP_PORT):
+            for _ in range(100):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    time.sleep(0.1)
         yield
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+class Relay:
+    """127.0.0.1:PORT to a task's socket, from this process (the one peer the in-process
+    gateway admits besides the task's container): a proxy address for host-side clients."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.socket_path = socket_path
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.socket(socket.AF_UNIX)
+            upstream.connect(self.socket_path)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._copy, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _copy(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while chunk := source.recv(65536):
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            source.close()  # each socket is the source of one thread: closed once
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_the_mcp_sdk_over_https_is_decided_message_by_message(
+    executor: Executor, task: LiveTask, mcp_server: None
+) -> None:
+    """The official MCP client, speaking streamable HTTP over TLS through the gateway (a
+    proxy, as any client would use it): the tunnel is intercepted, so the tool it is not
+    granted is refused and left out of the list, exactly as over plain HTTP."""
+    import anyio
+    import httpx2
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    relay = Relay(task.socket)
+    context = ssl.create_default_context(cadata=gateway_ca(executor))
+
+    async def session() -> tuple[list[str], Any, Any]:
+        proxy = f"http://task:{task.jwt}@127.0.0.1:{relay.port}"
+        async with (
+            httpx2.AsyncClient(proxy=proxy, verify=context, trust_env=False, timeout=10) as http,
+            streamable_http_client(SECURE_MCP_URL, http_client=http) as (read, write, *_),
+            ClientSession(read, write) as client,
+        ):
+            await client.initialize()
+            listed = [tool.name for tool in (await client.list_tools()).tools]
+            added = await client.call_tool("add", {"a": 2, "b": 3})
+            try:
+                refused: Any = await client.call_tool("shell", {"command": "id"})
+            except Exception as exc:  # the SDK's error for a JSON-RPC error answer
+                refused = exc
+            return listed, added, refused
+
+    try:
+        listed, added, refused = anyio.run(session)
+    finally:
+        relay.close()
+    assert listed == ["add"]
+    assert added.structured_content == {"result": 5}, added
+    assert "tool secure-tools/shell is not granted" in str(refused), refused
+    executor.credentials.audit.flush()
+    calls = [
+        (r.get("tool"), r["decision"], r["scheme"])
+        for r in AuditLog(executor.store).records(task.id)
+        if r.get("mcp_method") == "tools/call"
+    ]
+    assert ("add", "allow", "https") in calls and ("shell", "deny", "https") in calls
 
 
 class McpClient:
@@ -798,7 +1012,7 @@ def test_tunnels_and_bytes_have_a_budget_per_task(executor: Executor, task: Live
     held = []
     try:
         hold_tunnels(task, 2, held)
-        status, _, body = exchange(task.socket, connect(f"127.0.0.1:{HTTP_PORT}", task.jwt))
+        status, _, body = exchange(task.socket, connect(OPAQUE, task.jwt))
         assert status == 429 and b"open tunnels" in body
     finally:
         for sock in held:

@@ -385,7 +385,7 @@ EGRESS_CHECKS = [
     ("api.example.com", 443, "POST", "/x", False, "method POST is not granted for *.example.com"),
     ("docs.test", 80, "GET", "/api/v1", True, "granted"),
     ("docs.test", 80, "GET", "/admin", False, "path is outside /api/"),
-    ("docs.test", 443, "GET", None, True, "granted"),
+    ("plain.test", 80, "GET", "/", True, "granted"),
 ]
 
 
@@ -394,6 +394,8 @@ def compiled() -> CompiledGrant:
         egress=[
             {"host": "*.example.com", "ports": [443], "methods": ["GET", "HEAD"], "paths": []},
             {"host": "docs.test", "ports": [80, 443], "methods": ["GET"], "paths": ["/api/"]},
+            {"host": "plain.test", "ports": [80], "methods": ["GET"], "scheme": "http"},
+            {"host": "opaque.test", "ports": [443], "methods": [], "tls": "passthrough"},
         ],
         tools=[
             {
@@ -410,8 +412,29 @@ def compiled() -> CompiledGrant:
 def test_compiled_egress_checks(
     host: str, port: int, method: str, path: str | None, allowed: bool, reason: str
 ) -> None:
-    check = compiled().check_egress(host, port, method, path)
+    scheme = "http" if host == "plain.test" else "https"
+    check = compiled().check_egress(host, port, method, path, scheme)
     assert (check.allowed, check.reason) == (allowed, reason)
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "allowed", "passthrough", "reason"),
+    [
+        ("docs.test", 443, True, False, "granted; each request inside is decided"),
+        ("api.example.com", 443, True, False, "granted; each request inside is decided"),
+        ("opaque.test", 443, True, True, "granted (passthrough)"),
+        ("api.example.com", 8443, False, False, "port 8443 is not granted for *.example.com"),
+        ("plain.test", 80, False, False, "plain.test is granted over plain http only: no tunnel"),
+        ("g", 443, True, False, "granted MCP server"),  # an https MCP server's host
+        ("g", 80, False, False, "no egress rule of the grant matches this host"),
+        ("nowhere.test", 443, False, False, "no egress rule of the grant matches this host"),
+    ],
+)
+def test_tunnels_only_for_https_rules_and_opaque_only_for_passthrough(
+    host: str, port: int, allowed: bool, passthrough: bool, reason: str
+) -> None:
+    check = compiled().check_tunnel(host, port)
+    assert (check.allowed, check.passthrough, check.reason) == (allowed, passthrough, reason)
 
 
 def test_rules_are_named_and_a_report_only_rule_denies_nothing() -> None:

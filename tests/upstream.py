@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 HTTP_PORT, TLS_PORT, PLAIN_CREDENTIALED_PORT = 18080, 18443, 18082
+IMPOSTOR_PORT = 18444  # TLS under a certificate nobody trusts (a man in the middle)
 
 
 class Echo(http.server.BaseHTTPRequestHandler):
@@ -83,19 +84,28 @@ def self_signed(directory: Path) -> tuple[Path, Path, str]:
     return cert_path, key_path, pem.decode()
 
 
+def tls_server(port: int, cert: Path, key: Path) -> http.server.ThreadingHTTPServer:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Echo)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    return server
+
+
 class Upstreams:
     def __init__(self, directory: Path) -> None:
         cert, key, self.ca_pem = self_signed(directory)
+        self.cert, self.key = cert, key
         self.http = http.server.ThreadingHTTPServer(("127.0.0.1", HTTP_PORT), Echo)
         self.plain = http.server.ThreadingHTTPServer(("127.0.0.1", PLAIN_CREDENTIALED_PORT), Echo)
-        self.tls = http.server.ThreadingHTTPServer(("127.0.0.1", TLS_PORT), Echo)
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(cert, key)
-        self.tls.socket = context.wrap_socket(self.tls.socket, server_side=True)
-        for server in (self.http, self.tls, self.plain):
+        self.tls = tls_server(TLS_PORT, cert, key)
+        (directory / "impostor").mkdir()
+        self.impostor = tls_server(IMPOSTOR_PORT, *self_signed(directory / "impostor")[:2])
+        self.servers = (self.http, self.tls, self.plain, self.impostor)
+        for server in self.servers:
             threading.Thread(target=server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
-        for server in (self.http, self.tls, self.plain):
+        for server in self.servers:
             server.shutdown()
             server.server_close()

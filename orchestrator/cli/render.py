@@ -153,6 +153,7 @@ def reach(grant: Grant, on_request: dict[str, list[Any]], policy_version: str) -
         table.add_column(column, overflow="fold")
     for index, rule in enumerate(grant.egress):
         notes = [
+            rule.scheme if rule.scheme == "http" else f"https ({rule.tls})",
             *(["internal"] if rule.internal else []),
             *(["tls upstream"] if rule.upstream_tls else []),
             *([f"injects {rule.inject.name}"] if rule.inject else []),

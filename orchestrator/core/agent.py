@@ -79,12 +79,28 @@ class EgressRule(_Frozen):
     host: HostPattern = Field(description="exact host name, or *.suffix for its subdomains")
     ports: tuple[Port, ...] = Field((443,), min_length=1)
     methods: tuple[Method, ...] = Field(("GET", "HEAD"), min_length=1)
-    paths: tuple[PathPrefix, ...] = Field((), description="path prefixes (plain HTTP); none = any")
+    paths: tuple[PathPrefix, ...] = Field((), description="path prefixes; none = any")
     internal: bool = Field(
         False, description="may reach internal addresses (loopback, private ranges, metadata)"
     )
+    scheme: Literal["https", "http"] = Field(
+        "https",
+        description=(
+            "how the task reaches the upstream: https (CONNECT through the gateway) or plain "
+            "http (absolute http:// URLs); a plain-HTTP rule opens no tunnel"
+        ),
+    )
+    tls: Literal["intercept", "passthrough"] = Field(
+        "intercept",
+        description=(
+            "https only. intercept: the gateway ends the task's TLS with a leaf of its own "
+            "CA and decides every request inside; passthrough: an opaque tunnel whose TLS "
+            "server name must be the CONNECT host (a rule without methods, paths or inject)"
+        ),
+    )
     upstream_tls: bool = Field(
-        False, description="the task sends plain http://; the gateway speaks TLS upstream"
+        False,
+        description="scheme http: the task sends plain http://; the gateway speaks TLS upstream",
     )
     inject: Injection | None = None
     enforce: bool = Field(
@@ -96,8 +112,27 @@ class EgressRule(_Frozen):
     )
     default: bool = True
 
+    @model_validator(mode="before")
+    @classmethod
+    def _upstream_tls_is_plain_http(cls, data: Any) -> Any:
+        """`upstream_tls: true` has always meant a task speaking plain http:// to the gateway."""
+        if isinstance(data, dict) and data.get("upstream_tls") and "scheme" not in data:
+            return {**data, "scheme": "http"}
+        return data
+
     @model_validator(mode="after")
     def _guard_rails(self) -> EgressRule:
+        if self.upstream_tls and self.scheme != "http":
+            raise ValueError(f"{self.host}: upstream_tls is for scheme http (https is TLS already)")
+        if self.tls == "passthrough":
+            if self.scheme != "https":
+                raise ValueError(f"{self.host}: tls: passthrough is for scheme https")
+            seen = {"methods", "paths", "inject"} & self.model_fields_set
+            if seen:
+                raise ValueError(
+                    f"{self.host}: a passthrough tunnel is opaque, so its rule cannot name "
+                    f"{', '.join(sorted(seen))}; drop them, or let the gateway intercept"
+                )
         if self.host in METADATA_HOSTS:
             raise ValueError(f"{self.host}: a cloud metadata service is never an egress target")
         if self.host.startswith("*.") and self.internal:

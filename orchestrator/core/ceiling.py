@@ -47,6 +47,7 @@ def _egress_within(granted: EgressGrant, rule: EgressRule) -> bool:
         )
         and granted.internal <= rule.internal
         and granted.upstream_tls == rule.upstream_tls
+        and (granted.scheme, granted.tls) == (rule.scheme, rule.tls)
         and granted.inject == rule.inject
         and granted.name == rule.name
         and granted.enforce >= rule.enforce  # report-only only where the registry says so

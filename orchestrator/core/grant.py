@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict
@@ -33,6 +33,8 @@ class EgressGrant(_Frozen):
     inject: Injection | None = None
     name: str | None = None
     enforce: bool = True
+    scheme: Literal["https", "http"] = "https"
+    tls: Literal["intercept", "passthrough"] = "intercept"
 
 
 class ToolGrant(_Frozen):
@@ -139,6 +141,7 @@ class Check:
     internal: bool = False  # the matching rule may reach internal addresses
     tls: bool = False  # the gateway speaks TLS to the upstream
     inject: Injection | None = None  # a credential the gateway adds for this upstream
+    passthrough: bool = False  # a tunnel left opaque (else the gateway intercepts it)
 
 
 DENY_NO_RULE = Check(False, "default-deny", "no egress rule of the grant matches this host")
@@ -160,13 +163,15 @@ class CompiledGrant:
                 self._exact.setdefault(rule.host, []).append((name, rule, ports, methods))
         self._tools = {(t.server, t.tool): t for t in grant.tools}
         self._reads = {r.server: r for r in grant.mcp_reads}
-        self._servers: dict[tuple[str, int], list[tuple[str, str, bool]]] = {}
+        # Granted MCP servers by (scheme, host, port): (path, server, internal) each.
+        self._servers: dict[tuple[str, str, int], list[tuple[str, str, bool]]] = {}
         servers = [(t.server, t.url, t.internal) for t in grant.tools]
         servers += [(r.server, r.url, r.internal) for r in grant.mcp_reads]
         for server, address, internal in servers:
             url = urlsplit(address)
-            if url.scheme == "http" and url.hostname:
-                where = (url.hostname.lower(), url.port or 80)
+            if url.scheme in ("http", "https") and url.hostname:
+                port = url.port or (443 if url.scheme == "https" else 80)
+                where = (url.scheme, url.hostname.lower(), port)
                 entry = (url.path or "/", server, internal)
                 if entry not in self._servers.setdefault(where, []):
                     self._servers[where].append(entry)
@@ -175,9 +180,11 @@ class CompiledGrant:
         """The tools of one MCP server this task may call (and see listed)."""
         return frozenset(tool for (name, tool) in self._tools if name == server)
 
-    def mcp_server_for(self, host: str, port: int, path: str) -> tuple[str, bool] | None:
+    def mcp_server_for(
+        self, host: str, port: int, path: str, scheme: str = "https"
+    ) -> tuple[str, bool] | None:
         """(server name, internal) when the request goes to a granted MCP server's URL."""
-        for prefix, server, internal in self._servers.get((host, port), ()):
+        for prefix, server, internal in self._servers.get((scheme, host, port), ()):
             if (
                 path == prefix
                 or path.startswith(prefix.rstrip("/") + "/")
@@ -195,33 +202,63 @@ class CompiledGrant:
                 found.append((name, rule, ports, methods))
         return found
 
-    def check_egress(
-        self, host: str, port: int, method: str | None, path: str | None = None
-    ) -> Check:
-        """May this task send `method` to host:port (and, for plain HTTP, this path)?
+    def check_tunnel(self, host: str, port: int) -> Check:
+        """May this task open a CONNECT tunnel to host:port, and is it left opaque?
 
-        `host` must already be normalised (lower case, no trailing dot). `method` is None
-        for a tunnel, whose requests the gateway cannot see.
+        Only https rules open tunnels. A passthrough rule gives an opaque one (the gateway
+        checks its TLS server name only); any other https rule, or a granted https MCP
+        server, gives one the gateway intercepts, deciding each request inside it.
         """
-        candidates = self._candidates(host)
+        https = [c for c in self._candidates(host) if c[1].scheme == "https"]
+        for name, rule, ports, _ in https:
+            if port in ports and rule.tls == "passthrough":
+                return Check(True, name, "granted (passthrough)", rule.internal, passthrough=True)
+        for name, rule, ports, _ in https:
+            if port in ports:
+                return Check(True, name, "granted; each request inside is decided", rule.internal)
+        for prefix, server, internal in self._servers.get(("https", host, port), ()):
+            return Check(True, f"mcp {server}", "granted MCP server", internal)
+        if https:
+            name, rule = https[0][:2]
+            return Check(False, name, f"port {port} is not granted for {rule.host}")
+        if self._candidates(host):
+            name, rule = self._candidates(host)[0][:2]
+            return Check(False, name, f"{rule.host} is granted over plain http only: no tunnel")
+        return DENY_NO_RULE
+
+    def check_egress(
+        self, host: str, port: int, method: str, path: str, scheme: str = "https"
+    ) -> Check:
+        """May this task send `method` to scheme://host:port with this path? (https
+        requests are those the gateway reads inside an intercepted tunnel.)
+
+        `host` must already be normalised (lower case, no trailing dot).
+        """
+        candidates = [c for c in self._candidates(host) if c[1].scheme == scheme]
         if not candidates:
+            other = self._candidates(host)
+            if other:
+                name, rule = other[0][:2]
+                return Check(False, name, f"{rule.host} is granted over {rule.scheme} only")
             return DENY_NO_RULE
         # Of several rules for the host, the refusal names the one that came closest.
         refusal, closeness, rule_of = DENY_NO_RULE, -1, None
         for name, rule, ports, methods in candidates:
+            tls = rule.upstream_tls or scheme == "https"
             if port not in ports:
                 near = 0, Check(False, name, f"port {port} is not granted for {rule.host}")
-            elif method is not None and method not in methods:
+            elif method not in methods:
                 near = 1, Check(False, name, f"method {method} is not granted for {rule.host}")
-            elif path is not None and rule.paths and not path.startswith(rule.paths):
+            elif rule.paths and not path.startswith(rule.paths):
                 near = 2, Check(False, name, f"path is outside {', '.join(rule.paths)}")
             else:
-                return Check(True, name, "granted", rule.internal, rule.upstream_tls, rule.inject)
+                return Check(True, name, "granted", rule.internal, tls, rule.inject)
             if near[0] > closeness:
                 closeness, (refusal, rule_of) = near[0], (near[1], rule)
         if rule_of is not None and not rule_of.enforce:  # a rule being rolled out: report only
             reason = f"report-only: would deny: {refusal.reason}"
-            return Check(True, refusal.rule, reason, rule_of.internal, rule_of.upstream_tls)
+            tls = rule_of.upstream_tls or scheme == "https"
+            return Check(True, refusal.rule, reason, rule_of.internal, tls)
         return refusal
 
     def check_read(self, server: str, method: str, what: Any) -> Check:

@@ -30,8 +30,9 @@ class Target:
     method: str
     host: str
     port: int
-    path: str | None  # None for CONNECT: the gateway cannot see inside the tunnel
+    path: str | None  # None for CONNECT (the tunnel itself; requests inside come one by one)
     host_header: str | None = None
+    scheme: str = "http"  # https: a request read inside an intercepted tunnel
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Verdict:
     tls: bool = False  # speak TLS to the upstream
     inject: Injection | None = None  # add this credential for the upstream
     path: str | None = None  # the path in its one normal form (clean_path), once decided
+    passthrough: bool = False  # a tunnel left opaque (else intercepted)
 
 
 def deny(rule: str, reason: str, host: str = "") -> Verdict:
@@ -124,7 +126,7 @@ def decide_request(grant: CompiledGrant, target: Target) -> Verdict:
     try:
         host = normalize_host(target.host)
         if target.host_header is not None:
-            default = 443 if target.path is None else 80
+            default = 80 if target.path is not None and target.scheme == "http" else 443
             header_host, header_port = _host_port(target.host_header, default)
             if (normalize_host(header_host), header_port) != (host, target.port):
                 return deny("host-mismatch", "Host header names another host than the target", host)
@@ -132,27 +134,26 @@ def decide_request(grant: CompiledGrant, target: Target) -> Verdict:
         return deny("malformed-host", str(exc))
     if not 0 < target.port < 65536:
         return deny("malformed-port", f"port {target.port} is out of range", host)
-    path = None
-    if target.path is not None:
-        path = clean_path(target.path)
-        if path is None:
-            return deny("ambiguous-path", "path has dot segments or encoded separators", host)
-    if path is not None:
-        mcp = grant.mcp_server_for(host, target.port, path)
-        if mcp is not None:  # a granted MCP server: its messages are checked one by one
-            return Verdict(True, f"mcp {mcp[0]}", "granted MCP server", host, mcp[1], path=path)
-    method = None if target.path is None else target.method  # a tunnel hides its methods
-    check = grant.check_egress(host, target.port, method, path)
-    tunnel = target.path is None  # the client speaks TLS itself: nothing to add, no TLS of ours
+    if target.path is None:  # the tunnel; intercepted, its requests come here one by one
+        tunnel = grant.check_tunnel(host, target.port)
+        return Verdict(
+            tunnel.allowed,
+            tunnel.rule,
+            tunnel.reason,
+            host,
+            tunnel.internal,
+            passthrough=tunnel.passthrough,
+        )
+    path = clean_path(target.path)
+    if path is None:
+        return deny("ambiguous-path", "path has dot segments or encoded separators", host)
+    https = target.scheme == "https"
+    mcp = grant.mcp_server_for(host, target.port, path, target.scheme)
+    if mcp is not None:  # a granted MCP server: its messages are checked one by one
+        return Verdict(True, f"mcp {mcp[0]}", "granted MCP server", host, mcp[1], https, path=path)
+    check = grant.check_egress(host, target.port, target.method, path, target.scheme)
     return Verdict(
-        check.allowed,
-        check.rule,
-        check.reason,
-        host,
-        check.internal,
-        check.tls and not tunnel,
-        None if tunnel else check.inject,
-        path,
+        check.allowed, check.rule, check.reason, host, check.internal, check.tls, check.inject, path
     )
 
 

@@ -9,7 +9,9 @@ Vault never stalls another task's endpoint.
     POST /v1/wrapping/lookup    {"token"}: where a wrapping token was created
     POST /v1/wrapping/unwrap    {"token"}: unwrap one of this task's wrapped secrets
     GET http://host/...         forward proxy (absolute form), decided against the grant
-    CONNECT host:port           a byte tunnel, decided against the grant
+    CONNECT host:port           a tunnel, decided against the grant: intercepted (the TLS
+                                ends here; each request inside is decided), or opaque for a
+                                passthrough rule (its TLS server name checked)
 Every proxied request must carry the task's JWT (Proxy-Authorization) as a second factor.
 """
 
@@ -24,7 +26,6 @@ import logging
 import os
 import re
 import socket
-import ssl
 import struct
 import threading
 from collections.abc import Callable
@@ -37,6 +38,7 @@ import uvloop
 
 from orchestrator.adapters.gateway.addresses import IPAddress
 from orchestrator.adapters.gateway.http import ProxyPolicy
+from orchestrator.adapters.gateway.interception import LeafCertificates, upstream_context
 from orchestrator.adapters.gateway.proxy import Session
 from orchestrator.core.ids import endpoint_key, is_endpoint_key
 
@@ -103,14 +105,15 @@ class EndpointServer:
         max_connections: int = 64,
         upstream_ca_file: Path | None = None,
         owner: tuple[int, int] = (10001, 10001),
+        certificates: LeafCertificates | None = None,
     ) -> None:
         self.root = root
         # The task user: it alone may open a task's directory and socket on this host.
         self.owner = owner
-        # How the gateway checks upstreams it speaks TLS to (system roots unless told).
-        self.tls = ssl.create_default_context(
-            cafile=str(upstream_ca_file) if upstream_ca_file else None
-        )
+        # How the gateway checks upstreams it speaks TLS to (system roots, and any given).
+        self.tls = upstream_context(upstream_ca_file)
+        # Leaves for intercepted tunnels (without them, a tunnel that needs one is refused).
+        self.certificates = certificates
         self.max_connections = max_connections
         # uvloop: a third less CPU per proxied request than asyncio's own loop.
         self._loop = uvloop.new_event_loop()
@@ -274,7 +277,9 @@ class EndpointServer:
             return await self._control(handler, method, target, body)
 
         try:
-            await Session(reader, writer, control, handler, lambda: self.own, self.tls).run()
+            await Session(
+                reader, writer, control, handler, lambda: self.own, self.tls, self.certificates
+            ).run()
         except asyncio.CancelledError:
             writer.close()  # the task ended: its open tunnels are cut
         finally:

@@ -80,6 +80,7 @@ class Exchange:
     host: str = ""
     port: int = 0
     path: str | None = None
+    scheme: str = "http"  # https: inside an intercepted tunnel (CONNECT: the tunnel's)
     decision: str = "deny"
     rule: str = ""
     reason: str = ""
@@ -94,6 +95,7 @@ class Exchange:
             "host": self.host,
             "port": self.port,
             "path": self.path,
+            "scheme": self.scheme,
             "decision": self.decision,
             "rule": self.rule,
             "reason": self.reason,
@@ -194,7 +196,7 @@ async def resolve(host: str, port: int) -> list[IPAddress]:
 class Upstream:
     """A connection to one checked address; plain HTTP ones are kept for the next request."""
 
-    key: tuple[str, int, bool]
+    key: tuple[str, int, str]
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     conn: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
@@ -216,7 +218,7 @@ async def connect_checked(
     target: Target,
     exchange: Exchange,
     own: Callable[[], frozenset[IPAddress]],
-    pool: dict[tuple[str, int, bool], Upstream] | None = None,
+    pool: dict[tuple[str, int, str], Upstream] | None = None,
     tls: ssl.SSLContext | None = None,
 ) -> tuple[Upstream, Verdict]:
     """Decide, resolve, check every address, and connect to exactly the checked one.
@@ -233,7 +235,8 @@ async def connect_checked(
     if chosen is None:
         exchange.rule, exchange.reason = verdict.rule, verdict.reason
         raise Refused(403, verdict.rule, verdict.reason)
-    key = (str(chosen), target.port, verdict.tls)
+    # A TLS connection is kept for the one server name it was opened and checked for.
+    key = (str(chosen), target.port, verdict.host if verdict.tls else "")
     kept = pool.pop(key, None) if pool is not None else None
     if kept is not None and not kept.reader.at_eof() and not kept.writer.is_closing():
         return kept, verdict

@@ -101,6 +101,7 @@ def to_ocsf(record: dict[str, Any], digest: str = "") -> dict[str, Any]:
                 "hostname": str(record.get("host") or ""),
                 "port": record.get("port"),
                 "path": str(record.get("path") or ""),
+                "scheme": str(record.get("scheme") or "http"),
             },
         }
         if record.get("status"):

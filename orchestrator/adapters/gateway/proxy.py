@@ -11,9 +11,9 @@ the CONNECT host (no domain fronting inside a granted tunnel).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import h11
@@ -39,6 +39,7 @@ from orchestrator.adapters.gateway.http import (
     respond,
     smuggling_problem,
 )
+from orchestrator.adapters.gateway.interception import LeafCertificates, name_problem
 from orchestrator.adapters.gateway.mcp import (
     MAX_MCP_BODY,
     EventStreamFilter,
@@ -47,6 +48,18 @@ from orchestrator.adapters.gateway.mcp import (
     refusal_body,
 )
 from orchestrator.adapters.gateway.tls_hello import NotTls, hello_length, server_name
+
+HANDSHAKE_S = 10.0  # how long an intercepted tunnel's client has for its TLS handshake
+
+
+@dataclass(frozen=True)
+class Inside:
+    """An intercepted tunnel: where its CONNECT went, and the credentials it carried (each
+    request inside is authenticated with them again, and decided on its own)."""
+
+    host: str  # normalized
+    port: int
+    credentials: str | None
 
 
 class Session:
@@ -60,32 +73,20 @@ class Session:
         policy: ProxyPolicy,
         own: Callable[[], frozenset[IPAddress]],
         tls: ssl.SSLContext | None = None,
+        certificates: LeafCertificates | None = None,
     ) -> None:
         self.reader, self.writer = reader, writer
         self.control, self.policy, self.own = control, policy, own
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         # Upstream connections kept alive between this client's requests, by checked address.
-        self.pool: dict[tuple[str, int, bool], Upstream] = {}
+        self.pool: dict[tuple[str, int, str], Upstream] = {}
         self.tls = tls
+        self.certificates = certificates
+        self.inside: Inside | None = None  # once the connection is an intercepted tunnel
 
     async def run(self) -> None:
-        buffer = bytearray()
         try:
-            while await read_head(self.reader, buffer):
-                end = buffer.find(b"\r\n\r\n")
-                head = bytes(buffer[:end] if end >= 0 else buffer)
-                problem = smuggling_problem(head)
-                if problem:
-                    self.policy.audit(Exchange("?", reason=problem, rule="smuggling").record())
-                    raise Refused(400, "smuggling", problem)
-                self.conn.receive_data(bytes(buffer))
-                buffer.clear()
-                request = await next_event(self.conn, self.reader)
-                if not await self.dispatch(request):
-                    return
-                self.conn.start_next_cycle()
-                if self.conn.next_event() is not h11.NEED_DATA:
-                    raise Refused(400, "pipelining", "pipelined requests are not supported")
+            await self._requests()
         except Refused as exc:
             await self._refuse(exc)
         except (h11.RemoteProtocolError, ValueError) as exc:
@@ -105,6 +106,25 @@ class Session:
             for upstream in self.pool.values():
                 upstream.close()
 
+    async def _requests(self) -> None:
+        """Serve requests on the connection until it ends (or becomes a plain tunnel)."""
+        buffer = bytearray()
+        while await read_head(self.reader, buffer):
+            end = buffer.find(b"\r\n\r\n")
+            head = bytes(buffer[:end] if end >= 0 else buffer)
+            problem = smuggling_problem(head)
+            if problem:
+                self.policy.audit(Exchange("?", reason=problem, rule="smuggling").record())
+                raise Refused(400, "smuggling", problem)
+            self.conn.receive_data(bytes(buffer))
+            buffer.clear()
+            request = await next_event(self.conn, self.reader)
+            if not await self.dispatch(request):
+                return
+            self.conn.start_next_cycle()
+            if self.conn.next_event() is not h11.NEED_DATA:
+                raise Refused(400, "pipelining", "pipelined requests are not supported")
+
     async def _refuse(self, exc: Refused) -> None:
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
@@ -119,6 +139,10 @@ class Session:
     async def dispatch(self, request: h11.Request) -> bool:
         """Serve one request; whether the connection may carry another."""
         target = request.target.decode("latin-1")
+        if self.inside is not None:  # the task's own TLS, ended here: the upstream's paths
+            if request.method == b"CONNECT" or not target.startswith("/"):
+                raise Refused(400, "malformed", "inside a tunnel, requests name a /path only")
+            return await self.forward(request, target)
         if request.method == b"CONNECT":
             await self.connect(request, target)
             return False
@@ -129,11 +153,11 @@ class Session:
             return False
         return await self.forward(request, target)
 
-    def _authenticate(self, request: h11.Request) -> None:
+    def _authenticate(self, credentials: str | None) -> None:
         over = self.policy.count_request()
         if over:
             raise Refused(429, "limits", over)
-        why = self.policy.authenticate(proxy_credentials(request))
+        why = self.policy.authenticate(credentials)
         if why:
             raise Refused(407, "identity", why, [("proxy-authenticate", 'Bearer realm="airlock"')])
 
@@ -141,15 +165,22 @@ class Session:
         method = request.method.decode()
         exchange = Exchange(method)
         try:
-            url = urlsplit(target)
-            if url.scheme != "http" or not url.hostname:
-                raise Refused(400, "scheme", "only absolute http:// URLs; use CONNECT for TLS")
-            exchange.path = url.path or "/"
-            exchange.port = url.port or 80
-            query = f"?{url.query}" if url.query else ""
+            if self.inside is not None:
+                path, mark, query = target.partition("#")[0].partition("?")
+                host, exchange.port, exchange.scheme = self.inside.host, self.inside.port, "https"
+                credentials = self.inside.credentials
+            else:
+                url = urlsplit(target)
+                if url.scheme != "http" or not url.hostname:
+                    raise Refused(400, "scheme", "only absolute http:// URLs; use CONNECT for TLS")
+                path, mark, query = url.path or "/", "?" if url.query else "", url.query
+                host, exchange.port = url.hostname, url.port or 80
+                credentials = proxy_credentials(request)
+            exchange.path = path
+            query = f"{mark}{query}"
             host_header = header(request, b"host")
-            asked = Target(method, url.hostname, exchange.port, exchange.path + query, host_header)
-            self._authenticate(request)
+            asked = Target(method, host, exchange.port, path + query, host_header, exchange.scheme)
+            self._authenticate(credentials)
             upstream, verdict = await connect_checked(
                 self.policy,
                 asked,
@@ -384,26 +415,26 @@ class Session:
         return hello, sni_problem(hello, host)
 
     async def connect(self, request: h11.Request, authority: str) -> None:
-        exchange = Exchange("CONNECT")
+        exchange = Exchange("CONNECT", scheme="https")
+        credentials = proxy_credentials(request)
         try:
-            self._authenticate(request)
+            self._authenticate(credentials)
             granted = self.policy.granted_tunnel(authority)
             if granted is not None:
                 exchange.host, exchange.port = granted
                 exchange.rule, exchange.reason = "granted-secret", "address of a granted secret"
+                exchange.scheme = "tcp"
                 up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(*granted), 10)
             else:
                 host, _, port = authority.rpartition(":")
                 if not port.isdigit():
                     raise Refused(400, "malformed", "CONNECT needs host:port")
                 exchange.port = int(port)
-                tunnel, _ = await connect_checked(
-                    self.policy,
-                    Target("CONNECT", host, int(port), None, header(request, b"host")),
-                    exchange,
-                    self.own,
-                )
-                up_reader, up_writer = tunnel.reader, tunnel.writer
+                asked = Target("CONNECT", host, int(port), None, header(request, b"host"))
+                verdict = self.policy.decide(asked)
+                if not verdict.allowed or verdict.passthrough:
+                    tunnel, _ = await connect_checked(self.policy, asked, exchange, self.own)
+                    up_reader, up_writer = tunnel.reader, tunnel.writer
         except (TimeoutError, OSError) as exc:
             failure = Refused(502, "upstream", str(exc) or exc.__class__.__name__)
             exchange.status, exchange.rule, exchange.reason = 502, failure.rule, failure.reason
@@ -413,6 +444,20 @@ class Session:
             exchange.status, exchange.rule, exchange.reason = exc.status, exc.rule, exc.reason
             self.policy.audit(exchange.record())
             raise
+        if granted is None and not verdict.passthrough:
+            await self._intercept(verdict, exchange, credentials)
+        else:
+            await self._tunnel(exchange, up_reader, up_writer, tls=granted is None)
+
+    async def _tunnel(
+        self,
+        exchange: Exchange,
+        up_reader: asyncio.StreamReader,
+        up_writer: asyncio.StreamWriter,
+        tls: bool,
+    ) -> None:
+        """An opaque tunnel: a passthrough rule's (TLS, its server name checked first) or a
+        granted secret's (a database's own protocol)."""
         over = self.policy.tunnel(+1)
         if over is not None:
             up_writer.close()
@@ -423,7 +468,7 @@ class Session:
         self.writer.write(self.conn.send(h11.Response(status_code=200, headers=[])) or b"")
         leftover = bytes(self.conn.trailing_data[0])
         try:
-            if granted is None:  # a TLS tunnel: its ClientHello must name the CONNECT host
+            if tls:  # its ClientHello must name the CONNECT host
                 leftover, problem = await self._client_hello(leftover, exchange.host)
                 if problem is not None:
                     exchange.decision, exchange.status = "deny", 403
@@ -443,6 +488,55 @@ class Session:
             self.policy.tunnel(-1)
             self.policy.audit(exchange.record())
 
+    async def _intercept(
+        self, verdict: Verdict, exchange: Exchange, credentials: str | None
+    ) -> None:
+        """End the task's TLS here with a leaf for the CONNECT host, then serve the requests
+        inside one by one, each decided as if it were plain HTTP (every rule holds)."""
+        exchange.host, exchange.rule = verdict.host, verdict.rule
+        try:
+            context = await self._leaf(verdict.host)
+            over = self.policy.tunnel(+1)
+            if over is not None:
+                raise Refused(429, "limits", over)
+        except Refused as exc:
+            exchange.status, exchange.rule, exchange.reason = exc.status, exc.rule, exc.reason
+            self.policy.audit(exchange.record())
+            raise
+        exchange.decision, exchange.status = "allow", 200
+        exchange.reason = "intercepted: each request inside is decided"
+        try:
+            self.writer.write(self.conn.send(h11.Response(status_code=200, headers=[])) or b"")
+            try:
+                await asyncio.wait_for(self.writer.start_tls(context), HANDSHAKE_S)
+            except (ssl.SSLError, TimeoutError, ConnectionError, OSError) as exc:
+                exchange.decision, exchange.rule = "deny", "interception"
+                exchange.reason = f"no TLS handshake with the task: {exc or exc.__class__.__name__}"
+                return
+            sslobj = self.writer.get_extra_info("ssl_object")
+            problem = name_problem(getattr(sslobj, "airlock_sni", None), verdict.host)
+            if problem is not None:
+                exchange.decision, exchange.status = "deny", 403
+                exchange.rule, exchange.reason = "sni", problem
+                return
+            self.inside = Inside(verdict.host, exchange.port, credentials)
+            self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+            await self._requests()
+        finally:
+            self.policy.tunnel(-1)
+            self.policy.audit(exchange.record())
+
+    async def _leaf(self, host: str) -> ssl.SSLContext:
+        """The TLS server context to meet the task with, for `host`; Refused if none."""
+        if self.certificates is None:
+            raise Refused(503, "interception", "this gateway has no CA to intercept TLS with")
+        if self.conn.trailing_data[0]:
+            raise Refused(400, "malformed", "TLS bytes sent before the CONNECT was answered")
+        try:
+            return await self.certificates.context(host)
+        except Exception as exc:  # Vault's answer, whatever it is: the tunnel is refused
+            raise Refused(503, "interception", f"no certificate for {host}: {exc}") from None
+
 
 async def _read_hello(reader: asyncio.StreamReader, first: bytes) -> bytes:
     """The client's first bytes in a tunnel, up to the end of its ClientHello. Raises NotTls,
@@ -461,16 +555,9 @@ def sni_problem(hello: bytes, host: str) -> str | None:
     normalized), or None when it does: the SNI must be that host, or absent for an
     address (clients send no SNI for an IP literal)."""
     try:
-        name = server_name(hello)
+        return name_problem(server_name(hello), host)
     except NotTls as exc:
         return str(exc)
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        if name != host:
-            return f"TLS server name {name!r} is not the CONNECT host {host!r}"
-        return None
-    return None if name is None else f"TLS server name {name!r} in a tunnel to {host}"
 
 
 async def pipe(

@@ -27,6 +27,7 @@ from orchestrator.adapters.gateway.endpoint import (
     remove_endpoint_directory,
     stale_endpoints,
 )
+from orchestrator.adapters.gateway.interception import LeafCertificates
 from orchestrator.adapters.gateway.limits import TaskLimits
 from orchestrator.adapters.gateway.member_endpoint import MemberEndpoint
 from orchestrator.adapters.gateway.task_endpoint import TaskEndpoint
@@ -90,15 +91,18 @@ class LocalGateway:
         verifier: Verifier,
         audit: AuditLog,
         connections: dict[str, dict[str, Any]],
+        certificates: LeafCertificates | None = None,
     ) -> None:
         self.settings, self.store, self.broker = settings, store, broker
         self.verifier, self.audit, self.connections = verifier, audit, connections
+        self.certificates = certificates
         uid, _, gid = TASK_USER.partition(":")
         self.server = EndpointServer(
             settings.endpoint_dir / settings.namespace,
             settings.gateway_max_connections,
             settings.upstream_ca_file,
             (int(uid), int(gid or uid)),
+            certificates,
         )
 
     def open(self, task_id: str, given: Provisioned, grant: Grant, context: dict[str, Any]) -> Path:
@@ -144,6 +148,7 @@ class LocalGateway:
                 max_tunnels=self.settings.gateway_max_tunnels,
                 max_bytes=self.settings.gateway_max_bytes,
             ),
+            self.certificates.ca_pem if self.certificates else None,
         )
 
     def close(self, task_id: str) -> bool:

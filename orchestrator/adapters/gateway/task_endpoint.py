@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from opentelemetry.trace import Status, StatusCode
@@ -45,8 +46,12 @@ class TaskEndpoint:
         audit: AuditLog,
         context: dict[str, Any],
         limits: TaskLimits | None = None,
+        ca: Callable[[], str] | None = None,
     ) -> None:
+        """`ca`: the gateway CA's certificate, which the task must trust for the tunnels
+        the gateway intercepts (handed over with the bootstrap)."""
         self.task_id = task_id
+        self.ca = ca
         self.given = given
         self.broker = broker
         self.store = store
@@ -223,6 +228,7 @@ class TaskEndpoint:
         return None
 
     def _bootstrap(self) -> tuple[int, dict[str, Any]]:
+        ca = self.ca() if self.ca else None  # before the one fetch is spent: it may fail
         with self._lock:
             if self._fetched:
                 self.store.alarm(self.task_id, "second bootstrap fetch refused")
@@ -254,4 +260,5 @@ class TaskEndpoint:
             "jwt": self.given.jwt.jwt,
             "secrets": secrets,
             "placeholders": placeholders,
+            **({"ca": ca} if ca else {}),
         }

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from orchestrator.adapters.gateway.interception import GATEWAY_CA, LEAF_ROLE, LEAF_TTL_S
 from orchestrator.adapters.vault.adapter import Vault
 from orchestrator.core.agent import Agent
 from orchestrator.errors import ConfigError
@@ -67,6 +68,7 @@ path "transit/verify/{AUDIT_KEY}" {{ capabilities = ["update"] }}
 path "sys/health" {{ capabilities = ["read"] }}
 path "auth/token/lookup-self" {{ capabilities = ["read"] }}
 path "auth/token/renew-self" {{ capabilities = ["update"] }}
+path "{GATEWAY_CA}/issue/{LEAF_ROLE}" {{ capabilities = ["update"] }}
 """
 
 
@@ -83,6 +85,10 @@ path "auth/token/revoke-self" {{ capabilities = ["update"] }}
 """
 
 
+# The gateway CA: a PKI engine whose root key is generated inside Vault and never leaves it.
+# The gateway asks it for an hour's leaf per host it intercepts TLS for; only tasks trust it.
+CA_LIFETIME = "87600h"
+
 # Airlock's own parts log in with AppRole (production may use JWT or Kubernetes auth the
 # same way), each with its own narrow policy. The worker's is the orchestrator policy above.
 COMPONENT_AUTH = "airlock-components"
@@ -94,6 +100,7 @@ path "transit/verify/{AUDIT_KEY}" {{ capabilities = ["update"] }}
 path "sys/health" {{ capabilities = ["read"] }}
 path "auth/token/lookup-self" {{ capabilities = ["read"] }}
 path "auth/token/renew-self" {{ capabilities = ["update"] }}
+path "{GATEWAY_CA}/issue/{LEAF_ROLE}" {{ capabilities = ["update"] }}
 """
 API_RULES = f"""# Managed by airlock vault setup: the capabilities of `airlock serve`.
 path "transit/keys/{JWT_KEY}" {{ capabilities = ["read"] }}
@@ -161,6 +168,48 @@ def ensure_mount(vault: Vault, report: Report, path: str, kind: str) -> None:
     if not present:
         vault.write(f"sys/mounts/{path}", {"type": kind})
     report.note(f"secrets engine {kind} at {path}/", not present)
+
+
+def ensure_gateway_ca(vault: Vault, report: Report) -> None:
+    """The gateway CA (made once: its key is Vault's alone) and the role its leaves come
+    from: any host or address a task may be granted, EC P-256, an hour at most each,
+    server use only, not stored (a leaf is the gateway's, in memory, for its hour)."""
+    mounts = (vault.read("sys/mounts") or {}).get("data", {})
+    if f"{GATEWAY_CA}/" not in mounts:
+        vault.write(
+            f"sys/mounts/{GATEWAY_CA}", {"type": "pki", "config": {"max_lease_ttl": CA_LIFETIME}}
+        )
+    report.note(f"secrets engine pki at {GATEWAY_CA}/", f"{GATEWAY_CA}/" not in mounts)
+    present = bool(vault.list(f"{GATEWAY_CA}/issuers"))
+    if not present:
+        vault.write(
+            f"{GATEWAY_CA}/root/generate/internal",
+            {
+                "common_name": "Airlock gateway CA",
+                "key_type": "ec",
+                "key_bits": 256,
+                "ttl": CA_LIFETIME,
+            },
+        )
+    report.note("gateway CA (key held by Vault)", not present)
+    role = {
+        "allow_any_name": True,
+        "enforce_hostnames": False,
+        "allow_ip_sans": True,
+        "allow_wildcard_certificates": False,
+        "key_type": "ec",
+        "key_bits": 256,
+        "ttl": f"{LEAF_TTL_S}s",
+        "max_ttl": f"{LEAF_TTL_S}s",
+        "no_store": True,
+        "server_flag": True,
+        "client_flag": False,
+        "require_cn": True,
+    }
+    path = f"{GATEWAY_CA}/roles/{LEAF_ROLE}"
+    current = (vault.read(path, missing_ok=True) or {}).get("data") or {}
+    same = current.get("no_store") is True and current.get("max_ttl") == LEAF_TTL_S
+    _put(vault, report, f"pki role {LEAF_ROLE}", path, role, same)
 
 
 def ensure_jwt_key(vault: Vault, report: Report) -> None:
@@ -361,6 +410,7 @@ def setup(
     report = Report()
     ensure_mount(vault, report, "transit", "transit")
     ensure_jwt_key(vault, report)
+    ensure_gateway_ca(vault, report)
     ensure_components(vault, report)
     ensure_tickets(vault, report, _read_key(ticket_public_key), prune)
     for agent in agents.values():
