@@ -140,13 +140,16 @@ async def throughput(path: dict[str, Any], connections: int, seconds: float) -> 
 async def client(paths: list[dict[str, Any]], count: int, seconds: float) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for path in paths:
-        await latency(path, 200)  # warm up
-        samples = sorted(await latency(path, count))
-        results[path["name"]] = {
-            "p50": samples[len(samples) // 2],
-            "p99": samples[int(len(samples) * 0.99)],
-            "rps16": await throughput(path, 16, seconds),
-        }
+        try:
+            await latency(path, 200)  # warm up
+            samples = sorted(await latency(path, count))
+            results[path["name"]] = {
+                "p50": samples[len(samples) // 2],
+                "p99": samples[int(len(samples) * 0.99)],
+                "rps16": await throughput(path, 16, seconds),
+            }
+        except (OSError, RuntimeError) as exc:
+            raise RuntimeError(f"{path['name']}: {exc!r}") from exc
     return results
 
 

@@ -101,7 +101,9 @@ class Upstreams:
         self.tls = tls_server(TLS_PORT, cert, key)
         (directory / "impostor").mkdir()
         self.impostor = tls_server(IMPOSTOR_PORT, *self_signed(directory / "impostor")[:2])
-        self.servers = (self.http, self.tls, self.plain, self.impostor)
+        (directory / "forge").mkdir()
+        self.forge = forge(directory / "forge", cert, key)
+        self.servers = (self.http, self.tls, self.plain, self.impostor, self.forge)
         for server in self.servers:
             threading.Thread(target=server.serve_forever, daemon=True).start()
 
@@ -109,3 +111,142 @@ class Upstreams:
         for server in self.servers:
             server.shutdown()
             server.server_close()
+
+
+# --- a forge: git over smart HTTP and a PEP 503 package index, over HTTPS ------------------
+FORGE_PORT = 18445
+PROBE_WHEEL = "airlock_probe-1.0-py3-none-any.whl"
+
+
+def probe_wheel() -> bytes:
+    """A real (tiny) wheel: airlock_probe, whose VALUE is "probe"."""
+    import base64
+    import hashlib
+    import io
+    import zipfile
+
+    files = {
+        "airlock_probe/__init__.py": b'VALUE = "probe"\n',
+        "airlock_probe-1.0.dist-info/METADATA": (
+            b"Metadata-Version: 2.1\nName: airlock-probe\nVersion: 1.0\n"
+        ),
+        "airlock_probe-1.0.dist-info/WHEEL": (
+            b"Wheel-Version: 1.0\nGenerator: airlock-tests\nRoot-Is-Purelib: true\n"
+            b"Tag: py3-none-any\n"
+        ),
+    }
+    record = "".join(
+        f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}\n"
+        for name, data in files.items()
+    )
+    files["airlock_probe-1.0.dist-info/RECORD"] = (
+        record + "airlock_probe-1.0.dist-info/RECORD,,\n"
+    ).encode()
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as wheel:
+        for name, data in files.items():
+            wheel.writestr(name, data)
+    return out.getvalue()
+
+
+def bare_repository(directory: Path) -> Path:
+    """repo.git: one commit with a README."""
+    import subprocess
+
+    work, bare = directory / "work", directory / "repo.git"
+    env = {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+        "HOME": str(directory),
+        "PATH": "/usr/bin:/bin",
+    }
+    subprocess.run(["git", "init", "-q", "-b", "main", str(work)], check=True, env=env)
+    (work / "README").write_text("cloned through the gateway\n")
+    subprocess.run(["git", "-C", str(work), "add", "README"], check=True, env=env)
+    subprocess.run(["git", "-C", str(work), "commit", "-qm", "first"], check=True, env=env)
+    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(bare)], check=True, env=env)
+    return directory
+
+
+class Forge(http.server.BaseHTTPRequestHandler):
+    """/git/*: git's smart HTTP (git http-backend); /simple/ and /files/: a package index."""
+
+    protocol_version = "HTTP/1.1"
+    root: Path
+    wheel: bytes
+
+    def _answer(self) -> None:
+        path, _, query = self.path.partition("?")
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        if path.startswith("/git/"):
+            self._git(path[len("/git") :], query, body)
+        elif path in ("/simple/", "/simple/airlock-probe/"):
+            import hashlib
+
+            digest = hashlib.sha256(self.wheel).hexdigest()
+            page = (
+                f'<html><body><a href="/files/{PROBE_WHEEL}#sha256={digest}">{PROBE_WHEEL}</a>'
+                "</body></html>"
+            ).encode()
+            self._send(200, "text/html", page)
+        elif path == f"/files/{PROBE_WHEEL}":
+            self._send(200, "application/octet-stream", self.wheel)
+        else:
+            self._send(404, "text/plain", b"not here\n")
+
+    do_GET = do_POST = _answer
+
+    def _git(self, path_info: str, query: str, body: bytes) -> None:
+        import subprocess
+
+        env = {
+            "GIT_PROJECT_ROOT": str(self.root),
+            "GIT_HTTP_EXPORT_ALL": "1",
+            "PATH_INFO": path_info,
+            "QUERY_STRING": query,
+            "REQUEST_METHOD": self.command,
+            "CONTENT_TYPE": self.headers.get("Content-Type", ""),
+            "CONTENT_LENGTH": str(len(body)),
+            "HTTP_CONTENT_ENCODING": self.headers.get("Content-Encoding", ""),
+            "GIT_PROTOCOL": self.headers.get("Git-Protocol", ""),
+            "REMOTE_ADDR": "127.0.0.1",
+            "PATH": "/usr/bin:/bin",
+        }
+        out = subprocess.run(
+            ["git", "http-backend"], input=body, env=env, capture_output=True, check=False
+        ).stdout
+        head, _, payload = out.partition(b"\r\n\r\n")
+        if not _:
+            head, _, payload = out.partition(b"\n\n")
+        status, kind = 200, "application/octet-stream"
+        for line in head.decode("latin-1").splitlines():
+            name, _, value = line.partition(":")
+            if name.lower() == "status":
+                status = int(value.split()[0])
+            elif name.lower() == "content-type":
+                kind = value.strip()
+        self._send(status, kind, payload)
+
+    def _send(self, status: int, kind: str, payload: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def forge(directory: Path, cert: Path, key: Path) -> http.server.ThreadingHTTPServer:
+    handler = type(
+        "ForgeHere", (Forge,), {"root": bare_repository(directory), "wheel": probe_wheel()}
+    )
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", FORGE_PORT), handler)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    return server

@@ -49,6 +49,7 @@ from orchestrator.adapters.gateway.mcp import (
 )
 from orchestrator.adapters.gateway.tls_hello import NotTls, hello_length, server_name
 
+_SCHEMES = ("Bearer", "Basic")  # how a task may present its JWT to the gateway
 HANDSHAKE_S = 10.0  # how long an intercepted tunnel's client has for its TLS handshake
 
 
@@ -159,7 +160,10 @@ class Session:
             raise Refused(429, "limits", over)
         why = self.policy.authenticate(credentials)
         if why:
-            raise Refused(407, "identity", why, [("proxy-authenticate", 'Bearer realm="airlock"')])
+            # Basic too (the JWT as its password): clients such as git offer credentials
+            # only in a scheme the proxy names, and none of them knows Bearer.
+            challenge = [("proxy-authenticate", f'{scheme} realm="airlock"') for scheme in _SCHEMES]
+            raise Refused(407, "identity", why, challenge)
 
     async def forward(self, request: h11.Request, target: str) -> bool:
         method = request.method.decode()
