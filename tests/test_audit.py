@@ -191,6 +191,7 @@ def test_export_as_ocsf_follows_and_rotates(settings: Settings, tmp_path: Path) 
             "host": "pypi.org",
             "port": 443,
             "path": "/simple/",
+            "scheme": "https",
             "decision": "allow",
             "rule": "egress",
             "reason": "granted",
@@ -224,7 +225,12 @@ def test_export_as_ocsf_follows_and_rotates(settings: Settings, tmp_path: Path) 
         assert event["metadata"]["correlation_uid"] == "ab" * 16
         assert event["actor"]["session"]["uid"] == context["task"]
     assert (http["class_uid"], http["type_uid"], http["disposition"]) == (4002, 400203, "Allowed")
-    assert http["http_request"]["url"] == {"hostname": "pypi.org", "port": 443, "path": "/simple/"}
+    assert http["http_request"]["url"] == {
+        "hostname": "pypi.org",
+        "port": 443,
+        "path": "/simple/",
+        "scheme": "https",
+    }
     assert (api["class_uid"], api["disposition"], api["api"]["operation"]) == (
         6003,
         "Blocked",

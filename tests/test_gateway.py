@@ -923,6 +923,10 @@ def test_mcp_tools_are_checked_and_lists_filtered(
     status, _, added = client.post(call(2, "add", a=2, b=3))
     assert status == 200 and added["result"]["structuredContent"]["result"] == 5
 
+    # The tool's own input schema, as the server listed it, holds too.
+    status, headers, mistyped = client.post(call(21, "add", a="two", b=3))
+    assert status == 403 and "do not match its input schema at a" in mistyped["error"]["message"]
+
     status, headers, denied = client.post(call(3, "shell", command="id"))
     assert status == 403 and headers["x-airlock-denied"] == "default-deny"
     assert denied["id"] == 3 and "tool tools/shell is not granted" in denied["error"]["message"]

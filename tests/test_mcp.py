@@ -9,7 +9,12 @@ from typing import Any
 
 import pytest
 
-from orchestrator.adapters.gateway.mcp import EventStreamFilter, filter_json_body, inspect_request
+from orchestrator.adapters.gateway.mcp import (
+    EventStreamFilter,
+    ToolSchemas,
+    filter_json_body,
+    inspect_request,
+)
 from tests.grants import compiled_grant
 
 READS = [
@@ -181,3 +186,63 @@ def test_json_answers_are_filtered_and_garbage_dropped() -> None:
     ]
     assert filter_json_body(GRANT, "files", b'{"result": {"tools": [{"name": "shell"}') == b""
     assert filter_json_body(GRANT, "files", b"") == b""
+
+
+LISTED = {
+    "jsonrpc": "2.0",
+    "id": 9,
+    "result": {
+        "tools": [
+            {
+                "name": "read_file",
+                "inputSchema": {
+                    "type": "object",
+                    "properties": {"path": {"type": "string"}, "lines": {"type": "integer"}},
+                    "required": ["path"],
+                    "additionalProperties": False,
+                },
+            },
+            {"name": "tag", "inputSchema": {"type": "nonsense"}},  # not a schema at all
+            {"name": "shell", "inputSchema": {"type": "object"}},  # not granted: never kept
+        ]
+    },
+}
+
+
+def schema_decided(schemas: ToolSchemas, tool: str, **arguments: Any) -> tuple[bool, str]:
+    [call], _ = inspect_request(
+        GRANT, "files", message("tools/call", name=tool, arguments=arguments), schemas
+    )
+    return call.allowed, call.reason
+
+
+def test_arguments_must_match_the_schema_the_server_listed() -> None:
+    """On top of the grant's constraints: the tool's own input schema, as its server listed
+    it to the task (learned from the filtered tools/list answer, JSON or event stream)."""
+    schemas = ToolSchemas()
+    unknown = schema_decided(schemas, "read_file", path="/docs/a")
+    assert unknown == (
+        False,
+        "tool files/read_file: its input schema is unknown: list the tools (tools/list) first",
+    )
+    listed = filter_json_body(GRANT, "files", json.dumps(LISTED).encode(), schemas)
+    assert [t["name"] for t in json.loads(listed)["result"]["tools"]] == ["read_file", "tag"]
+    assert schema_decided(schemas, "read_file", path="/docs/a", lines=3) == (True, "granted")
+    wrong_type = schema_decided(schemas, "read_file", path="/docs/a", lines="3")
+    assert not wrong_type[0] and "at lines: '3' is not of type 'integer'" in wrong_type[1]
+    extra = schema_decided(schemas, "read_file", path="/docs/a", command="rm -rf /")
+    assert not extra[0] and "Additional properties are not allowed" in extra[1]
+    missing = schema_decided(schemas, "read_file")
+    assert not missing[0]  # the grant's prefix rule refuses first: no path at all
+    broken = schema_decided(schemas, "tag", labels=["a"])
+    assert broken == (
+        False,
+        "tool files/tag: its server listed an input schema that is not valid JSON Schema",
+    )
+
+
+def test_schemas_are_learned_from_event_streams_too() -> None:
+    schemas = ToolSchemas()
+    stream = EventStreamFilter(GRANT, "files", schemas)
+    stream.feed(b"event: message\ndata: " + json.dumps(LISTED).encode() + b"\n\n")
+    assert schema_decided(schemas, "read_file", path="/docs/a") == (True, "granted")

@@ -45,6 +45,7 @@ from orchestrator.errors import (
 _log = logging.getLogger("airlock.api")
 
 MAX_BODY_BYTES = 1 << 20
+DRAIN_BYTES = 16 << 20  # how much of a refused body is read, at most, before the answer
 KEEPALIVE_S = 10.0
 PROBLEM = "application/problem+json"
 
@@ -142,6 +143,15 @@ class BodyLimit:
             await self._refuse(scope, receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Read what the client is still sending (up to a bound) before answering: a client
+        # that writes its whole body before reading would otherwise meet a closed socket,
+        # not the answer.
+        drained = 0
+        while drained <= DRAIN_BYTES:
+            message = await receive()
+            drained += len(message.get("body", b""))
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
         detail = f"the request body is larger than {self.limit} bytes"
         await problem(413, "Content too large", detail)(scope, receive, send)
 

@@ -21,6 +21,7 @@ import h11
 
 from orchestrator.adapters.gateway.addresses import IPAddress, as_ip
 from orchestrator.adapters.gateway.decide import Target, Verdict, decide_addresses
+from orchestrator.adapters.gateway.mcp import ToolSchemas
 from orchestrator.core.grant import CompiledGrant
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class ProxyPolicy(Protocol):
     """What the shell needs to know about the task whose socket it serves."""
 
     grant: CompiledGrant
+    tool_schemas: ToolSchemas  # the input schemas of its MCP tools, as listed to it
 
     def authenticate(self, header: str | None) -> str | None:
         """None if the proxy credentials name this live task, else why not."""

@@ -6,9 +6,11 @@ names, with the argument constraints the policy set; `resources/read` only for a
 a granted prefix (and no dot segments or escaped separators), `prompts/get` only for a
 granted prompt name; anything else (`sampling/...`, a method spelled in another case) is
 refused. `tools/list` answers are cut down to the granted tools, so an agent never even
-sees the rest. Batches are decided element by element: one denied element refuses the
-batch, and the answer says which element was refused and why. Anything that does not parse
-as JSON-RPC is refused on the way out and dropped on the way back, never passed.
+sees the rest, and the input schemas listed for those are kept: a call's arguments must
+match its tool's schema as well as the grant's constraints. Batches are decided element by
+element: one denied element refuses the batch, and the answer says which element was
+refused and why. Anything that does not parse as JSON-RPC is refused on the way out and
+dropped on the way back, never passed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Any
+
+from jsonschema import Draft202012Validator, SchemaError
+from jsonschema.exceptions import best_match
+from jsonschema.validators import validator_for
 
 from orchestrator.core.grant import CompiledGrant
 
@@ -37,6 +43,46 @@ PLUMBING = frozenset(
 )
 
 
+class ToolSchemas:
+    """The input schemas of a task's MCP tools, as their servers listed them (tools/list
+    answers, on their way to the task). A call is checked against its tool's schema, on
+    top of the grant's constraints; a tool whose schema the task never had listed is not
+    called (every MCP client lists the tools it offers a model)."""
+
+    MAX_TOOLS = 512
+
+    def __init__(self) -> None:
+        self._validators: dict[tuple[str, str], Any] = {}
+
+    def learn(self, server: str, tools: list[Any]) -> None:
+        for tool in tools:
+            name, schema = tool.get("name"), tool.get("inputSchema")
+            if not isinstance(name, str) or len(self._validators) >= self.MAX_TOOLS:
+                continue
+            validator = None  # a schema that is not one: calls to the tool are refused
+            if isinstance(schema, dict):
+                kind = validator_for(schema, default=Draft202012Validator)
+                try:
+                    kind.check_schema(schema)
+                    validator = kind(schema)
+                except SchemaError:
+                    pass
+            self._validators[(server, name)] = validator
+
+    def problem(self, server: str, tool: str, arguments: dict[str, Any]) -> str | None:
+        """Why these arguments may not go to `tool`, by its schema; None if they may."""
+        if (server, tool) not in self._validators:
+            return "its input schema is unknown: list the tools (tools/list) first"
+        validator = self._validators[(server, tool)]
+        if validator is None:
+            return "its server listed an input schema that is not valid JSON Schema"
+        error = best_match(validator.iter_errors(arguments))
+        if error is None:
+            return None
+        where = "/".join(str(part) for part in error.absolute_path) or "the arguments"
+        return f"arguments do not match its input schema at {where}: {error.message[:200]}"
+
+
 @dataclass(frozen=True)
 class Call:
     """One message of a request and the decision on it."""
@@ -49,7 +95,9 @@ class Call:
     reason: str
 
 
-def _decide(grant: CompiledGrant, server: str, message: Any) -> Call:
+def _decide(
+    grant: CompiledGrant, server: str, message: Any, schemas: ToolSchemas | None = None
+) -> Call:
     if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
         return Call(None, "?", None, False, "mcp-malformed", "not a JSON-RPC 2.0 message")
     method = message.get("method")
@@ -69,6 +117,14 @@ def _decide(grant: CompiledGrant, server: str, message: Any) -> Call:
     if method != "tools/call":
         why = f"method {method[:64]!r} is not granted"
         return Call(ident, method, None, False, "mcp-method", why)
+    return _decide_call(grant, server, ident, params, schemas)
+
+
+def _decide_call(
+    grant: CompiledGrant, server: str, ident: Any, params: Any, schemas: ToolSchemas | None
+) -> Call:
+    """A tools/call: a granted tool, its arguments within the grant and its schema."""
+    method = "tools/call"
     if not isinstance(params, dict) or not isinstance(params.get("name"), str):
         return Call(ident, method, None, False, "mcp-malformed", "tools/call without a tool name")
     arguments = params.get("arguments") or {}
@@ -76,12 +132,20 @@ def _decide(grant: CompiledGrant, server: str, message: Any) -> Call:
         return Call(
             ident, method, params["name"], False, "mcp-malformed", "arguments must be an object"
         )
-    check = grant.check_tool(server, params["name"], arguments)
-    return Call(ident, method, params["name"], check.allowed, check.rule, check.reason)
+    tool = params["name"]
+    check = grant.check_tool(server, tool, arguments)
+    if check.allowed and schemas is not None:
+        problem = schemas.problem(server, tool, arguments)
+        if problem is not None:
+            return Call(ident, method, tool, False, check.rule, f"tool {server}/{tool}: {problem}")
+    return Call(ident, method, tool, check.allowed, check.rule, check.reason)
 
 
-def inspect_request(grant: CompiledGrant, server: str, body: bytes) -> tuple[list[Call], bool]:
-    """Decide every message of a request body; (decisions, whether it was a batch)."""
+def inspect_request(
+    grant: CompiledGrant, server: str, body: bytes, schemas: ToolSchemas | None = None
+) -> tuple[list[Call], bool]:
+    """Decide every message of a request body; (decisions, whether it was a batch). With
+    `schemas`, a tool call is also checked against its tool's listed input schema."""
     try:
         document = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -89,8 +153,8 @@ def inspect_request(grant: CompiledGrant, server: str, body: bytes) -> tuple[lis
     if isinstance(document, list):
         if not document:
             return [Call(None, "?", None, False, "mcp-malformed", "empty batch")], True
-        return [_decide(grant, server, item) for item in document], True
-    return [_decide(grant, server, document)], False
+        return [_decide(grant, server, item, schemas) for item in document], True
+    return [_decide(grant, server, document, schemas)], False
 
 
 def refusal_body(calls: list[Call], batch: bool) -> bytes:
@@ -112,21 +176,28 @@ def refusal_body(calls: list[Call], batch: bool) -> bytes:
     return json.dumps(errors if batch else errors[0]).encode()
 
 
-def filter_message(grant: CompiledGrant, server: str, message: Any) -> Any:
-    """A server message with any tools/list result cut down to the granted tools."""
+def filter_message(
+    grant: CompiledGrant, server: str, message: Any, schemas: ToolSchemas | None = None
+) -> Any:
+    """A server message with any tools/list result cut down to the granted tools (whose
+    input schemas `schemas` learns)."""
     if isinstance(message, list):
-        return [filter_message(grant, server, item) for item in message]
+        return [filter_message(grant, server, item, schemas) for item in message]
     if not isinstance(message, dict):
         return message
     result = message.get("result")
     if isinstance(result, dict) and isinstance(result.get("tools"), list):
         allowed = grant.tools_of(server)
         kept = [t for t in result["tools"] if isinstance(t, dict) and t.get("name") in allowed]
+        if schemas is not None:
+            schemas.learn(server, kept)
         return {**message, "result": {**result, "tools": kept}}
     return message
 
 
-def filter_json_body(grant: CompiledGrant, server: str, body: bytes) -> bytes:
+def filter_json_body(
+    grant: CompiledGrant, server: str, body: bytes, schemas: ToolSchemas | None = None
+) -> bytes:
     """A JSON answer with its tool lists filtered; one that does not parse is dropped."""
     if not body.strip():
         return body
@@ -134,7 +205,7 @@ def filter_json_body(grant: CompiledGrant, server: str, body: bytes) -> bytes:
         document = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         return b""
-    return json.dumps(filter_message(grant, server, document)).encode()
+    return json.dumps(filter_message(grant, server, document, schemas)).encode()
 
 
 class EventStreamFilter:
@@ -144,8 +215,10 @@ class EventStreamFilter:
     colon dropped). An event's data must be JSON-RPC to pass (filtered); one that does not
     parse is dropped. Comments and `event:`, `id:`, `retry:` fields pass with their event."""
 
-    def __init__(self, grant: CompiledGrant, server: str) -> None:
-        self.grant, self.server = grant, server
+    def __init__(
+        self, grant: CompiledGrant, server: str, schemas: ToolSchemas | None = None
+    ) -> None:
+        self.grant, self.server, self.schemas = grant, server, schemas
         self._pending = b""
         self._fields: list[bytes] = []
         self._data: list[bytes] | None = None
@@ -181,7 +254,9 @@ class EventStreamFilter:
             message = json.loads(b"\n".join(data))
         except (ValueError, UnicodeDecodeError):
             return b""  # not JSON: dropped, with the fields that belonged to it
-        filtered = json.dumps(filter_message(self.grant, self.server, message)).encode()
+        filtered = json.dumps(
+            filter_message(self.grant, self.server, message, self.schemas)
+        ).encode()
         return b"".join(f + b"\n" for f in fields) + b"data: " + filtered + b"\n\n"
 
 

@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 from orchestrator.adapters.gateway.decide import Target, Verdict, deny
+from orchestrator.adapters.gateway.mcp import ToolSchemas
 from orchestrator.core.grant import CompiledGrant, Grant
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ class MemberEndpoint:
     def __init__(self, key: str, loop: asyncio.AbstractEventLoop) -> None:
         self.key, self._loop = key, loop
         self.grant = CompiledGrant(Grant.build("unclaimed", identity=""))  # allows nothing
+        self.tool_schemas = ToolSchemas()
         self._claimed = asyncio.Event()
         self._launch: dict[str, Any] | None = None
         self._handed = False

@@ -278,7 +278,10 @@ class Session:
         """An MCP request: every JSON-RPC message decided, tool lists filtered on the way back."""
         body = await read_body(self.conn, self.reader, MAX_MCP_BODY)
         exchange.bytes_out = len(body)
-        calls, batch = inspect_request(self.policy.grant, server, body) if body else ([], False)
+        schemas = self.policy.tool_schemas
+        calls, batch = (
+            inspect_request(self.policy.grant, server, body, schemas) if body else ([], False)
+        )
         for call in calls:
             self.policy.audit(
                 {
@@ -358,7 +361,7 @@ class Session:
         while not isinstance(response, h11.Response):
             response = await next_event(upstream, up_reader)
         kind = dict(response.headers).get(b"content-type", b"").split(b";")[0].strip()
-        stream = EventStreamFilter(self.policy.grant, server)
+        stream = EventStreamFilter(self.policy.grant, server, self.policy.tool_schemas)
         if kind != b"application/json":
             self.writer.write(self._start_response(response, exchange, reframe=True))
         body = b""
@@ -375,7 +378,7 @@ class Session:
                 self.writer.write(self.conn.send(h11.Data(data=data)) or b"")
                 await self.writer.drain()
         if kind == b"application/json":
-            filtered = filter_json_body(self.policy.grant, server, body)
+            filtered = filter_json_body(self.policy.grant, server, body, self.policy.tool_schemas)
             self.writer.write(
                 self._start_response(response, exchange, reframe=True, length=len(filtered))
             )

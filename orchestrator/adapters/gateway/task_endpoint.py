@@ -19,6 +19,7 @@ from orchestrator.adapters.gateway.audit import AuditLog
 from orchestrator.adapters.gateway.decide import Target, Verdict, decide_request
 from orchestrator.adapters.gateway.http import bearer_token
 from orchestrator.adapters.gateway.limits import Budget, TaskLimits
+from orchestrator.adapters.gateway.mcp import ToolSchemas
 from orchestrator.adapters.store import Store
 from orchestrator.adapters.vault.broker import Broker, Provisioned
 from orchestrator.adapters.vault.identity import InvalidToken, Verifier
@@ -57,6 +58,7 @@ class TaskEndpoint:
         self.store = store
         self.connections = connections
         self.grant = CompiledGrant(grant)
+        self.tool_schemas = ToolSchemas()
         self.verifier = verifier
         self.audit_log = audit
         self.context = {
