@@ -515,7 +515,10 @@ class Session:
         try:
             self.writer.write(self.conn.send(h11.Response(status_code=200, headers=[])) or b"")
             try:
-                await asyncio.wait_for(self.writer.start_tls(context), HANDSHAKE_S)
+                # No loop turn between the answer and start_tls (wait_for would add one, in
+                # a task of its own): the ClientHello must reach TLS, not this stream's buffer.
+                async with asyncio.timeout(HANDSHAKE_S):
+                    await self.writer.start_tls(context)
             except (ssl.SSLError, TimeoutError, ConnectionError, OSError) as exc:
                 exchange.decision, exchange.rule = "deny", "interception"
                 exchange.reason = f"no TLS handshake with the task: {exc or exc.__class__.__name__}"
