@@ -11,10 +11,11 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 from orchestrator import wiring
+from orchestrator.adapters.gateway.interception import GATEWAY_CA, LeafCertificates
 from orchestrator.adapters.gateway.service import RemoteGateway
 from orchestrator.adapters.vault.setup import JWT_KEY, token_role
 from orchestrator.config import Settings, callers_file
-from orchestrator.errors import AirlockError
+from orchestrator.errors import AirlockError, VaultRefused
 from orchestrator.policy.agents import load_registry
 from orchestrator.policy.engine import load_bundle
 
@@ -130,13 +131,17 @@ class Doctor:
         missing = []
         if vault.read(f"transit/keys/{JWT_KEY}", missing_ok=True) is None:
             missing.append(f"transit key {JWT_KEY}")
+        try:  # its certificate is public (Vault serves it to any token)
+            LeafCertificates(vault).ca_pem()
+        except VaultRefused:
+            missing.append(f"the gateway CA ({GATEWAY_CA}/), which intercepted HTTPS needs")
         agents = load_registry(self.settings.agents_dir)
         for name in sorted(agents):
             if vault.read(f"auth/token/roles/{token_role(name)}", missing_ok=True) is None:
                 missing.append(f"token role {token_role(name)}")
         if missing:
             raise AirlockError("missing in Vault: " + ", ".join(missing))
-        return f"JWT key and token roles of {len(agents)} agents present"
+        return f"JWT key, gateway CA and token roles of {len(agents)} agents present"
 
     def policy(self) -> str:
         bundle = load_bundle(
