@@ -1204,16 +1204,38 @@ http.request({host: proxy.hostname, port: proxy.port, method: "CONNECT", path: "
     }).on("error", (e) => console.log("node error", e.message));
   }).end();
 '
+python3 - <<'PY'
+import anyio
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+
+async def main():
+    # The SDK's own HTTP client: the proxy and CA bundle come from the runner's environment.
+    async with streamable_http_client("https://127.0.0.1:18091/mcp") as (read, write, *_):
+        async with ClientSession(read, write) as session:
+            await session.initialize()
+            tools = [tool.name for tool in (await session.list_tools()).tools]
+            added = await session.call_tool("add", {"a": 2, "b": 3})
+            print("mcp", tools, added.structured_content)
+            try:
+                refused = await session.call_tool("shell", {"command": "id"})
+                print("mcp shell", refused.is_error, refused.content[0].text[:80])
+            except Exception as exc:
+                print("mcp shell refused:", str(exc)[:120])
+
+anyio.run(main)
+PY
 """
 
 
 @pytest.mark.parametrize("agent", ["web", "web-gvisor"])
 def test_real_clients_over_https_in_a_sealed_container(
-    executor: Executor, store: Store, upstreams: Upstreams, agent: str
+    executor: Executor, store: Store, upstreams: Upstreams, mcp_server: None, agent: str
 ) -> None:
-    """curl, git (smart HTTP clone), pip (a PEP 503 index) and Node's https, each speaking
-    HTTPS to a local server through intercepted tunnels: allowed calls work with the
-    gateway CA the runner hands them, denied ones get the gateway's 403."""
+    """curl, git (smart HTTP clone), pip (a PEP 503 index), Node's https and the official
+    MCP SDK, each speaking HTTPS to a local server through intercepted tunnels: allowed
+    calls work with the gateway CA the runner hands them, denied ones get the gateway's 403
+    (or, for MCP, a JSON-RPC error naming the rule)."""
     if agent == "web-gvisor" and "runsc" not in executor.runtime.runtimes():
         pytest.skip("runsc is not registered with this Docker engine")
     task_id = str(uuid.uuid4())
@@ -1236,6 +1258,8 @@ def test_real_clients_over_https_in_a_sealed_container(
         "git denied",
         "pip probe",
         "node 200 /api/node",
+        "mcp ['add'] {'result': 5}",
+        "tool secure-tools/shell is not granted",
     ]:
         assert line in logs, logs
     executor.credentials.audit.flush()
