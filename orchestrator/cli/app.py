@@ -44,6 +44,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "serve": ("front", "serve", "Serve the HTTP API: the front door for the CLI and upstreams."),
     "login": ("front", "login", "Store a bearer token for the CLI (0600)."),
     "dev": ("front", "dev", "The local stack's callers: the OIDC issuer and their tokens."),
+    "image": ("image", "image", "Task images of your own, checked against the runner contract."),
 }
 
 
