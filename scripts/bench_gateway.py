@@ -21,6 +21,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import replace
@@ -117,7 +118,7 @@ async def latency(path: dict[str, Any], count: int) -> list[float]:
     return samples
 
 
-async def throughput(path: dict[str, Any], connections: int, seconds: float) -> float:
+async def throughput(path: dict[str, Any], connections: int, seconds: float) -> tuple[float, int]:
     data = request(path["proxied"], path.get("jwt"), "ca" in path)
     stop = time.perf_counter() + seconds
     done = 0
@@ -134,7 +135,7 @@ async def throughput(path: dict[str, Any], connections: int, seconds: float) -> 
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(connections)))
-    return done / (time.perf_counter() - started)
+    return done / (time.perf_counter() - started), done
 
 
 async def client(paths: list[dict[str, Any]], count: int, seconds: float) -> dict[str, Any]:
@@ -143,10 +144,12 @@ async def client(paths: list[dict[str, Any]], count: int, seconds: float) -> dic
         try:
             await latency(path, 200)  # warm up
             samples = sorted(await latency(path, count))
+            rps, done = await throughput(path, 16, seconds)
             results[path["name"]] = {
                 "p50": samples[len(samples) // 2],
                 "p99": samples[int(len(samples) * 0.99)],
-                "rps16": await throughput(path, 16, seconds),
+                "rps16": rps,
+                "requests": 200 + count + done,
             }
         except (OSError, RuntimeError) as exc:
             raise RuntimeError(f"{path['name']}: {exc!r}") from exc
@@ -175,6 +178,14 @@ async def flood(socket_path: str, seconds: float, connections: int = 8) -> int:
 
 
 # --- the driver -----------------------------------------------------------------------------
+def cpu_seconds(stat: str | None) -> float:
+    """User plus system CPU of a process or thread, from its /proc stat file."""
+    if stat is None:
+        return 0.0
+    fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_tinyproxy(directory: Path) -> subprocess.Popen[bytes]:
     conf = directory / "tinyproxy.conf"
     conf.write_text(
@@ -437,27 +448,40 @@ def run(count: int, seconds: float) -> None:
             "connections; policy, JWT check and audit on for Airlock",
             flush=True,
         )
-        load = subprocess.Popen(
-            [
-                sys.executable,
-                __file__,
-                "_client",
-                json.dumps({"paths": paths, "count": count, "seconds": seconds}),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        # The load client plays the task's runner: the endpoint admits it as its peer.
-        credentials.endpoints.server.allow_process(task_id, load.pid)
-        stdout, stderr = load.communicate()
-        if load.returncode:
-            log = directory / "squid" / "cache.log"
-            sys.exit(
-                f"the load client failed:\n{stderr[-3000:]}"
-                + (f"\nsquid:\n{log.read_text()[-2000:]}" if log.exists() else "")
+        # CPU seconds of what serves each path: the gateway's loop thread, squid's process.
+        gateway_thread = next(t for t in threading.enumerate() if t.name == "airlock-endpoints")
+        serving = {
+            "airlock": f"/proc/self/task/{gateway_thread.native_id}/stat",
+            "airlock tls": f"/proc/self/task/{gateway_thread.native_id}/stat",
+            "squid tls": f"/proc/{squid.pid}/stat",
+        }
+        results = {}
+        for path in paths:  # one load client per path, so each path's CPU is its own
+            cpu = cpu_seconds(serving.get(path["name"]))
+            load = subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "_client",
+                    json.dumps({"paths": [path], "count": count, "seconds": seconds}),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
             )
-        results = json.loads(stdout)
+            # The load client plays the task's runner: the endpoint admits it as its peer.
+            credentials.endpoints.server.allow_process(task_id, load.pid)
+            stdout, stderr = load.communicate()
+            if load.returncode:
+                log = directory / "squid" / "cache.log"
+                sys.exit(
+                    f"the load client failed:\n{stderr[-3000:]}"
+                    + (f"\nsquid:\n{log.read_text()[-2000:]}" if log.exists() else "")
+                )
+            results.update(json.loads(stdout))
+            if path["name"] in serving:
+                used = cpu_seconds(serving[path["name"]]) - cpu
+                results[path["name"]]["cpu_us"] = used / results[path["name"]]["requests"] * 1e6
         noisy_neighbour(credentials, paths[1], max(seconds, 5.0))
     finally:
         credentials.revoke(task_id)
@@ -468,6 +492,10 @@ def run(count: int, seconds: float) -> None:
         for key in credentials.store.redis.scan_iter(f"{credentials.settings.namespace}:*"):
             credentials.store.redis.delete(key)
         shutil.rmtree(directory, ignore_errors=True)
+    report(results)
+
+
+def report(results: dict[str, Any]) -> None:
     for direct, names in (
         ("direct", ("direct", "airlock", "tinyproxy")),
         ("direct tls", ("direct tls", "airlock tls", "squid tls")),
@@ -483,9 +511,10 @@ def run(count: int, seconds: float) -> None:
                     f"  p99 {(r['p99'] - base['p99']) * 1e3:6.3f} ms"
                 )
             )
+            cpu = f"  {r['cpu_us']:5.0f} us CPU/request" if "cpu_us" in r else ""
             print(
                 f"  {name:<11} p50 {r['p50'] * 1e3:6.3f} ms  p99 {r['p99'] * 1e3:6.3f} ms  "
-                f"{r['rps16']:8.0f} req/s at 16 conns{added}"
+                f"{r['rps16']:8.0f} req/s at 16 conns{added}{cpu}"
             )
     for ours, peer, direct in (
         ("airlock", "tinyproxy", "direct"),
@@ -493,9 +522,14 @@ def run(count: int, seconds: float) -> None:
     ):
         mine, theirs, base = results[ours], results[peer], results[direct]
         added = (mine["p50"] - base["p50"]) / max(theirs["p50"] - base["p50"], 1e-9)
+        cpu = (
+            f", CPU/request {mine['cpu_us'] / theirs['cpu_us']:.2f}x"
+            if "cpu_us" in mine and "cpu_us" in theirs
+            else ""
+        )
         print(
             f"  {ours} vs {peer}: added p50 {added:.2f}x, "
-            f"req/s {mine['rps16'] / theirs['rps16']:.2f}x"
+            f"req/s {mine['rps16'] / theirs['rps16']:.2f}x{cpu}"
         )
 
 
