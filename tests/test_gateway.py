@@ -609,6 +609,36 @@ def test_tunnels_are_cut_when_the_task_ends(executor: Executor, upstreams: Upstr
     assert not Path(live.socket).exists()
 
 
+def test_an_intercepted_tunnel_serves_nothing_once_the_task_ended(
+    executor: Executor, upstreams: Upstreams
+) -> None:
+    """A tunnel opened while the task lived, its TLS already set up: after the task ends
+    (its JWT revoked, its endpoint closed), not one more request inside it is served."""
+    live = LiveTask(executor)
+    with open_tunnel(live, f"127.0.0.1:{TLS_PORT}") as raw:
+        context = ssl.create_default_context(cadata=gateway_ca(executor))
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            reader = tls.makefile("rb")
+            tls.sendall(req("GET", "/api/before"))
+            assert reader.readline().startswith(b"HTTP/1.1 200")
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            assert b"/api/before" in reader.read(length)
+            assert live.end()["jwt"]["invalidated"] is True
+            try:
+                tls.sendall(req("GET", "/api/after"))
+                answer = reader.readline()
+            except OSError:
+                answer = b""
+            assert answer == b"", answer  # cut, not answered
+    executor.credentials.audit.flush()
+    paths = [r.get("path") for r in AuditLog(executor.store).records(live.id)]
+    assert "/api/before" in paths and "/api/after" not in paths
+
+
 CLIENTS = r"""
 import http.client, json, os, ssl, urllib.request, urllib.error
 api = "http://127.0.0.1:18080/api/from-container"
