@@ -156,6 +156,14 @@ class BodyLimit:
         await problem(413, "Content too large", detail)(scope, receive, send)
 
 
+# How an error becomes an answer, first match: the app's handlers and Served's alike.
+_ERROR_ANSWERS: tuple[tuple[type[Exception], Callable[[Request, Exception], JSONResponse]], ...] = (
+    (AirlockError, _airlock_error),
+    (RequestValidationError, _invalid_request),
+    (Exception, _unexpected),
+)
+
+
 class _TooLarge(Exception):
     pass
 
@@ -416,9 +424,8 @@ def create_app(front: FrontDoor, client: Client, jwks: Callable[[], dict[str, An
     )
     app.state.front, app.state.client, app.state.jwks = front, client, jwks
     app.add_middleware(BodyLimit)
-    app.add_exception_handler(AirlockError, _airlock_error)
-    app.add_exception_handler(RequestValidationError, _invalid_request)
-    app.add_exception_handler(Exception, _unexpected)
+    for kind, handler in _ERROR_ANSWERS:
+        app.add_exception_handler(kind, handler)
     app.include_router(meta)
     app.include_router(tasks)
     return app
@@ -444,13 +451,10 @@ class Served:
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         try:
-            response = await _serve_submit(request)
-        except AirlockError as exc:
-            response = _airlock_error(request, exc)
-        except RequestValidationError as exc:
-            response = _invalid_request(request, exc)
-        except Exception as exc:  # answered as a problem, logged in full
-            response = _unexpected(request, exc)
+            response: Response = await _serve_submit(request)
+        except Exception as exc:  # answered as FastAPI's handlers would answer it
+            handler = next(h for kind, h in _ERROR_ANSWERS if isinstance(exc, kind))
+            response = handler(request, exc)
         await response(scope, receive, send)
 
 

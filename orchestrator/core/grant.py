@@ -209,20 +209,23 @@ class CompiledGrant:
         checks its TLS server name only); any other https rule, or a granted https MCP
         server, gives one the gateway intercepts, deciding each request inside it.
         """
-        https = [c for c in self._candidates(host) if c[1].scheme == "https"]
+        found = self._candidates(host)
+        https = [c for c in found if c[1].scheme == "https"]
         for name, rule, ports, _ in https:
             if port in ports and rule.tls == "passthrough":
                 return Check(True, name, "granted (passthrough)", rule.internal, passthrough=True)
         for name, rule, ports, _ in https:
             if port in ports:
                 return Check(True, name, "granted; each request inside is decided", rule.internal)
-        for prefix, server, internal in self._servers.get(("https", host, port), ()):
+        servers = self._servers.get(("https", host, port))
+        if servers:
+            _, server, internal = servers[0]
             return Check(True, f"mcp {server}", "granted MCP server", internal)
         if https:
             name, rule = https[0][:2]
             return Check(False, name, f"port {port} is not granted for {rule.host}")
-        if self._candidates(host):
-            name, rule = self._candidates(host)[0][:2]
+        if found:
+            name, rule = found[0][:2]
             return Check(False, name, f"{rule.host} is granted over plain http only: no tunnel")
         return DENY_NO_RULE
 
@@ -234,11 +237,11 @@ class CompiledGrant:
 
         `host` must already be normalised (lower case, no trailing dot).
         """
-        candidates = [c for c in self._candidates(host) if c[1].scheme == scheme]
+        found = self._candidates(host)
+        candidates = [c for c in found if c[1].scheme == scheme]
         if not candidates:
-            other = self._candidates(host)
-            if other:
-                name, rule = other[0][:2]
+            if found:
+                name, rule = found[0][:2]
                 return Check(False, name, f"{rule.host} is granted over {rule.scheme} only")
             return DENY_NO_RULE
         # Of several rules for the host, the refusal names the one that came closest.

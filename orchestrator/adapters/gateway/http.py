@@ -222,12 +222,14 @@ async def connect_checked(
     own: Callable[[], frozenset[IPAddress]],
     pool: dict[tuple[str, int, str], Upstream] | None = None,
     tls: ssl.SSLContext | None = None,
+    decided: Verdict | None = None,
 ) -> tuple[Upstream, Verdict]:
-    """Decide, resolve, check every address, and connect to exactly the checked one.
+    """Decide (unless the caller has: `decided`), resolve, check every address, and connect
+    to exactly the checked one.
 
     A kept connection is reused only when it goes to that same checked address and port.
     """
-    verdict = policy.decide(target)
+    verdict = decided or policy.decide(target)
     exchange.host, exchange.rule, exchange.reason = verdict.host, verdict.rule, verdict.reason
     exchange.path = verdict.path or exchange.path  # the normal form, once there is one
     if not verdict.allowed:

@@ -27,7 +27,6 @@ LEAF_ROLE = "gateway-leaf"
 LEAF_TTL_S = 3600
 RENEW_AFTER = 2 / 3  # of a leaf's life: a new one is issued from then on
 MAX_LEAVES = 1024  # hosts whose leaf is kept (least recently used go first)
-SYSTEM_ROOTS = Path("/etc/ssl/certs/ca-certificates.crt")
 
 
 class VaultClient(Protocol):
@@ -36,7 +35,7 @@ class VaultClient(Protocol):
     def write(self, path: str, data: dict[str, Any] | None = None, **kw: Any) -> Any: ...
 
 
-def server_context(chain_pem: str, key_pem: str, host: str) -> ssl.SSLContext:
+def server_context(chain_pem: str, key_pem: str) -> ssl.SSLContext:
     """A TLS server context for one host, speaking HTTP/1.1 only. A client's server name
     (SNI), when it sends one, is kept on its connection's SSL object as `airlock_sni` for
     the gateway to compare with the CONNECT host once the handshake is done."""
@@ -67,17 +66,25 @@ def upstream_context(extra_roots: Path | None = None) -> ssl.SSLContext:
     return context
 
 
+def _address(host: str) -> str | None:
+    """The IP address `host` spells (brackets of an IPv6 literal dropped), or None for a name."""
+    bare = host.strip("[]")
+    try:
+        ipaddress.ip_address(bare)
+    except ValueError:
+        return None
+    return bare
+
+
 def name_problem(name: str | None, host: str) -> str | None:
     """Why a client that named `name` in its ClientHello is not talking to `host` (the
     CONNECT host, normalized); None when it is. An address has no name (clients send no
     SNI for an IP literal); a host name must be sent and be the same."""
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        if name is None or name.lower().rstrip(".") != host:
-            return f"TLS server name {name!r} is not the CONNECT host {host!r}"
-        return None
-    return None if name is None else f"TLS server name {name!r} in a tunnel to {host}"
+    if _address(host) is not None:
+        return None if name is None else f"TLS server name {name!r} in a tunnel to {host}"
+    if name is None or name.lower().rstrip(".") != host:
+        return f"TLS server name {name!r} is not the CONNECT host {host!r}"
+    return None
 
 
 class LeafCertificates:
@@ -131,14 +138,11 @@ class LeafCertificates:
             self._contexts.popitem(last=False)
 
     def _issue(self, host: str) -> tuple[float, ssl.SSLContext]:
+        address = _address(host)
         body: dict[str, Any] = {"common_name": host, "ttl": f"{self.ttl_s}s"}
-        try:
-            ipaddress.ip_address(host.strip("[]"))
-            body["ip_sans"] = host.strip("[]")
-        except ValueError:
-            body["alt_names"] = host
+        body.update({"ip_sans": address} if address else {"alt_names": host})
         started = time.monotonic()
         data = (self.vault.write(f"{self.mount}/issue/{LEAF_ROLE}", body) or {})["data"]
         chain = "\n".join([data["certificate"], *data.get("ca_chain", [])])
-        context = server_context(chain, data["private_key"], host)
+        context = server_context(chain, data["private_key"])
         return started + self.ttl_s * RENEW_AFTER, context

@@ -154,6 +154,14 @@ class Session:
             return False
         return await self.forward(request, target)
 
+    def _audit_refusal(self, exchange: Exchange, refused: Refused) -> None:
+        exchange.status, exchange.rule, exchange.reason = (
+            refused.status,
+            refused.rule,
+            refused.reason,
+        )
+        self.policy.audit(exchange.record())
+
     def _authenticate(self, credentials: str | None) -> None:
         over = self.policy.count_request()
         if over:
@@ -194,8 +202,7 @@ class Session:
                 self.tls,
             )
         except Refused as exc:
-            exchange.status, exchange.rule, exchange.reason = exc.status, exc.rule, exc.reason
-            self.policy.audit(exchange.record())
+            self._audit_refusal(exchange, exc)
             raise
         exchange.decision = "allow"
         # What was decided is what goes upstream: the path in its normal form (decide.py).
@@ -440,16 +447,16 @@ class Session:
                 asked = Target("CONNECT", host, int(port), None, header(request, b"host"))
                 verdict = self.policy.decide(asked)
                 if not verdict.allowed or verdict.passthrough:
-                    tunnel, _ = await connect_checked(self.policy, asked, exchange, self.own)
+                    tunnel, _ = await connect_checked(
+                        self.policy, asked, exchange, self.own, decided=verdict
+                    )
                     up_reader, up_writer = tunnel.reader, tunnel.writer
         except (TimeoutError, OSError) as exc:
             failure = Refused(502, "upstream", str(exc) or exc.__class__.__name__)
-            exchange.status, exchange.rule, exchange.reason = 502, failure.rule, failure.reason
-            self.policy.audit(exchange.record())
+            self._audit_refusal(exchange, failure)
             raise failure from None
         except Refused as exc:
-            exchange.status, exchange.rule, exchange.reason = exc.status, exc.rule, exc.reason
-            self.policy.audit(exchange.record())
+            self._audit_refusal(exchange, exc)
             raise
         if granted is None and not verdict.passthrough:
             await self._intercept(verdict, exchange, credentials)
@@ -468,9 +475,9 @@ class Session:
         over = self.policy.tunnel(+1)
         if over is not None:
             up_writer.close()
-            exchange.status, exchange.rule, exchange.reason = 429, "limits", over
-            self.policy.audit(exchange.record())
-            raise Refused(429, "limits", over)
+            refused = Refused(429, "limits", over)
+            self._audit_refusal(exchange, refused)
+            raise refused
         exchange.decision, exchange.status = "allow", 200
         self.writer.write(self.conn.send(h11.Response(status_code=200, headers=[])) or b"")
         leftover = bytes(self.conn.trailing_data[0])
@@ -507,8 +514,7 @@ class Session:
             if over is not None:
                 raise Refused(429, "limits", over)
         except Refused as exc:
-            exchange.status, exchange.rule, exchange.reason = exc.status, exc.rule, exc.reason
-            self.policy.audit(exchange.record())
+            self._audit_refusal(exchange, exc)
             raise
         exchange.decision, exchange.status = "allow", 200
         exchange.reason = "intercepted: each request inside is decided"

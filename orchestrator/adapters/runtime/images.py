@@ -36,11 +36,16 @@ class Checked:
         return not self.problems
 
 
-def _docker(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    if shutil.which("docker") is None:
+def _docker_command() -> str:
+    found = shutil.which("docker")
+    if found is None:
         raise ServiceUnavailable("docker", "the docker command is not installed")
+    return found
+
+
+def _docker(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["docker", *args], capture_output=True, text=True, timeout=timeout, check=False
+        [_docker_command(), *args], capture_output=True, text=True, timeout=timeout, check=False
     )
 
 
@@ -51,10 +56,8 @@ def build(
     (a Dockerfile says `ARG AIRLOCK_BASE` and `FROM ${AIRLOCK_BASE}`, or names it itself)."""
     if not (directory / "Dockerfile").is_file():
         raise RuntimeFailure(f"{directory} has no Dockerfile")
-    command = ["docker", "build", "--build-arg", f"AIRLOCK_BASE={base}"]
+    command = [_docker_command(), "build", "--build-arg", f"AIRLOCK_BASE={base}"]
     command += ["--label", f"org.opencontainers.image.base.name={base}", "-t", tag]
-    if shutil.which("docker") is None:
-        raise ServiceUnavailable("docker", "the docker command is not installed")
     with subprocess.Popen(
         [*command, str(directory)],
         stdout=subprocess.PIPE,

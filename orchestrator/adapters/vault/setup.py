@@ -162,11 +162,13 @@ def ensure_policy(vault: Vault, report: Report, name: str, document: str) -> Non
     _put(vault, report, f"policy {name}", f"sys/policies/acl/{name}", {"policy": document}, same)
 
 
-def ensure_mount(vault: Vault, report: Report, path: str, kind: str) -> None:
+def ensure_mount(
+    vault: Vault, report: Report, path: str, kind: str, config: dict[str, str] | None = None
+) -> None:
     mounts = (vault.read("sys/mounts") or {}).get("data", {})
     present = f"{path}/" in mounts
     if not present:
-        vault.write(f"sys/mounts/{path}", {"type": kind})
+        vault.write(f"sys/mounts/{path}", {"type": kind, **({"config": config} if config else {})})
     report.note(f"secrets engine {kind} at {path}/", not present)
 
 
@@ -174,12 +176,7 @@ def ensure_gateway_ca(vault: Vault, report: Report) -> None:
     """The gateway CA (made once: its key is Vault's alone) and the role its leaves come
     from: any host or address a task may be granted, EC P-256, an hour at most each,
     server use only, not stored (a leaf is the gateway's, in memory, for its hour)."""
-    mounts = (vault.read("sys/mounts") or {}).get("data", {})
-    if f"{GATEWAY_CA}/" not in mounts:
-        vault.write(
-            f"sys/mounts/{GATEWAY_CA}", {"type": "pki", "config": {"max_lease_ttl": CA_LIFETIME}}
-        )
-    report.note(f"secrets engine pki at {GATEWAY_CA}/", f"{GATEWAY_CA}/" not in mounts)
+    ensure_mount(vault, report, GATEWAY_CA, "pki", {"max_lease_ttl": CA_LIFETIME})
     present = bool(vault.list(f"{GATEWAY_CA}/issuers"))
     if not present:
         vault.write(
