@@ -38,6 +38,9 @@ class Settings:
     vault_addr: str = "http://127.0.0.1:8200"
     vault_token: str | None = None
     runner_image: str = "airlock-runner:latest"
+    # The runner (a static binary, and the Python helper for agents), on the engine's host:
+    # mounted read-only at /opt/airlock in every task container, whatever its image.
+    runner_dir: Path = Path("/var/lib/airlock/runner")
     queue: str = "airlock"
     output_max_bytes: int = 1 << 20
     log_max_bytes: int = 4 << 20
@@ -230,6 +233,7 @@ def load(environ: Mapping[str, str] | None = None, component: str | None = None)
         vault_addr=env.get("VAULT_ADDR") or d.vault_addr,
         vault_token=env.get("VAULT_TOKEN") or None,
         runner_image=env.get("AIRLOCK_RUNNER_IMAGE") or d.runner_image,
+        runner_dir=Path(env.get("AIRLOCK_RUNNER_DIR") or d.runner_dir),
         queue=_get(env, "AIRLOCK_QUEUE", namespace, _name),
         output_max_bytes=_get(env, "AIRLOCK_OUTPUT_MAX_BYTES", d.output_max_bytes, _positive_int),
         log_max_bytes=_get(env, "AIRLOCK_LOG_MAX_BYTES", d.log_max_bytes, _positive_int),

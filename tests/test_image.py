@@ -20,14 +20,16 @@ GOOD = 'ARG AIRLOCK_BASE\nFROM ${AIRLOCK_BASE}\nCOPY notes.txt /opt/notes.txt\nC
 BROKEN = {
     "its own entrypoint": (
         GOOD + 'ENTRYPOINT ["sh", "-c"]\n',
-        "entrypoint is ['sh', '-c'], not the runner's",
+        "it sets entrypoint ['sh', '-c'], which Airlock replaces with the runner",
     ),
     "root": (GOOD + "USER root\n", "runs as user 'root', not the task user 10001:10001"),
-    "no python for the runner": (
-        GOOD + "USER root\nRUN rm /usr/bin/python3*\nUSER 10001:10001\n",
-        "a hardened run of `true` did not end with the runner's result",
+    "a command the task user cannot run": (
+        GOOD + "USER root\nRUN chmod 0700 /usr/bin/true\nUSER 10001:10001\n",
+        "a hardened run of `true` did not end with the runner's result (exit 126)",
     ),
 }
+# The runner is mounted, not baked in: an image with no Python and no C library qualifies.
+NO_PYTHON = "ARG AIRLOCK_BASE\nFROM ${AIRLOCK_BASE}\nCOPY notes.txt /notes.txt\n"
 
 
 @pytest.fixture
@@ -60,6 +62,23 @@ def test_an_image_on_the_runner_meets_the_contract(
         check=True,
     ).stdout
     assert json.loads(labels)["org.opencontainers.image.base.name"] == "airlock-runner:latest"
+
+
+def test_an_image_without_python_or_libc_meets_the_contract(
+    settings: Settings, tmp_path: Path, built: list[str]
+) -> None:
+    tag = f"airlock-test-image:{uuid.uuid4().hex[:8]}"
+    built.append(tag)
+    done = airlock(
+        settings, "image", "build", str(context(tmp_path, NO_PYTHON)), "-t", tag,
+        "--from", "busybox", "--json", timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"image": tag, "base": "airlock-busybox:latest", "ok": True}
+    assert subprocess.run(
+        ["docker", "run", "--rm", "--entrypoint", "/bin/sh", tag, "-c", "command -v python3"],
+        capture_output=True, check=False,
+    ).returncode != 0  # fmt: skip
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN))

@@ -4,7 +4,6 @@ instead of failing the task, and a call Vault may have acted on is never sent tw
 from __future__ import annotations
 
 import socket
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -22,12 +21,29 @@ from orchestrator.config import Settings
 from orchestrator.core.lifecycle import TaskState
 from orchestrator.errors import ServiceUnavailable
 from orchestrator.task.executor import Executor
-from tests.conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "runner_image"))
-from airlock_runner import read_answer
 
 SEALED = b'{"errors":["Vault is sealed"]}'
+
+
+def read_request(conn: socket.socket) -> None:
+    """Read one request: its head, then its Content-Length body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise OSError("closed mid-request")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise OSError("closed mid-request")
+        body += chunk
 
 
 class FlakyVault:
@@ -88,7 +104,7 @@ class FlakyVault:
             if self.mode == "up":
                 self._relay(conn)
                 return
-            read_answer(conn)  # a request is framed as an answer is: head, Content-Length body
+            read_request(conn)
             self.turned_away += 1
             if self.mode == "sealed":  # one answer per connection: the next may be unsealed
                 conn.sendall(

@@ -15,6 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from orchestrator.local.upstreams import git_http_backend
+
 HTTP_PORT, TLS_PORT, PLAIN_CREDENTIALED_PORT = 18080, 18443, 18082
 IMPOSTOR_PORT = 18444  # TLS under a certificate nobody trusts (a man in the middle)
 
@@ -178,11 +180,11 @@ class Forge(http.server.BaseHTTPRequestHandler):
     wheel: bytes
 
     def _answer(self) -> None:
-        path, _, query = self.path.partition("?")
+        path = self.path.partition("?")[0]
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         if path.startswith("/git/"):
-            self._git(path[len("/git") :], query, body)
+            self._git(self.path[len("/git") :], body)
         elif path in ("/simple/", "/simple/airlock-probe/"):
             import hashlib
 
@@ -199,36 +201,8 @@ class Forge(http.server.BaseHTTPRequestHandler):
 
     do_GET = do_POST = _answer
 
-    def _git(self, path_info: str, query: str, body: bytes) -> None:
-        import subprocess
-
-        env = {
-            "GIT_PROJECT_ROOT": str(self.root),
-            "GIT_HTTP_EXPORT_ALL": "1",
-            "PATH_INFO": path_info,
-            "QUERY_STRING": query,
-            "REQUEST_METHOD": self.command,
-            "CONTENT_TYPE": self.headers.get("Content-Type", ""),
-            "CONTENT_LENGTH": str(len(body)),
-            "HTTP_CONTENT_ENCODING": self.headers.get("Content-Encoding", ""),
-            "GIT_PROTOCOL": self.headers.get("Git-Protocol", ""),
-            "REMOTE_ADDR": "127.0.0.1",
-            "PATH": "/usr/bin:/bin",
-        }
-        out = subprocess.run(
-            ["git", "http-backend"], input=body, env=env, capture_output=True, check=False
-        ).stdout
-        head, _, payload = out.partition(b"\r\n\r\n")
-        if not _:
-            head, _, payload = out.partition(b"\n\n")
-        status, kind = 200, "application/octet-stream"
-        for line in head.decode("latin-1").splitlines():
-            name, _, value = line.partition(":")
-            if name.lower() == "status":
-                status = int(value.split()[0])
-            elif name.lower() == "content-type":
-                kind = value.strip()
-        self._send(status, kind, payload)
+    def _git(self, path: str, body: bytes) -> None:
+        self._send(*git_http_backend(self.root, self.command, path, self.headers, body))
 
     def _send(self, status: int, kind: str, payload: bytes) -> None:
         self.send_response(status)

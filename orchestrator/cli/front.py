@@ -142,3 +142,30 @@ def approles(directory: Path) -> None:
             os.chmod(path, 0o600)
             path.write_text(value + "\n")
     click.echo(f"AppRole credentials of {', '.join(COMPONENT_POLICIES)} in {directory}", err=True)
+
+
+@dev.command("upstreams")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--prepare",
+    is_flag=True,
+    help="make the certificates, the forge token (also the coder's git token in Vault KV) "
+    "and the demo repository, then exit",
+)
+def upstreams(directory: Path, prepare: bool) -> None:
+    """Serve the local stack's upstreams (a reference site, a package index, a git forge
+    and an MCP server, over HTTPS on loopback), keeping their state in DIRECTORY."""
+    from orchestrator.local import upstreams as local  # the servers' imports, only here
+
+    layout = local.Layout(directory)
+    if not prepare:
+        local.serve(layout)
+        return
+    local.ensure_certificates(layout)
+    token = local.ensure_forge_token(layout)
+    local.ensure_repository(layout)
+    vault = wiring.vault(config.load())
+    vault.write(local.FORGE_SECRET, {"data": {"token": token}})
+    click.echo(
+        f"certificates, forge token ({local.FORGE_SECRET}) and repository in {directory}", err=True
+    )

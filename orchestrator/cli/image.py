@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from orchestrator import config
 from orchestrator.adapters.runtime.images import BASES, build, check
 from orchestrator.cli.app import emit_json, fail, json_option
 
@@ -24,12 +25,14 @@ def image() -> None:
     type=click.Choice(sorted(BASES)),
     default="runner",
     show_default=True,
-    help="the base: the minimal runner image, or the tools image (curl, git, pip, node, MCP)",
+    help="the base: the minimal runner image, the tools image (curl, git, pip, node, npm, "
+    "MCP), or busybox (no Python, no libc)",
 )
 @json_option
 def build_command(directory: Path, tag: str, base: str, as_json: bool) -> None:
     """Build DIRECTORY's Dockerfile (FROM ${AIRLOCK_BASE}) and check the runner contract:
-    the runner as entrypoint, the task user, and a hardened run that completes."""
+    no entrypoint of its own, the task user, and a hardened run under the runner that
+    completes."""
     quiet = as_json
     if not (directory / "Dockerfile").is_file():
         fail(f"{directory} has no Dockerfile", 1)
@@ -43,7 +46,7 @@ def build_command(directory: Path, tag: str, base: str, as_json: bool) -> None:
     build(directory, tag, BASES[base], progress)
     if not quiet:
         click.echo("checking the runner contract ...", err=True)
-    found = check(tag, BASES[base])
+    found = check(tag, BASES[base], config.load().runner_dir)
     if not found.ok:
         if not as_json:
             for problem in found.problems:

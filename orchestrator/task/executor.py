@@ -236,6 +236,7 @@ class Executor:
             on_behalf_of=grant.on_behalf_of,
             runtime=None if grant.runtime == "runc" else grant.runtime,
             endpoint_dir=endpoint_dir,
+            runner_dir=str(self.settings.runner_dir),
         )
 
     def _provision_and_launch(self, run: Run, outcome: Outcome) -> bool:

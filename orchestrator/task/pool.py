@@ -167,6 +167,7 @@ class WarmPool:
             agent="",
             runtime=None if runtime == "runc" else runtime,
             endpoint_dir=str(directory),
+            runner_dir=str(self.settings.runner_dir),
         )
         container_id = ""
         try:

@@ -40,6 +40,9 @@ class ContainerSpec:
     runtime: str | None = None
     # The task's endpoint directory on the host, mounted read-only into this container only.
     endpoint_dir: str | None = None
+    # The runner's directory on the host, mounted read-only at /opt/airlock; its binary is
+    # the entrypoint. None: the image's own entrypoint (raw baselines).
+    runner_dir: str | None = None
 
 
 @dataclass(frozen=True)

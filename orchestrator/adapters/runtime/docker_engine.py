@@ -33,6 +33,9 @@ WORKSPACE = "/workspace"
 # The task's credentials (JWT, unwrapped secrets) live on this tmpfs, never on disk.
 CREDENTIALS = "/run/airlock"
 ENDPOINT = "/run/airlock-endpoint"
+# The runner, mounted from the host: PID 1 of every task container, whatever its image.
+RUNNER_DIR = "/opt/airlock"
+RUNNER = RUNNER_DIR + "/airlock-runner"
 # Docker Engine 20.10, the oldest engine supported; newer engines all speak it.
 API_VERSION = "1.41"
 DEFAULT_ENGINE = "unix:///var/run/docker.sock"
@@ -78,8 +81,13 @@ def container_config(spec: ContainerSpec) -> tuple[dict[str, Any], dict[str, Any
     }
     if spec.runtime:
         host["runtime"] = spec.runtime
+    binds: dict[str, dict[str, str]] = {}
     if spec.endpoint_dir:
-        host["binds"] = {spec.endpoint_dir: {"bind": ENDPOINT, "mode": "ro"}}
+        binds[spec.endpoint_dir] = {"bind": ENDPOINT, "mode": "ro"}
+    if spec.runner_dir:
+        binds[spec.runner_dir] = {"bind": RUNNER_DIR, "mode": "ro"}
+    if binds:
+        host["binds"] = binds
     create: dict[str, Any] = {
         "image": spec.image,
         "command": list(spec.command),
@@ -92,6 +100,8 @@ def container_config(spec: ContainerSpec) -> tuple[dict[str, Any], dict[str, Any
         "stdin_open": False,
         "tty": False,
     }
+    if spec.runner_dir:
+        create["entrypoint"] = [RUNNER]
     return create, host
 
 

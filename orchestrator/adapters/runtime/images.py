@@ -1,10 +1,11 @@
 """Task images of a user's own: built on the runner or tools image, and checked against the
 runner contract before any task uses them.
 
-The contract: the runner is the entrypoint (PID 1 runs the command as the task user and
-hands back /workspace/output), the image runs as the unprivileged task user, and a hardened
-run of it (no network, read-only root, no capabilities, the task tmpfs mounts) completes
-with the runner's result frame. The Docker CLI does the build (it streams a build's
+The contract: the image leaves the entrypoint to Airlock (the runner, mounted read-only from
+the host, is PID 1: it runs the command as the task user and hands back /workspace/output),
+the image runs as the unprivileged task user, and a hardened run of it (no network,
+read-only root, no capabilities, the task tmpfs mounts, the runner mounted) completes with
+the runner's result frame. The Docker CLI does the build (it streams a build's
 progress as users know it).
 """
 
@@ -20,8 +21,11 @@ from pathlib import Path
 
 from orchestrator.errors import RuntimeFailure, ServiceUnavailable
 
-BASES = {"runner": "airlock-runner:latest", "tools": "airlock-runner-tools:latest"}
-ENTRYPOINT = ["python3", "-I", "-S", "/opt/airlock/airlock_runner.py"]
+BASES = {
+    "runner": "airlock-runner:latest",
+    "tools": "airlock-runner-tools:latest",
+    "busybox": "airlock-busybox:latest",
+}
 TASK_USER = "10001:10001"
 
 
@@ -72,7 +76,7 @@ def build(
         raise RuntimeFailure("docker build failed:\n" + "\n".join(tail))
 
 
-def check(image: str, base: str) -> Checked:
+def check(image: str, base: str, runner_dir: Path) -> Checked:
     """The runner contract, checked on `image` (see the module docstring)."""
     found = Checked(image, base)
     answer = _docker("image", "inspect", image)
@@ -80,10 +84,10 @@ def check(image: str, base: str) -> Checked:
         found.problems.append(f"no image {image}: {answer.stderr.strip()}")
         return found
     config = json.loads(answer.stdout)[0].get("Config") or {}
-    if (config.get("Entrypoint") or []) != ENTRYPOINT:
+    if config.get("Entrypoint"):
         found.problems.append(
-            f"entrypoint is {config.get('Entrypoint')}, not the runner's {ENTRYPOINT} "
-            "(set CMD, never ENTRYPOINT)"
+            f"it sets entrypoint {config.get('Entrypoint')}, which Airlock replaces with the "
+            f"runner (set CMD, never ENTRYPOINT)"
         )
     if config.get("User") != TASK_USER:
         found.problems.append(
@@ -96,6 +100,7 @@ def check(image: str, base: str) -> Checked:
     run = _docker(
         "run", "--rm", "--network", "none", "--read-only", "--cap-drop", "ALL",
         "--security-opt", "no-new-privileges", "--user", TASK_USER,
+        "--volume", f"{runner_dir}:/opt/airlock:ro", "--entrypoint", "/opt/airlock/airlock-runner",
         "--tmpfs", "/tmp:rw,nosuid,nodev,noexec", "--tmpfs", "/workspace:rw,nosuid,nodev,uid=10001",
         "--tmpfs", "/run/airlock:rw,nosuid,nodev,noexec,uid=10001",
         "-e", f"AIRLOCK_RESULT_MARKER={marker}", image, "true",

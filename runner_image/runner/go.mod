@@ -1,0 +1,3 @@
+module airlock.dev/runner
+
+go 1.19
