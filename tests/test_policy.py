@@ -716,15 +716,59 @@ HOSTILE_REGISTRY = {
 }
 
 
+# The agent the hostile edits above are made to: a coder with a KV secret of its own.
+HOSTILE_BASE = """# A code agent: pulls packages from the registry and pushes branches to the git host.
+name: coder
+owner: dev-productivity@example.com
+description: Edits code in a scratch checkout, runs tests, and opens branches on the git host.
+images: ["airlock-runner:latest", "registry.example.com/airlock/coder-*"]
+max_limits: {cpus: 2, memory: 2g, pids: 512}
+max_timeout_s: 3600
+isolation: runc
+vault_policies: [coder-git]
+secrets:
+  - name: git-token
+    kind: kv
+    path: secret/data/agents/coder/git
+    deliver: task  # git needs the token itself (a static value: rotate it in Vault)
+egress:
+  - name: pypi-index
+    host: pypi.org
+    ports: [443]
+    methods: [GET, HEAD]
+  - name: pypi-files
+    host: files.pythonhosted.org
+    ports: [443]
+    methods: [GET, HEAD]
+  - name: git-remote
+    host: git.example.com
+    ports: [443]
+    methods: [GET, HEAD, POST]
+mcp:
+  - name: git
+    url: https://git.example.com/mcp
+    tools:
+      - name: clone
+        args: {url: {prefix: "https://git.example.com/"}}
+      - name: open_branch
+        args: {branch: {prefix: "agent/", max_length: 100}}
+      - name: merge
+        default: false
+delegation:
+  allowed: true
+  users: ["*@example.com"]
+"""
+
+
 @pytest.mark.parametrize("what", sorted(HOSTILE_REGISTRY))
 def test_registry_values_that_reach_vault_or_the_gateway_are_checked(
     tmp_path: Path, what: str
 ) -> None:
     agents = shutil.copytree(AGENTS, tmp_path / "agents")
     old, new, problem = HOSTILE_REGISTRY[what]
-    coder = (AGENTS / "coder.yaml").read_text()
-    assert old in coder
-    (agents / "coder.yaml").write_text(coder.replace(old, new, 1))
+    assert old in HOSTILE_BASE
+    load_registry(agents)  # the registry is sound before the edit
+    (agents / "coder.yaml").write_text(HOSTILE_BASE.replace(old, new, 1))
     with pytest.raises(PolicyError) as caught:
         load_registry(agents)
     assert any(problem in p for p in caught.value.problems), caught.value.problems

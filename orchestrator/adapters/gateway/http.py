@@ -89,6 +89,8 @@ class Exchange:
     status: int = 0
     bytes_out: int = 0
     bytes_in: int = 0
+    # The credential the gateway added upstream (its name), if any.
+    injected: str | None = None
     started: float = field(default_factory=time.monotonic)
 
     def record(self) -> dict[str, Any]:
@@ -105,6 +107,7 @@ class Exchange:
             "bytes_out": self.bytes_out,
             "bytes_in": self.bytes_in,
             "duration_ms": round((time.monotonic() - self.started) * 1000, 2),
+            **({"injected": self.injected} if self.injected else {}),
         }
 
 

@@ -210,7 +210,10 @@ class Session:
         server = verdict.rule[4:] if verdict.rule.startswith("mcp ") else None
         try:
             if server is None:
-                await self._relay(request, path, upstream, exchange, self._injection(verdict))
+                inject = self._injection(verdict)
+                if inject is not None and inject[1] is not None and verdict.inject is not None:
+                    exchange.injected = verdict.inject.name  # named in the audit, never valued
+                await self._relay(request, path, upstream, exchange, inject)
             else:
                 await self._relay_mcp(request, path, upstream, exchange, server)
         except (h11.RemoteProtocolError, ValueError) as exc:

@@ -4,7 +4,7 @@ Users log in with userpass, machine callers with AppRole; each is an identity en
 name is the caller's name and whose metadata says its kind. A token's `username` and
 `kind` claims come from that entity, so the issuer, not the caller, says who is calling:
 
-    alice    a user who may run `demo` and `researcher` (see policies/callers.yaml)
+    alice    a user who may run `demo`, `researcher`, `coder` and `ops` (policies/callers.yaml)
     mallory  a user who may run nothing
     ci-bot   an upstream service (AppRole) that may act for alice with her token
 
