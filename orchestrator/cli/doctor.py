@@ -5,10 +5,13 @@ Each check answers ok or a problem with a fix. Checks never change anything.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 from orchestrator import wiring
 from orchestrator.adapters.gateway.interception import GATEWAY_CA, LeafCertificates
@@ -20,6 +23,16 @@ from orchestrator.policy.agents import load_registry
 from orchestrator.policy.engine import load_bundle
 
 MAX_SKEW_S = 2.0
+
+
+def _without_password(url: str) -> str:
+    """A service URL fit to print: its password, if any, replaced."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,7 @@ class Doctor:
             _run(
                 "docker", self.docker, "start dockerd or set DOCKER_HOST (scripts/bootstrap does)"
             ),
+            _run("runner", self.runner, "build it: scripts/bootstrap (or set AIRLOCK_RUNNER_DIR)"),
             _run("runner image", self.image, "build it: scripts/bootstrap"),
             _run("vault", self.vault, "start Vault/OpenBao, set VAULT_ADDR and VAULT_TOKEN"),
             self.vault_token(),
@@ -70,7 +84,7 @@ class Doctor:
     def redis(self) -> str:
         store = wiring.store(self.settings)
         store.ping()
-        return f"{self.settings.redis_url} answers"
+        return f"{_without_password(self.settings.redis_url)} answers"
 
     def clock(self) -> str:
         skew = abs(time.time() - wiring.store(self.settings).server_time())
@@ -93,6 +107,17 @@ class Doctor:
             offset = abs(engine.timestamp() - time.time())
             skew = f", engine clock within {offset:.1f}s"
         return f"engine up, runtimes {', '.join(runtimes)}{extra}{skew}"
+
+    def runner(self) -> str:
+        """The binary every task container runs as PID 1, mounted from this host."""
+        binary = self.settings.runner_dir / "airlock-runner"
+        try:
+            elf = binary.read_bytes()
+        except OSError as exc:
+            raise AirlockError(f"no runner at {binary}: {exc.strerror}") from None
+        if not os.access(binary, os.X_OK) or elf[:4] != b"\x7fELF":
+            raise AirlockError(f"{binary} is not an executable ELF binary")
+        return f"{binary} (sha256 {hashlib.sha256(elf).hexdigest()[:16]})"
 
     def image(self) -> str:
         api = wiring.runtime(self.settings).api

@@ -101,7 +101,38 @@ def status_table(status: dict[str, Any]) -> None:
             table.add_row("", f"tool {tool['server']}/{tool['tool']}")
         for secret in grant["secrets"]:
             table.add_row("", f"secret {secret['name']} ({secret['kind']})")
+    receipt = status.get("revocation")
+    if receipt:
+        for i, line in enumerate(revocation_lines(receipt)):
+            table.add_row("[bold]revocation[/bold]" if i == 0 else "", line)
     out.print(table)
+
+
+def _checked(verified: Any) -> str:
+    return "[green]revoked, checked[/green]" if verified else "[red]NOT verified[/red]"
+
+
+def revocation_lines(receipt: dict[str, Any]) -> list[str]:
+    """The revocation receipt, one credential a line, each with its check."""
+    verdict = "[green]verified[/green]" if receipt.get("verified") else "[red]NOT verified[/red]"
+    lines = [verdict + (f": {escape(str(receipt['error']))}" if receipt.get("error") else "")]
+    token = receipt.get("token")
+    if token:
+        lines.append(
+            f"vault token {escape(str(token.get('accessor', ''))[:12])}…: "
+            + _checked(token.get("verified"))
+        )
+    for lease in receipt.get("leases") or []:
+        lines.append(f"lease {escape(str(lease.get('id', '')))}: {_checked(lease.get('verified'))}")
+    jwt = receipt.get("jwt")
+    if jwt:
+        state = "invalidated" if jwt.get("invalidated") else "[red]still valid[/red]"
+        lines.append(f"task jwt {escape(str(jwt.get('jti', '')))}: {state}")
+    if "endpoint_removed" in receipt:
+        lines.append(
+            "endpoint socket: " + ("removed" if receipt["endpoint_removed"] else "[red]left[/red]")
+        )
+    return lines
 
 
 def task_list(tasks: list[dict[str, Any]]) -> None:
@@ -184,29 +215,47 @@ def reach(grant: Grant, on_request: dict[str, list[Any]], policy_version: str) -
         out.print(f"  on request (task scopes): {', '.join(asked)}")
 
 
-def audit_table(records: list[dict[str, Any]]) -> None:
+def audit_table(records: list[dict[str, Any]], one_task: bool = False) -> None:
+    """Egress decisions; for one task's, without the task and agent columns."""
     table = Table(box=None, header_style="bold")
-    for column in ("TIME", "TASK", "AGENT", "DECISION", "METHOD", "TARGET", "RULE", "REASON"):
-        table.add_column(column, overflow="fold")
+    # Short columns never wrap; the long ones share what the terminal's width leaves.
+    short = (
+        ("TIME", "DECISION", "METHOD")
+        if one_task
+        else ("TIME", "TASK", "AGENT", "DECISION", "METHOD")
+    )
+    for column in short:
+        table.add_column(column, no_wrap=True)
+    table.add_column("TARGET", overflow="fold", ratio=3)
+    table.add_column("RULE", overflow="fold", max_width=24)
+    table.add_column("REASON", overflow="fold", ratio=2)
     for r in records:
         when = datetime.fromtimestamp(r.get("time", 0)).strftime("%H:%M:%S")
         decision = "[green]allow[/green]" if r.get("decision") == "allow" else "[red]deny[/red]"
         target = f"{r.get('host')}:{r.get('port')}{r.get('path') or ''}"
+        if r.get("tool"):
+            target += f" tool {r['tool']}"
+        reason = str(r.get("reason", ""))
+        if r.get("injected"):
+            reason += f"; {r['injected']} added by the gateway"
+        row = [when] + (
+            [] if one_task else [str(r.get("task", ""))[:8], escape(str(r.get("agent", "")))]
+        )
         table.add_row(
-            when,
-            str(r.get("task", ""))[:8],
-            escape(str(r.get("agent", ""))),
+            *row,
             decision,
             escape(str(r.get("method", ""))),
             escape(target),
             escape(str(r.get("rule", ""))),
-            escape(str(r.get("reason", ""))),
+            escape(reason),
         )
     out.print(table)
 
 
-def waterfall(spans: list[dict[str, Any]], width: int = 40) -> None:
-    """Spans as an indented tree with bars on one time axis; failures and denials in red."""
+def waterfall(spans: list[dict[str, Any]], width: int | None = None) -> None:
+    """Spans as an indented tree with bars on one time axis; failures and denials in red.
+    The axis takes a third of the terminal's width."""
+    width = width or max(16, min(60, out.width // 3))
     children: dict[str | None, list[dict[str, Any]]] = {}
     ids = {span["span_id"] for span in spans}
     for span in spans:

@@ -38,7 +38,7 @@ def audit(ctx: click.Context, task_id: str | None, denied: bool, as_json: bool) 
     if as_json:
         emit_json(records)
     else:
-        render.audit_table(records)
+        render.audit_table(records, one_task=task_id is not None)
 
 
 @audit.command("verify")
