@@ -104,6 +104,8 @@ class Settings:
     # runc and under gVisor; recycled after pool_max_age_s. 0: no pool (every start is cold).
     pool_size: int = 0
     pool_gvisor_size: int = 0
+    # The images warm runners are kept of, each at those sizes (the runner image unless set).
+    pool_images: tuple[str, ...] = ()
     pool_max_age_s: float = 600.0
     # The front door (`airlock serve`): where it listens, and where the CLI and the Python
     # client find it (unset: they read and submit directly, as an operator on a worker host).
@@ -287,6 +289,11 @@ def load(environ: Mapping[str, str] | None = None, component: str | None = None)
         ),
         pool_size=_get(env, "AIRLOCK_POOL_SIZE", d.pool_size, _count),
         pool_gvisor_size=_get(env, "AIRLOCK_POOL_GVISOR_SIZE", d.pool_gvisor_size, _count),
+        pool_images=tuple(
+            image.strip()
+            for image in (env.get("AIRLOCK_POOL_IMAGES") or "").split(",")
+            if image.strip()
+        ),
         pool_max_age_s=_get(env, "AIRLOCK_POOL_MAX_AGE_S", d.pool_max_age_s, _positive_float),
         api_listen=env.get("AIRLOCK_API_LISTEN") or d.api_listen,
         api_url=(env.get("AIRLOCK_API_URL") or "").rstrip("/") or None,

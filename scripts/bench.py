@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,15 +68,20 @@ THROUGHPUT_ROUNDS = 5
 
 
 def raw_run(
-    runtime: DockerRuntime, settings: Settings, isolation: str | None = None
+    runtime: DockerRuntime,
+    settings: Settings,
+    isolation: str | None = None,
+    image: str | None = None,
+    runner: bool = False,
 ) -> tuple[float, float]:
     """Create/start/wait/remove with the same arguments an Airlock task container gets
-    (its endpoint directory mount included). Its own namespace: the workers' reapers would
-    take a container of theirs that no task owns."""
+    (its endpoint directory mount included), running `true` itself, or with `runner` under
+    the mounted runner as Airlock does. Its own namespace: the workers' reapers would take a
+    container of theirs that no task owns."""
     spec = ContainerSpec(
         task_id=str(uuid.uuid4()),
         namespace=f"{settings.namespace}-raw",
-        image=settings.runner_image,
+        image=image or settings.runner_image,
         command=("true",),
         env={"AIRLOCK_TASK_ID": "x"},
         user=TASK_USER,
@@ -86,6 +92,7 @@ def raw_run(
         agent="bench",
         runtime=isolation,
         endpoint_dir=RAW_ENDPOINT,
+        runner_dir=str(settings.runner_dir) if runner else None,
     )
     create, host = container_config(spec)
     api = runtime.api
@@ -99,10 +106,12 @@ def raw_run(
 
 
 def airlock_run(
-    client: Client, agent: str = "demo", warm: bool | None = None
+    client: Client, agent: str = "demo", warm: bool | None = None, image: str | None = None
 ) -> tuple[float, float]:
     t0_wall, t0 = time.time(), time.perf_counter()
-    task_id = client.submit({"agent": agent, "command": ["true"]})
+    task_id = client.submit(
+        {"agent": agent, "command": ["true"], **({"image": image} if image else {})}
+    )
     status = client.wait(task_id, timeout_s=60)
     total = time.perf_counter() - t0
     assert status["state"] == "succeeded", status
@@ -127,9 +136,16 @@ def wait_warm(client: Client, count: int) -> None:
     raise RuntimeError("the warm pool did not fill")
 
 
-def warm_run(client: Client, agent: str, members: int) -> tuple[float, float]:
+def warm_run(
+    client: Client, agent: str, members: int, image: str | None = None
+) -> tuple[float, float]:
     wait_warm(client, members)
-    return airlock_run(client, agent, warm=True)
+    return airlock_run(client, agent, warm=True, image=image)
+
+
+# Images beside the runner image whose starts are measured too: the tools image, and one
+# with no Python or C library (the runner is mounted, not in the image).
+OTHER_IMAGES = {"tools": "airlock-runner-tools:latest", "busybox": "airlock-busybox:latest"}
 
 
 def start_worker(
@@ -249,18 +265,25 @@ def bench_start(runs: int) -> dict[str, object]:
                 concurrency=1,
                 AIRLOCK_POOL_SIZE="2",
                 AIRLOCK_POOL_GVISOR_SIZE="2" if gvisor else "0",
+                AIRLOCK_POOL_IMAGES=",".join([settings.runner_image, *OTHER_IMAGES.values()]),
             ),
         ]
+        members = (1 + len(OTHER_IMAGES)) * (2 + 2 * gvisor)
         try:
             runners: dict[str, Callable[[], tuple[float, float]]] = {
                 "raw": lambda: raw_run(runtime, settings),
+                "raw_runner": lambda: raw_run(runtime, settings, runner=True),
                 "cold": lambda: airlock_run(cold, warm=False),
-                "warm": lambda: warm_run(warm, "demo", 2 + 2 * gvisor),
+                "warm": lambda: warm_run(warm, "demo", members),
             }
+            for name, image in OTHER_IMAGES.items():
+                runners[f"{name}_raw"] = partial(raw_run, runtime, settings, image=image)
+                runners[f"{name}_cold"] = partial(airlock_run, cold, warm=False, image=image)
+                runners[f"{name}_warm"] = partial(warm_run, warm, "demo", members, image)
             if gvisor:
                 runners["gvisor_raw"] = lambda: raw_run(runtime, settings, "runsc")
                 runners["gvisor_cold"] = lambda: airlock_run(cold, "ops", warm=False)
-                runners["gvisor_warm"] = lambda: warm_run(warm, "ops", 4)
+                runners["gvisor_warm"] = lambda: warm_run(warm, "ops", members)
             samples = start_samples(runners, runs)
             stop(workers[1:])  # its warm runners would idle through the throughput rounds
             own = {"worker": workers[0].pid} | services(cold)
@@ -356,6 +379,21 @@ def report_start(
         ),
         "warm_total": show("airlock warm: submit -> torn down", total("warm"), total("raw")),
     }
+    # What mounting the runner (and running under it) adds to a raw create+start.
+    mounted = show("raw create+start, runner mounted", first("raw_runner"), first("raw"))
+    added = (pct(first("raw_runner"), 0.5) - pct(first("raw"), 0.5)) * 1000
+    print(f"  {'  the runner mount adds (p50)':<42} {added:+7.1f} ms", flush=True)
+    result["runner_mounted_create_start"] = {**mounted, "added_p50_ms": round(added, 1)}
+    for name, image in OTHER_IMAGES.items():
+        result[f"{name}_raw_create_start"] = show(
+            f"{image}: raw create+start", first(f"{name}_raw")
+        )
+        result[f"{name}_cold_running"] = show(
+            "  airlock cold: -> command running", first(f"{name}_cold"), first(f"{name}_raw")
+        )
+        result[f"{name}_warm_running"] = show(
+            "  airlock warm: -> command running", first(f"{name}_warm"), first(f"{name}_raw")
+        )
     if "gvisor_raw" in samples:
         result["gvisor_raw_create_start"] = show("raw gVisor create+start", first("gvisor_raw"))
         result["gvisor_cold_running"] = show(

@@ -85,7 +85,12 @@ def vault(path: str, body: dict[str, Any]) -> int:
 def database_roles(name: str) -> int:
     """How many PostgreSQL roles named `name` exist, asked as Vault's database admin."""
     done = subprocess.run(
-        ["psql", os.environ["AIRLOCK_POSTGRES_URL"], "-tAc", f"SELECT count(*) FROM pg_roles WHERE rolname = '{name}'"],
+        [
+            "psql",
+            os.environ["AIRLOCK_POSTGRES_URL"],
+            "-tAc",
+            f"SELECT count(*) FROM pg_roles WHERE rolname = '{name}'",
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -127,9 +132,7 @@ def main(as_json: bool) -> int:
     coder = run_task("coder")
     step("an ops task, as alice: the reporting database, with a role made for this task alone")
     ops = run_task("ops")
-    role = next(
-        (text.strip() for name, text in outputs(ops["id"]) if name == "role.txt"), None
-    )
+    role = next((text.strip() for name, text in outputs(ops["id"]) if name == "role.txt"), None)
 
     for name, status in (("coder", coder), ("ops", ops)):
         step(f"the {name} task's life as one trace")

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator import wiring
+from orchestrator import config, wiring
 from orchestrator.adapters.gateway.member_endpoint import MemberEndpoint
 from orchestrator.adapters.gateway.service import LocalGateway
 from orchestrator.adapters.runtime.docker_engine import DockerRuntime
@@ -27,7 +27,7 @@ from orchestrator.core.lifecycle import TaskState
 from orchestrator.errors import RuntimeFailure
 from orchestrator.task.credentials import Credentials
 from orchestrator.task.executor import Executor
-from orchestrator.task.pool import WarmPool
+from orchestrator.task.pool import WarmPool, pool_sizes
 from orchestrator.task.reaper import reap, reap_endpoints
 from tests.conftest import running
 from tests.test_credentials import QUERY, postgres_roles
@@ -384,3 +384,21 @@ def test_a_member_that_died_is_replaced_not_handed_out(
         assert not dead.directory.exists()
     finally:
         pool.shutdown()
+
+
+def test_any_image_can_have_a_warm_pool() -> None:
+    settings = config.load(
+        {
+            "AIRLOCK_POOL_SIZE": "2",
+            "AIRLOCK_POOL_GVISOR_SIZE": "1",
+            "AIRLOCK_POOL_IMAGES": "airlock-runner:latest, airlock-busybox:latest,",
+        }
+    )
+    assert pool_sizes(settings, frozenset({"runc", "runsc"})) == {
+        ("airlock-runner:latest", "runc"): 2,
+        ("airlock-runner:latest", "runsc"): 1,
+        ("airlock-busybox:latest", "runc"): 2,
+        ("airlock-busybox:latest", "runsc"): 1,
+    }
+    default = config.load({"AIRLOCK_POOL_SIZE": "3"})
+    assert pool_sizes(default, frozenset({"runc"})) == {(default.runner_image, "runc"): 3}

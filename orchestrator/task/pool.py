@@ -206,8 +206,11 @@ class WarmPool:
 
 
 def pool_sizes(settings: Settings, runtimes: frozenset[str]) -> dict[tuple[str, str], int]:
-    """The pools this worker keeps: the runner image under runc, and under gVisor if present."""
-    sizes = {(settings.runner_image, "runc"): settings.pool_size}
-    if "runsc" in runtimes:
-        sizes[(settings.runner_image, "runsc")] = settings.pool_gvisor_size
+    """The pools this worker keeps: each pool image (the runner image unless
+    AIRLOCK_POOL_IMAGES names others) under runc, and under gVisor if present."""
+    sizes = {}
+    for image in settings.pool_images or (settings.runner_image,):
+        sizes[(image, "runc")] = settings.pool_size
+        if "runsc" in runtimes:
+            sizes[(image, "runsc")] = settings.pool_gvisor_size
     return sizes
