@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -325,8 +326,10 @@ def start_samples(
             run()
     print(f"start: {runs} runs each of a trivial task (`true`), interleaved", flush=True)
     samples: dict[str, list[tuple[float, float]]] = {}
+    order = list(runners.items())
     for i in range(runs):
-        for name, run in runners.items():
+        random.Random(i).shuffle(order)  # no path always first (or last) in its round
+        for name, run in order:
             samples.setdefault(name, []).append(run())
         if (i + 1) % 10 == 0:
             print(f"  ... {i + 1}/{runs}", file=sys.stderr, flush=True)
