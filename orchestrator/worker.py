@@ -22,6 +22,7 @@ from orchestrator.adapters import logs
 from orchestrator.adapters.queue import REAP_TASK_NAME, TASK_NAME, celery_app
 from orchestrator.adapters.ticket import InvalidTicket, TicketVerifier
 from orchestrator.config import Settings, gvisor_queue
+from orchestrator.core.lifecycle import TaskState
 from orchestrator.task.executor import Executor
 from orchestrator.task.reaper import Reaped, reap_all
 
@@ -38,13 +39,18 @@ def create_app(settings: Settings, executor: LazyExecutor | None = None) -> Cele
     executor = executor or LazyExecutor(settings)
     tickets = TicketVerifier(settings.ticket_public_key)
 
-    @app.task(name=TASK_NAME, bind=True)  # type: ignore[untyped-decorator]
+    # A task that did not succeed ends as a Celery failure too, with its reason: Flower and
+    # `celery events` show what Airlock shows. Expected, so logged without a traceback.
+    @app.task(name=TASK_NAME, bind=True, throws=(TaskEnded,))  # type: ignore[untyped-decorator]
     def run(self: Task, *args: Any, **kwargs: Any) -> str:
         # Only a message with the front door's ticket for exactly this id, spec and queue
         # runs; anything else is refused and logged, and nothing is recorded or started.
         task_id = str(self.request.id)
         spec = kwargs.pop("spec", args[0] if args else None)
-        traceparent = kwargs.pop("traceparent", None)
+        # The trace context: the message header (as instrumented producers send it), else
+        # the kwargs' copy.
+        traceparent = getattr(self.request, "traceparent", None) or kwargs.pop("traceparent", None)
+        kwargs.pop("traceparent", None)
         ticket = kwargs.pop("ticket", None)
         try:
             if kwargs or len(args) > 1:
@@ -55,12 +61,16 @@ def create_app(settings: Settings, executor: LazyExecutor | None = None) -> Cele
                 raise InvalidTicket(f"sent to queue {queue!r}, ticket is for {verified.queue!r}")
         except InvalidTicket as exc:
             log.warning("message %.64r refused, nothing recorded or started: %s", task_id, exc)
-            return "refused"
+            raise TaskEnded(f"refused: {exc}") from None
         if not isinstance(traceparent, str) or len(traceparent) > 128:
             traceparent = None
         runner = executor.get()
         runner.worker_name = str(self.request.hostname or runner.worker_name)
-        return runner.execute(task_id, spec, traceparent, verified.identities, verified.text).value
+        state = runner.execute(task_id, spec, traceparent, verified.identities, verified.text)
+        if state is not TaskState.SUCCEEDED:
+            reason = runner.store.get(task_id).get("reason", "")
+            raise TaskEnded(f"{state.value}: {reason}")
+        return str(state.value)
 
     @app.task(name=REAP_TASK_NAME)  # type: ignore[untyped-decorator]
     def reap_orphans() -> int:
@@ -78,6 +88,10 @@ def reap_now(executor: Executor, dry_run: bool = False) -> list[Reaped]:
         executor.settings.namespace,
         dry_run,
     )
+
+
+class TaskEnded(Exception):
+    """The task ended without succeeding (or its message was refused); the text says how."""
 
 
 class LazyExecutor:
@@ -150,7 +164,8 @@ def run_worker(
         f"--hostname=airlock-{'-'.join(queues)}-{os.getpid()}@%h",
         "--without-gossip",
         "--without-mingle",
-        "--without-heartbeat",
+        # Task events and heartbeats on: Flower and `celery inspect` see the workers.
+        "--task-events",
     ]
     app.worker_main(argv)
 
