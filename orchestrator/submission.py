@@ -55,6 +55,16 @@ class _Plan:
             attributes["airlock.on_behalf_of"] = self.identities.user
         return attributes
 
+    @property
+    def messaging(self) -> dict[str, str]:
+        """The message's attributes in OpenTelemetry's messaging conventions."""
+        return {
+            "messaging.system": "redis" if self.on_redis else "celery",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": self.queue,
+            "messaging.message.id": self.new.task_id,
+        }
+
     def finish(
         self, traceparent: str | None
     ) -> tuple[NewTask, tuple[dict[str, Any], str, str, str | None] | None]:
@@ -124,7 +134,10 @@ class Submitter:
         The outcome names the task ("new": detail[0] is this one; "again": the
         Idempotency-Key's first) or says why nothing was queued ("quota")."""
         plan = self._plan(spec, identities, fields, task_id, quota, once, decision)
-        with telemetry.tracer().start_as_current_span("submit", attributes=plan.attributes):
+        attributes = {**plan.attributes, **plan.messaging}
+        with telemetry.tracer().start_as_current_span(
+            "submit", kind=trace.SpanKind.PRODUCER, attributes=attributes
+        ):
             new, sent = plan.finish(telemetry.inject())
             made = self.store.submit(new)
             if made.outcome == "new" and sent is not None:
@@ -145,13 +158,18 @@ class Submitter:
         submit request, in the caller's trace when it sent a `traceparent`."""
         plan = self._plan(spec, identities, None, None, quota, once, decision)
         attributes = {**plan.attributes, **SUBMIT_REQUEST}
-        with telemetry.tracer().start_as_current_span(
+        tracer = telemetry.tracer()
+        with tracer.start_as_current_span(
             "submit", telemetry.extract(traceparent), trace.SpanKind.SERVER, attributes
         ) as span:
-            new, sent = plan.finish(telemetry.inject())
-            made = await self.store.submit_async(new)
-            if made.outcome == "new" and sent is not None:
-                await asyncio.to_thread(self._send, new, sent)
+            # The message is sent from a producer span: the worker's consumer span follows it.
+            with tracer.start_as_current_span(
+                f"publish {plan.queue}", kind=trace.SpanKind.PRODUCER, attributes=plan.messaging
+            ):
+                new, sent = plan.finish(telemetry.inject())
+                made = await self.store.submit_async(new)
+                if made.outcome == "new" and sent is not None:
+                    await asyncio.to_thread(self._send, new, sent)
             span.set_attribute("http.response.status_code", _STATUS[made.outcome])
         return made if made.outcome != "new" else replace(made, detail=(new.task_id,))
 

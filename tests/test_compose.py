@@ -47,6 +47,7 @@ def test_the_stack_validates_and_keeps_its_promises() -> None:
         "beat",
         "otel-collector",
         "jaeger",
+        "prometheus",
     } <= set(services)
     for name, service in services.items():
         if name != "cli":

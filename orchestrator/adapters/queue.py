@@ -7,6 +7,8 @@ contract producers in any language follow (Celery protocol 2, JSON):
     kwargs     {"spec": {...}, "ticket": "...", "traceparent": "..."}: the task spec as in
                `airlock spec schema`, and the front door's admission ticket for it
                (`adapters.ticket`); a message without a valid ticket is refused
+    headers    `traceparent` (W3C trace context), as instrumented Celery producers send it;
+               the kwargs' copy is read when the header is absent
     queue      the spec's `queue`, or the deployment's default queue ("airlock")
 
 Only the front door (`airlock serve`, or an operator holding the ticket key) can produce a
@@ -106,6 +108,9 @@ def redis_message(
         "replaced_task_nesting": 0,
         "stamped_headers": None,
         "stamps": {},
+        # W3C trace context where instrumented consumers look for it (and in kwargs, where
+        # Airlock's workers before it did).
+        **({"traceparent": traceparent} if traceparent else {}),
     }
     encoded = json.dumps(body, separators=(",", ":")).encode()
     return json.dumps(
@@ -153,6 +158,7 @@ def enqueue(
             kwargs={"spec": spec, "traceparent": traceparent, "ticket": ticket},
             task_id=task_id,
             queue=destination,
+            headers={"traceparent": traceparent} if traceparent else None,
             # No repr of the spec in the message headers (Celery adds one for display):
             # the spec is in the body already, and its env has no business in broker tools.
             argsrepr="",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 from collections.abc import Sequence
 from typing import Any
@@ -42,6 +43,7 @@ def span_record(span: ReadableSpan) -> dict[str, Any]:
         "parent_id": format(parent.span_id, "016x") if parent else None,
         "start": span.start_time,
         "end": span.end_time,
+        "kind": span.kind.name,
         "attributes": dict(span.attributes or {}),
         "status": span.status.status_code.name,
         "status_description": span.status.description,
@@ -75,18 +77,40 @@ class RedisSpanExporter(SpanExporter):
         pass
 
 
+def otlp_protocol(signal: str) -> str:
+    """The OTLP protocol for `signal` (traces, metrics), as the SDK documents it:
+    OTEL_EXPORTER_OTLP_<SIGNAL>_PROTOCOL, else OTEL_EXPORTER_OTLP_PROTOCOL, else
+    http/protobuf."""
+    return (
+        os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL")
+        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "http/protobuf"
+    ).strip()
+
+
 def _exporter(settings: Settings, store: Store) -> SpanExporter:
     if settings.otel_endpoint:
         try:
-            # Lazy on purpose: the exporter is optional, and loaded only for a collector.
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            # Lazy on purpose: the exporters are optional, and loaded only for a collector.
+            exporter: SpanExporter
+            if otlp_protocol("traces") == "grpc":
+                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+                    OTLPSpanExporter as GrpcSpanExporter,
+                )
 
-            exporter: SpanExporter = OTLPSpanExporter()  # reads the OTEL_EXPORTER_OTLP_* variables
+                exporter = GrpcSpanExporter()  # reads the OTEL_EXPORTER_OTLP_* variables
+            else:
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+                    OTLPSpanExporter,
+                )
+
+                exporter = OTLPSpanExporter()
             return exporter
-        except ImportError:
+        except ImportError as exc:
             log.warning(
-                "OTEL_EXPORTER_OTLP_ENDPOINT is set but the OTLP exporter is not "
-                "installed; keeping spans in Redis"
+                "OTEL_EXPORTER_OTLP_ENDPOINT is set but its exporter is not installed "
+                "(%s; for grpc: pip install 'airlock[otlp-grpc]'); keeping spans in Redis",
+                exc.name,
             )
     return RedisSpanExporter(store, settings.record_ttl_s)
 
@@ -99,13 +123,14 @@ def setup(settings: Settings, component: str, store: Store) -> TracerProvider:
         _provider = TracerProvider()  # records nothing: no processor, no exporter
         return _provider
     if _provider is None:
-        resource = Resource.create(
-            {
-                "service.name": f"{settings.otel_service_name}-{component}",
-                "service.namespace": settings.namespace,
-                "host.name": socket.gethostname(),
-            }
-        )
+        attributes = {
+            "service.namespace": settings.namespace,
+            "host.name": socket.gethostname(),
+            "airlock.component": component,
+        }
+        if not os.environ.get("OTEL_SERVICE_NAME"):  # a name the deployment set is kept as is
+            attributes["service.name"] = f"{settings.otel_service_name}-{component}"
+        resource = Resource.create(attributes)
         _setup_metrics(settings, resource)
         _provider = TracerProvider(resource=resource)
         _provider.add_span_processor(
@@ -127,18 +152,28 @@ class Metrics:
 
     def __init__(self) -> None:
         meter = metrics.get_meter("airlock")
-        self.tasks = meter.create_counter("airlock.tasks", description="tasks by terminal state")
+        self.tasks = meter.create_counter(
+            "airlock.tasks", unit="{task}", description="tasks by terminal state"
+        )
         self.start_latency = meter.create_histogram(
             "airlock.start_latency", unit="s", description="admission to command running"
         )
+        self.duration = meter.create_histogram(
+            "airlock.task.duration", unit="s", description="a task's life, submit to teardown"
+        )
         self.running = meter.create_up_down_counter(
-            "airlock.running", description="tasks whose command is running"
+            "airlock.running", unit="{task}", description="tasks whose command is running"
         )
         self.egress = meter.create_counter(
-            "airlock.egress.decisions", description="egress decisions by outcome"
+            "airlock.egress.decisions", unit="{decision}", description="egress decisions by outcome"
+        )
+        self.egress_duration = meter.create_histogram(
+            "airlock.egress.duration", unit="s", description="an egress request at the gateway"
         )
         self.revocation_failures = meter.create_counter(
-            "airlock.revocation.failures", description="teardowns whose revocation was not verified"
+            "airlock.revocation.failures",
+            unit="{task}",
+            description="teardowns whose revocation was not verified",
         )
 
 
@@ -159,11 +194,20 @@ def _setup_metrics(settings: Settings, resource: Resource) -> None:
     if settings.otel_endpoint:
         try:
             # Lazy on purpose: as the span exporter.
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+            if otlp_protocol("metrics") == "grpc":
+                from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+                    OTLPMetricExporter as GrpcMetricExporter,
+                )
 
-            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
-        except ImportError:
-            log.warning("OTLP metric exporter not installed; metrics are not exported")
+                readers.append(PeriodicExportingMetricReader(GrpcMetricExporter()))
+            else:
+                from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+                    OTLPMetricExporter,
+                )
+
+                readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+        except ImportError as exc:
+            log.warning("OTLP metric exporter %s not installed; metrics are not exported", exc.name)
     if not readers:
         return  # nothing would read them: the instruments stay no-ops, at no cost per task
     _meters = MeterProvider(resource=resource, metric_readers=readers)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from orchestrator.adapters import telemetry
 
@@ -64,12 +65,21 @@ class Hooks:
             yield phase
 
 
-# Facts that are ours alone go out as `airlock.<name>`.
+# Facts the OpenTelemetry semantic conventions name go out under that name; the ones that
+# are ours alone as `airlock.<name>`.
+SEMANTIC = {
+    "container_id": "container.id",
+    "image": "container.image.name",
+    "runtime": "container.runtime.name",
+    "exit_code": "process.exit.code",
+}
+
+
 def _attributes(facts: dict[str, Any]) -> dict[str, Any]:
     return {
-        f"airlock.{name}": value
+        SEMANTIC.get(name, f"airlock.{name}"): value
         for name, value in facts.items()
-        if isinstance(value, (str, bool, int, float))
+        if isinstance(value, (str, bool, int, float)) and value != ""
     }
 
 
@@ -79,27 +89,35 @@ class TracingHook:
 
     @contextlib.contextmanager
     def phase(self, phase: Phase) -> Iterator[None]:
-        context = telemetry.extract(phase.traceparent) if phase.name == "task" else None
-        with telemetry.tracer().start_as_current_span(phase.name, context=context) as span:
+        # The task span consumes the queue's message: the consumer of the submit's producer.
+        task = phase.name == "task"
+        context = telemetry.extract(phase.traceparent) if task else None
+        kind = SpanKind.CONSUMER if task else SpanKind.INTERNAL
+        with telemetry.tracer().start_as_current_span(phase.name, context, kind) as span:
             try:
                 yield
             finally:
                 span.set_attributes(_attributes(phase.facts))
                 if phase.failure is not None:
                     span.set_status(Status(StatusCode.ERROR, phase.failure))
+                    span.set_attribute(
+                        "error.type", str(phase.facts.get("terminal_state") or "failed")
+                    )
 
 
 class MetricsHook:
-    """Tasks by terminal state, commands running, start latency, unverified revocations."""
+    """Tasks by terminal state and their duration (from the worker taking the message to
+    teardown), commands running, start latency, unverified revocations."""
 
     @contextlib.contextmanager
     def phase(self, phase: Phase) -> Iterator[None]:
         meters = telemetry.meters()
+        began = time.monotonic()
         if phase.name == "run":
             meters.running.add(1)
             meters.start_latency.record(
                 float(phase.facts.get("start_latency_s", 0.0)),
-                {"runtime": str(phase.facts.get("runtime", ""))},
+                {"container.runtime.name": str(phase.facts.get("runtime", ""))},
             )
         try:
             yield
@@ -109,13 +127,12 @@ class MetricsHook:
             elif phase.name == "teardown" and not phase.facts.get("revocation_verified"):
                 meters.revocation_failures.add(1)
             elif phase.name == "task" and "terminal_state" in phase.facts:
-                meters.tasks.add(
-                    1,
-                    {
-                        "state": str(phase.facts["terminal_state"]),
-                        "agent": str(phase.facts.get("agent", "")),
-                    },
-                )
+                labels = {
+                    "airlock.state": str(phase.facts["terminal_state"]),
+                    "airlock.agent": str(phase.facts.get("agent", "")),
+                }
+                meters.tasks.add(1, labels)
+                meters.duration.record(time.monotonic() - began, labels)
 
 
 def default_hooks() -> Hooks:

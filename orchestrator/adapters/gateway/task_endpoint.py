@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from orchestrator.adapters import logs, telemetry
 from orchestrator.adapters.gateway.audit import AuditLog
@@ -30,6 +30,27 @@ from orchestrator.errors import AirlockError
 # audience and liveness are re-checked at most once a second per task. (The endpoint itself
 # is closed the moment the task ends, which cuts every connection at once.)
 ACCEPTED_FOR_S = 1.0
+
+
+# An egress record's fields the HTTP semantic conventions name, and the ones that are ours.
+EGRESS_SEMANTIC = {
+    "method": "http.request.method",
+    "host": "server.address",
+    "port": "server.port",
+    "path": "url.path",
+    "status": "http.response.status_code",
+}
+EGRESS_OWN = (
+    "task",
+    "agent",
+    "tool",
+    "decision",
+    "rule",
+    "reason",
+    "bytes_out",
+    "bytes_in",
+    "injected",
+)
 
 
 class TaskEndpoint:
@@ -156,9 +177,13 @@ class TaskEndpoint:
         logs.current_task.set(self.task_id)
         full = {**self.context, **record}
         self._span(full)  # before the traceparent is taken out of the record
-        telemetry.meters().egress.add(
-            1, {"decision": str(full.get("decision")), "agent": str(full.get("agent"))}
-        )
+        meters = telemetry.meters()
+        labels = {
+            "airlock.decision": str(full.get("decision")),
+            "airlock.agent": str(full.get("agent")),
+        }
+        meters.egress.add(1, labels)
+        meters.egress_duration.record(float(full.get("duration_ms") or 0) / 1000, labels)
         traceparent = str(full.pop("traceparent", "") or "")
         if traceparent.count("-") == 3:
             full["trace_id"] = traceparent.split("-")[1]
@@ -171,32 +196,25 @@ class TaskEndpoint:
             return
         end = time.time_ns()
         start = end - int(float(record.get("duration_ms") or 0) * 1e6)
+        # The gateway serves the task's request: a server span, in the HTTP conventions,
+        # with the decision and its rule as Airlock's own attributes.
         span = telemetry.tracer().start_span(
-            f"egress {record.get('method')} {record.get('host')}", context=parent, start_time=start
+            f"egress {record.get('method')} {record.get('host')}",
+            context=parent,
+            kind=SpanKind.SERVER,
+            start_time=start,
         )
-        attributes = {
-            f"airlock.{k}": v
-            for k, v in record.items()
-            if k
-            in (
-                "task",
-                "agent",
-                "method",
-                "host",
-                "port",
-                "path",
-                "tool",
-                "decision",
-                "rule",
-                "reason",
-                "bytes_out",
-                "bytes_in",
-                "status",
-            )
-            and v is not None
+        attributes: dict[str, Any] = {
+            semantic: record[name]
+            for name, semantic in EGRESS_SEMANTIC.items()
+            if record.get(name) not in (None, "", 0)
         }
+        attributes.update(
+            {f"airlock.{k}": v for k, v in record.items() if k in EGRESS_OWN and v is not None}
+        )
         span.set_attributes(attributes)
         if record.get("decision") == "deny":
+            span.set_attribute("error.type", "airlock.denied")
             span.set_status(Status(StatusCode.ERROR, str(record.get("reason"))))
         span.end(end_time=end)
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Iterator
 from typing import Any, ParamSpec, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import docker
 import docker.errors
 import requests
+from opentelemetry.trace import SpanKind
 
-from orchestrator.adapters import http1
+from orchestrator.adapters import http1, telemetry
 from orchestrator.adapters.retry import ride_out
 from orchestrator.adapters.runtime.base import (
     LABEL_AGENT,
@@ -27,6 +29,8 @@ from orchestrator.adapters.runtime.base import (
 from orchestrator.config import proxies_in_env
 from orchestrator.errors import ImageNotFound, RuntimeFailure, ServiceUnavailable
 
+# A span's name holds the route, not the container: /containers/{id}/start.
+_CONTAINER_ID = re.compile(r"/containers/(?!create$)[^/]+")
 P = ParamSpec("P")
 R = TypeVar("R")
 WORKSPACE = "/workspace"
@@ -204,6 +208,12 @@ class DockerRuntime:
         ride_out_s: float = 0.0,
     ) -> None:
         self.ride_out_s = ride_out_s
+        where = urlsplit(base_url or DEFAULT_ENGINE)
+        self._server: dict[str, str | int] = (
+            {"server.address": where.path, "network.transport": "unix"}
+            if where.scheme == "unix"
+            else {"server.address": where.hostname or "", "server.port": where.port or 2375}
+        )
         try:
             self.engine = http1.Client(base_url or DEFAULT_ENGINE, timeout=timeout)
         except ValueError as exc:
@@ -233,16 +243,24 @@ class DockerRuntime:
         return frozenset(self.api.info().get("Runtimes") or {"runc": {}})
 
     def _call(self, method: str, path: str, body: Any = None, patient: bool = False) -> Any:
-        """One engine call on the hot path; its JSON answer (`patient`: no timeout, for a
-        wait). Raises EngineRefused, OSError."""
-        path = f"/v{API_VERSION}{path}"
-        if patient:
-            answer = self.engine.request(method, path, body, timeout=None)
-        else:
-            answer = self.engine.request(method, path, body)
-        if answer.status_code >= 400:
-            raise EngineRefused(answer.status_code, _message(answer))
-        return answer.json() if answer.content else None
+        """One engine call on the hot path, as a client span; its JSON answer (`patient`: no
+        timeout, for a wait). Raises EngineRefused, OSError."""
+        route = _CONTAINER_ID.sub("/containers/{id}", path.partition("?")[0])
+        with telemetry.tracer().start_as_current_span(
+            f"docker {method} {route}",
+            kind=SpanKind.CLIENT,
+            attributes={"http.request.method": method, "url.path": route, **self._server},
+        ) as span:
+            path = f"/v{API_VERSION}{path}"
+            if patient:
+                answer = self.engine.request(method, path, body, timeout=None)
+            else:
+                answer = self.engine.request(method, path, body)
+            span.set_attribute("http.response.status_code", answer.status_code)
+            if answer.status_code >= 400:
+                span.set_attribute("error.type", str(answer.status_code))
+                raise EngineRefused(answer.status_code, _message(answer))
+            return answer.json() if answer.content else None
 
     @_translate
     def create(self, spec: ContainerSpec) -> str:

@@ -16,10 +16,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import hvac
 import hvac.exceptions
 import requests
+from opentelemetry.trace import SpanKind
 
 from orchestrator.adapters import http1, telemetry
 from orchestrator.adapters.retry import ride_out
@@ -60,6 +62,12 @@ class Vault:
         login: AppRoleLogin | None = None,
     ) -> None:
         self.addr = addr
+        where = urlsplit(addr)
+        default_port = 443 if where.scheme == "https" else 80
+        self._server: dict[str, str | int] = {
+            "server.address": where.hostname or "",
+            "server.port": where.port or default_port,
+        }
         self.token = token
         self.ride_out_s = ride_out_s
         # With a login, this client's own token is its own: acquired at first use, renewed
@@ -115,7 +123,14 @@ class Vault:
         # One span per call: method and path only (paths hold no secret values).
         with telemetry.tracer().start_as_current_span(
             f"vault {method} {path}",
-            attributes={"vault.path": path, "vault.wrapped": bool(wrap_ttl)},
+            kind=SpanKind.CLIENT,
+            attributes={
+                **self._server,
+                "http.request.method": method,
+                "url.path": f"/v1/{path}",
+                "airlock.vault.path": path,
+                "airlock.vault.wrapped": bool(wrap_ttl),
+            },
         ):
             seconds = self.ride_out_s if ride_out_s is None else ride_out_s
             try:
