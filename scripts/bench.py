@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -748,6 +749,26 @@ users:
 """
 
 
+def api_namespace(callers_yaml: str, caller: str) -> tuple[str, Settings, dict[str, str], str]:
+    """A benchmark's own namespace with its own callers policy: its name, settings, the
+    environment an API in it runs with, and a fresh token for `caller`."""
+    from orchestrator.adapters.vault.issuer import dev_token, ensure_issuer
+
+    ns = f"bench{uuid.uuid4().hex[:6]}"
+    callers = Path(tempfile.mkdtemp(prefix="airlock-bench-api-")) / "callers.yaml"
+    callers.write_text(callers_yaml)
+    settings = replace(config.load(), namespace=ns, queue=ns, callers_file=callers)
+    env = dict(
+        own_namespace_env(),
+        AIRLOCK_NAMESPACE=ns,
+        AIRLOCK_QUEUE=ns,
+        AIRLOCK_CALLERS_FILE=str(callers),
+    )
+    vault = wiring.vault(settings)
+    ensure_issuer(vault, settings.oidc_audience)
+    return ns, settings, env, dev_token(vault, caller)
+
+
 def free_port() -> int:
     import socket
 
@@ -820,23 +841,10 @@ def bench_api(runs: int) -> dict[str, object]:
     on one API process, and whole-process `submit --wait -- true` and `status` through it."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from orchestrator.adapters.vault.issuer import dev_token, ensure_issuer
     from orchestrator.submission import Submitter
 
-    ns = f"bench{uuid.uuid4().hex[:6]}"
+    ns, settings, env, token = api_namespace(BENCH_CALLERS, "alice")
     tmp = tempfile.mkdtemp(prefix="airlock-bench-api-")
-    callers = Path(tmp) / "callers.yaml"
-    callers.write_text(BENCH_CALLERS)
-    settings = replace(config.load(), namespace=ns, queue=ns, callers_file=callers)
-    env = dict(
-        own_namespace_env(),
-        AIRLOCK_NAMESPACE=ns,
-        AIRLOCK_QUEUE=ns,
-        AIRLOCK_CALLERS_FILE=str(callers),
-    )
-    vault = wiring.vault(settings)
-    ensure_issuer(vault, settings.oidc_audience)
-    token = dev_token(vault, "alice")
     port = free_port()
     api = start_api(env, port)
     client = Client(settings)
@@ -937,10 +945,124 @@ def _api_whole_process(
     return out
 
 
+BENCH_OPS = """
+users:
+  oncall: {agents: [], read_all: true}
+"""
+
+
+def seed_tasks(store: Any, total: int, live: int) -> list[str]:
+    """`total` task records (the newest `live` of them running), as a busy deployment has."""
+    now = time.time()
+    ids = [str(uuid.uuid4()) for _ in range(total)]
+    pipe = store.redis.pipeline(transaction=False)
+    for i, task_id in enumerate(ids):
+        running = i >= total - live
+        created = now - (total - i)
+        pipe.hset(
+            store.key(task_id),
+            mapping={
+                "id": task_id,
+                "state": "running" if running else ("succeeded" if i % 5 else "failed"),
+                "reason": "" if running else "exit code 0",
+                "agent": "demo",
+                "submitter": "user:alice",
+                "on_behalf_of": "alice",
+                "queue": "bench",
+                "worker": f"airlock-bench-{i % 3}@host",
+                "created_at": f"{created:.3f}",
+                **({} if running else {"finished_at": f"{created + 1:.3f}"}),
+            },
+        )
+        pipe.zadd(store.index_key, {task_id: created})
+        if running:
+            pipe.zadd(store.keys.live, {task_id: created})
+        if i % 1000 == 999:
+            pipe.execute()
+    pipe.execute()
+    return ids
+
+
+def bench_console(runs: int) -> dict[str, object]:
+    """The console's pages, with 10,000 tasks in the store and 50 live runners: p50/p95 of
+    each page as a signed-in operator sees it (target p95 <= 100 ms), against the API's
+    own /v1/tasks list in the same run."""
+    import urllib.request
+
+    ns, settings, env, token = api_namespace(BENCH_OPS, "oncall")
+    client = Client(settings)
+    print("console: seeding 10,000 tasks (50 of them running) and 20,000 decisions ...", flush=True)
+    ids = seed_tasks(client.store, 10_000, 50)
+    from orchestrator.adapters.gateway.audit import AuditLog
+
+    audit = AuditLog(client.store)  # 20,000 decisions, one chain, as the gateway writes them
+    for start in range(0, 20_000, 500):
+        audit.append_many(
+            [
+                {
+                    "task": ids[(start + j) % len(ids)],
+                    "agent": "demo",
+                    "decision": "deny" if j % 7 == 0 else "allow",
+                    "method": "GET",
+                    "host": "example.com",
+                    "port": 443,
+                    "path": "/",
+                    "rule": "bench",
+                    "reason": "granted",
+                }
+                for j in range(500)
+            ]
+        )
+    port = free_port()
+    api = start_api(env, port)
+    base = f"http://127.0.0.1:{port}"
+    cookie = {"Cookie": f"airlock_console={token}"}
+    pages = {
+        "runners /ui/": "/ui/",
+        "tasks /ui/tasks": "/ui/tasks",
+        "tasks, filtered": "/ui/tasks?state=failed&agent=demo",
+        "task /ui/tasks/ID": f"/ui/tasks/{ids[-1]}",
+        "audit /ui/audit": "/ui/audit",
+    }
+
+    def get(path: str, headers: dict[str, str]) -> float:
+        t0 = time.perf_counter()
+        request = urllib.request.Request(base + path, headers=headers)
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            answer.read()
+            assert answer.status == 200, (path, answer.status)
+        return time.perf_counter() - t0
+
+    result: dict[str, object] = {}
+    try:
+        bearer = {"Authorization": f"Bearer {token}"}
+        for path in [*pages.values(), "/v1/tasks?limit=100"]:  # warm each path
+            get(path, bearer if path.startswith("/v1") else cookie)
+        samples: dict[str, list[float]] = {name: [] for name in pages}
+        samples["api /v1/tasks?limit=100"] = []
+        for _ in range(max(runs, 50)):
+            for name, path in pages.items():
+                samples[name].append(get(path, cookie))
+            samples["api /v1/tasks?limit=100"].append(get("/v1/tasks?limit=100", bearer))
+        print(f"console pages, {max(runs, 50)} requests each (target p95 <= 100 ms):")
+        api_list = samples["api /v1/tasks?limit=100"]
+        for name, values in samples.items():
+            result[name] = show(
+                name, values, api_list if name != "api /v1/tasks?limit=100" else None, "API list"
+            )
+    finally:
+        api.terminate()
+        api.wait(timeout=30)
+        for key in client.store.redis.scan_iter(f"{ns}:*", count=1000):
+            client.store.redis.delete(key)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="scripts/bench")
     parser.add_argument(
-        "what", choices=["start", "policy", "secrets", "tracing", "cli", "http", "api"]
+        "what",
+        choices=["start", "policy", "secrets", "tracing", "cli", "http", "api", "console"],
     )
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
@@ -953,6 +1075,7 @@ def main() -> None:
         "cli": bench_cli,
         "http": bench_http,
         "api": bench_api,
+        "console": bench_console,
     }
     result = benches[args.what](args.runs)
     if args.json:

@@ -80,6 +80,7 @@ def test_each_component_is_refused_outside_its_rights(acl: tuple[Settings, dict[
     # The front door never touches the credential journal.
     assert refused(lambda: api.hgetall(f"{ns}:cred:abc"))
     assert refused(lambda: api.xadd(f"{ns}:audit", {"record": "{}"}))  # it only reads it
+    assert refused(lambda: api.hset(f"{ns}:pool", "x", "{}"))  # the pool: read only
     # The gateway reads task records, and writes only the audit, counts and alarms.
     assert gateway.hgetall(f"{ns}:task:abc") == {}
     assert refused(lambda: gateway.hset(f"{ns}:task:abc", "state", "succeeded"))

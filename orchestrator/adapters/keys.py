@@ -43,6 +43,12 @@ class Keys:
         return f"{self.ns}:tasks"
 
     @property
+    def live(self) -> str:
+        """The tasks not yet ended (a sorted set by submit time): what the console's live
+        view reads instead of every record. The create script derives it from the index."""
+        return f"{self.ns}:tasks:live"
+
+    @property
     def events(self) -> str:
         return f"{self.ns}:events"
 

@@ -40,11 +40,20 @@ def _queues(queues: Iterable[str]) -> list[str]:
 
 
 # Each component's keys under the namespace; "r:" marks read-only access.
-_RECORDS = ("task:*", "tasks", "events", "trace:*", "caller:*")
+_RECORDS = ("task:*", "tasks", "tasks:live", "events", "trace:*", "caller:*")
 _KEYS = {
-    "api": (*_RECORDS, "idem:*", "r:audit"),
+    # The console reads the warm pool and checks the audit chains (their marks), read-only.
+    "api": (*_RECORDS, "idem:*", "r:audit", "r:audit:*", "r:pool"),
     "worker": (*_RECORDS, "pool", "member:*", "credentials", "cred:*", "audit", "audit:*"),
-    "gateway": ("r:task:*", "task:*:egress", "task:*:alarms", "audit", "audit:*", "trace:*"),
+    "gateway": (
+        "r:task:*",
+        "task:*:egress",
+        "task:*:alarms",
+        "task:*:audit",
+        "audit",
+        "audit:*",
+        "trace:*",
+    ),
 }
 _QUEUE_USERS = ("api", "worker")  # the queue's producer and consumer; the only pub/sub users
 

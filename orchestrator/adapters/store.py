@@ -43,6 +43,9 @@ MAX_BLOCK_MS = 10_000  # the longest a blocking read waits before returning empt
 # (a JSON object of strings: one argument, not two per field, is cheaper to send).
 # Returns {'new'}, {'exists', state}, {'again', task, digest} or {'quota', running, recent}.
 # Quotas count and admit in one step: concurrent submits cannot all slip under a limit.
+# How many of a task's audit entries its index keeps (the newest).
+TASK_AUDIT_INDEX = 10_000
+
 _CREATE = (
     """
 local now, id = ARGV[1], ARGV[2]
@@ -80,6 +83,7 @@ if ARGV[10] ~= '' then
   redis.call('HSET', KEYS[1], 'front_door', ARGV[10] .. ',' .. usage)
 end
 redis.call('ZADD', KEYS[4], now, id)
+redis.call('ZADD', KEYS[4] .. ':live', now, id)
 local ev = {'task', id, 'state', 'pending', 'reason', 'submitted', 'at', now}
 redis.call('XADD', KEYS[2], '*', unpack(ev))
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', %d, '*', unpack(ev))
@@ -120,10 +124,12 @@ if ttl > 0 then
   for i = 1, 2 do redis.call('EXPIRE', KEYS[i], ttl) end
   redis.call('EXPIRE', KEYS[4], ttl)
   redis.call('EXPIRE', KEYS[6], ttl)
+  local id = redis.call('HGET', KEYS[1], 'id')
   local submitter = redis.call('HGET', KEYS[1], 'submitter')
   if submitter then
-    redis.call('ZREM', KEYS[8] .. submitter .. ':live', redis.call('HGET', KEYS[1], 'id'))
+    redis.call('ZREM', KEYS[8] .. submitter .. ':live', id)
   end
+  redis.call('ZREM', KEYS[9], id)
 end
 return {1, current}
 """
@@ -366,6 +372,7 @@ class Store:
             self.key(task_id, "ended"),
             self.key(task_id, "owner"),
             self.keys.caller(""),
+            self.keys.live,
         ]
         args = [
             target.value,
@@ -385,9 +392,10 @@ class Store:
         return TaskState(current)
 
     @_guard
-    def recent(self, limit: int = 100) -> list[dict[str, str]]:
-        """The most recent records, newest first; ids whose record expired are pruned."""
-        ids: list[str] = self.redis.zrevrange(self.index_key, 0, limit - 1)
+    def recent(self, limit: int = 100, offset: int = 0) -> list[dict[str, str]]:
+        """The most recent records (after the newest `offset`), newest first; ids whose
+        record expired are pruned."""
+        ids: list[str] = self.redis.zrevrange(self.index_key, offset, offset + limit - 1)
         pipe = self.redis.pipeline(transaction=False)
         for task_id in ids:
             pipe.hgetall(self.key(task_id))
@@ -396,6 +404,21 @@ class Store:
         if gone:
             self.redis.zrem(self.index_key, *gone)
         return [rec for rec in records if rec]
+
+    @_guard
+    def live_records(self) -> list[dict[str, str]]:
+        """The records of tasks not yet ended, oldest first, from the live index (a few
+        reads however many tasks are recorded); ids that ended or expired are pruned."""
+        ids: list[str] = self.redis.zrange(self.keys.live, 0, -1)
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hgetall(self.key(task_id))
+        records = pipe.execute()
+        live = [r for r in records if r and TaskState(r["state"]) not in TERMINAL]
+        gone = [i for i, r in zip(ids, records, strict=True) if not r]
+        if gone:
+            self.redis.zrem(self.keys.live, *gone)
+        return live
 
     @_guard
     def live_tasks(self) -> dict[str, TaskState]:
@@ -591,9 +614,12 @@ class Store:
         chain: str,
         head: str,
         decided: Mapping[tuple[str, str], int],
+        owners: list[str] | None = None,
     ) -> None:
         """Append one writer's chained records, move its head, and count each task's
-        decisions, in one transaction."""
+        decisions, in one transaction; then index each record under its task (`owners`,
+        one task id or "" per entry), so that a task's decisions are found without reading
+        the whole audit. The index is a view: the chain is the record."""
         pipe = self.redis.pipeline(transaction=True)
         for entry in entries:
             pipe.xadd(self.keys.audit, entry)
@@ -602,15 +628,47 @@ class Store:
             pipe.hincrby(counts, decision, count)
             pipe.expire(counts, self.record_ttl_s)
         pipe.set(self.keys.audit_head(chain), head)
-        pipe.execute()
+        ids = pipe.execute()[: len(entries)]
+        by_task: dict[str, list[str]] = {}
+        for entry_id, task_id in zip(ids, owners or (), strict=False):
+            if task_id:
+                by_task.setdefault(task_id, []).append(entry_id)
+        if by_task:
+            pipe = self.redis.pipeline(transaction=False)
+            for task_id, task_ids in by_task.items():
+                index = self.keys.task(task_id, "audit")
+                pipe.rpush(index, *task_ids)
+                pipe.ltrim(index, -TASK_AUDIT_INDEX, -1)
+                pipe.expire(index, self.record_ttl_s)
+            pipe.execute()
+
+    @_guard
+    def task_audit(self, task_id: str, count: int) -> list[tuple[str, dict[str, str]]]:
+        """The task's newest `count` audit entries, oldest first, through its index."""
+        ids: list[str] = self.redis.lrange(self.keys.task(task_id, "audit"), -count, -1)
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id in ids:
+            pipe.xrange(self.keys.audit, min=entry_id, max=entry_id)
+        return [found[0] for found in pipe.execute() if found]
+
+    @_guard
+    def audit_newest(
+        self, before: str = "+", count: int = 1000
+    ) -> list[tuple[str, dict[str, str]]]:
+        """Up to `count` audit entries from stream id `before` back (inclusive), newest first."""
+        entries: list[tuple[str, dict[str, str]]] = self.redis.xrevrange(
+            self.keys.audit, max=before, count=count
+        )
+        return entries
 
     @_guard
     def audit_entries(
-        self, after: str = "-", count: int = 1000
+        self, after: str = "-", count: int = 1000, until: str = "+"
     ) -> list[tuple[str, dict[str, str]]]:
-        """Up to `count` audit entries from stream id `after` on (inclusive), oldest first."""
+        """Up to `count` audit entries from stream id `after` on (inclusive) to `until`,
+        oldest first."""
         entries: list[tuple[str, dict[str, str]]] = self.redis.xrange(
-            self.keys.audit, min=after, count=count
+            self.keys.audit, min=after, max=until, count=count
         )
         return entries
 

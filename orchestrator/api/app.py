@@ -26,6 +26,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator.adapters.gateway.audit import AuditLog
+from orchestrator.api.console import Console
+from orchestrator.api.console import mount as mount_console
 from orchestrator.api.frontdoor import FrontDoor
 from orchestrator.client import Client, present
 from orchestrator.core.caller import Principal
@@ -406,7 +408,12 @@ def audit(
     return AuditLog(front.store).records(task, denied)
 
 
-def create_app(front: FrontDoor, client: Client, jwks: Callable[[], dict[str, Any]]) -> FastAPI:
+def create_app(
+    front: FrontDoor,
+    client: Client,
+    jwks: Callable[[], dict[str, Any]],
+    console: Console | None = None,
+) -> FastAPI:
     app = FastAPI(
         title="Airlock",
         version="1",
@@ -428,6 +435,8 @@ def create_app(front: FrontDoor, client: Client, jwks: Callable[[], dict[str, An
         app.add_exception_handler(kind, handler)
     app.include_router(meta)
     app.include_router(tasks)
+    if console is not None:
+        mount_console(app, console)
     return app
 
 

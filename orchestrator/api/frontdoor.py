@@ -85,6 +85,12 @@ class FrontDoor:
             return known[0]
         return None
 
+    def expiry(self, token: str) -> float:
+        """When a token verified before expires (0 if it is not known)."""
+        with self._lock:
+            known = self._verified.get(token)
+        return known[1] if known else 0.0
+
     def authenticate(self, token: str) -> Principal:
         """Raises Unauthenticated (401) or ServiceUnavailable (issuer keys unavailable)."""
         known = self.known(token)

@@ -13,6 +13,7 @@ from orchestrator import wiring
 from orchestrator.adapters.oidc import OidcVerifier
 from orchestrator.adapters.vault.identity import transit_jwks
 from orchestrator.api.app import Served, create_app
+from orchestrator.api.console import Console
 from orchestrator.api.frontdoor import FrontDoor
 from orchestrator.client import Client
 from orchestrator.config import Settings, callers_file
@@ -41,7 +42,9 @@ def build(settings: Settings) -> FastAPI:
     )
     policy.bundle()  # a broken bundle is found at start, not at the first submit
     front = FrontDoor(settings, store, verifier, policy, Submitter(settings, store))
-    return create_app(front, Client(settings, store), _jwks(settings))
+    client = Client(settings, store)
+    console = Console(front, client, wiring.audit_log(settings, store))
+    return create_app(front, client, _jwks(settings), console)
 
 
 def _jwks(settings: Settings) -> Any:

@@ -68,7 +68,7 @@ def _dev_token(name: str) -> str:
 @dev.command("token")
 @click.argument("name")
 def token(name: str) -> None:
-    """Print a fresh token for a local user (alice, mallory) or service (ci-bot)."""
+    """Print a fresh token for a local user (alice, mallory, oncall) or service (ci-bot)."""
     click.echo(_dev_token(name))
 
 

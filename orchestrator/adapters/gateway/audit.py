@@ -220,7 +220,8 @@ class AuditLog:
                 digests.append(digest)
                 if entry.get("task") and entry.get("decision") in ("allow", "deny"):
                     decided[(str(entry["task"]), str(entry["decision"]))] += 1
-            self.store.append_audit(entries, self.chain, head, decided)
+            owners = [str(record.get("task") or "") for record in records]
+            self.store.append_audit(entries, self.chain, head, decided, owners)
             self._head, self._seq = head, seq
         self.anchor()
         return digests

@@ -6,6 +6,7 @@ name is the caller's name and whose metadata says its kind. A token's `username`
 
     alice    a user who may run `demo`, `researcher`, `coder` and `ops` (policies/callers.yaml)
     mallory  a user who may run nothing
+    oncall   an operator: runs nothing, reads every task (the console's ops view)
     ci-bot   an upstream service (AppRole) that may act for alice with her token
 
 `dev_token` mints a fresh token for one of them with the operator's Vault token (a new
@@ -26,7 +27,7 @@ SERVICES_MOUNT = "airlock-services"
 KEY = "airlock-api"
 ROLE = "airlock-api"
 POLICY = "airlock-api-caller"
-USERS = ("alice", "mallory")
+USERS = ("alice", "mallory", "oncall")
 SERVICES = ("ci-bot",)
 TOKEN_TTL = "15m"
 # The placeholders go in unquoted: OpenBao renders each as a JSON string.
