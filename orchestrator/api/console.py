@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -33,6 +34,7 @@ from orchestrator.core.caller import Principal
 from orchestrator.core.lifecycle import TERMINAL, TaskState
 from orchestrator.errors import AirlockError, TaskNotFound
 
+log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 COOKIE = "airlock_console"
 LIVE_PERIOD_S = 0.5  # how often the live views look for a change
@@ -42,6 +44,7 @@ AUDIT_ROWS = 200  # decisions the audit page shows
 AUDIT_SCAN = 50_000  # audit entries it reads back at most to find them
 USER_TASKS = 100  # a user's audit page: the decisions of their newest tasks
 CHAIN_CHECK_S = 30.0
+CHAIN_IDLE_S = 300.0
 TASK_ROWS = 1000  # a task's newest decisions its page shows
 # The console runs no inline script or style: everything comes from /ui/static.
 SECURITY_HEADERS = {
@@ -125,6 +128,7 @@ class Console:
         self._lock = threading.Lock()
         self._chains: dict[str, Any] | None = None
         self._checker: threading.Thread | None = None
+        self._asked = 0.0
 
     # -- who ------------------------------------------------------------------------------
     async def viewer(self, request: Request) -> Principal | None:
@@ -141,10 +145,12 @@ class Console:
 
     def chains(self) -> dict[str, Any] | None:
         """The audit chains as last checked against their signed anchors. The check reads
-        the whole audit, so it runs on a thread of its own every CHAIN_CHECK_S, never on a
-        page's request; None until the first check is done."""
+        the whole audit, so it runs on a thread of its own every CHAIN_CHECK_S while
+        operators look (it stops after CHAIN_IDLE_S unasked), never on a page's request;
+        None until the first check is done."""
         with self._lock:
-            if self._checker is None:
+            self._asked = time.monotonic()
+            if self._checker is None or not self._checker.is_alive():
                 self._checker = threading.Thread(target=self._check_chains, daemon=True)
                 self._checker.start()
             return self._chains
@@ -153,12 +159,18 @@ class Console:
         while True:
             try:
                 checked, problems = self.audit.verify()
-                result = {"checked": checked, "problems": [str(p) for p in problems]}
-            except AirlockError as exc:
+                result = {
+                    "checked": checked,
+                    "problems": [f"chain {p.chain}: {p.what} (entry {p.entry})" for p in problems],
+                }
+            except Exception as exc:  # shown on the page; the next round tries again
+                log.warning("audit chain check failed: %s", exc)
                 result = {"checked": 0, "problems": [f"could not verify: {exc}"]}
             result["at"] = _clock(time.time())
             with self._lock:
                 self._chains = result
+                if time.monotonic() - self._asked > CHAIN_IDLE_S:
+                    return
             time.sleep(CHAIN_CHECK_S)
 
     def context(self, who: Principal, page: str) -> dict[str, Any]:
@@ -360,10 +372,13 @@ async def runners_stream(request: Request) -> Response:
     if who is None:
         return Response(status_code=401)
 
+    token = request.cookies.get(COOKIE, "")
+
     async def changes() -> AsyncIterator[str]:
         last = None
         quiet = 0.0
-        while not await request.is_disconnected():
+        # Until the viewer leaves, or their token expires.
+        while not await request.is_disconnected() and console.front.known(token):
             data = await run_in_threadpool(console.runners, who)
             html = templates.get_template("runners_live.html").render(**data)
             if html != last:
