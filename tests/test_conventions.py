@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -56,16 +57,18 @@ def test_spans_follow_the_conventions_across_the_queue(
     settings: Settings, store: Store, executor: Executor, exported: InMemorySpanExporter
 ) -> None:
     spec = {"agent": "web", "command": ["python3", "-c", DENIED]}
-    task_id = Client(settings).submit(spec)
+    # A queue no worker serves: the test takes the message off it as a worker would.
+    private = replace(settings, queue=f"{settings.queue}-spans")
+    task_id = Client(private).submit(spec)
     # The message as a worker takes it off the queue: the trace context is in its headers.
-    raw = store.redis.rpop(settings.queue)
+    raw = store.redis.rpop(private.queue)
     assert raw is not None
     message = json.loads(raw)
     assert message["headers"]["id"] == task_id
     traceparent = message["headers"]["traceparent"]
     producer = one(exported.get_finished_spans(), "submit")
     assert producer.kind is SpanKind.PRODUCER
-    assert attributes(producer)["messaging.destination.name"] == settings.queue
+    assert attributes(producer)["messaging.destination.name"] == private.queue
     assert attributes(producer)["messaging.message.id"] == task_id
     context = producer.get_span_context()
     assert traceparent.split("-")[1:3] == [
