@@ -439,6 +439,18 @@ def test_adversarial_requests_are_denied_and_audited(
     assert last["rule"] == rule and last["decision"] == "deny"
 
 
+def test_a_tunnel_refused_for_want_of_a_token_names_its_target(
+    executor: Executor, task: LiveTask
+) -> None:
+    """A client's first CONNECT often comes without credentials (it waits for the 407): the
+    audit still says where it wanted to go."""
+    status, headers, _ = exchange(task.socket, connect(f"127.0.0.1:{TLS_PORT}", None))
+    assert status == 407 and headers.get("x-airlock-denied") == "identity"
+    executor.credentials.audit.flush()
+    last = AuditLog(executor.store).records(task.id, denied=True)[-1]
+    assert (last["method"], last["host"], last["port"]) == ("CONNECT", "127.0.0.1", TLS_PORT)
+
+
 def test_an_ended_task_is_refused(executor: Executor, task: LiveTask) -> None:
     executor.store.redis.hset(executor.store.key(task.id), "state", S.TEARING_DOWN.value)
     status, _, body = exchange(task.socket, get(API, task.jwt))

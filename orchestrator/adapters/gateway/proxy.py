@@ -433,6 +433,11 @@ class Session:
 
     async def connect(self, request: h11.Request, authority: str) -> None:
         exchange = Exchange("CONNECT", scheme="https")
+        # Named in the audit even when the tunnel is refused before anything is decided (a
+        # client's first CONNECT, without credentials, is answered 407).
+        asked_host, _, asked_port = authority.rpartition(":")
+        exchange.host = asked_host[:255]
+        exchange.port = int(asked_port) if asked_port.isdigit() and len(asked_port) <= 5 else 0
         credentials = proxy_credentials(request)
         try:
             self._authenticate(credentials)
