@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -217,3 +218,18 @@ def test_the_consoles_colours_have_enough_contrast() -> None:
     for name in ("fg", "muted", "accent", "ok", "bad", "warn"):
         ratio = (background + 0.05) / (_luminance(colours[name]) + 0.05)
         assert ratio >= 4.5, (name, round(ratio, 2))
+
+
+def test_runners_find_live_tasks_recorded_before_the_live_index(store: Store) -> None:
+    """A deployment that upgrades with tasks in flight: their records are not in the live
+    index yet; the first read adds them, once."""
+    old, ended = str(uuid.uuid4()), str(uuid.uuid4())
+    for task_id, state in ((old, "running"), (ended, "succeeded")):
+        store.redis.hset(store.key(task_id), mapping={"id": task_id, "state": state})
+        store.redis.zadd(store.index_key, {task_id: time.time()})
+    store.redis.delete(store.keys.live_ready)
+    live = {r["id"] for r in store.live_records()}
+    assert old in live and ended not in live
+    assert store.redis.exists(store.keys.live_ready)
+    store.redis.hset(store.key(old), "state", "failed")
+    assert old not in {r["id"] for r in store.live_records()}

@@ -49,6 +49,12 @@ class Keys:
         return f"{self.ns}:tasks:live"
 
     @property
+    def live_ready(self) -> str:
+        """Set once the live index holds every live task (records made before it existed
+        are added the first time it is read)."""
+        return f"{self.ns}:tasks:live:ready"
+
+    @property
     def events(self) -> str:
         return f"{self.ns}:events"
 

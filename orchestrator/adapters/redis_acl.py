@@ -40,7 +40,7 @@ def _queues(queues: Iterable[str]) -> list[str]:
 
 
 # Each component's keys under the namespace; "r:" marks read-only access.
-_RECORDS = ("task:*", "tasks", "tasks:live", "events", "trace:*", "caller:*")
+_RECORDS = ("task:*", "tasks", "tasks:live", "tasks:live:ready", "events", "trace:*", "caller:*")
 _KEYS = {
     # The console reads the warm pool and checks the audit chains (their marks), read-only.
     "api": (*_RECORDS, "idem:*", "r:audit", "r:audit:*", "r:pool"),

@@ -409,6 +409,8 @@ class Store:
     def live_records(self) -> list[dict[str, str]]:
         """The records of tasks not yet ended, oldest first, from the live index (a few
         reads however many tasks are recorded); ids that ended or expired are pruned."""
+        if not self.redis.exists(self.keys.live_ready):
+            self._backfill_live()
         ids: list[str] = self.redis.zrange(self.keys.live, 0, -1)
         pipe = self.redis.pipeline(transaction=False)
         for task_id in ids:
@@ -419,6 +421,20 @@ class Store:
         if gone:
             self.redis.zrem(self.keys.live, *gone)
         return live
+
+    def _backfill_live(self) -> None:
+        """Once per deployment: the live tasks recorded before the live index existed."""
+        live = list(self.live_tasks())
+        if live:
+            pipe = self.redis.pipeline(transaction=False)
+            for task_id in live:
+                pipe.zscore(self.index_key, task_id)
+            scores = pipe.execute()
+            self.redis.zadd(
+                self.keys.live,
+                {task_id: score or 0.0 for task_id, score in zip(live, scores, strict=True)},
+            )
+        self.redis.set(self.keys.live_ready, "1")
 
     @_guard
     def live_tasks(self) -> dict[str, TaskState]:
