@@ -49,8 +49,8 @@ def create_app(settings: Settings, executor: LazyExecutor | None = None) -> Cele
         spec = kwargs.pop("spec", args[0] if args else None)
         # The trace context: the message header (as instrumented producers send it), else
         # the kwargs' copy.
-        traceparent = getattr(self.request, "traceparent", None) or kwargs.pop("traceparent", None)
-        kwargs.pop("traceparent", None)
+        in_body = kwargs.pop("traceparent", None)
+        traceparent = getattr(self.request, "traceparent", None) or in_body
         ticket = kwargs.pop("ticket", None)
         try:
             if kwargs or len(args) > 1:

@@ -85,12 +85,9 @@ def vault(path: str, body: dict[str, Any]) -> int:
 def database_roles(name: str) -> int:
     """How many PostgreSQL roles named `name` exist, asked as Vault's database admin."""
     done = subprocess.run(
-        [
-            "psql",
-            os.environ["AIRLOCK_POSTGRES_URL"],
-            "-tAc",
-            f"SELECT count(*) FROM pg_roles WHERE rolname = '{name}'",
-        ],
+        # The name comes from the task's output: a psql variable, quoted by psql.
+        ["psql", os.environ["AIRLOCK_POSTGRES_URL"], "-tA", "-v", f"role={name}"],
+        input="SELECT count(*) FROM pg_roles WHERE rolname = :'role';\n",
         capture_output=True,
         text=True,
         check=True,

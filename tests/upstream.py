@@ -6,7 +6,6 @@ import datetime
 import http.server
 import ipaddress
 import json
-import ssl
 import threading
 from pathlib import Path
 
@@ -15,7 +14,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from orchestrator.local.upstreams import git_http_backend
+from orchestrator.local.upstreams import git_http_backend, write_key
+from orchestrator.local.upstreams import tls_server as local_tls_server
 
 HTTP_PORT, TLS_PORT, PLAIN_CREDENTIALED_PORT = 18080, 18443, 18082
 IMPOSTOR_PORT = 18444  # TLS under a certificate nobody trusts (a man in the middle)
@@ -76,22 +76,12 @@ def self_signed(directory: Path) -> tuple[Path, Path, str]:
     pem = cert.public_bytes(serialization.Encoding.PEM)
     cert_path, key_path = directory / "upstream.pem", directory / "upstream.key"
     cert_path.write_bytes(pem)
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    write_key(key_path, key)
     return cert_path, key_path, pem.decode()
 
 
 def tls_server(port: int, cert: Path, key: Path) -> http.server.ThreadingHTTPServer:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Echo)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    return server
+    return local_tls_server(port, Echo, cert, key)
 
 
 class Upstreams:
@@ -219,8 +209,4 @@ def forge(directory: Path, cert: Path, key: Path) -> http.server.ThreadingHTTPSe
     handler = type(
         "ForgeHere", (Forge,), {"root": bare_repository(directory), "wheel": probe_wheel()}
     )
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", FORGE_PORT), handler)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    return server
+    return local_tls_server(FORGE_PORT, handler, cert, key)

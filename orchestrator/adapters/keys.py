@@ -45,7 +45,7 @@ class Keys:
     @property
     def live(self) -> str:
         """The tasks not yet ended (a sorted set by submit time): what the console's live
-        view reads instead of every record. The create script derives it from the index."""
+        view reads instead of every record."""
         return f"{self.ns}:tasks:live"
 
     @property

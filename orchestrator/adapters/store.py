@@ -33,24 +33,22 @@ P = ParamSpec("P")
 R = TypeVar("R")
 GLOBAL_EVENTS_MAXLEN = 10_000
 MAX_BLOCK_MS = 10_000  # the longest a blocking read waits before returning empty
+TASK_AUDIT_INDEX = 10_000  # how many of a task's audit entries its index keeps (the newest)
 
 # A new pending task, with what its submission needs decided in the same step.
-# KEYS: record, its events, the global events, the index; then, as ARGV says: the caller's
-# live and recent sets, the Idempotency-Key's hash, the queue list.
+# KEYS: record, its events, the global events, the index, the live index; then, as ARGV
+# says: the caller's live and recent sets, the Idempotency-Key's hash, the queue list.
 # ARGV: now, task id, oldest live start kept ('' = no quota), concurrent, per minute, the
 # caller sets' ttl, request digest ('' = no Idempotency-Key), its ttl, queue message ('' =
 # not queued here), decision JSON without its closing brace ('' = none), the record's fields
 # (a JSON object of strings: one argument, not two per field, is cheaper to send).
 # Returns {'new'}, {'exists', state}, {'again', task, digest} or {'quota', running, recent}.
 # Quotas count and admit in one step: concurrent submits cannot all slip under a limit.
-# How many of a task's audit entries its index keeps (the newest).
-TASK_AUDIT_INDEX = 10_000
-
 _CREATE = (
     """
 local now, id = ARGV[1], ARGV[2]
-local k, live, recent, once, queue = 5
-if ARGV[3] ~= '' then live, recent, k = KEYS[5], KEYS[6], 7 end
+local k, live, recent, once, queue = 6
+if ARGV[3] ~= '' then live, recent, k = KEYS[6], KEYS[7], 8 end
 if ARGV[7] ~= '' then once, k = KEYS[k], k + 1 end
 if ARGV[9] ~= '' then queue = KEYS[k] end
 if once then
@@ -83,7 +81,7 @@ if ARGV[10] ~= '' then
   redis.call('HSET', KEYS[1], 'front_door', ARGV[10] .. ',' .. usage)
 end
 redis.call('ZADD', KEYS[4], now, id)
-redis.call('ZADD', KEYS[4] .. ':live', now, id)
+redis.call('ZADD', KEYS[5], now, id)
 local ev = {'task', id, 'state', 'pending', 'reason', 'submitted', 'at', now}
 redis.call('XADD', KEYS[2], '*', unpack(ev))
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', %d, '*', unpack(ev))
@@ -313,7 +311,13 @@ class Store:
             updated_at=str(now),
         )
         task_id, quota, once, message = new.task_id, new.quota, new.once, new.message
-        keys = [self.key(task_id), self.key(task_id, "events"), self.events_key, self.index_key]
+        keys = [
+            self.key(task_id),
+            self.key(task_id, "events"),
+            self.events_key,
+            self.index_key,
+            self.keys.live,
+        ]
         limits: list[Any] = ["", 0, 0, 0]
         if quota is not None:
             keys += [self.keys.caller(quota.caller, part) for part in ("live", "recent")]
@@ -417,7 +421,7 @@ class Store:
             pipe.hgetall(self.key(task_id))
         records = pipe.execute()
         live = [r for r in records if r and TaskState(r["state"]) not in TERMINAL]
-        gone = [i for i, r in zip(ids, records, strict=True) if not r]
+        gone = [i for i, r in zip(ids, records, strict=True) if r not in live]
         if gone:
             self.redis.zrem(self.keys.live, *gone)
         return live
@@ -679,12 +683,11 @@ class Store:
 
     @_guard
     def audit_entries(
-        self, after: str = "-", count: int = 1000, until: str = "+"
+        self, after: str = "-", count: int = 1000
     ) -> list[tuple[str, dict[str, str]]]:
-        """Up to `count` audit entries from stream id `after` on (inclusive) to `until`,
-        oldest first."""
+        """Up to `count` audit entries from stream id `after` on (inclusive), oldest first."""
         entries: list[tuple[str, dict[str, str]]] = self.redis.xrange(
-            self.keys.audit, min=after, max=until, count=count
+            self.keys.audit, min=after, count=count
         )
         return entries
 

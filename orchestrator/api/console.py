@@ -32,7 +32,8 @@ from orchestrator.api.frontdoor import FrontDoor
 from orchestrator.client import Client, present
 from orchestrator.core.caller import Principal
 from orchestrator.core.lifecycle import TERMINAL, TaskState
-from orchestrator.errors import AirlockError, TaskNotFound
+from orchestrator.core.waterfall import rows as waterfall_rows
+from orchestrator.errors import AirlockError
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
@@ -81,16 +82,21 @@ def _clock(at: Any) -> str:
         return ""
 
 
-def _age(task: dict[str, Any], now: float) -> str:
-    start = task.get("created_at")
-    if not start:
-        return ""
-    end = task.get("finished_at")
-    begin = datetime.fromisoformat(start).timestamp()
-    seconds = max((datetime.fromisoformat(end).timestamp() if end else now) - begin, 0)
+def _took(seconds: float) -> str:
+    seconds = max(seconds, 0)
     if seconds < 120:
         return f"{seconds:.0f}s"
     return f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.1f}h"
+
+
+def _age(task: dict[str, Any], now: float) -> str:
+    """How long the task has lived (to its end, if it ended)."""
+    if not task.get("created_at"):
+        return ""
+    end = (
+        datetime.fromisoformat(task["finished_at"]).timestamp() if task.get("finished_at") else now
+    )
+    return _took(end - datetime.fromisoformat(task["created_at"]).timestamp())
 
 
 def _user(task: dict[str, Any]) -> str:
@@ -198,8 +204,8 @@ class Console:
         warm = []
         if self.front.may_read_all(who):  # a warm runner belongs to no task yet: ops only
             for member, info in sorted(store.pool_members().items()):
-                since = float(info.get("since", now))
-                warm.append({"id": member, "age": _age({"created_at": _iso(since)}, now), **info})
+                age = _took(now - float(info.get("since", now)))
+                warm.append({"id": member, "age": age, **info})
         return {
             "groups": sorted(groups.items()),
             "warm": warm,
@@ -239,7 +245,7 @@ class Console:
     def task(self, who: Principal, task_id: str) -> dict[str, Any]:
         task = present(self.front.record(who, task_id))
         spans = self.client.trace(task_id)
-        task["waterfall"] = waterfall(spans)
+        task["waterfall"] = waterfall_rows(spans)
         entries = self.front.store.task_audit(task_id, TASK_ROWS)
         task["decisions"] = [json.loads(fields["record"]) for _, fields in entries]
         task["more_decisions"] = max(
@@ -249,48 +255,6 @@ class Console:
         )
         task["log"] = "".join(text for _, text in self.client.logs(task_id))
         return task
-
-
-def _iso(at: float) -> str:
-    return datetime.fromtimestamp(at, UTC).isoformat()
-
-
-def waterfall(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Spans as rows of a waterfall: depth, offset and width on one time axis (0-1000)."""
-    if not spans:
-        return []
-    ids = {span["span_id"] for span in spans}
-    children: dict[str | None, list[dict[str, Any]]] = {}
-    for span in spans:
-        parent = span["parent_id"] if span["parent_id"] in ids else None
-        children.setdefault(parent, []).append(span)
-    start = min(span["start"] for span in spans)
-    total = max(max(span["end"] or span["start"] for span in spans) - start, 1)
-    rows: list[dict[str, Any]] = []
-
-    def add(span: dict[str, Any], depth: int) -> None:
-        end = span["end"] or span["start"]
-        attrs = span.get("attributes") or {}
-        detail = span.get("status_description") or ""
-        if attrs.get("airlock.decision") in ("allow", "deny"):
-            detail = f"{attrs['airlock.decision']} ({attrs.get('airlock.rule', '')}) {detail}"
-        rows.append(
-            {
-                "name": span["name"],
-                "depth": depth,
-                "x": round((span["start"] - start) / total * 1000, 1),
-                "width": max(round((end - span["start"]) / total * 1000, 1), 2),
-                "ms": (end - span["start"]) / 1e6,
-                "error": span.get("status") == "ERROR",
-                "detail": detail.strip(),
-            }
-        )
-        for child in children.get(span["span_id"], []):
-            add(child, depth + 1)
-
-    for root in children.get(None, []):
-        add(root, 0)
-    return rows
 
 
 def _sse(event: str, data: str) -> str:
@@ -303,6 +267,12 @@ ui = APIRouter(prefix="/ui", include_in_schema=False)
 def _console(request: Request) -> Console:
     console: Console = request.app.state.console
     return console
+
+
+async def _signed_in(request: Request) -> tuple[Console, Principal | None]:
+    """The console, and who its cookie proves (None: nobody, or an expired token)."""
+    console = _console(request)
+    return console, await console.viewer(request)
 
 
 def to_login(request: Request) -> Response:
@@ -326,23 +296,22 @@ async def login(
 ) -> Response:
     if not same_origin(request):
         return Response("cross-site sign-in refused", status_code=403)
-    console = _console(request)
+    console, token = _console(request), token.strip()
     try:
-        who = await run_in_threadpool(console.front.authenticate, token.strip())
+        await run_in_threadpool(console.front.authenticate, token)
     except AirlockError as exc:
         return render("login.html", 401, who=None, page="login", next=_local(next), error=str(exc))
-    expires = console.front.expiry(token.strip())
+    expires = console.front.expiry(token)
     answer = RedirectResponse(_local(next), status_code=303)
     answer.set_cookie(
         COOKIE,
-        token.strip(),
+        token,
         max_age=max(int(expires - time.time()), 0),
         path="/ui",
         httponly=True,
         samesite="strict",
         secure=request.url.scheme == "https",
     )
-    del who
     return answer
 
 
@@ -357,8 +326,7 @@ async def logout(request: Request) -> Response:
 
 @ui.get("/")
 async def runners(request: Request) -> Response:
-    console = _console(request)
-    who = await console.viewer(request)
+    console, who = await _signed_in(request)
     if who is None:
         return to_login(request)
     data = await run_in_threadpool(console.runners, who)
@@ -367,8 +335,7 @@ async def runners(request: Request) -> Response:
 
 @ui.get("/runners/stream")
 async def runners_stream(request: Request) -> Response:
-    console = _console(request)
-    who = await console.viewer(request)
+    console, who = await _signed_in(request)
     if who is None:
         return Response(status_code=401)
 
@@ -405,8 +372,7 @@ async def tasks(
     since: str = "",
     limit: int = Query(100, ge=1, le=1000),
 ) -> Response:
-    console = _console(request)
-    who = await console.viewer(request)
+    console, who = await _signed_in(request)
     if who is None:
         return to_login(request)
     filters = {
@@ -428,13 +394,12 @@ async def tasks(
 
 @ui.get("/tasks/{task_id}")
 async def task(request: Request, task_id: str) -> Response:
-    console = _console(request)
-    who = await console.viewer(request)
+    console, who = await _signed_in(request)
     if who is None:
         return to_login(request)
     try:
         found = await run_in_threadpool(console.task, who, task_id)
-    except (TaskNotFound, AirlockError):
+    except AirlockError:  # TaskNotFound among them: what one may not read does not exist
         return render("missing.html", 404, **console.context(who, "tasks"), task_id=task_id[:64])
     live = TaskState(found["state"]) not in TERMINAL
     return render("task.html", **console.context(who, "tasks"), task=found, live=live)
@@ -442,8 +407,7 @@ async def task(request: Request, task_id: str) -> Response:
 
 @ui.get("/tasks/{task_id}/logs/stream")
 async def logs_stream(request: Request, task_id: str, after: int = 0) -> Response:
-    console = _console(request)
-    who = await console.viewer(request)
+    console, who = await _signed_in(request)
     if who is None:
         return Response(status_code=401)
     try:
@@ -467,8 +431,7 @@ async def logs_stream(request: Request, task_id: str, after: int = 0) -> Respons
 
 @ui.get("/tasks/{task_id}/output/{name}")
 async def output(request: Request, task_id: str, name: str) -> Response:
-    console = _console(request)
-    who = await console.viewer(request)
+    console, who = await _signed_in(request)
     if who is None:
         return to_login(request)
     try:
@@ -488,8 +451,7 @@ async def output(request: Request, task_id: str, name: str) -> Response:
 
 @ui.get("/audit")
 async def audit(request: Request, denied: bool = False, task: str = "") -> Response:
-    console = _console(request)
-    who = await console.viewer(request)
+    console, who = await _signed_in(request)
     if who is None:
         return to_login(request)
     try:

@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.core.lifecycle import TaskState
+from orchestrator.core.waterfall import rows as waterfall_rows
 
 if TYPE_CHECKING:
     from rich.status import Status
@@ -256,36 +257,16 @@ def waterfall(spans: list[dict[str, Any]], width: int | None = None) -> None:
     """Spans as an indented tree with bars on one time axis; failures and denials in red.
     The axis takes a third of the terminal's width."""
     width = width or max(16, min(60, out.width // 3))
-    children: dict[str | None, list[dict[str, Any]]] = {}
-    ids = {span["span_id"] for span in spans}
-    for span in spans:
-        parent = span["parent_id"] if span["parent_id"] in ids else None
-        children.setdefault(parent, []).append(span)
-    start = min(span["start"] for span in spans)
-    total = max(max(span["end"] or span["start"] for span in spans) - start, 1)
     table = Table(box=None, header_style="bold")
     for column in ("SPAN", "TIMELINE", "MS", "DETAIL"):
         table.add_column(column, no_wrap=column != "DETAIL")
-
-    def add(span: dict[str, Any], depth: int) -> None:
-        begin = int((span["start"] - start) / total * width)
-        length = max(int(((span["end"] or span["start"]) - span["start"]) / total * width), 1)
-        failed = span["status"] == "ERROR"
-        style = "red" if failed else "cyan"
-        bar = " " * begin + f"[{style}]" + "█" * length + f"[/{style}]"
-        attrs = span["attributes"]
-        detail = span.get("status_description") or ""
-        if attrs.get("airlock.decision") in ("allow", "deny"):
-            detail = f"{attrs['airlock.decision']} ({attrs.get('airlock.rule', '')}) {detail}"
-        label = escape(span["name"])
-        name = ("  " * depth) + (f"[red]{label}[/red]" if failed else label)
-        ms = ((span["end"] or span["start"]) - span["start"]) / 1e6
-        table.add_row(name, bar, f"{ms:.1f}", escape(str(detail)))
-        for child in children.get(span["span_id"], []):
-            add(child, depth + 1)
-
-    for root in children.get(None, []):
-        add(root, 0)
+    for row in waterfall_rows(spans):
+        style = "red" if row.error else "cyan"
+        length = max(int(row.length * width), 1)
+        bar = " " * int(row.begin * width) + f"[{style}]" + "█" * length + f"[/{style}]"
+        label = escape(row.name)
+        name = ("  " * row.depth) + (f"[red]{label}[/red]" if row.error else label)
+        table.add_row(name, bar, f"{row.ms:.1f}", escape(row.detail))
     out.print(table)
 
 

@@ -26,7 +26,6 @@ import secrets
 import ssl
 import subprocess
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,43 +54,20 @@ def hosts_line() -> str:
     return f"{ADDRESS} {' '.join(PORTS)} {HOSTS_MARK}"
 
 
-@dataclass(frozen=True)
 class Layout:
     """Where the local upstreams keep their state (bootstrap: $SERVICES/upstreams)."""
 
-    root: Path
-
-    @property
-    def ca(self) -> Path:
-        return self.root / "ca.pem"
-
-    @property
-    def ca_key(self) -> Path:
-        return self.root / "ca.key"
-
-    @property
-    def leaf(self) -> Path:
-        return self.root / "leaf.pem"
-
-    @property
-    def leaf_key(self) -> Path:
-        return self.root / "leaf.key"
-
-    @property
-    def wheels(self) -> Path:
-        return self.root / "wheels"
-
-    @property
-    def git(self) -> Path:
-        return self.root / "git"
-
-    @property
-    def forge_token(self) -> Path:
-        return self.root / "forge.token"
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.ca, self.ca_key = root / "ca.pem", root / "ca.key"
+        self.leaf, self.leaf_key = root / "leaf.pem", root / "leaf.key"
+        self.wheels, self.git = root / "wheels", root / "git"
+        self.forge_token = root / "forge.token"
 
 
 # --- certificates -------------------------------------------------------------------------
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+def write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    """A private key as PEM, readable by its owner only."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as out:
         out.write(
@@ -112,12 +88,11 @@ def _valid_for(path: Path, days: int) -> bool:
     return left > datetime.timedelta(days=days)
 
 
-def ensure_certificates(layout: Layout) -> bool:
+def ensure_certificates(layout: Layout) -> None:
     """A local CA (a year) and a leaf for every upstream name (ninety days), renewed when
-    they near their end. True if anything was made."""
+    they near their end."""
     layout.root.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
-    made = False
     if not (_valid_for(layout.ca, 30) and layout.ca_key.exists()):
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Airlock local upstreams CA")])
@@ -137,10 +112,9 @@ def ensure_certificates(layout: Layout) -> bool:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
             .sign(key, hashes.SHA256())
         )
-        _write_key(layout.ca_key, key)
+        write_key(layout.ca_key, key)
         layout.ca.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         layout.leaf.unlink(missing_ok=True)
-        made = True
     if not (_valid_for(layout.leaf, 7) and layout.leaf_key.exists()):
         ca = x509.load_pem_x509_certificate(layout.ca.read_bytes())
         ca_key = serialization.load_pem_private_key(layout.ca_key.read_bytes(), None)
@@ -164,10 +138,8 @@ def ensure_certificates(layout: Layout) -> bool:
             )
             .sign(ca_key, hashes.SHA256())
         )
-        _write_key(layout.leaf_key, key)
+        write_key(layout.leaf_key, key)
         layout.leaf.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        made = True
-    return made
 
 
 def ensure_forge_token(layout: Layout) -> str:
@@ -406,12 +378,12 @@ class Forge(_Handler):
 
 
 def tls_server(
-    port: int, handler: type[http.server.BaseHTTPRequestHandler], layout: Layout
+    port: int, handler: type[http.server.BaseHTTPRequestHandler], cert: Path, key: Path
 ) -> http.server.ThreadingHTTPServer:
+    """`handler` over HTTPS on loopback:`port`, with this certificate and key."""
     server = http.server.ThreadingHTTPServer((ADDRESS, port), handler)
-    server.daemon_threads = True
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(layout.leaf, layout.leaf_key)
+    context.load_cert_chain(cert, key)
     server.socket = context.wrap_socket(server.socket, server_side=True)
     return server
 
@@ -454,14 +426,14 @@ def serve(layout: Layout) -> None:
     token = ensure_forge_token(layout)
     ensure_repository(layout)
     layout.wheels.mkdir(parents=True, exist_ok=True)
+    handlers: dict[str, type[http.server.BaseHTTPRequestHandler]] = {
+        DOCS: Docs,
+        INDEX: type("IndexHere", (Index,), {"wheels": layout.wheels}),
+        FORGE: type("ForgeHere", (Forge,), {"root": layout.git, "token": token}),
+    }
     servers = [
-        tls_server(PORTS[DOCS], Docs, layout),
-        tls_server(PORTS[INDEX], type("IndexHere", (Index,), {"wheels": layout.wheels}), layout),
-        tls_server(
-            PORTS[FORGE],
-            type("ForgeHere", (Forge,), {"root": layout.git, "token": token}),
-            layout,
-        ),
+        tls_server(PORTS[name], handler, layout.leaf, layout.leaf_key)
+        for name, handler in handlers.items()
     ]
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
