@@ -120,6 +120,9 @@ class Settings:
     # and a local operator hold the private key; workers only the public one).
     ticket_key: Path | None = None
     ticket_public_key: Path | None = None
+    # A file the worker touches at each heartbeat it sends over the broker (every 2 s): a
+    # container health check reads its age (no process started per check, no broker call).
+    health_file: Path | None = None
 
 
 def _get(env: Mapping[str, str], name: str, default: T, parse: Callable[[str], T]) -> T:
@@ -168,6 +171,33 @@ def _path(env: Mapping[str, str], name: str) -> Path | None:
     return Path(env[name]) if env.get(name) else None
 
 
+# Values that hold a password (in a URL) or a token, with their per-component variants
+# (<NAME>_<COMPONENT>). Each may instead come from a file named by <NAME>_FILE, as container
+# secrets are given (/run/secrets/...), so that it is never in the environment.
+SECRET_VARIABLES = (
+    "REDIS_URL",
+    "AIRLOCK_REDIS_URL",
+    "VAULT_TOKEN",
+    "AIRLOCK_BROKER_URL",
+    "AIRLOCK_POSTGRES_URL",
+)
+
+
+def _with_secret_files(env: Mapping[str, str]) -> Mapping[str, str]:
+    """`env` with each secret variable (and its per-component variants) read from the file
+    its <NAME>_FILE names, where that is set. Raises ConfigError for an unreadable file."""
+    read = {}
+    for name, path in env.items():
+        base = name.removesuffix("_FILE")
+        if base == name or not any(base == s or base.startswith(f"{s}_") for s in SECRET_VARIABLES):
+            continue
+        try:
+            read[base] = Path(path).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{name}={path!r}: {exc.strerror or exc}") from exc
+    return {**env, **read} if read else env
+
+
 def gvisor_queue(settings: Settings) -> str:
     """The queue of tasks that need the gVisor isolation class."""
     return f"{settings.queue}-gvisor"
@@ -210,11 +240,12 @@ def load(environ: Mapping[str, str] | None = None, component: str | None = None)
     AIRLOCK_REDIS_URL_<COMPONENT> is set (see adapters/redis_acl.py), else with REDIS_URL,
     and logs in to Vault with its own AppRole when AIRLOCK_VAULT_APPROLE_<COMPONENT> names
     its credentials' directory, else uses VAULT_TOKEN; AIRLOCK_BROKER_URL_<COMPONENT>
-    likewise names its own broker user (RabbitMQ), else AIRLOCK_BROKER_URL.
+    likewise names its own broker user (RabbitMQ), else AIRLOCK_BROKER_URL. Secrets may come
+    from files instead (REDIS_URL_FILE, VAULT_TOKEN_FILE, ...: see SECRET_VARIABLES).
 
     Raises ConfigError naming the variable when a value is malformed.
     """
-    env = os.environ if environ is None else environ
+    env = _with_secret_files(os.environ if environ is None else environ)
     d = Settings()
     namespace = _get(env, "AIRLOCK_NAMESPACE", d.namespace, _name)
 
@@ -302,6 +333,7 @@ def load(environ: Mapping[str, str] | None = None, component: str | None = None)
         callers_file=_path(env, "AIRLOCK_CALLERS_FILE"),
         ticket_key=_path(env, "AIRLOCK_TICKET_KEY"),
         ticket_public_key=_path(env, "AIRLOCK_TICKET_PUBLIC_KEY"),
+        health_file=_path(env, "AIRLOCK_HEALTH_FILE"),
     )
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import heartbeat_sent, worker_ready, worker_shutdown, worker_shutting_down
 
 from orchestrator import config, wiring
 from orchestrator.adapters import logs
@@ -108,6 +108,12 @@ class LazyExecutor:
                 self._executor = wiring.executor(self.settings, warm_pool=True)
             return self._executor
 
+    def stop_all(self, why: str) -> list[str]:
+        """Cancel the tasks in flight (none if no task came yet); see Executor.stop_all."""
+        with self._lock:
+            running = self._executor
+        return running.stop_all(f"worker {running.worker_name} ({why})") if running else []
+
     def shutdown(self) -> None:
         with self._lock:
             if self._executor is not None and self._executor.pool is not None:
@@ -146,6 +152,21 @@ def run_worker(
         # The worker's own executor (its warm pool starts filling now, not at the first
         # task) reaps what an earlier worker of this host left behind.
         reap_now(executor.get())
+
+    if settings.health_file is not None:
+        alive = settings.health_file
+
+        @heartbeat_sent.connect(weak=False)  # type: ignore[untyped-decorator]
+        def touch_health_file(**_: Any) -> None:
+            alive.touch()
+
+    @worker_shutting_down.connect(weak=False)  # type: ignore[untyped-decorator]
+    def stop_tasks(sig: str = "", how: str = "", **_: Any) -> None:
+        # Stopping with tasks in flight: they end cancelled (containers stopped, credentials
+        # revoked, records final) before the worker exits, rather than outlive it.
+        stopped = executor.stop_all(f"shutting down on {sig or 'request'}")
+        if stopped:
+            log.warning("shutting down (%s): cancelled %d running task(s)", how, len(stopped))
 
     @worker_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
     def remove_warm_runners(**_: Any) -> None:

@@ -124,8 +124,10 @@ def test_out_of_memory_is_named(executor: Executor, store: Store) -> None:
     assert status["oom_killed"] is True
 
 
-def test_cancel_stops_a_running_task(executor: Executor, store: Store, settings: Settings) -> None:
-    client = Client(settings)
+def running_sleeper(
+    executor: Executor, store: Store
+) -> tuple[str, threading.Thread, list[TaskState]]:
+    """A task sleeping a minute, running in a thread: its id, the thread, its end state."""
     task_id = str(uuid.uuid4())
     result: list[TaskState] = []
     thread = threading.Thread(
@@ -139,12 +141,34 @@ def test_cancel_stops_a_running_task(executor: Executor, store: Store, settings:
     for event_state in _states(store, task_id):
         if event_state is S.RUNNING:
             break
+    return task_id, thread, result
+
+
+def test_cancel_stops_a_running_task(executor: Executor, store: Store, settings: Settings) -> None:
+    client = Client(settings)
+    task_id, thread, result = running_sleeper(executor, store)
     assert client.cancel(task_id, by="alice") == "cancel requested"
     thread.join(timeout=30)
     assert result == [S.CANCELLED]
     status = client.status(task_id)
     assert status["reason"] == "cancelled by alice" and status["cancel_requested_by"] == "alice"
     assert client.cancel(task_id) == "already ended: cancelled"
+
+
+def test_a_worker_stopping_cancels_its_tasks_in_flight(
+    executor: Executor, store: Store, settings: Settings
+) -> None:
+    task_id, thread, result = running_sleeper(executor, store)
+    assert executor.stop_all("worker w1 (shutting down on SIGTERM)") == [task_id]
+    thread.join(timeout=30)
+    assert result == [S.CANCELLED]
+    status = Client(settings).status(task_id)
+    assert status["reason"] == "cancelled by worker w1 (shutting down on SIGTERM)"
+    assert status["revocation"]["verified"] is True
+    assert not [
+        c for c in executor.runtime.list_managed(settings.namespace) if c.task_id == task_id
+    ]
+    assert executor.stop_all("again") == []  # nothing in flight any more
 
 
 def _states(store: Store, task_id: str):  # type: ignore[no-untyped-def]

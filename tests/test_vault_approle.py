@@ -221,3 +221,32 @@ def test_a_worker_on_its_approle_runs_a_database_task(
     assert done["revocation"]["verified"] is True and done["revocation"]["leases"]
     for key in scoped_store.redis.scan_iter(f"{ns}:*"):
         scoped_store.redis.delete(key)
+
+
+def test_credentials_a_deployment_generated_are_registered_once(
+    vault: Vault, settings: Settings
+) -> None:
+    """A compose stack's secret files hold the AppRole ids; Vault takes them as given."""
+    from orchestrator.adapters.vault.setup import register_component_credentials
+
+    base = f"auth/{COMPONENT_AUTH}/role/gateway"
+    original = (vault.read(f"{base}/role-id") or {})["data"]["role_id"]
+    role_id, secret_ids = str(uuid.uuid4()), [str(uuid.uuid4()), str(uuid.uuid4())]
+    try:
+        assert register_component_credentials(vault, "gateway", role_id, secret_ids) == 2
+        assert register_component_credentials(vault, "gateway", role_id, secret_ids) == 0
+        for secret_id in secret_ids:  # one per host: each logs in on its own
+            login = Vault(
+                settings.vault_addr,
+                None,
+                login=AppRoleLogin(COMPONENT_AUTH, role_id, secret_id),
+            )
+            assert login.read("auth/token/lookup-self")["data"]["policies"] == ["airlock-gateway"]
+        wrong = Vault(
+            settings.vault_addr, None, login=AppRoleLogin(COMPONENT_AUTH, role_id, "guessed")
+        )
+        assert refused(lambda: wrong.read("auth/token/lookup-self"))
+    finally:
+        for secret_id in secret_ids:
+            vault.write(f"{base}/secret-id/destroy", {"secret_id": secret_id})
+        vault.write(f"{base}/role-id", {"role_id": original})

@@ -36,6 +36,7 @@ _provider: TracerProvider | None = None
 def span_record(span: ReadableSpan) -> dict[str, Any]:
     context = span.get_span_context()
     parent = span.parent
+    resource = span.resource.attributes if span.resource else {}
     return {
         "name": span.name,
         "trace_id": format(context.trace_id, "032x") if context else "",
@@ -47,7 +48,8 @@ def span_record(span: ReadableSpan) -> dict[str, Any]:
         "attributes": dict(span.attributes or {}),
         "status": span.status.status_code.name,
         "status_description": span.status.description,
-        "service": (span.resource.attributes.get("service.name") if span.resource else None),
+        "service": resource.get("service.name"),
+        "host": resource.get("host.name"),  # which machine: a trace crosses several
     }
 
 

@@ -123,17 +123,36 @@ def redis_users(secrets: Path, url: str) -> None:
 
 @dev.command("approles")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-def approles(directory: Path) -> None:
+@click.option(
+    "--given",
+    is_flag=True,
+    help="Register the credentials already in DIRECTORY (role_id, secret_id*) instead.",
+)
+def approles(directory: Path, given: bool) -> None:
     """Write each part of Airlock's Vault AppRole credentials (role_id, a fresh secret_id)
-    to DIRECTORY/<component>/, 0600 (after `airlock vault setup`)."""
+    to DIRECTORY/<component>/, 0600 (after `airlock vault setup`). With --given, the
+    credentials a deployment generated (DIRECTORY/<component>/role_id and one secret_id*
+    file per host) are registered in Vault instead."""
     import os
 
-    from orchestrator.adapters.vault.setup import COMPONENT_POLICIES, component_credentials
+    from orchestrator.adapters.vault.setup import (
+        COMPONENT_POLICIES,
+        component_credentials,
+        register_component_credentials,
+    )
 
     vault = wiring.vault(config.load())
     for component in COMPONENT_POLICIES:
-        role_id, secret_id = component_credentials(vault, component)
         home = directory / component
+        if given:
+            if not (home / "role_id").is_file():
+                continue
+            secret_ids = [f.read_text().strip() for f in sorted(home.glob("secret_id*"))]
+            role_id = (home / "role_id").read_text().strip()
+            new = register_component_credentials(vault, component, role_id, secret_ids)
+            click.echo(f"{component}: role id and {new} new secret id(s) registered", err=True)
+            continue
+        role_id, secret_id = component_credentials(vault, component)
         home.mkdir(parents=True, exist_ok=True)
         os.chmod(home, 0o700)
         for name, value in (("role_id", role_id), ("secret_id", secret_id)):
@@ -141,7 +160,10 @@ def approles(directory: Path) -> None:
             path.touch(mode=0o600)
             os.chmod(path, 0o600)
             path.write_text(value + "\n")
-    click.echo(f"AppRole credentials of {', '.join(COMPONENT_POLICIES)} in {directory}", err=True)
+    if not given:
+        click.echo(
+            f"AppRole credentials of {', '.join(COMPONENT_POLICIES)} in {directory}", err=True
+        )
 
 
 @dev.command("upstreams")

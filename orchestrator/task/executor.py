@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -95,6 +96,19 @@ class Executor:
         self._pool = ThreadPoolExecutor(
             max_workers=2 * max(settings.worker_concurrency, 1), thread_name_prefix="provision"
         )
+        self._in_flight: set[str] = set()  # the tasks this executor is running now
+        self._in_flight_lock = threading.Lock()
+
+    def stop_all(self, by: str) -> list[str]:
+        """Cancel every task this executor is running, as `by` (a worker shutting down: its
+        tasks end cancelled, their containers stopped and credentials revoked, before it
+        exits). Returns their ids."""
+        with self._in_flight_lock:
+            running = sorted(self._in_flight)
+        for task_id in running:
+            self.store.update(task_id, {"cancel_requested_by": by})
+            self.store.signal(task_id, SIGNAL_CANCEL)
+        return running
 
     @property
     def worker_name(self) -> str:
@@ -178,6 +192,8 @@ class Executor:
             ticket=ticket,
         )
         outcome = Outcome()
+        with self._in_flight_lock:
+            self._in_flight.add(task_id)
         try:
             if self._provision_and_launch(run, outcome):
                 with self.hooks.phase(
@@ -194,6 +210,8 @@ class Executor:
             log.exception("task %s: unexpected error", task_id)
             outcome.end(Ending.INTERNAL, Facts(error=repr(exc)))
         finally:
+            with self._in_flight_lock:
+                self._in_flight.discard(task_id)
             with self.hooks.phase("teardown", task_id) as phase:
                 self._teardown(run, outcome)
                 receipt = outcome.fields.get("revocation") or {}

@@ -321,6 +321,8 @@ class EndpointServer:
         self._thread.join(timeout=5)
         if not self._thread.is_alive():
             self._loop.close()
+        with contextlib.suppress(OSError):  # an empty root goes too (a stopped host is bare)
+            self.root.rmdir()
 
 
 def _stop(server: Future[asyncio.AbstractServer], sessions: set[asyncio.Task[Any]]) -> None:

@@ -393,6 +393,23 @@ def component_credentials(vault: Vault, component: str) -> tuple[str, str]:
     return role_id, str(secret["data"]["secret_id"])
 
 
+def register_component_credentials(
+    vault: Vault, component: str, role_id: str, secret_ids: list[str]
+) -> int:
+    """Make `role_id` and `secret_ids` (generated elsewhere, as a deployment's secret files
+    are) the AppRole credentials of a part of Airlock; returns how many secret ids were new.
+    Idempotent: an id already registered is left as it is."""
+    base = f"auth/{COMPONENT_AUTH}/role/{component}"
+    vault.write(f"{base}/role-id", {"role_id": role_id})
+    new = 0
+    for secret_id in secret_ids:
+        known = vault.write(f"{base}/secret-id/lookup", {"secret_id": secret_id}, missing_ok=True)
+        if not (known or {}).get("data"):
+            vault.write(f"{base}/custom-secret-id", {"secret_id": secret_id})
+            new += 1
+    return new
+
+
 def setup(
     vault: Vault,
     agents: dict[str, Agent],

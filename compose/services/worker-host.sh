@@ -1,0 +1,51 @@
+#!/bin/sh
+# A worker host of its own: its own Docker engine, egress gateway and worker, joined to a
+# stack over the network alone (Redis, RabbitMQ and Vault by address). It serves its own
+# queue (AIRLOCK_HOST_QUEUE). Stopped, its worker cancels the tasks in flight (containers
+# stopped, credentials revoked, records final) before the gateway and the engine go.
+set -eu
+log() { echo "worker-host: $*"; }
+
+# Task containers need no network of the engine's (they have none): no bridge, no iptables.
+cgroups="airlock-host-$(hostname)"
+dockerd --bridge=none --iptables=false --ip-masq=false --cgroup-parent="/$cgroups" \
+  >/var/log/dockerd.log 2>&1 &
+engine=$!
+tries=0
+until docker info >/dev/null 2>&1; do
+  kill -0 "$engine" 2>/dev/null || { cat /var/log/dockerd.log >&2; exit 1; }
+  tries=$((tries + 1)); [ "$tries" -lt 120 ] || { log "engine did not start" >&2; exit 1; }
+  sleep 0.5
+done
+# The task images, as this host would take them from a registry.
+for image in /airlock/images/*.tar; do
+  [ -e "$image" ] && docker load -q -i "$image" >/dev/null
+done
+log "engine up: $(docker info --format '{{.ServerVersion}} {{.Driver}}'), images: $(docker images --format '{{.Repository}}:{{.Tag}}' | tr '\n' ' ')"
+
+stop() {
+  log "stopping: worker (it cancels its tasks in flight), then gateway and engine"
+  kill -TERM "$worker" 2>/dev/null || true
+  wait "$worker" 2>/dev/null || true
+  kill -TERM "$gateway" 2>/dev/null || true
+  wait "$gateway" 2>/dev/null || true
+  left=$(docker ps -aq --filter label=airlock.managed=1)
+  [ -z "$left" ] || { log "removing containers left: $left"; docker rm -f $left >/dev/null; }
+  kill -TERM "$engine" 2>/dev/null || true
+  wait "$engine" 2>/dev/null || true
+  for dir in /sys/fs/cgroup/*/"$cgroups"; do rmdir "$dir" 2>/dev/null || true; done
+  exit 0
+}
+trap stop TERM INT
+
+airlock gateway &
+gateway=$!
+until [ -S "$AIRLOCK_ENDPOINT_DIR/gateway.sock" ]; do
+  kill -0 "$gateway" 2>/dev/null || { log "gateway exited" >&2; exit 1; }
+  sleep 0.2
+done
+airlock worker --queue "$AIRLOCK_HOST_QUEUE" --no-beat --concurrency "${AIRLOCK_HOST_CONCURRENCY:-2}" &
+worker=$!
+# Waits until a signal (then `stop` runs) or the worker exits by itself.
+wait "$worker" || true
+stop
