@@ -73,6 +73,7 @@ def leaks() -> dict[str, str]:
         ),
         "network": docker("network", "ls", "-q", "--filter", "name=^airlock-stack$"),
         "sockets": " ".join(str(p) for p in Path("/run/airlock-stack/endpoints").glob("*")),
+        "cgroups": " ".join(str(p) for p in Path("/sys/fs/cgroup").glob("*/airlock-host-*")),
     }
     return {what: ids for what, ids in left.items() if ids}
 
@@ -102,6 +103,30 @@ def waited(proc: subprocess.CompletedProcess[str]) -> tuple[str, str]:
     *output, last = ok(proc).splitlines()
     assert last.startswith("task ") and " succeeded: exit code 0 " in last, last
     return "\n".join(output), last.split()[1]
+
+
+def hello(token: str, text: str, *options: str) -> str:
+    """Submit `print(text)` and wait: checks what it printed, returns the task's id."""
+    printed, task_id = waited(
+        airlock(
+            "submit", "--agent", "demo", *options, "--wait", "--",
+            "python3", "-c", f"print({text!r})",
+            token=token,
+        )
+    )  # fmt: skip
+    assert printed == text
+    return task_id
+
+
+def running_sleeper(token: str, *options: str) -> str:
+    """Submit a task that sleeps five minutes; returns its id once it runs."""
+    submit = ["submit", "--agent", "demo", *options, "--json", "--", "sleep", "300"]
+    task_id: str = json.loads(ok(airlock(*submit, token=token)))["id"]
+    for _ in range(300):
+        if task_status(task_id, token)["state"] == "running":
+            return task_id
+        time.sleep(0.1)
+    pytest.fail(f"the task never ran ({task_status(task_id, token)['state']})")
 
 
 def task_status(task_id: str, token: str) -> dict[str, Any]:
@@ -142,19 +167,7 @@ def test_every_service_is_healthy_and_the_console_answers(up: str) -> None:
 
 
 def test_a_task_from_the_hosts_cli_runs_in_the_stack_and_is_traced(up: str) -> None:
-    proc = airlock(
-        "submit",
-        "--agent",
-        "demo",
-        "--wait",
-        "--",
-        "python3",
-        "-c",
-        "print('hello, stack')",
-        token=up,
-    )
-    printed, task_id = waited(proc)
-    assert printed == "hello, stack"
+    task_id = hello(up, "hello, stack")
     status = task_status(task_id, up)
     assert status["state"] == "succeeded" and status["submitter"] == "user:alice"
     assert status["worker"].endswith("@worker-1")
@@ -170,21 +183,7 @@ def test_a_task_from_the_hosts_cli_runs_in_the_stack_and_is_traced(up: str) -> N
 def test_a_second_host_joins_runs_its_own_queue_and_leaves_clean(up: str) -> None:
     ok(stack("join", HOST))
     try:
-        proc = airlock(
-            "submit",
-            "--agent",
-            "demo",
-            "--queue",
-            HOST,
-            "--wait",
-            "--",
-            "python3",
-            "-c",
-            "print('hello from the second host')",
-            token=up,
-        )
-        printed, task_id = waited(proc)
-        assert printed == "hello from the second host"
+        task_id = hello(up, "hello from the second host", "--queue", HOST)
         assert task_status(task_id, up)["worker"].endswith(f"@{HOST}")
         found = spans(task_id, up)
         # One trace across machines: the front door's spans on the stack's API host, the
@@ -197,32 +196,11 @@ def test_a_second_host_joins_runs_its_own_queue_and_leaves_clean(up: str) -> Non
         assert not docker("ps", "-aq", "--filter", f"label=airlock.task_id={task_id}")
 
         # Stopped with a task in flight: the task ends cancelled, its credentials revoked.
-        long = json.loads(
-            ok(
-                airlock(
-                    "submit",
-                    "--agent",
-                    "demo",
-                    "--queue",
-                    HOST,
-                    "--json",
-                    "--",
-                    "sleep",
-                    "300",
-                    token=up,
-                )
-            )
-        )
-        for _ in range(300):
-            if task_status(long["id"], up)["state"] == "running":
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail("the long task never ran on the second host")
+        long = running_sleeper(up, "--queue", HOST)
     finally:
         left = stack("leave", HOST)
     ok(left)
-    status = task_status(long["id"], up)
+    status = task_status(long, up)
     assert status["state"] == "cancelled"
     assert status["reason"].startswith("cancelled by worker ") and f"@{HOST}" in status["reason"]
     assert "shutting down on SIGTERM" in status["reason"]

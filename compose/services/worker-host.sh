@@ -6,9 +6,23 @@
 set -eu
 log() { echo "worker-host: $*"; }
 
+# The engine's runc, as the container's default seccomp profile allows it: no new session
+# keyring (keyctl is refused) and no pivot_root (refused: runc moves the root and chroots
+# instead; task containers drop every capability, chroot among them).
+cat >/usr/local/bin/airlock-runc <<'RUNC'
+#!/bin/sh
+for arg; do
+  shift
+  set -- "$@" "$arg"
+  if [ "$arg" = create ] || [ "$arg" = run ]; then set -- "$@" --no-new-keyring --no-pivot; fi
+done
+exec runc "$@"
+RUNC
+chmod 755 /usr/local/bin/airlock-runc
 # Task containers need no network of the engine's (they have none): no bridge, no iptables.
 cgroups="airlock-host-$(hostname)"
-dockerd --bridge=none --iptables=false --ip-masq=false --cgroup-parent="/$cgroups" \
+dockerd --add-runtime airlock-runc=/usr/local/bin/airlock-runc --default-runtime airlock-runc \
+  --bridge=none --iptables=false --ip-masq=false --cgroup-parent="/$cgroups" \
   >/var/log/dockerd.log 2>&1 &
 engine=$!
 tries=0
@@ -33,7 +47,13 @@ stop() {
   [ -z "$left" ] || { log "removing containers left: $left"; docker rm -f $left >/dev/null; }
   kill -TERM "$engine" 2>/dev/null || true
   wait "$engine" 2>/dev/null || true
-  for dir in /sys/fs/cgroup/*/"$cgroups"; do rmdir "$dir" 2>/dev/null || true; done
+  # The engine's cgroups (its containers' below them), empty once the last shim is gone:
+  # deepest first, for up to five seconds.
+  tries=0
+  while [ "$tries" -lt 25 ] && ls -d /sys/fs/cgroup/*/"$cgroups" >/dev/null 2>&1; do
+    find /sys/fs/cgroup/*/"$cgroups" -depth -type d -exec rmdir {} + 2>/dev/null || sleep 0.2
+    tries=$((tries + 1))
+  done
   exit 0
 }
 trap stop TERM INT
