@@ -123,6 +123,9 @@ class Settings:
     # A file the worker touches at each heartbeat it sends over the broker (every 2 s): a
     # container health check reads its age (no process started per check, no broker call).
     health_file: Path | None = None
+    # A worker told to stop lets its tasks in flight run this long, then cancels those left
+    # (their containers stopped, credentials revoked) before it exits: 0 cancels at once.
+    drain_s: float = 0.0
 
 
 def _get(env: Mapping[str, str], name: str, default: T, parse: Callable[[str], T]) -> T:
@@ -153,6 +156,13 @@ def _positive_float(raw: str) -> float:
     value = float(raw)
     if value <= 0:
         raise ValueError("must be a positive number")
+    return value
+
+
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if value < 0:
+        raise ValueError("must not be negative")
     return value
 
 
@@ -334,6 +344,7 @@ def load(environ: Mapping[str, str] | None = None, component: str | None = None)
         ticket_key=_path(env, "AIRLOCK_TICKET_KEY"),
         ticket_public_key=_path(env, "AIRLOCK_TICKET_PUBLIC_KEY"),
         health_file=_path(env, "AIRLOCK_HEALTH_FILE"),
+        drain_s=_get(env, "AIRLOCK_DRAIN_S", d.drain_s, _non_negative_float),
     )
 
 

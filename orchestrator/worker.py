@@ -162,11 +162,21 @@ def run_worker(
 
     @worker_shutting_down.connect(weak=False)  # type: ignore[untyped-decorator]
     def stop_tasks(sig: str = "", how: str = "", **_: Any) -> None:
-        # Stopping with tasks in flight: they end cancelled (containers stopped, credentials
-        # revoked, records final) before the worker exits, rather than outlive it.
-        stopped = executor.stop_all(f"shutting down on {sig or 'request'}")
-        if stopped:
-            log.warning("shutting down (%s): cancelled %d running task(s)", how, len(stopped))
+        # Stopping with tasks in flight: they may finish within the drain; those left end
+        # cancelled (containers stopped, credentials revoked, records final) before the
+        # worker exits, rather than outlive it.
+        def cancel() -> None:
+            stopped = executor.stop_all(f"shutting down on {sig or 'request'}")
+            if stopped:
+                log.warning("shutting down (%s): cancelled %d running task(s)", how, len(stopped))
+
+        if settings.drain_s <= 0:
+            cancel()
+            return
+        log.warning("shutting down (%s): tasks in flight have %.0fs to end", how, settings.drain_s)
+        timer = threading.Timer(settings.drain_s, cancel)
+        timer.daemon = True  # the worker exits as soon as its tasks end, drained or not
+        timer.start()
 
     @worker_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
     def remove_warm_runners(**_: Any) -> None:

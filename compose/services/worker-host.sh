@@ -1,8 +1,9 @@
 #!/bin/sh
 # A worker host of its own: its own Docker engine, egress gateway and worker, joined to a
 # stack over the network alone (Redis, RabbitMQ and Vault by address). It serves its own
-# queue (AIRLOCK_HOST_QUEUE). Stopped, its worker cancels the tasks in flight (containers
-# stopped, credentials revoked, records final) before the gateway and the engine go.
+# queue (AIRLOCK_HOST_QUEUE). Stopped, its worker lets the tasks in flight run for
+# AIRLOCK_DRAIN_S and cancels those left (containers stopped, credentials revoked, records
+# final) before the gateway and the engine go.
 set -eu
 log() { echo "worker-host: $*"; }
 
@@ -31,10 +32,11 @@ until docker info >/dev/null 2>&1; do
   tries=$((tries + 1)); [ "$tries" -lt 120 ] || { log "engine did not start" >&2; exit 1; }
   sleep 0.5
 done
-# The task images, as this host would take them from a registry.
+# The task images: files given to this host (a machine without a registry), else pulled.
 for image in /airlock/images/*.tar; do
   [ -e "$image" ] && docker load -q -i "$image" >/dev/null
 done
+docker image inspect "$AIRLOCK_RUNNER_IMAGE" >/dev/null 2>&1 || docker pull -q "$AIRLOCK_RUNNER_IMAGE"
 log "engine up: $(docker info --format '{{.ServerVersion}} {{.Driver}}'), images: $(docker images --format '{{.Repository}}:{{.Tag}}' | tr '\n' ' ')"
 
 stop() {
