@@ -128,3 +128,18 @@ def test_a_worker_host_joins_by_address_with_its_own_credentials() -> None:
     for script in (COMPOSE / "services").glob("*.sh"):
         assert script.read_text().startswith("#!/bin/sh\n"), script  # official images too
     assert Path(COMPOSE / "services" / "worker-host.sh").exists()
+
+
+def test_observability_adds_a_collector_jaeger_v2_and_prometheus() -> None:
+    config = rendered("docker-compose.yml", "observability.yml")
+    services = config["services"]
+    assert {"otel-collector", "jaeger", "prometheus"} <= set(services)
+    assert services["jaeger"]["image"].startswith("jaegertracing/jaeger:2.")  # v1 is over
+    collector = yaml.safe_load((COMPOSE / "otel-collector.yaml").read_text())
+    assert collector["exporters"]["otlp/jaeger"]["endpoint"] == "jaeger:4317"
+    # Airlock's parts send OTLP to it when scripts/stack sets the endpoint.
+    for name in ("api", "worker", "gateway"):
+        assert (
+            services[name]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"]
+            == "${AIRLOCK_OTLP_ENDPOINT:-}"
+        )

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -48,9 +49,9 @@ def docker(*args: str) -> str:
 def airlock(*args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
     """The host's CLI, pointed at the stack by .airlock/stack.env (as a user would)."""
     env = {**os.environ, "AIRLOCK_TOKEN": token or ""}
-    script = 'source "$1" && shift && exec airlock "$@"'
+    script = 'source "$1" && shift && exec "$@"'
     return subprocess.run(
-        ["bash", "-c", script, "_", str(ENV_FILE), *args],
+        ["bash", "-c", script, "_", str(ENV_FILE), sys.executable, "-m", "orchestrator", *args],
         capture_output=True,
         text=True,
         env=env,
