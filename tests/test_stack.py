@@ -193,6 +193,8 @@ def test_a_second_host_joins_runs_its_own_queue_and_leaves_clean(up: str) -> Non
         assert by_name["submit"]["host"] != HOST
         assert by_name["task"]["host"] == HOST and by_name["run"]["host"] == HOST
         assert {s["trace_id"] for s in found} == {by_name["submit"]["trace_id"]}
+        shown = ok(airlock("trace", task_id, token=up))  # as people read it: a HOST column
+        assert "HOST" in shown.splitlines()[0] and HOST in shown
         # Its containers ran on its own engine, not on this machine's.
         assert not docker("ps", "-aq", "--filter", f"label=airlock.task_id={task_id}")
 

@@ -6,9 +6,13 @@ import json
 import uuid
 from typing import Any
 
+import pytest
+
 from orchestrator import wiring
 from orchestrator.adapters.store import Store
+from orchestrator.cli import render
 from orchestrator.client import Client
+from orchestrator.core import waterfall
 from orchestrator.core.lifecycle import TaskState
 from orchestrator.task.executor import Executor
 from tests.conftest import airlock, running
@@ -307,3 +311,23 @@ def test_vault_down_and_cancel_say_why_in_their_traces(
     assert root["attributes"]["airlock.terminal_state"] == "cancelled"
     assert root["status_description"] == "cancelled by alice"
     assert "collect" in spans_by_name(Client(settings).trace(cancelled))
+
+
+def test_a_trace_across_machines_names_the_host_of_each_span(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def span(span_id: str, parent: str | None, name: str, host: str) -> dict[str, Any]:
+        return {"span_id": span_id, "parent_id": parent, "name": name, "start": 0,
+                "end": 10**6, "host": host, "status": "OK", "attributes": {}}  # fmt: skip
+
+    crossing = [span("a", None, "submit", "api-1"), span("b", "a", "task", "worker-2")]
+    found = waterfall.rows(crossing)
+    assert [row.host for row in found] == ["api-1", "worker-2"]
+    assert waterfall.across_hosts(found)
+    render.waterfall(crossing, width=20)
+    shown = capsys.readouterr().out
+    assert "HOST" in shown and "worker-2" in shown
+    one = [span("a", None, "submit", "h"), span("b", "a", "task", "h")]
+    assert not waterfall.across_hosts(waterfall.rows(one))
+    render.waterfall(one, width=20)
+    assert "HOST" not in capsys.readouterr().out

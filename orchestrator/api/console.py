@@ -32,6 +32,7 @@ from orchestrator.api.frontdoor import FrontDoor
 from orchestrator.client import Client, present
 from orchestrator.core.caller import Principal
 from orchestrator.core.lifecycle import TERMINAL, TaskState
+from orchestrator.core.waterfall import across_hosts
 from orchestrator.core.waterfall import rows as waterfall_rows
 from orchestrator.errors import AirlockError
 
@@ -246,6 +247,7 @@ class Console:
         task = present(self.front.record(who, task_id))
         spans = self.client.trace(task_id)
         task["waterfall"] = waterfall_rows(spans)
+        task["across_hosts"] = across_hosts(task["waterfall"])
         entries = self.front.store.task_audit(task_id, TASK_ROWS)
         task["decisions"] = [json.loads(fields["record"]) for _, fields in entries]
         task["more_decisions"] = max(

@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.core.lifecycle import TaskState
+from orchestrator.core.waterfall import across_hosts
 from orchestrator.core.waterfall import rows as waterfall_rows
 
 if TYPE_CHECKING:
@@ -257,16 +258,19 @@ def waterfall(spans: list[dict[str, Any]], width: int | None = None) -> None:
     """Spans as an indented tree with bars on one time axis; failures and denials in red.
     The axis takes a third of the terminal's width."""
     width = width or max(16, min(60, out.width // 3))
+    found = waterfall_rows(spans)
+    hosts = across_hosts(found)  # a HOST column when the trace crosses machines
     table = Table(box=None, header_style="bold")
-    for column in ("SPAN", "TIMELINE", "MS", "DETAIL"):
+    for column in ("SPAN", *(["HOST"] if hosts else []), "TIMELINE", "MS", "DETAIL"):
         table.add_column(column, no_wrap=column != "DETAIL")
-    for row in waterfall_rows(spans):
+    for row in found:
         style = "red" if row.error else "cyan"
         length = max(int(row.length * width), 1)
         bar = " " * int(row.begin * width) + f"[{style}]" + "█" * length + f"[/{style}]"
         label = escape(row.name)
         name = ("  " * row.depth) + (f"[red]{label}[/red]" if row.error else label)
-        table.add_row(name, bar, f"{row.ms:.1f}", escape(row.detail))
+        host = [escape(row.host)] if hosts else []
+        table.add_row(name, *host, bar, f"{row.ms:.1f}", escape(row.detail))
     out.print(table)
 
 

@@ -16,6 +16,12 @@ class Row:
     ms: float
     error: bool
     detail: str  # why it failed, or the egress decision and its rule
+    host: str = ""  # the machine it ran on (a trace crosses the API's and the worker's)
+
+
+def across_hosts(found: list[Row]) -> bool:
+    """Whether the rows come from more than one machine (then a view names each row's)."""
+    return len({row.host for row in found}) > 1
 
 
 def rows(spans: list[dict[str, Any]]) -> list[Row]:
@@ -46,6 +52,7 @@ def rows(spans: list[dict[str, Any]]) -> list[Row]:
                 ms=(end - span["start"]) / 1e6,
                 error=span.get("status") == "ERROR",
                 detail=detail.strip(),
+                host=span.get("host") or "",
             )
         )
         for child in children.get(span["span_id"], []):
