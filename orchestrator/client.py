@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from orchestrator import config, wiring
 from orchestrator.adapters.store import Store
 from orchestrator.config import Settings
-from orchestrator.core.lifecycle import SIGNAL_CANCEL, TERMINAL, Event, TaskState, advance
+from orchestrator.core.lifecycle import TERMINAL, Event, TaskState, advance
 from orchestrator.errors import IllegalTransition, TaskNotFound
 
 if TYPE_CHECKING:
@@ -188,8 +188,7 @@ class Client:
         except IllegalTransition as exc:
             if exc.current and TaskState(exc.current) in TERMINAL:
                 return f"already ended: {exc.current}"
-        self.store.update(task_id, {"cancel_requested_by": by})
-        self.store.signal(task_id, SIGNAL_CANCEL)
+        self.store.request_cancel(task_id, by)
         return "cancel requested"
 
     def tasks(self, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:

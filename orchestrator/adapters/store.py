@@ -26,7 +26,7 @@ from redis.retry import Retry
 
 from orchestrator.adapters.keys import Keys
 from orchestrator.adapters.retry import ride_out
-from orchestrator.core.lifecycle import TERMINAL, Event, TaskState
+from orchestrator.core.lifecycle import SIGNAL_CANCEL, TERMINAL, Event, TaskState
 from orchestrator.errors import IllegalTransition, ServiceUnavailable, TaskNotFound
 
 P = ParamSpec("P")
@@ -513,6 +513,11 @@ class Store:
                 yield stream, text
 
     # -- signals to the worker ----------------------------------------------------------
+    def request_cancel(self, task_id: str, by: str) -> None:
+        """Ask the worker running the task to cancel it, as `by` (it stops the container)."""
+        self.update(task_id, {"cancel_requested_by": by})
+        self.signal(task_id, SIGNAL_CANCEL)
+
     @_guard
     def signal(self, task_id: str, value: str) -> None:
         key = self.key(task_id, "signal")

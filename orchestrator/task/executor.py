@@ -106,8 +106,7 @@ class Executor:
         with self._in_flight_lock:
             running = sorted(self._in_flight)
         for task_id in running:
-            self.store.update(task_id, {"cancel_requested_by": by})
-            self.store.signal(task_id, SIGNAL_CANCEL)
+            self.store.request_cancel(task_id, by)
         return running
 
     @property
