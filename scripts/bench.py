@@ -37,7 +37,7 @@ from orchestrator.adapters.runtime.base import ContainerSpec  # noqa: E402
 from orchestrator.adapters.runtime.docker_engine import DockerRuntime, container_config  # noqa: E402
 from orchestrator.client import Client  # noqa: E402
 from orchestrator.config import TASK_USER, Settings  # noqa: E402
-from orchestrator.core.lifecycle import TaskState, advance  # noqa: E402
+from orchestrator.core.lifecycle import TaskState  # noqa: E402
 
 
 def own_namespace_env() -> dict[str, str]:
@@ -652,43 +652,55 @@ def whole_process(argv: list[str], env: dict[str, str]) -> float:
 def bench_cli(runs: int) -> dict[str, object]:
     """Whole-process CLI figures against `python -c "import click"` of the same venv, and
     `airlock submit --wait -- true` against a plain hardened `docker run` of the same command.
+    `airlock status` is measured as people run it (through the API, the CLI's default once
+    AIRLOCK_API_URL is set) and as an operator on a worker host runs it (direct, Redis).
     Every command runs in turn within each round, so a slow moment hits all alike."""
-    ns = f"bench{uuid.uuid4().hex[:6]}"
-    settings = replace(config.load(), namespace=ns, queue=ns)
-    # Direct mode: this bench measures the CLI itself (`scripts/bench api` measures the API).
-    env = dict(own_namespace_env(), AIRLOCK_NAMESPACE=ns, AIRLOCK_QUEUE=ns, AIRLOCK_API_URL="")
+    ns, settings, env, token = api_namespace(BENCH_CALLERS, "alice")
+    port = free_port()
+    api = start_api(env, port)
+    remote = dict(env, AIRLOCK_API_URL=f"http://127.0.0.1:{port}", AIRLOCK_TOKEN=token)
+    local = dict(env, AIRLOCK_API_URL="")
     airlock = str(Path(sys.executable).parent / "airlock")
     client = Client(settings)
-    task_id = str(uuid.uuid4())
-    client.store.create(task_id, {"agent": "demo"})
-    advance(client.store, task_id, TaskState.REJECTED, "a record for `airlock status` to read")
     docker_run = [
         "docker", "run", "--rm", "--network", "none", "--read-only", "--cap-drop", "ALL",
         "--security-opt", "no-new-privileges", "--user", TASK_USER, settings.runner_image, "true",
     ]  # fmt: skip
-    commands = {
-        "import click": [sys.executable, "-c", "import click"],
-        "airlock --help": [airlock, "--help"],
-        "airlock status ID": [airlock, "status", task_id],
-        "docker run (hardened) true": docker_run,
-        "airlock submit --wait -- true": [airlock, "submit", "-a", "demo", "--wait", "--", "true"],
-    }
-    samples: dict[str, list[float]] = {name: [] for name in commands}
+    samples: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         worker = start_worker(settings, tmp)
         try:
-            client.wait(client.submit({"agent": "demo", "command": ["true"]}), timeout_s=60)
+            task_id = ApiCaller(port, token).submit({"agent": "demo", "command": ["true"]})
+            client.wait(task_id, timeout_s=60)
+            commands = {
+                "import click": ([sys.executable, "-c", "import click"], local),
+                "airlock --help": ([airlock, "--help"], local),
+                "airlock status ID": ([airlock, "status", task_id], remote),
+                "airlock status ID, direct": ([airlock, "status", task_id], local),
+                "docker run (hardened) true": (docker_run, local),
+                "airlock submit --wait -- true": (
+                    [airlock, "submit", "-a", "demo", "--wait", "--", "true"],
+                    local,
+                ),
+            }
+            samples = {name: [] for name in commands}
             for _ in range(runs):
-                for name, argv in commands.items():
-                    samples[name].append(whole_process(argv, env))
+                for name, (argv, environment) in commands.items():
+                    samples[name].append(whole_process(argv, environment))
         finally:
             stop([worker])
+            api.terminate()
+            api.wait()
             for key in client.store.redis.scan_iter(f"{ns}:*"):
                 client.store.redis.delete(key)
     print("CLI, whole process (median of each; ratios against the baseline above them):")
     result = {"import click": show("python -c 'import click'", samples["import click"])}
-    for name in ("airlock --help", "airlock status ID"):
-        result[name] = show(name, samples[name], samples["import click"], "import click")
+    for name, label in (
+        ("airlock --help", "airlock --help"),
+        ("airlock status ID", "airlock status ID (through the API)"),
+        ("airlock status ID, direct", "airlock status ID (direct: Redis)"),
+    ):
+        result[name] = show(label, samples[name], samples["import click"], "import click")
     result["docker run"] = show("docker run (hardened) true", samples["docker run (hardened) true"])
     result["submit"] = show(
         "airlock submit --wait -- true",

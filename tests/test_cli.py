@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from orchestrator.adapters.runtime.docker_engine import DockerRuntime
 from orchestrator.adapters.store import Store
 from orchestrator.client import Client
 from orchestrator.config import Settings
+from orchestrator.core.lifecycle import TaskState, advance
 from tests.conftest import IN_CI, airlock, airlock_env, running
 
 
@@ -308,3 +310,20 @@ def test_ctrl_c_while_waiting_exits_130_and_the_task_goes_on(
     assert client.status(task_id)["state"] == "running"  # interrupting the wait stops nothing
     client.cancel(task_id, by="ctrl-c-test")
     assert client.wait(task_id, timeout_s=60)["state"] == "cancelled"
+
+
+def test_status_shows_task_text_as_text(settings: Settings) -> None:
+    """A reason a task's owner influences is printed as typed: no markup is interpreted
+    and no escape sequence reaches the terminal, coloured or not."""
+    store = Store(settings.redis_url, settings.namespace, record_ttl_s=600)
+    task_id = str(uuid.uuid4())
+    store.create(task_id, {"agent": "tester"})
+    hostile = "[red]x[/red] [bold \x1b[2J\x1b]0;owned\x07 done"
+    advance(store, task_id, TaskState.REJECTED, hostile)
+    for colour in ("", "1"):
+        proc = airlock(settings, "status", task_id, FORCE_COLOR=colour)
+        assert proc.returncode == 0, proc.stderr
+        reason = next(line for line in proc.stdout.splitlines() if "reason" in line)
+        assert "[red]x[/red] [bold \\x1b[2J\\x1b]0;owned\\x07 done" in reason
+        assert "\x1b[2J" not in proc.stdout and "\x07" not in proc.stdout
+    assert "\x1b[1m" in proc.stdout  # the coloured run did colour the names

@@ -128,3 +128,9 @@ def test_help_loads_only_the_command_table() -> None:
         "orchestrator.cli.app",
         "orchestrator.errors",
     }
+
+
+def test_status_through_the_api_loads_neither_rich_nor_the_store() -> None:
+    found = loaded("import orchestrator.cli.status, orchestrator.remote")
+    heavy = {"redis", "celery", "pydantic", "rich", "opentelemetry", "yaml"} | WORKER_STACK
+    assert not found & heavy, found & heavy

@@ -23,7 +23,7 @@ from orchestrator.errors import AirlockError, InvalidSpec, PolicyError
 # name -> (module in this package, attribute, one line of help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "submit": ("submit", "submit", "Submit a task: airlock submit [OPTIONS] -- CMD ARGS..."),
-    "status": ("tasks", "status", "Show a task's state, reason, exit code and output."),
+    "status": ("status", "status", "Show a task's state, reason, exit code and output."),
     "logs": ("tasks", "logs", "Print a task's stdout and stderr."),
     "list": ("tasks", "list_tasks", "List recent tasks, newest first."),
     "cancel": ("tasks", "cancel", "Cancel a task."),

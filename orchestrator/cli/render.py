@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from orchestrator.cli.plain import STATE_STYLE
 from orchestrator.core.lifecycle import TaskState
 from orchestrator.core.waterfall import across_hosts
 from orchestrator.core.waterfall import rows as waterfall_rows
@@ -25,15 +26,6 @@ if TYPE_CHECKING:
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-STATE_STYLE = {
-    "succeeded": "green",
-    "failed": "red",
-    "timed_out": "red",
-    "cancelled": "yellow",
-    "rejected": "red",
-    "running": "cyan",
-}
 
 
 def styled_state(state: str) -> str:
@@ -58,83 +50,6 @@ def summary(status: dict[str, Any]) -> None:
     for item in status.get("output") or []:
         note = " (truncated)" if item["truncated"] else ""
         out.print(f"  output: {escape(item['name'])}  {item['size']} bytes{note}")
-
-
-def status_table(status: dict[str, Any]) -> None:
-    table = Table.grid(padding=(0, 2))
-    table.add_column(no_wrap=True)
-    table.add_column(overflow="fold")
-    for name in (
-        "id",
-        "state",
-        "reason",
-        "exit_code",
-        "agent",
-        "submitter",
-        "on_behalf_of",
-        "queue",
-        "created_at",
-        "started_at",
-        "finished_at",
-        "container_id",
-    ):
-        value = status.get(name)
-        if value is None:
-            continue
-        table.add_row(
-            f"[bold]{name}[/bold]", styled_state(value) if name == "state" else escape(str(value))
-        )
-    for item in status.get("output") or []:
-        table.add_row("[bold]output[/bold]", f"{escape(item['name'])} ({item['size']} bytes)")
-    grant = status.get("grant")
-    if grant:
-        table.add_row(
-            "[bold]grant[/bold]",
-            f"{status.get('grant_hash')} (policy {status.get('policy_version')})",
-        )
-        table.add_row(
-            "",
-            f"image {grant['image']}, runtime {grant['runtime']}, "
-            f"timeout {grant['timeout_s']}s, limits {grant['limits']}",
-        )
-        for rule in grant["egress"]:
-            table.add_row("", f"egress {rule['host']} ports {rule['ports']} {rule['methods']}")
-        for tool in grant["tools"]:
-            table.add_row("", f"tool {tool['server']}/{tool['tool']}")
-        for secret in grant["secrets"]:
-            table.add_row("", f"secret {secret['name']} ({secret['kind']})")
-    receipt = status.get("revocation")
-    if receipt:
-        for i, line in enumerate(revocation_lines(receipt)):
-            table.add_row("[bold]revocation[/bold]" if i == 0 else "", line)
-    out.print(table)
-
-
-def _checked(verified: Any) -> str:
-    return "[green]revoked, checked[/green]" if verified else "[red]NOT verified[/red]"
-
-
-def revocation_lines(receipt: dict[str, Any]) -> list[str]:
-    """The revocation receipt, one credential a line, each with its check."""
-    verdict = "[green]verified[/green]" if receipt.get("verified") else "[red]NOT verified[/red]"
-    lines = [verdict + (f": {escape(str(receipt['error']))}" if receipt.get("error") else "")]
-    token = receipt.get("token")
-    if token:
-        lines.append(
-            f"vault token {escape(str(token.get('accessor', ''))[:12])}…: "
-            + _checked(token.get("verified"))
-        )
-    for lease in receipt.get("leases") or []:
-        lines.append(f"lease {escape(str(lease.get('id', '')))}: {_checked(lease.get('verified'))}")
-    jwt = receipt.get("jwt")
-    if jwt:
-        state = "invalidated" if jwt.get("invalidated") else "[red]still valid[/red]"
-        lines.append(f"task jwt {escape(str(jwt.get('jti', '')))}: {state}")
-    if "endpoint_removed" in receipt:
-        lines.append(
-            "endpoint socket: " + ("removed" if receipt["endpoint_removed"] else "[red]left[/red]")
-        )
-    return lines
 
 
 def task_list(tasks: list[dict[str, Any]]) -> None:

@@ -17,15 +17,6 @@ from orchestrator.core.lifecycle import TaskState
 
 @click.command()
 @click.argument("task_id", shell_complete=task_ids)
-@json_option
-def status(task_id: str, as_json: bool) -> None:
-    """Show a task's state, reason, exit code and output."""
-    result = connect().status(task_id)
-    emit_json(result) if as_json else render.status_table(result)
-
-
-@click.command()
-@click.argument("task_id", shell_complete=task_ids)
 @click.option("--follow", "-f", is_flag=True, help="keep printing until the task ends")
 @json_option
 def logs(task_id: str, follow: bool, as_json: bool) -> None:
