@@ -38,6 +38,7 @@ from orchestrator.task.executor import Executor
 from tests.upstream import (
     HTTP_PORT,
     IMPOSTOR_PORT,
+    NAMED_HOST,
     PLAIN_CREDENTIALED_PORT,
     PROBE_WHEEL,
     TLS_PORT,
@@ -1246,6 +1247,14 @@ http.request({host: proxy.hostname, port: proxy.port, method: "CONNECT", path: "
     }).on("error", (e) => console.log("node error", e.message));
   }).end();
 '
+node -e '
+// fetch reads no proxy settings: the runner answers the name and serves the port itself.
+const why = (e) => e.cause ? (e.cause.code || e.cause.message) : e.message;
+fetch("https://upstream.airlock.test:18443/api/fetch").then((r) => r.json())
+  .then((j) => console.log("fetch", j.path), (e) => console.log("fetch error", why(e)));
+fetch("https://elsewhere.airlock.test:18443/api/fetch")
+  .then((r) => console.log("fetch elsewhere", r.status), (e) => console.log("fetch elsewhere refused"));
+' 2>/dev/null
 python3 - <<'PY'
 import anyio
 from mcp import ClientSession
@@ -1274,23 +1283,36 @@ PY
 def test_real_clients_over_https_in_a_sealed_container(
     executor: Executor, store: Store, upstreams: Upstreams, mcp_server: None, agent: str
 ) -> None:
-    """curl, git (smart HTTP clone), pip (a PEP 503 index), Node's https and the official
-    MCP SDK, each speaking HTTPS to a local server through intercepted tunnels: allowed
-    calls work with the gateway CA the runner hands them, denied ones get the gateway's 403
-    (or, for MCP, a JSON-RPC error naming the rule)."""
+    """curl, git (smart HTTP clone), pip (a PEP 503 index), Node's https and fetch, and the
+    official MCP SDK, each speaking HTTPS to a local server through intercepted tunnels:
+    allowed calls work with the gateway CA the runner hands them, denied ones get the
+    gateway's 403 (or, for MCP, a JSON-RPC error naming the rule). fetch ignores proxy
+    settings: it reaches the granted name through the runner's loopback port and nothing
+    else."""
     if agent == "web-gvisor" and "runsc" not in executor.runtime.runtimes():
         pytest.skip("runsc is not registered with this Docker engine")
     task_id = str(uuid.uuid4())
-    state = executor.execute(
-        task_id,
-        {
-            "agent": agent,
-            "image": TOOLS_IMAGE,
-            "command": ["sh", "-c", REAL_CLIENTS],
-            # git, pip and node at once: gVisor counts the sandbox's own memory too
-            "limits": {"memory": "1g", "pids": 256},
-        },
-    )
+    loop = executor.credentials.endpoints.server._loop  # type: ignore[attr-defined]
+    real = loop.getaddrinfo
+
+    async def named(host: str, port: int, **kwargs: Any) -> Any:
+        # The gateway resolves the test's name as a deployment's DNS would.
+        return await real("127.0.0.1" if host == NAMED_HOST else host, port, **kwargs)
+
+    loop.getaddrinfo = named
+    try:
+        state = executor.execute(
+            task_id,
+            {
+                "agent": agent,
+                "image": TOOLS_IMAGE,
+                "command": ["sh", "-c", REAL_CLIENTS],
+                # git, pip and node at once: gVisor counts the sandbox's own memory too
+                "limits": {"memory": "1g", "pids": 256},
+            },
+        )
+    finally:
+        loop.getaddrinfo = real
     logs = "".join(text for _, text in store.iter_logs(task_id))
     assert state is S.SUCCEEDED, (store.get(task_id)["reason"], logs)
     for line in [
@@ -1300,6 +1322,8 @@ def test_real_clients_over_https_in_a_sealed_container(
         "git denied",
         "pip probe",
         "node 200 /api/node",
+        "fetch /api/fetch",
+        "fetch elsewhere refused",
         "mcp ['add'] {'result': 5}",
         "tool secure-tools/shell is not granted",
     ]:
@@ -1312,6 +1336,42 @@ def test_real_clients_over_https_in_a_sealed_container(
     assert ("GET", f"/files/{PROBE_WHEEL}", "allow") in seen, seen
     assert ("GET", "/private/repo.git/info/refs", "deny") in seen, seen
     assert ("GET", "/admin", "deny") in seen, seen
+    assert ("GET", "/api/fetch", "allow") in seen, seen
+    denied = {r["host"] for r in records if r["method"] == "CONNECT" and r["decision"] == "deny"}
+    assert "elsewhere.airlock.test" in denied, records
+
+
+BYPASS_PROBE = r"""
+import socket
+print("resolved", socket.gethostbyname("anything.airlock.test"))
+plain = socket.create_connection(("127.0.0.1", 18443), timeout=5)
+plain.sendall(b"GET /api/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+print("plain text on a TLS port:", plain.recv(100) or "closed")
+try:
+    socket.create_connection(("127.0.0.1", 18446), timeout=5)
+    print("an ungranted port answered")
+except OSError as exc:
+    print("ungranted port:", type(exc).__name__)
+"""
+
+
+@pytest.mark.parametrize("agent", ["web", "web-gvisor"])
+def test_the_runners_loopback_ports_are_no_way_around_the_gateway(
+    executor: Executor, store: Store, upstreams: Upstreams, agent: str
+) -> None:
+    """Every name resolves to loopback, but only the grant's TLS ports answer there, and
+    only to a TLS ClientHello: plain text is cut before anything reaches the gateway."""
+    if agent == "web-gvisor" and "runsc" not in executor.runtime.runtimes():
+        pytest.skip("runsc is not registered with this Docker engine")
+    task_id = str(uuid.uuid4())
+    state = executor.execute(task_id, {"agent": agent, "command": ["python3", "-c", BYPASS_PROBE]})
+    logs = "".join(text for _, text in store.iter_logs(task_id))
+    assert state is S.SUCCEEDED, (store.get(task_id)["reason"], logs)
+    assert "resolved 127.0.0.1" in logs, logs
+    assert "plain text on a TLS port: closed" in logs, logs
+    assert "ungranted port: ConnectionRefusedError" in logs, logs
+    executor.credentials.audit.flush()
+    assert not [r for r in AuditLog(store).records(task_id) if r["decision"] == "allow"]
 
 
 def test_the_gateway_resolves_once_and_connects_to_what_it_checked(

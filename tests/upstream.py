@@ -19,6 +19,7 @@ from orchestrator.local.upstreams import tls_server as local_tls_server
 
 HTTP_PORT, TLS_PORT, PLAIN_CREDENTIALED_PORT = 18080, 18443, 18082
 IMPOSTOR_PORT = 18444  # TLS under a certificate nobody trusts (a man in the middle)
+NAMED_HOST = "upstream.airlock.test"  # the TLS upstream by name (tests resolve it to loopback)
 
 
 class Echo(http.server.BaseHTTPRequestHandler):
@@ -66,7 +67,11 @@ def self_signed(directory: Path) -> tuple[Path, Path, str]:
         .not_valid_after(now + datetime.timedelta(hours=1))
         .add_extension(
             x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+                [
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    x509.DNSName("localhost"),
+                    x509.DNSName(NAMED_HOST),
+                ]
             ),
             critical=False,
         )

@@ -3,10 +3,12 @@
 // It is one static binary with no dependency on the image: Airlock mounts it read-only at
 // /opt/airlock, so a task image needs no Python, glibc or musl. It fetches the task's JWT
 // and secrets once from the task's endpoint socket into the credentials tmpfs, serves the
-// local proxy port (and a local port per database secret) by relaying to that socket, runs
-// the task command as the container's unprivileged user, passes signals on to it, reaps
-// orphaned processes, keeps the command's exit code, and after it ends hands the files under
-// /workspace/output back to the orchestrator as one framed line on stdout.
+// local proxy port (and a local port per database secret) by relaying to that socket, answers
+// names and serves the task's TLS ports on loopback for clients that ignore proxy settings
+// (transparent.go), runs the task command as the container's unprivileged user, passes
+// signals on to it, reaps orphaned processes, keeps the command's exit code, and after it
+// ends hands the files under /workspace/output back to the orchestrator as one framed line
+// on stdout.
 //
 // As a warm pool member (`--pool`) it first waits on the endpoint until a task claims it;
 // until then it holds no identity and no secret.
@@ -279,6 +281,7 @@ type bootAnswer struct {
 	Secrets      []secretGrant     `json:"secrets"`
 	Placeholders map[string]string `json:"placeholders"`
 	CA           string            `json:"ca"`
+	TLSPorts     []int             `json:"tls_ports"`
 }
 
 // bootstrap fetches the task's JWT and secrets once, into the credentials tmpfs, starts the
@@ -305,6 +308,14 @@ func bootstrap() (map[string]string, error) {
 	}
 	if err := listen(proxyPort, relay); err != nil {
 		return nil, &bootstrapError{fmt.Sprintf("proxy port %d: %v", proxyPort, err)}
+	}
+	if len(boot.TLSPorts) > 0 {
+		if err := serveDNS(); err != nil {
+			say("names are not answered on loopback: %v", err)
+		}
+		for _, port := range boot.TLSPorts {
+			serveTLSPort(port, boot.JWT)
+		}
 	}
 	env["AIRLOCK_TOKEN_FILE"] = tokenFile
 	env["AIRLOCK_SECRETS_DIR"] = secretsDir

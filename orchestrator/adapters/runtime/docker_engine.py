@@ -90,6 +90,11 @@ def container_config(spec: ContainerSpec) -> tuple[dict[str, Any], dict[str, Any
         binds[spec.endpoint_dir] = {"bind": ENDPOINT, "mode": "ro"}
     if spec.runner_dir:
         binds[spec.runner_dir] = {"bind": RUNNER_DIR, "mode": "ro"}
+        # The runner answers names on loopback and serves the task's TLS ports there (for
+        # clients that ignore proxy settings); binding ports below 1024 inside the
+        # container's own network namespace, which has nothing but loopback, needs this.
+        host["dns"] = ["127.0.0.1"]
+        host["sysctls"] = {"net.ipv4.ip_unprivileged_port_start": "0"}
     if binds:
         host["binds"] = binds
     create: dict[str, Any] = {
