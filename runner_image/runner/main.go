@@ -213,11 +213,15 @@ func relay(client net.Conn) {
 	splice(client, upstream)
 }
 
-// tunnel carries one local connection through the endpoint's CONNECT to `authority`.
-func tunnel(client net.Conn, authority, jwt string) {
+// tunnel carries one local connection through the endpoint's CONNECT to `authority`;
+// `first` is what the client already sent (sent on once the tunnel is open).
+func tunnel(client net.Conn, authority, jwt string, first []byte) {
 	upstream, err := net.Dial("unix", endpointSocket)
 	if err == nil {
 		err = openTunnel(client, upstream, authority, jwt)
+	}
+	if err == nil && len(first) > 0 {
+		_, err = upstream.Write(first)
 	}
 	if err != nil {
 		say("tunnel to %s: %v", authority, err)
@@ -365,7 +369,7 @@ func unwrapSecret(secret secretGrant, jwt string) error {
 		host, _ := secret.Connection["host"].(string)
 		port, _ := secret.Connection["port"].(float64)
 		authority := net.JoinHostPort(host, strconv.Itoa(int(port)))
-		err := listen(int(port), func(c net.Conn) { tunnel(c, authority, jwt) })
+		err := listen(int(port), func(c net.Conn) { tunnel(c, authority, jwt, nil) })
 		if err != nil {
 			return &bootstrapError{fmt.Sprintf("secret %s: local port %d: %v", secret.Name, int(port), err)}
 		}

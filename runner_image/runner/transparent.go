@@ -46,23 +46,7 @@ func transparentTunnel(client net.Conn, port int, jwt string) {
 	if host == "" { // an address, not a name: the one the client dialled
 		host, _, _ = net.SplitHostPort(client.LocalAddr().String())
 	}
-	authority := net.JoinHostPort(host, strconv.Itoa(port))
-	upstream, err := net.Dial("unix", endpointSocket)
-	if err == nil {
-		err = openTunnel(client, upstream, authority, jwt)
-	}
-	if err == nil {
-		_, err = upstream.Write(hello)
-	}
-	if err != nil {
-		say("tunnel to %s: %v", authority, err)
-		client.Close()
-		if upstream != nil {
-			upstream.Close()
-		}
-		return
-	}
-	splice(client, upstream)
+	tunnel(client, net.JoinHostPort(host, strconv.Itoa(port)), jwt, hello)
 }
 
 // readClientHello reads TLS records until they hold the whole ClientHello; the bytes read
