@@ -327,3 +327,17 @@ def test_status_shows_task_text_as_text(settings: Settings) -> None:
         assert "[red]x[/red] [bold \\x1b[2J\\x1b]0;owned\\x07 done" in reason
         assert "\x1b[2J" not in proc.stdout and "\x07" not in proc.stdout
     assert "\x1b[1m" in proc.stdout  # the coloured run did colour the names
+
+
+def test_status_values_wrap_at_words_and_keep_their_colour() -> None:
+    from orchestrator.cli.plain import wrap
+
+    lines = wrap([("verified", "green"), (": the token was revoked", "")], 12)
+    assert ["".join(text for text, _ in line) for line in lines] == [
+        "verified:",
+        "the token",
+        "was revoked",
+    ]
+    assert lines[0] == [("verified", "green"), (":", "")]
+    folded = wrap([("x" * 20, "")], 8)
+    assert ["".join(text for text, _ in line) for line in folded] == ["x" * 8, "x" * 8, "x" * 4]
