@@ -23,6 +23,7 @@ import pytest
 
 from orchestrator.adapters.runtime.docker_engine import DockerRuntime
 from orchestrator.adapters.store import Store
+from orchestrator.cli.plain import wrap
 from orchestrator.client import Client
 from orchestrator.config import Settings
 from orchestrator.core.lifecycle import TaskState, advance
@@ -330,8 +331,6 @@ def test_status_shows_task_text_as_text(settings: Settings) -> None:
 
 
 def test_status_values_wrap_at_words_and_keep_their_colour() -> None:
-    from orchestrator.cli.plain import wrap
-
     lines = wrap([("verified", "green"), (": the token was revoked", "")], 12)
     assert ["".join(text for text, _ in line) for line in lines] == [
         "verified:",

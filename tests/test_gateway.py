@@ -32,7 +32,7 @@ from orchestrator.adapters.vault.identity import InvalidToken, Verifier, transit
 from orchestrator.config import jwt_issuer
 from orchestrator.core.lifecycle import SIGNAL_CANCEL, TaskState
 from orchestrator.core.spec import parse
-from orchestrator.errors import TaskNotFound
+from orchestrator.errors import ServiceUnavailable, TaskNotFound
 from orchestrator.task.credentials import Credentials, Handout, task_verifier
 from orchestrator.task.executor import Executor
 from tests.upstream import (
@@ -1131,6 +1131,9 @@ def test_a_separate_gateway_process_serves_the_tasks(
         restart.start()
         run_task("/api/after-restart")  # the worker waited for the new gateway
         restart.join()
+        # An endpoint the gateway does not have (a restart forgets them): said plainly.
+        with pytest.raises(ServiceUnavailable, match=r"gateway has no endpoint for .* restarted"):
+            credentials.endpoints.bind(str(uuid.uuid4()), "some-container")
     finally:
         procs[-1].terminate()
         _, errors = procs[-1].communicate(timeout=10)

@@ -98,6 +98,16 @@ class Peer:
         return set(_CONTAINER_ID.findall(text))
 
 
+class NoEndpoint(LookupError):
+    """The gateway serves no endpoint for this key: never opened here, already closed, or
+    opened before the gateway restarted (a restart forgets every endpoint)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(
+            f"the gateway has no endpoint for {key} (closed, or the gateway restarted since)"
+        )
+
+
 class EndpointServer:
     def __init__(
         self,
@@ -182,14 +192,14 @@ class EndpointServer:
         besides this process). Called after the container is created, before it starts."""
         route = self._routes.get(key)
         if route is None:
-            raise KeyError(f"no endpoint for {key}")
+            raise NoEndpoint(key)
         route.container = container_id
 
     def allow_process(self, key: str, pid: int) -> None:
         """Let the host process `pid` speak on `key`'s socket as well (no container)."""
         route = self._routes.get(key)
         if route is None:
-            raise KeyError(f"no endpoint for {key}")
+            raise NoEndpoint(key)
         route.process = pid
 
     def _peer_refused(self, route: Route, writer: asyncio.StreamWriter) -> str | None:

@@ -24,6 +24,7 @@ from orchestrator.adapters.gateway.audit import AuditLog
 from orchestrator.adapters.gateway.endpoint import (
     EndpointServer,
     Handler,
+    NoEndpoint,
     remove_endpoint_directory,
     stale_endpoints,
 )
@@ -310,6 +311,8 @@ class GatewayService:
                 try:
                     request = json.loads(self.rfile.readline())
                     answer = service.dispatch(request)
+                except NoEndpoint as exc:  # an ordinary answer, not a fault of the service
+                    answer = {"ok": False, "error": str(exc)}
                 except Exception as exc:  # the worker gets the reason; the service goes on
                     log.exception("gateway control request failed")
                     answer = {"ok": False, "error": f"{exc.__class__.__name__}: {exc}"}
