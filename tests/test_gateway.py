@@ -1350,6 +1350,16 @@ print("resolved", socket.gethostbyname("anything.airlock.test"))
 plain = socket.create_connection(("127.0.0.1", 18443), timeout=5)
 plain.sendall(b"GET /api/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
 print("plain text on a TLS port:", plain.recv(100) or "closed")
+import ssl
+into, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+hello = ssl.create_default_context().wrap_bio(into, out, server_hostname="not_a.host")
+try:
+    hello.do_handshake()
+except ssl.SSLWantReadError:
+    pass
+odd = socket.create_connection(("127.0.0.1", 18443), timeout=5)
+odd.sendall(out.read())
+print("a server name that is no host name:", odd.recv(100) or "closed")
 try:
     socket.create_connection(("127.0.0.1", 18446), timeout=5)
     print("an ungranted port answered")
@@ -1363,7 +1373,8 @@ def test_the_runners_loopback_ports_are_no_way_around_the_gateway(
     executor: Executor, store: Store, upstreams: Upstreams, agent: str
 ) -> None:
     """Every name resolves to loopback, but only the grant's TLS ports answer there, and
-    only to a TLS ClientHello: plain text is cut before anything reaches the gateway."""
+    only to a TLS ClientHello naming a host: plain text, or a server name that is no host
+    name, is cut before anything reaches the gateway."""
     if agent == "web-gvisor" and "runsc" not in executor.runtime.runtimes():
         pytest.skip("runsc is not registered with this Docker engine")
     task_id = str(uuid.uuid4())
@@ -1372,9 +1383,13 @@ def test_the_runners_loopback_ports_are_no_way_around_the_gateway(
     assert state is S.SUCCEEDED, (store.get(task_id)["reason"], logs)
     assert "resolved 127.0.0.1" in logs, logs
     assert "plain text on a TLS port: closed" in logs, logs
+    assert "a server name that is no host name: closed" in logs, logs
+    assert 'server name "not_a.host" is not a host name' in logs, logs  # said by the runner
     assert "ungranted port: ConnectionRefusedError" in logs, logs
     executor.credentials.audit.flush()
-    assert not [r for r in AuditLog(store).records(task_id) if r["decision"] == "allow"]
+    records = AuditLog(store).records(task_id)
+    assert not [r for r in records if r["decision"] == "allow"], records
+    assert not [r for r in records if "not_a" in str(r.get("host"))], records  # never sent on
 
 
 def test_the_gateway_resolves_once_and_connects_to_what_it_checked(

@@ -45,8 +45,26 @@ func transparentTunnel(client net.Conn, port int, jwt string) {
 	host := name
 	if host == "" { // an address, not a name: the one the client dialled
 		host, _, _ = net.SplitHostPort(client.LocalAddr().String())
+	} else if !hostName(host) {
+		say("connection to port %d: server name %q is not a host name", port, host)
+		client.Close()
+		return
 	}
 	tunnel(client, net.JoinHostPort(host, strconv.Itoa(port)), jwt, hello)
+}
+
+// hostName: letters, digits, hyphens and dots only, as DNS names are (RFC 1123), so that
+// nothing but a name reaches the CONNECT line.
+func hostName(name string) bool {
+	if name == "" || len(name) > 253 {
+		return false
+	}
+	for _, c := range name {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '.') {
+			return false
+		}
+	}
+	return true
 }
 
 // readClientHello reads TLS records until they hold the whole ClientHello; the bytes read
