@@ -23,6 +23,7 @@ import pytest
 
 from orchestrator.adapters.runtime.docker_engine import DockerRuntime
 from orchestrator.adapters.store import Store
+from orchestrator.cli import render
 from orchestrator.cli.plain import wrap
 from orchestrator.client import Client
 from orchestrator.config import Settings
@@ -340,3 +341,22 @@ def test_status_values_wrap_at_words_and_keep_their_colour() -> None:
     assert lines[0] == [("verified", "green"), (":", "")]
     folded = wrap([("x" * 20, "")], 8)
     assert ["".join(text for text, _ in line) for line in folded] == ["x" * 8, "x" * 8, "x" * 4]
+
+
+def test_tables_show_task_text_as_text(capsys: pytest.CaptureFixture[str]) -> None:
+    """The rich tables (list, audit, watch) escape markup and make control characters
+    visible, as `airlock status` does."""
+    render.task_list(
+        [
+            {
+                "id": str(uuid.uuid4()),
+                "state": "failed",
+                "agent": "tester",
+                "created_at": "2026-12-03T10:00:00",
+                "reason": "[red]x[/red] \x1b[2J\x07",
+            }
+        ]
+    )
+    shown = capsys.readouterr().out
+    assert "[red]x[/red]" in shown and "\\x1b[2J\\x07" in shown, shown
+    assert "\x1b[2J" not in shown and "\x07" not in shown, shown

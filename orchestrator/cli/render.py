@@ -9,10 +9,10 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.markup import escape
+from rich.markup import escape as escape_markup
 from rich.table import Table
 
-from orchestrator.cli.plain import STATE_STYLE
+from orchestrator.cli.plain import STATE_STYLE, visible
 from orchestrator.core.lifecycle import TaskState
 from orchestrator.core.waterfall import across_hosts
 from orchestrator.core.waterfall import rows as waterfall_rows
@@ -26,6 +26,12 @@ if TYPE_CHECKING:
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def escape(text: str) -> str:
+    """Text a task or a caller controls, for rich: markup escaped and control characters
+    made visible, so neither reaches the terminal as such."""
+    return escape_markup(visible(text))
 
 
 def styled_state(state: str) -> str:
