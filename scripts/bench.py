@@ -649,6 +649,42 @@ def whole_process(argv: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - t0
 
 
+AIRLOCK = str(Path(sys.executable).parent / "airlock")
+SUBMIT_TRUE = [AIRLOCK, "submit", "-a", "demo", "--wait", "--", "true"]
+Commands = dict[str, tuple[list[str], dict[str, str]]]
+
+
+def cli_environments(env: dict[str, str], port: int, token: str) -> tuple[dict[str, str], ...]:
+    """The CLI's environment through the API on `port` (as `token`'s caller), and direct."""
+    remote = dict(env, AIRLOCK_API_URL=f"http://127.0.0.1:{port}", AIRLOCK_TOKEN=token)
+    return remote, dict(env, AIRLOCK_API_URL="")
+
+
+def whole_process_rounds(
+    settings: Settings,
+    port: int,
+    token: str,
+    tmp: str,
+    rounds: int,
+    commands_for: Callable[[str], Commands],
+) -> dict[str, list[float]]:
+    """With a worker running, one task submitted through the API and ended (the commands
+    `commands_for(its id)` may read it): every command in turn, `rounds` times; the wall
+    times of each."""
+    task_id = ApiCaller(port, token).submit({"agent": "demo", "command": ["true"]})
+    worker = start_worker(settings, tmp)
+    try:
+        Client(settings).wait(task_id, timeout_s=60)
+        commands = commands_for(task_id)
+        samples: dict[str, list[float]] = {name: [] for name in commands}
+        for _ in range(rounds):
+            for name, (argv, environment) in commands.items():
+                samples[name].append(whole_process(argv, environment))
+    finally:
+        stop([worker])
+    return samples
+
+
 def bench_cli(runs: int) -> dict[str, object]:
     """Whole-process CLI figures against `python -c "import click"` of the same venv, and
     `airlock submit --wait -- true` against a plain hardened `docker run` of the same command.
@@ -658,41 +694,34 @@ def bench_cli(runs: int) -> dict[str, object]:
     ns, settings, env, token = api_namespace(BENCH_CALLERS, "alice")
     port = free_port()
     api = start_api(env, port)
-    remote = dict(env, AIRLOCK_API_URL=f"http://127.0.0.1:{port}", AIRLOCK_TOKEN=token)
-    local = dict(env, AIRLOCK_API_URL="")
-    airlock = str(Path(sys.executable).parent / "airlock")
-    client = Client(settings)
+    remote, local = cli_environments(env, port, token)
     docker_run = [
         "docker", "run", "--rm", "--network", "none", "--read-only", "--cap-drop", "ALL",
         "--security-opt", "no-new-privileges", "--user", TASK_USER, settings.runner_image, "true",
     ]  # fmt: skip
-    samples: dict[str, list[float]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        worker = start_worker(settings, tmp)
-        try:
-            task_id = ApiCaller(port, token).submit({"agent": "demo", "command": ["true"]})
-            client.wait(task_id, timeout_s=60)
-            commands = {
-                "import click": ([sys.executable, "-c", "import click"], local),
-                "airlock --help": ([airlock, "--help"], local),
-                "airlock status ID": ([airlock, "status", task_id], remote),
-                "airlock status ID, direct": ([airlock, "status", task_id], local),
-                "docker run (hardened) true": (docker_run, local),
-                "airlock submit --wait -- true": (
-                    [airlock, "submit", "-a", "demo", "--wait", "--", "true"],
-                    local,
-                ),
-            }
-            samples = {name: [] for name in commands}
-            for _ in range(runs):
-                for name, (argv, environment) in commands.items():
-                    samples[name].append(whole_process(argv, environment))
-        finally:
-            stop([worker])
-            api.terminate()
-            api.wait()
-            for key in client.store.redis.scan_iter(f"{ns}:*"):
-                client.store.redis.delete(key)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            samples = whole_process_rounds(
+                settings,
+                port,
+                token,
+                tmp,
+                runs,
+                lambda task_id: {
+                    "import click": ([sys.executable, "-c", "import click"], local),
+                    "airlock --help": ([AIRLOCK, "--help"], local),
+                    "airlock status ID": ([AIRLOCK, "status", task_id], remote),
+                    "airlock status ID, direct": ([AIRLOCK, "status", task_id], local),
+                    "docker run (hardened) true": (docker_run, local),
+                    "airlock submit --wait -- true": (SUBMIT_TRUE, local),
+                },
+            )
+    finally:
+        api.terminate()
+        api.wait()
+        store = Client(settings).store
+        for key in store.redis.scan_iter(f"{ns}:*"):
+            store.redis.delete(key)
     print("CLI, whole process (median of each; ratios against the baseline above them):")
     result = {"import click": show("python -c 'import click'", samples["import click"])}
     for name, label in (
@@ -918,27 +947,21 @@ def _api_whole_process(
 ) -> dict[str, object]:
     """`airlock submit --wait -- true` and `airlock status ID`, whole process, through the
     API and directly, interleaved."""
-    airlock = str(Path(sys.executable).parent / "airlock")
-    remote = dict(env, AIRLOCK_API_URL=f"http://127.0.0.1:{port}", AIRLOCK_TOKEN=token)
-    local = dict(env, AIRLOCK_API_URL="")
-    submit = [airlock, "submit", "-a", "demo", "--wait", "--", "true"]
-    task_id = ApiCaller(port, token).submit({"agent": "demo", "command": ["true"]})
-    commands = {
-        "import click": ([sys.executable, "-c", "import click"], local),
-        "status, direct": ([airlock, "status", task_id], local),
-        "status, through the API": ([airlock, "status", task_id], remote),
-        "submit --wait, direct": (submit, local),
-        "submit --wait, through the API": (submit, remote),
-    }
-    samples: dict[str, list[float]] = {name: [] for name in commands}
-    worker = start_worker(settings, tmp)
-    try:
-        Client(settings).wait(task_id, timeout_s=60)
-        for _ in range(max(runs // 5, 10)):
-            for name, (argv, environment) in commands.items():
-                samples[name].append(whole_process(argv, environment))
-    finally:
-        stop([worker])
+    remote, local = cli_environments(env, port, token)
+    samples = whole_process_rounds(
+        settings,
+        port,
+        token,
+        tmp,
+        max(runs // 5, 10),
+        lambda task_id: {
+            "import click": ([sys.executable, "-c", "import click"], local),
+            "status, direct": ([AIRLOCK, "status", task_id], local),
+            "status, through the API": ([AIRLOCK, "status", task_id], remote),
+            "submit --wait, direct": (SUBMIT_TRUE, local),
+            "submit --wait, through the API": (SUBMIT_TRUE, remote),
+        },
+    )
     print("Whole process (median of each):")
     out: dict[str, object] = {
         "import click": show("python -c 'import click'", samples["import click"])

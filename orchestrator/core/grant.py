@@ -175,11 +175,13 @@ class CompiledGrant:
                 entry = (url.path or "/", server, internal)
                 if entry not in self._servers.setdefault(where, []):
                     self._servers[where].append(entry)
-        # The ports a task reaches over TLS: its runner serves them on loopback for clients
-        # that ignore proxy settings (each connection still a CONNECT the gateway decides).
-        https = {p for rule in grant.egress if rule.scheme == "https" for p in rule.ports}
+
+    def tls_ports(self) -> list[int]:
+        """The ports the task reaches over TLS: its runner serves them on loopback for clients
+        that ignore proxy settings (each connection still a CONNECT the gateway decides)."""
+        https = {p for rule in self.grant.egress if rule.scheme == "https" for p in rule.ports}
         https |= {port for (scheme, _, port) in self._servers if scheme == "https"}
-        self.tls_ports: tuple[int, ...] = tuple(sorted(https))
+        return sorted(https)
 
     def tools_of(self, server: str) -> frozenset[str]:
         """The tools of one MCP server this task may call (and see listed)."""

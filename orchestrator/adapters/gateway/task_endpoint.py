@@ -280,6 +280,6 @@ class TaskEndpoint:
             "jwt": self.given.jwt.jwt,
             "secrets": secrets,
             "placeholders": placeholders,
-            "tls_ports": list(self.grant.tls_ports),
+            "tls_ports": self.grant.tls_ports(),
             **({"ca": ca} if ca else {}),
         }
