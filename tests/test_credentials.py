@@ -24,7 +24,7 @@ from orchestrator.adapters.runtime.docker_engine import DockerRuntime
 from orchestrator.adapters.store import Store
 from orchestrator.adapters.ticket import TicketSigner
 from orchestrator.adapters.vault.adapter import Vault
-from orchestrator.adapters.vault.broker import WRAPPING
+from orchestrator.adapters.vault.broker import MINTING, WRAPPING
 from orchestrator.adapters.vault.identity import (
     InvalidToken,
     JwksServer,
@@ -542,6 +542,55 @@ def test_planted_journal_entries_are_ignored_and_alarmed(
     vault.write("auth/token/revoke-accessor", {"accessor": victim_accessor})
 
 
+def test_a_ticket_login_the_worker_could_not_let_go_dies_with_the_task(
+    credentials: Credentials, store: Store, vault: Vault, settings: Settings
+) -> None:
+    """The login with an admission ticket is journaled the moment Vault answers: a worker
+    that let it go itself leaves no entry; one that died or lost Vault before it could
+    leaves it to the task's teardown (or the reaper), which revokes and verifies it. An
+    entry naming someone else's token, or another task's login, is ignored and alarmed."""
+    me = Identities(local_operator(), None)
+    signer = TicketSigner(settings.ticket_key)
+    broker = credentials.broker
+
+    def admitted() -> tuple[str, str]:
+        task_id = str(uuid.uuid4())
+        spec = {"agent": "dba", "command": ["true"]}
+        store.create(task_id, spec)
+        return task_id, signer.sign(task_id, spec, settings.queue, me)
+
+    task_id, ticket = admitted()
+    _, entry = broker._log_in_with(task_id, ticket, "dba")  # the worker dies right here
+    assert entry.startswith(MINTING) and entry in store.journaled(task_id)[1]
+    accessor = entry.removeprefix(MINTING)
+    assert vault.write("auth/token/lookup-accessor", {"accessor": accessor})
+    receipt = credentials.revoke(task_id)
+    assert receipt["minting"] == [
+        {"accessor": accessor, "revoked": True, "verified": True}
+    ] and receipt["verified"] is True
+    with pytest.raises(VaultRefused):
+        vault.write("auth/token/lookup-accessor", {"accessor": accessor})
+    assert store.journaled(task_id) == ({}, set())
+
+    # Planted: a token that is no ticket login, and another task's ticket login.
+    victim = vault.write("auth/token/create", {"meta": {"task_id": task_id}, "ttl": "10m"})
+    victim_accessor = victim["auth"]["accessor"]  # type: ignore[index]
+    other_id, other_ticket = admitted()
+    other_token, other_entry = broker._log_in_with(other_id, other_ticket, "dba")
+    store.journal_lease(task_id, MINTING + victim_accessor)
+    store.journal_lease(task_id, other_entry)
+    receipt = credentials.revoke(task_id)
+    assert sorted(i["why"] for i in receipt["ignored"]) == [
+        f"a token of task {other_id!r}, not this one",
+        "not a login with an admission ticket",
+    ]
+    assert receipt["verified"] is False
+    assert vault.write("auth/token/lookup-accessor", {"accessor": victim_accessor})
+    broker._let_go(other_id, other_token, other_entry)  # and the other worker lets its go
+    assert store.journaled(other_id) == ({}, set())
+    vault.write("auth/token/revoke-accessor", {"accessor": victim_accessor})
+
+
 def test_the_orchestrator_needs_only_its_documented_policy(
     settings: Settings, store: Store, runtime: DockerRuntime, vault: Vault
 ) -> None:
@@ -564,6 +613,7 @@ def test_the_orchestrator_needs_only_its_documented_policy(
     assert unticketed is S.FAILED and "permission denied" in refusal["reason"], refusal
     assert state is S.SUCCEEDED, (status["reason"], logs)
     assert logs == "checkout\n" and status["revocation"]["verified"] is True
+    assert "minting" not in status["revocation"]  # the worker let its ticket login go itself
 
 
 def test_verification_from_a_jwks_url(credentials: Credentials, grant: Grant) -> None:

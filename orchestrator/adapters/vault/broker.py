@@ -32,6 +32,7 @@ from orchestrator.errors import AirlockError, VaultRefused
 log = logging.getLogger(__name__)
 WRAP_TTL_S = 120
 WRAPPING = "wrapping:"  # journal entries for wrapping tokens, by accessor
+MINTING = "minting:"  # journal entries for the ticket login that minted, by accessor
 
 
 @dataclass(frozen=True)
@@ -104,23 +105,35 @@ class Broker:
 
         Raises ServiceUnavailable or VaultRefused; what was minted before is journaled.
         """
-        minting = self._log_in_with(ticket, grant.agent) if ticket else None
+        if not ticket:
+            return self._provision(task_id, grant, grant_hash, deadline, submitter, None)
+        minting, entry = self._log_in_with(task_id, ticket, grant.agent)
         try:
             return self._provision(task_id, grant, grant_hash, deadline, submitter, minting)
         finally:
-            if minting:
-                self._let_go(minting)
+            self._let_go(task_id, minting, entry)
 
-    def _log_in_with(self, ticket: str, agent: str) -> str:
-        """A token of minutes that may mint for `agent` only, from its admission ticket."""
+    def _log_in_with(self, task_id: str, ticket: str, agent: str) -> tuple[str, str]:
+        """A token of minutes that may mint for `agent` only, from its admission ticket,
+        and its journal entry: a login the worker could not revoke itself (Vault went away,
+        the worker died) is the task's teardown's, or the reaper's, like any credential."""
         answer = self.vault.write(f"auth/{TICKET_AUTH}/login", {"role": agent, "jwt": ticket})
-        return str(((answer or {}).get("auth") or {})["client_token"])
-
-    def _let_go(self, minting: str) -> None:
+        auth = (answer or {}).get("auth") or {}
+        token, entry = str(auth["client_token"]), MINTING + str(auth.get("accessor", ""))
         try:
-            self.vault.write("auth/token/revoke-self", token=minting)
-        except AirlockError as exc:  # it expires in minutes anyway
-            log.info("minting token not revoked (expires on its own): %s", exc)
+            self.store.journal_lease(task_id, entry)
+        except AirlockError:  # not journaled: let it go now, or it outlives the task
+            self._let_go(task_id, token, None)
+            raise
+        return token, entry
+
+    def _let_go(self, task_id: str, minting: str, entry: str | None) -> None:
+        try:
+            self.vault.write("auth/token/revoke-self", token=minting, ride_out_s=0)
+            if entry:
+                self.store.forget_credentials(task_id, {entry})
+        except AirlockError as exc:  # journaled: teardown or the reaper revokes it
+            log.info("minting token not revoked now (left to teardown): %s", exc)
 
     def _provision(
         self,
@@ -265,6 +278,9 @@ class Broker:
             if lease.startswith(WRAPPING):  # unwrapped already, or cut now
                 entry = self._revoke_token(lease.removeprefix(WRAPPING))
                 receipt.setdefault("wrapped", []).append(entry)
+            elif lease.startswith(MINTING):
+                entry = self._revoke_token(lease.removeprefix(MINTING))
+                receipt.setdefault("minting", []).append(entry)
             else:
                 entry = self._revoke_lease(lease)
                 receipt["leases"].append(entry)
@@ -308,8 +324,8 @@ class Broker:
         self, task_id: str, entry: str, roles: set[str] | None, task_token: bool = False
     ) -> str | None:
         """Why a journaled lease or accessor is not this task's to revoke, or None."""
-        if task_token or entry.startswith(WRAPPING):
-            accessor = entry.removeprefix(WRAPPING)
+        if task_token or entry.startswith((WRAPPING, MINTING)):
+            accessor = entry.removeprefix(WRAPPING).removeprefix(MINTING)
             try:
                 found = self.vault.write(
                     "auth/token/lookup-accessor",
@@ -322,7 +338,9 @@ class Broker:
             if found is None:
                 return None  # gone already: nothing to revoke, and verification says so
             data = found.get("data") or {}
-            if task_token:
+            if entry.startswith(MINTING) and data.get("path") != f"auth/{TICKET_AUTH}/login":
+                return "not a login with an admission ticket"
+            if task_token or entry.startswith(MINTING):
                 owner = (data.get("meta") or {}).get("task_id")
                 return None if owner == task_id else f"a token of task {owner!r}, not this one"
             policies = data.get("policies") or []
