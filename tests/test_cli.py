@@ -333,6 +333,23 @@ def test_status_shows_task_text_as_text(settings: Settings) -> None:
     assert "\x1b[1m" in proc.stdout  # the coloured run did colour the names
 
 
+def test_piped_status_keeps_each_value_on_its_line(settings: Settings) -> None:
+    """`airlock status ID | grep reason` finds the whole reason: piped output is not wrapped
+    (a terminal's, or the width COLUMNS names, is)."""
+    store = Store(settings.redis_url, settings.namespace, record_ttl_s=600)
+    task_id = str(uuid.uuid4())
+    store.create(task_id, {"agent": "tester"})
+    long_reason = " ".join(f"word{i}" for i in range(60))  # about 400 characters
+    advance(store, task_id, TaskState.REJECTED, long_reason)
+    piped = airlock(settings, "status", task_id, COLUMNS="")
+    assert piped.returncode == 0, piped.stderr
+    assert any(line.endswith(long_reason) for line in piped.stdout.splitlines()), piped.stdout
+    narrow = airlock(settings, "status", task_id, COLUMNS="60")
+    assert narrow.returncode == 0, narrow.stderr
+    assert max(len(line) for line in narrow.stdout.splitlines()) <= 60, narrow.stdout
+    assert "word59" in narrow.stdout and long_reason not in narrow.stdout
+
+
 def test_status_values_wrap_at_words_and_keep_their_colour() -> None:
     lines = wrap([("verified", "green"), (": the token was revoked", "")], 12)
     assert ["".join(text for text, _ in line) for line in lines] == [

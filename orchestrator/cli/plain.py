@@ -2,8 +2,8 @@
 
 rich costs about 50 ms to import; a key/value listing needs none of it. Colours follow the
 usual rules (a terminal, NO_COLOR, FORCE_COLOR); long values wrap at words to the terminal's
-width; text a task controls is printed as text, its control characters made visible, so
-neither markup nor escape sequences in it reach the terminal.
+width (piped, they stay on one line); text a task controls is printed as text, its control
+characters made visible, so neither markup nor escape sequences in it reach the terminal.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 from typing import Any, TextIO
 
 Segment = tuple[str, str]  # (text, style); style "" is plain
+UNWRAPPED = 1 << 20  # the width of a line that is not wrapped
 SGR = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "cyan": "36"}
 STATE_STYLE = {
     "succeeded": "green",
@@ -102,7 +103,7 @@ class KeyValues:
         stream = stream or sys.stdout
         styled = colour(stream)
         name_width = max((len(name) for name, _ in self.rows), default=0)
-        width = shutil.get_terminal_size((100, 24)).columns - name_width - 2
+        width = line_width(stream) - name_width - 2
         out = []
         for name, segments in self.rows:
             for i, line in enumerate(wrap(segments, width)):
@@ -111,6 +112,14 @@ class KeyValues:
                 cells += [_paint(text, style, styled) for text, style in line]
                 out.append("".join(cells).rstrip())
         stream.write("\n".join(out) + "\n")
+
+
+def line_width(stream: TextIO) -> int:
+    """The terminal's width when `stream` is one (or COLUMNS says); else no limit, so that
+    a value piped to grep or a file stays on its line."""
+    if os.environ.get("COLUMNS", "").isdigit() or stream.isatty():
+        return shutil.get_terminal_size((100, 24)).columns
+    return UNWRAPPED
 
 
 def _paint(text: str, style: str, styled: bool) -> str:
