@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,17 +50,19 @@ def _service_missing(what: str, exc: Exception) -> None:
 
 
 @pytest.fixture(scope="session")
-def settings() -> Settings:
+def settings() -> Iterator[Settings]:
     namespace = f"t{uuid.uuid4().hex[:10]}"
-    return replace(
+    endpoint_dir = Path(tempfile.mkdtemp(prefix="airlock-endpoints-"))
+    yield replace(
         config.load(),
         namespace=namespace,
         queue=namespace,
         stop_grace_s=1.0,
         agents_dir=ROOT / "tests" / "agents",
         callers_file=ROOT / "tests" / "callers.yaml",
-        endpoint_dir=Path(tempfile.mkdtemp(prefix="airlock-endpoints-")),
+        endpoint_dir=endpoint_dir,
     )
+    shutil.rmtree(endpoint_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
