@@ -350,6 +350,24 @@ def test_piped_status_keeps_each_value_on_its_line(settings: Settings) -> None:
     assert "word59" in narrow.stdout and long_reason not in narrow.stdout
 
 
+
+def test_piped_list_keeps_each_row_on_its_line(settings: Settings) -> None:
+    """`airlock list | grep ID` finds the task's whole row, reason and all; a terminal's
+    width (or COLUMNS) still folds the reason."""
+    store = Store(settings.redis_url, settings.namespace, record_ttl_s=600)
+    task_id = str(uuid.uuid4())
+    store.create(task_id, {"agent": "tester"})
+    long_reason = " ".join(f"word{i}" for i in range(60))
+    advance(store, task_id, TaskState.REJECTED, long_reason)
+    piped = airlock(settings, "list", "--limit", "1000", COLUMNS="")
+    assert piped.returncode == 0, piped.stderr
+    row = [line for line in piped.stdout.splitlines() if task_id in line]
+    assert len(row) == 1 and long_reason in row[0], piped.stdout
+    narrow = airlock(settings, "list", "--limit", "1000", COLUMNS="100")
+    assert narrow.returncode == 0, narrow.stderr
+    assert max(len(line) for line in narrow.stdout.splitlines()) <= 100, narrow.stdout
+    assert "word59" in narrow.stdout and long_reason not in narrow.stdout
+
 def test_status_values_wrap_at_words_and_keep_their_colour() -> None:
     lines = wrap([("verified", "green"), (": the token was revoked", "")], 12)
     assert ["".join(text for text, _ in line) for line in lines] == [

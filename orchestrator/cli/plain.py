@@ -114,12 +114,15 @@ class KeyValues:
         stream.write("\n".join(out) + "\n")
 
 
+def unwrapped(stream: TextIO) -> bool:
+    """Whether output to `stream` goes unwrapped: piped to grep or a file (no terminal, and
+    no width in COLUMNS), where a value or a table row must stay on its line."""
+    return not (os.environ.get("COLUMNS", "").isdigit() or stream.isatty())
+
+
 def line_width(stream: TextIO) -> int:
-    """The terminal's width when `stream` is one (or COLUMNS says); else no limit, so that
-    a value piped to grep or a file stays on its line."""
-    if os.environ.get("COLUMNS", "").isdigit() or stream.isatty():
-        return shutil.get_terminal_size((100, 24)).columns
-    return UNWRAPPED
+    """The terminal's width when `stream` is one (or COLUMNS says); else no limit."""
+    return UNWRAPPED if unwrapped(stream) else shutil.get_terminal_size((100, 24)).columns
 
 
 def _paint(text: str, style: str, styled: bool) -> str:

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape as escape_markup
 from rich.table import Table
 
-from orchestrator.cli.plain import STATE_STYLE, visible
+from orchestrator.cli.plain import STATE_STYLE, UNWRAPPED, unwrapped, visible
 from orchestrator.core.lifecycle import TaskState
 from orchestrator.core.waterfall import across_hosts
 from orchestrator.core.waterfall import rows as waterfall_rows
@@ -24,8 +24,17 @@ if TYPE_CHECKING:
     from orchestrator.core.grant import Grant
     from orchestrator.core.lifecycle import Event
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+def _console(stderr: bool = False) -> Console:
+    """Rich finds a terminal's width (or takes COLUMNS); piped, a table's rows stay whole."""
+    piped = unwrapped(sys.stderr if stderr else sys.stdout)
+    return Console(
+        stderr=stderr, highlight=False, soft_wrap=True, width=UNWRAPPED if piped else None
+    )
+
+
+out = _console()
+err = _console(stderr=True)
 
 
 def escape(text: str) -> str:
