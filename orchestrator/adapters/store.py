@@ -223,6 +223,35 @@ def _unreachable(exc: BaseException) -> bool:
     return isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
 
 
+# One audit writer's batch in one step: each record appended to the audit stream and
+# indexed under its task, each task's allowed and denied requests counted, the writer's
+# head moved. KEYS: the stream, the writer's head, then per task its egress counts and its
+# index. ARGV: head, ttl, index length, then per record: record, prev, hash, the KEYS
+# position of its task's counts (0: no task), its decision.
+_APPEND_AUDIT = """
+local ttl, keep = tonumber(ARGV[2]), tonumber(ARGV[3])
+local touched = {}
+for i = 4, #ARGV, 5 do
+  local id = redis.call('XADD', KEYS[1], '*', 'record', ARGV[i], 'prev', ARGV[i + 1],
+                        'hash', ARGV[i + 2])
+  local slot = tonumber(ARGV[i + 3])
+  if slot > 0 then
+    redis.call('RPUSH', KEYS[slot + 1], id)
+    if ARGV[i + 4] == 'allow' or ARGV[i + 4] == 'deny' then
+      redis.call('HINCRBY', KEYS[slot], ARGV[i + 4], 1)
+    end
+    touched[slot] = true
+  end
+end
+for slot in pairs(touched) do
+  redis.call('LTRIM', KEYS[slot + 1], -keep, -1)
+  redis.call('EXPIRE', KEYS[slot + 1], ttl)
+  redis.call('EXPIRE', KEYS[slot], ttl)
+end
+redis.call('SET', KEYS[2], ARGV[1])
+"""
+
+
 class Store:
     def __init__(
         self,
@@ -245,6 +274,7 @@ class Store:
         self._create = self.redis.register_script(_CREATE)
         self._async_scripts: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         self._advance = self.redis.register_script(_ADVANCE)
+        self._append_audit = self.redis.register_script(_APPEND_AUDIT)
 
     def key(self, task_id: str, part: str = "") -> str:
         return self.keys.task(task_id, part)
@@ -635,37 +665,28 @@ class Store:
     @_guard
     def append_audit(
         self,
-        entries: list[dict[str, str]],
+        entries: list[tuple[str, str, str]],
         chain: str,
         head: str,
-        decided: Mapping[tuple[str, str], int],
-        owners: list[str] | None = None,
+        owners: list[str],
+        decisions: list[str],
     ) -> None:
-        """Append one writer's chained records, move its head, and count each task's
-        decisions, in one transaction; then index each record under its task (`owners`,
-        one task id or "" per entry), so that a task's decisions are found without reading
-        the whole audit. The index is a view: the chain is the record."""
-        pipe = self.redis.pipeline(transaction=True)
-        for entry in entries:
-            pipe.xadd(self.keys.audit, entry)
-        for (task_id, decision), count in decided.items():
-            counts = self.keys.task(task_id, "egress")
-            pipe.hincrby(counts, decision, count)
-            pipe.expire(counts, self.record_ttl_s)
-        pipe.set(self.keys.audit_head(chain), head)
-        ids = pipe.execute()[: len(entries)]
-        by_task: dict[str, list[str]] = {}
-        for entry_id, task_id in zip(ids, owners or (), strict=False):
-            if task_id:
-                by_task.setdefault(task_id, []).append(entry_id)
-        if by_task:
-            pipe = self.redis.pipeline(transaction=False)
-            for task_id, task_ids in by_task.items():
-                index = self.keys.task(task_id, "audit")
-                pipe.rpush(index, *task_ids)
-                pipe.ltrim(index, -TASK_AUDIT_INDEX, -1)
-                pipe.expire(index, self.record_ttl_s)
-            pipe.execute()
+        """Append one writer's chained records (record, prev, hash), move its head, index
+        each record under its task (`owners`: a task id or "" per entry) so that a task's
+        decisions are found without reading the whole audit, and count each task's
+        decisions: one script, one round trip. The index is a view: the chain is the record."""
+        keys = [self.keys.audit, self.keys.audit_head(chain)]
+        slots: dict[str, int] = {}
+        args: list[str | int] = [head, self.record_ttl_s, TASK_AUDIT_INDEX]
+        for (record, prev, digest), task_id, decision in zip(
+            entries, owners, decisions, strict=True
+        ):
+            slot = slots.get(task_id, 0) if task_id else 0
+            if task_id and not slot:
+                slot = slots[task_id] = len(keys) + 1
+                keys += [self.keys.task(task_id, "egress"), self.keys.task(task_id, "audit")]
+            args += [record, prev, digest, slot, decision]
+        self._append_audit(keys=keys, args=args)
 
     @_guard
     def task_audit(self, task_id: str, count: int) -> list[tuple[str, dict[str, str]]]:

@@ -20,7 +20,6 @@ chain still verifies and a forged trim does not.
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import logging
@@ -204,7 +203,6 @@ class AuditLog:
         with self._lock:
             head, seq, digests = self._head, self._seq, []
             entries = []
-            decided: collections.Counter[tuple[str, str]] = collections.Counter()
             for record in records:
                 seq += 1
                 entry = {
@@ -215,13 +213,16 @@ class AuditLog:
                 }
                 text = canonical(entry)
                 digest = record_hash(head, entry, text)
-                entries.append({"record": text, "prev": head, "hash": digest})
+                entries.append((text, head, digest))
                 head = digest
                 digests.append(digest)
-                if entry.get("task") and entry.get("decision") in ("allow", "deny"):
-                    decided[(str(entry["task"]), str(entry["decision"]))] += 1
-            owners = [str(record.get("task") or "") for record in records]
-            self.store.append_audit(entries, self.chain, head, decided, owners)
+            self.store.append_audit(
+                entries,
+                self.chain,
+                head,
+                [str(record.get("task") or "") for record in records],
+                [str(record.get("decision") or "") for record in records],
+            )
             self._head, self._seq = head, seq
         self.anchor()
         return digests
