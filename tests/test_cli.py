@@ -350,7 +350,6 @@ def test_piped_status_keeps_each_value_on_its_line(settings: Settings) -> None:
     assert "word59" in narrow.stdout and long_reason not in narrow.stdout
 
 
-
 def test_piped_list_keeps_each_row_on_its_line(settings: Settings) -> None:
     """`airlock list | grep ID` finds the task's whole row, reason and all; a terminal's
     width (or COLUMNS) still folds the reason."""
@@ -367,6 +366,7 @@ def test_piped_list_keeps_each_row_on_its_line(settings: Settings) -> None:
     assert narrow.returncode == 0, narrow.stderr
     assert max(len(line) for line in narrow.stdout.splitlines()) <= 100, narrow.stdout
     assert "word59" in narrow.stdout and long_reason not in narrow.stdout
+
 
 def test_status_values_wrap_at_words_and_keep_their_colour() -> None:
     lines = wrap([("verified", "green"), (": the token was revoked", "")], 12)

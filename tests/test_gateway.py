@@ -177,6 +177,32 @@ def test_the_upstream_gets_the_path_the_rule_saw(executor: Executor, task: LiveT
     assert last["path"] == "/api/items" and last["decision"] == "allow"
 
 
+def test_an_upstream_cannot_smuggle_an_answer_to_the_tasks_next_request(task: LiveTask) -> None:
+    """An upstream that sends a second answer behind the first (response splitting) gets
+    its first one passed on; the rest is never read as the answer to the task's next
+    request on the same connection, and the connection it came on is not used again."""
+    answers = []
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(task.socket)
+        for url in (f"http://127.0.0.1:{HTTP_PORT}/api/smuggle", API):
+            sock.sendall(get(url, task.jwt))
+            raw = b""
+            while b"\r\n\r\n" not in raw or len(raw.partition(b"\r\n\r\n")[2]) < int(
+                raw.lower().split(b"content-length:")[1].split(b"\r\n")[0]
+            ):
+                raw += sock.recv(65536)
+            answers.append(raw.partition(b"\r\n\r\n")[2])
+    assert answers[0] == b"ok"
+    assert json.loads(answers[1])["path"] == "/api/items", answers
+    # An answer two parsers could read differently is not passed on at all.
+    status, headers, body = exchange(
+        task.socket, get(f"http://127.0.0.1:{HTTP_PORT}/api/bare-lf", task.jwt)
+    )
+    assert status == 502 and headers["x-airlock-denied"] == "upstream", body
+    assert "malformed answer" in json.loads(body)["reason"]
+
+
 def test_basic_proxy_credentials_carry_the_jwt(task: LiveTask) -> None:
     basic = base64.b64encode(f"task:{task.jwt}".encode()).decode()
     status, _, _ = exchange(task.socket, get(API, None, f"Proxy-Authorization: Basic {basic}\r\n"))

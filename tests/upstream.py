@@ -30,6 +30,15 @@ class Echo(http.server.BaseHTTPRequestHandler):
     def _answer(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
+        if self.path.startswith("/api/smuggle"):  # a second answer behind the first
+            self.wfile.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nevil!"
+            )
+            return
+        if self.path.startswith("/api/bare-lf"):  # read one way by some parsers, another by others
+            self.wfile.write(b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok")
+            return
         if self.path.startswith("/big"):
             payload = b"x" * (1 << 20)
         else:

@@ -11,7 +11,6 @@ import ipaddress
 import json
 import logging
 import socket
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import Any, Protocol
 import h11
 
 from orchestrator.adapters.gateway.addresses import IPAddress, as_ip
-from orchestrator.adapters.gateway.decide import Target, Verdict, decide_addresses
+from orchestrator.adapters.gateway.decide import Target, Verdict
 from orchestrator.adapters.gateway.mcp import ToolSchemas
 from orchestrator.core.grant import CompiledGrant
 
@@ -195,74 +194,6 @@ async def resolve(host: str, port: int) -> list[IPAddress]:
         if address not in seen:
             seen.append(address)
     return seen
-
-
-@dataclass
-class Upstream:
-    """A connection to one checked address; plain HTTP ones are kept for the next request."""
-
-    key: tuple[str, int, str]
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    conn: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
-
-    def reusable(self) -> bool:
-        return (
-            self.conn.our_state is h11.DONE
-            and self.conn.their_state is h11.DONE
-            and not self.reader.at_eof()
-            and not self.writer.is_closing()
-        )
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-async def connect_checked(
-    policy: ProxyPolicy,
-    target: Target,
-    exchange: Exchange,
-    own: Callable[[], frozenset[IPAddress]],
-    pool: dict[tuple[str, int, str], Upstream] | None = None,
-    tls: ssl.SSLContext | None = None,
-    decided: Verdict | None = None,
-) -> tuple[Upstream, Verdict]:
-    """Decide (unless the caller has: `decided`), resolve, check every address, and connect
-    to exactly the checked one.
-
-    A kept connection is reused only when it goes to that same checked address and port.
-    """
-    verdict = decided or policy.decide(target)
-    exchange.host, exchange.rule, exchange.reason = verdict.host, verdict.rule, verdict.reason
-    exchange.path = verdict.path or exchange.path  # the normal form, once there is one
-    if not verdict.allowed:
-        raise Refused(403, verdict.rule, verdict.reason)
-    addresses = await resolve(verdict.host, target.port)
-    verdict, chosen = decide_addresses(verdict, addresses, own())
-    if chosen is None:
-        exchange.rule, exchange.reason = verdict.rule, verdict.reason
-        raise Refused(403, verdict.rule, verdict.reason)
-    # A TLS connection is kept for the one server name it was opened and checked for.
-    key = (str(chosen), target.port, verdict.host if verdict.tls else "")
-    kept = pool.pop(key, None) if pool is not None else None
-    if kept is not None and not kept.reader.at_eof() and not kept.writer.is_closing():
-        return kept, verdict
-    context = (tls or ssl.create_default_context()) if verdict.tls else None
-    try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(
-                str(chosen),
-                target.port,
-                ssl=context,
-                server_hostname=verdict.host if context else None,
-            ),
-            10,
-        )
-        return Upstream(key, reader, writer), verdict
-    except ssl.SSLError as exc:
-        raise Refused(502, "upstream-tls", f"TLS to {verdict.host} failed: {exc.reason}") from None
-    except (TimeoutError, OSError) as exc:
-        raise Refused(502, "upstream", f"cannot connect to {chosen}:{target.port}: {exc}") from None
 
 
 def proxy_credentials(request: h11.Request) -> str | None:

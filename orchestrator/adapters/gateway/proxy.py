@@ -5,7 +5,9 @@ scanned for smuggling (Content-Length with Transfer-Encoding, repeated Content-L
 ends other than CRLF) before h11 sees them; pipelined requests are refused. Plain HTTP is
 forwarded in origin form, with the path in its one normal form, to exactly the address that
 was checked; CONNECT becomes a byte tunnel to it once the client's TLS ClientHello names
-the CONNECT host (no domain fronting inside a granted tunnel).
+the CONNECT host (no domain fronting inside a granted tunnel). The upstream's answers are
+read by llhttp (upstream_http.py); an upstream connection is kept for the task's next
+request only when its last answer ended exactly where its framing said.
 """
 
 from __future__ import annotations
@@ -27,8 +29,6 @@ from orchestrator.adapters.gateway.http import (
     Exchange,
     ProxyPolicy,
     Refused,
-    Upstream,
-    connect_checked,
     header,
     next_event,
     proxy_credentials,
@@ -48,6 +48,16 @@ from orchestrator.adapters.gateway.mcp import (
     refusal_body,
 )
 from orchestrator.adapters.gateway.tls_hello import NotTls, hello_length, server_name
+from orchestrator.adapters.gateway.upstream_http import (
+    LAST_CHUNK,
+    Answer,
+    Head,
+    Upstream,
+    chunk,
+    connect_checked,
+    field_value,
+    request_head,
+)
 
 _SCHEMES = ("Bearer", "Basic")  # how a task may present its JWT to the gateway
 HANDSHAKE_S = 10.0  # how long an intercepted tunnel's client has for its TLS handshake
@@ -220,11 +230,13 @@ class Session:
             exchange.decision, exchange.rule, exchange.status = "deny", "malformed", 400
             exchange.reason = f"bad request: {exc}"
             raise
+        except Refused as exc:  # allowed, but what came back (or was to be added) would not do
+            exchange.status, exchange.reason = exc.status, exc.reason
+            raise
         finally:
             self.policy.relayed(exchange.bytes_in + exchange.bytes_out)
             self.policy.audit(exchange.record())
             if upstream.reusable() and len(self.pool) < 4:
-                upstream.conn.start_next_cycle()
                 self.pool[upstream.key] = upstream
             else:
                 upstream.close()
@@ -232,13 +244,14 @@ class Session:
 
     def _send_request(
         self,
-        upstream: h11.Connection,
-        writer: asyncio.StreamWriter,
+        upstream: Upstream,
         request: h11.Request,
         path: str,
         body: bytes | None = None,
         inject: tuple[bytes, bytes | None] | None = None,
-    ) -> None:
+    ) -> Answer:
+        """Start the request upstream: its head, and `body` whole when it was re-framed; the
+        answer to read."""
         headers = [(k, v) for k, v in request.headers if k not in HOP_BY_HOP]
         if inject is not None:
             # A credentialed upstream: whatever the task sent in that header is dropped, and
@@ -246,15 +259,20 @@ class Session:
             name, value = inject
             headers = [(k, v) for k, v in headers if k != name]
             if value is not None:
+                if not field_value(value):
+                    raise Refused(502, "inject", "the credential is not a valid header value")
                 headers.append((name, value))
+        upstream.chunked = False
         if body is not None:  # re-framed: the inspected body goes as one piece
             headers = [
                 (k, v) for k, v in headers if k not in (b"content-length", b"transfer-encoding")
             ]
-            headers.append((b"content-length", str(len(body)).encode()))
-        writer.write(
-            upstream.send(h11.Request(method=request.method, target=path, headers=headers)) or b""
-        )
+            headers.append((b"content-length", b"%d" % len(body)))
+        else:  # as the task framed it (h11 has checked that framing)
+            upstream.chunked = any(k == b"transfer-encoding" for k, _ in headers)
+        upstream.answer = Answer(head_only=request.method == b"HEAD")
+        upstream.writer.write(request_head(request.method, path, headers) + (body or b""))
+        return upstream.answer
 
     def _injection(self, verdict: Verdict) -> tuple[bytes, bytes | None] | None:
         if verdict.inject is None:
@@ -267,23 +285,23 @@ class Session:
         self,
         request: h11.Request,
         path: str,
-        upstream_: Upstream,
+        upstream: Upstream,
         exchange: Exchange,
         inject: tuple[bytes, bytes | None] | None = None,
     ) -> None:
-        upstream, up_reader, up_writer = upstream_.conn, upstream_.reader, upstream_.writer
-        self._send_request(upstream, up_writer, request, path, inject=inject)
+        answer = self._send_request(upstream, request, path, inject=inject)
         while not isinstance(event := await next_event(self.conn, self.reader), h11.EndOfMessage):
             if isinstance(event, h11.Data):
                 exchange.bytes_out += len(event.data)
-                up_writer.write(upstream.send(h11.Data(data=event.data)) or b"")
-                await up_writer.drain()
-        up_writer.write(upstream.send(h11.EndOfMessage()) or b"")
-        await up_writer.drain()
-        await self._relay_response(upstream, up_reader, exchange)
+                upstream.writer.write(chunk(event.data) if upstream.chunked else event.data)
+                await upstream.writer.drain()
+        if upstream.chunked:
+            upstream.writer.write(LAST_CHUNK)
+        await upstream.writer.drain()
+        await self._relay_response(answer, upstream.reader, exchange)
 
     async def _relay_mcp(
-        self, request: h11.Request, path: str, upstream_: Upstream, exchange: Exchange, server: str
+        self, request: h11.Request, path: str, upstream: Upstream, exchange: Exchange, server: str
     ) -> None:
         """An MCP request: every JSON-RPC message decided, tool lists filtered on the way back."""
         body = await read_body(self.conn, self.reader, MAX_MCP_BODY)
@@ -325,66 +343,56 @@ class Session:
             self.writer.write(self.conn.send(h11.EndOfMessage()) or b"")
             await self.writer.drain()
             return
-        upstream, up_reader, up_writer = upstream_.conn, upstream_.reader, upstream_.writer
-        self._send_request(upstream, up_writer, request, path, body)
-        up_writer.write(upstream.send(h11.Data(data=body)) or b"")
-        up_writer.write(upstream.send(h11.EndOfMessage()) or b"")
-        await up_writer.drain()
-        await self._relay_mcp_response(upstream, up_reader, exchange, server)
+        answer = self._send_request(upstream, request, path, body)
+        await upstream.writer.drain()
+        await self._relay_mcp_response(answer, upstream.reader, exchange, server)
 
     async def _relay_response(
-        self, upstream: h11.Connection, up_reader: asyncio.StreamReader, exchange: Exchange
+        self, answer: Answer, reader: asyncio.StreamReader, exchange: Exchange
     ) -> None:
         """Stream the upstream's answer back; what is already parsed goes out in one write."""
         out = bytearray()
-        while True:
-            event = upstream.next_event()
-            if event is h11.NEED_DATA:
-                if out:
-                    self.writer.write(bytes(out))
-                    out.clear()
-                    await self.writer.drain()
-                upstream.receive_data(await read_chunk(up_reader))
-            elif isinstance(event, h11.Response):
+        while (event := await answer.next(reader)) is not None:
+            if isinstance(event, Head):
                 out += self._start_response(event, exchange)
-            elif isinstance(event, h11.Data):
-                exchange.bytes_in += len(event.data)
-                out += self.conn.send(h11.Data(data=event.data)) or b""
-            elif isinstance(event, h11.EndOfMessage):
-                out += self.conn.send(h11.EndOfMessage()) or b""
+            else:
+                exchange.bytes_in += len(event)
+                out += self.conn.send(h11.Data(data=event)) or b""
+            if not answer.buffered():
                 self.writer.write(bytes(out))
+                out.clear()
                 await self.writer.drain()
-                return
-            elif isinstance(event, h11.ConnectionClosed):
-                raise ConnectionResetError("the upstream closed inside its answer")
+        out += self.conn.send(h11.EndOfMessage()) or b""
+        self.writer.write(bytes(out))
+        await self.writer.drain()
 
     async def _relay_mcp_response(
         self,
-        upstream: h11.Connection,
-        up_reader: asyncio.StreamReader,
+        answer: Answer,
+        reader: asyncio.StreamReader,
         exchange: Exchange,
         server: str,
     ) -> None:
         """An MCP server's answer: event streams filtered as they flow, JSON as a whole,
         anything else dropped."""
-        response = await next_event(upstream, up_reader)
-        while not isinstance(response, h11.Response):
-            response = await next_event(upstream, up_reader)
+        response = await answer.next(reader)
+        if not isinstance(response, Head):
+            raise ConnectionResetError("the upstream closed before its answer")
         kind = dict(response.headers).get(b"content-type", b"").split(b";")[0].strip()
         stream = EventStreamFilter(self.policy.grant, server, self.policy.tool_schemas)
         if kind != b"application/json":
             self.writer.write(self._start_response(response, exchange, reframe=True))
         body = b""
-        while not isinstance(event := await next_event(upstream, up_reader), h11.EndOfMessage):
-            if not isinstance(event, h11.Data):
+        while (event := await answer.next(reader)) is not None:
+            if not isinstance(event, bytes):
                 continue
-            exchange.bytes_in += len(event.data)
+            exchange.bytes_in += len(event)
             if kind == b"application/json":
-                body += event.data
+                body += event
                 if len(body) > MAX_MCP_BODY:
                     raise Refused(502, "mcp-malformed", "MCP answer too large to inspect")
             # An MCP answer is JSON or an event stream; any other body is not passed on.
-            elif kind == b"text/event-stream" and (data := stream.feed(event.data)):
+            elif kind == b"text/event-stream" and (data := stream.feed(event)):
                 self.writer.write(self.conn.send(h11.Data(data=data)) or b"")
                 await self.writer.drain()
         if kind == b"application/json":
@@ -400,14 +408,14 @@ class Session:
 
     def _start_response(
         self,
-        response: h11.Response,
+        response: Head,
         exchange: Exchange,
         reframe: bool = False,
         length: int | None = None,
     ) -> bytes:
         """The upstream's status and headers, as sent on; `reframe` when the body will change."""
-        exchange.status = response.status_code
-        kept: list[tuple[bytes, bytes]] | h11._headers.Headers = response.headers
+        exchange.status = response.status
+        kept = response.headers
         if reframe or any(k in HOP_BY_HOP for k, _ in response.headers):
             kept = [(k, v) for k, v in response.headers if k not in HOP_BY_HOP]
         if reframe:
@@ -416,7 +424,7 @@ class Session:
                 kept.append((b"content-length", str(length).encode()))
         return (
             self.conn.send(
-                h11.Response(status_code=response.status_code, headers=kept, reason=response.reason)
+                h11.Response(status_code=response.status, headers=kept, reason=response.reason)
             )
             or b""
         )

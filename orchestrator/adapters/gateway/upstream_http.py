@@ -1,0 +1,242 @@
+"""The gateway's side of an upstream HTTP/1.1 connection: requests written as bytes, answers
+parsed by llhttp (httptools), strictly (CRLF line ends only, one body framing).
+
+The task's side stays on h11, whose state machine decides what the task may send and what
+it is answered with; this side only carries a request the task's side has already parsed
+and checked, and hands back the answer as events for the task's side to send on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httptools
+
+from orchestrator.adapters.gateway.addresses import IPAddress
+from orchestrator.adapters.gateway.decide import Target, Verdict, decide_addresses
+from orchestrator.adapters.gateway.http import Exchange, ProxyPolicy, Refused, read_chunk, resolve
+
+MAX_ANSWER_HEAD = 16 * 1024
+# A header value as RFC 9110 allows it: visible characters, spaces and tabs inside.
+_FIELD_VALUE = re.compile(
+    rb"(?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?"
+)
+
+
+def request_head(method: bytes, target: str, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """An HTTP/1.1 request head. Names and values come from a request h11 has parsed, or
+    from the gateway (checked by `field_value`); the target is the decided path."""
+    lines = [b"%s %s HTTP/1.1" % (method, target.encode("latin-1"))]
+    lines.extend(name + b": " + value for name, value in headers)
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def field_value(value: bytes) -> bool:
+    """Whether `value` may be sent as a header value (no CR, LF, NUL or other controls)."""
+    return _FIELD_VALUE.fullmatch(value) is not None
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+@dataclass(frozen=True)
+class Head:
+    """The status line and headers of an answer (names lowercased)."""
+
+    status: int
+    reason: bytes
+    headers: list[tuple[bytes, bytes]]
+
+
+class Answer:
+    """The upstream's answer to one request: `await next(reader)` gives a Head, then the
+    body's bytes piece by piece, then None. Informational (1xx) answers are passed over.
+
+    An answer without a length (neither Content-Length nor chunked) ends when the upstream
+    closes; the connection is kept for another request only when the answer ended by its
+    framing and the upstream did not ask to close."""
+
+    def __init__(self, head_only: bool = False) -> None:
+        self.head_only = head_only  # the answer to HEAD: its head is all of it
+        self._parser = httptools.HttpResponseParser(self)
+        self._events: deque[Head | bytes] = deque()
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._reason = b""
+        self._size = 0
+        self._head: Head | None = None
+        self.done = False
+        self.keep_alive = False
+
+    # -- llhttp's callbacks --------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.done:  # bytes past the end of the answer: the connection is not kept
+            raise _PastTheEnd
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+        self._grow(len(reason))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._grow(len(name) + len(value))
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        headers, reason = self._headers, self._reason
+        self._headers, self._reason, self._size = [], b"", 0
+        if status < 200:  # 100 Continue, 103 Early Hints: not sent on
+            return
+        coding = [v.strip().lower() for k, v in headers if k == b"transfer-encoding"]
+        if coding and coding != [b"chunked"]:
+            raise Refused(
+                502, "upstream", "the upstream's answer has a transfer coding other than chunked"
+            )
+        self._head = Head(status, reason, headers)
+        self._events.append(self._head)
+        if self.head_only:
+            self.done = True
+
+    def on_body(self, body: bytes) -> None:
+        if not self.done:
+            self._events.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._head is not None and not self.done:
+            self.done = True
+            self.keep_alive = self._parser.should_keep_alive()
+
+    # -- reading ------------------------------------------------------------------------------
+    def _grow(self, size: int) -> None:
+        self._size += size
+        if self._size > MAX_ANSWER_HEAD:
+            raise Refused(502, "upstream", "the upstream's answer head is too large")
+
+    def _until_close(self) -> bool:
+        """Whether the answer's body is delimited by the upstream closing (no length)."""
+        if self._head is None or self.head_only or self._head.status in (204, 304):
+            return False
+        names = {name for name, _ in self._head.headers}
+        return b"content-length" not in names and b"transfer-encoding" not in names
+
+    def buffered(self) -> bool:
+        """Whether the next event is at hand, without reading from the upstream."""
+        return bool(self._events) or self.done
+
+    async def next(self, reader: asyncio.StreamReader) -> Head | bytes | None:
+        while not self._events:
+            if self.done:
+                return None
+            data = await read_chunk(reader)
+            if not data:
+                if self._until_close():
+                    self.done = True
+                    continue
+                raise ConnectionResetError("the upstream closed inside its answer")
+            self._feed(data)
+        return self._events.popleft()
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__ or exc.__cause__
+            if isinstance(cause, Refused):
+                raise cause from None
+            if not isinstance(cause, _PastTheEnd):
+                raise
+            self.keep_alive = False
+        except httptools.HttpParserUpgrade:
+            raise Refused(502, "upstream", "the upstream switched protocols") from None
+        except httptools.HttpParserError as exc:
+            if self.done:  # garbage after a whole answer: the connection is not kept
+                self.keep_alive = False
+                return
+            raise Refused(502, "upstream", f"malformed answer from the upstream: {exc}") from None
+        if self.head_only and self.done:
+            self.keep_alive = False  # a HEAD answer's connection is not reused
+
+
+@dataclass
+class Upstream:
+    """A connection to one checked address; plain HTTP ones are kept for the next request."""
+
+    key: tuple[str, int, str]
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    answer: Answer | None = None  # to the request in flight
+    chunked: bool = False  # whether that request's body goes chunked
+
+    def reusable(self) -> bool:
+        """Whether another request may follow: the last answer ended by its framing, and
+        neither side asked to close."""
+        return (
+            self.answer is not None
+            and self.answer.done
+            and self.answer.keep_alive
+            and not self.reader.at_eof()
+            and not self.writer.is_closing()
+        )
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def connect_checked(
+    policy: ProxyPolicy,
+    target: Target,
+    exchange: Exchange,
+    own: Callable[[], frozenset[IPAddress]],
+    pool: dict[tuple[str, int, str], Upstream] | None = None,
+    tls: ssl.SSLContext | None = None,
+    decided: Verdict | None = None,
+) -> tuple[Upstream, Verdict]:
+    """Decide (unless the caller has: `decided`), resolve, check every address, and connect
+    to exactly the checked one.
+
+    A kept connection is reused only when it goes to that same checked address and port.
+    """
+    verdict = decided or policy.decide(target)
+    exchange.host, exchange.rule, exchange.reason = verdict.host, verdict.rule, verdict.reason
+    exchange.path = verdict.path or exchange.path  # the normal form, once there is one
+    if not verdict.allowed:
+        raise Refused(403, verdict.rule, verdict.reason)
+    addresses = await resolve(verdict.host, target.port)
+    verdict, chosen = decide_addresses(verdict, addresses, own())
+    if chosen is None:
+        exchange.rule, exchange.reason = verdict.rule, verdict.reason
+        raise Refused(403, verdict.rule, verdict.reason)
+    # A TLS connection is kept for the one server name it was opened and checked for.
+    key = (str(chosen), target.port, verdict.host if verdict.tls else "")
+    kept = pool.pop(key, None) if pool is not None else None
+    if kept is not None and not kept.reader.at_eof() and not kept.writer.is_closing():
+        return kept, verdict
+    context = (tls or ssl.create_default_context()) if verdict.tls else None
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                str(chosen),
+                target.port,
+                ssl=context,
+                server_hostname=verdict.host if context else None,
+            ),
+            10,
+        )
+        return Upstream(key, reader, writer), verdict
+    except ssl.SSLError as exc:
+        raise Refused(502, "upstream-tls", f"TLS to {verdict.host} failed: {exc.reason}") from None
+    except (TimeoutError, OSError) as exc:
+        raise Refused(502, "upstream", f"cannot connect to {chosen}:{target.port}: {exc}") from None
+
+
+class _PastTheEnd(Exception):
+    """Bytes after the end of an answer (raised from llhttp's callback, caught in _feed)."""
