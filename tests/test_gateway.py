@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from orchestrator import wiring
+from orchestrator.adapters.gateway import http as gateway_http
 from orchestrator.adapters.gateway.audit import AuditLog
 from orchestrator.adapters.gateway.limits import Budget, TaskLimits
 from orchestrator.adapters.store import Store
@@ -201,6 +202,21 @@ def test_an_upstream_cannot_smuggle_an_answer_to_the_tasks_next_request(task: Li
     )
     assert status == 502 and headers["x-airlock-denied"] == "upstream", body
     assert "malformed answer" in json.loads(body)["reason"]
+
+
+def test_a_connection_that_stays_silent_is_closed(
+    task: LiveTask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that opens a task's socket and sends nothing, or half a request head and then
+    nothing (slowloris), holds no connection past the idle timeout."""
+    monkeypatch.setattr(gateway_http, "IDLE_TIMEOUT_S", 0.5)
+    for opening in (b"", b"GET http://127.0.0.1/api/items HTTP/1.1\r\nHost: 127.0.0.1\r\n"):
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(task.socket)
+            sock.sendall(opening)
+            while sock.recv(65536):  # TimeoutError (ours, at 10 s) if the gateway never closes
+                pass  # a refusal, if any, then the close
 
 
 def test_basic_proxy_credentials_carry_the_jwt(task: LiveTask) -> None:
