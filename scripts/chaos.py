@@ -496,7 +496,7 @@ class Chaos:
         records = {t: self.client.store.get(t) for t in self.kinds}
         terminal = {t: r for t, r in records.items() if TaskState(r["state"]) in TERMINAL}
         vault = self.bao.vault()
-        tokens = 0
+        left_tokens = []
         for accessor in vault.list("auth/token/accessors"):
             try:
                 data = vault.write("auth/token/lookup-accessor", {"accessor": accessor}) or {}
@@ -505,8 +505,20 @@ class Chaos:
                 # revocation still queued after a restart) or gone with its accessor left
                 # behind: no token anyone can use.
                 continue
-            if ((data.get("data") or {}).get("meta") or {}).get("task_id") in self.kinds:
-                tokens += 1
+            token = data.get("data") or {}
+            task_id = (token.get("meta") or {}).get("task_id")
+            if task_id in self.kinds:
+                record = records[task_id]
+                left_tokens.append(
+                    {
+                        "task": task_id,
+                        "kind": self.kinds[task_id],
+                        "state": record["state"],
+                        "reason": record.get("reason", ""),
+                        "token": token.get("display_name"),
+                        "ttl": token.get("ttl"),
+                    }
+                )
         left_leases = list(leases(vault, "sys/leases/lookup/"))
         sockets = [p for p in self.endpoints.rglob("*") if stat.S_ISSOCK(p.lstat().st_mode)]
         return {
@@ -539,13 +551,14 @@ class Chaos:
                 )
                 for kind in dict.fromkeys(ROTATION)
             },
+            "left_tokens": left_tokens,
             "left_sockets": [str(p) for p in sockets],
             "left_leases": left_leases,
             "without_reason": sorted(t for t, r in terminal.items() if not r.get("reason")),
             "run_twice": counter.twice(),
             "leaked": {
                 "containers": len(self.runtime.list_managed(self.namespace)),
-                "vault_tokens": tokens,
+                "vault_tokens": len(left_tokens),
                 "leases": len(left_leases),
                 "database_roles": len(db_roles() - self.db_roles_before),
                 "endpoints": sum(
@@ -586,7 +599,12 @@ class Chaos:
             self.wait_quiet(60)
             time.sleep(2 * self.settings.reap_period_s + 3 * self.settings.heartbeat_s)
             self.procs.stop_all()
-            return self.count_leaks(counter)
+            report = self.count_leaks(counter)
+            if leak_total(report):  # the run's logs outlive it, to find out why
+                kept = ROOT / ".airlock" / "log" / f"chaos-{self.namespace}"
+                shutil.copytree(self.dir, kept, ignore=shutil.ignore_patterns("data", "*.rdb"))
+                report["logs"] = str(kept)
+            return report
         finally:
             counter.stop()
             self.clean_up()
@@ -659,6 +677,15 @@ def show(report: dict[str, Any]) -> None:
     print(f"  run twice        {len(report['run_twice'])}")
     for what, n in report["leaked"].items():
         print(f"  leaked {what:<18} {n}")
+    for token in report["left_tokens"]:
+        print(
+            f"    token of {token['kind']} task {token['task']} ({token['state']}: "
+            f"{token['reason']}), ttl {token['ttl']}s"
+        )
+    for lease in report["left_leases"]:
+        print(f"    lease {lease}")
+    if report.get("logs"):
+        print(f"  the run's logs: {report['logs']}")
     print("chaos: " + ("nothing leaked" if leak_total(report) == 0 else "LEAKS FOUND"))
 
 
