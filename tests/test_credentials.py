@@ -565,9 +565,10 @@ def test_a_ticket_login_the_worker_could_not_let_go_dies_with_the_task(
     accessor = entry.removeprefix(MINTING)
     assert vault.write("auth/token/lookup-accessor", {"accessor": accessor})
     receipt = credentials.revoke(task_id)
-    assert receipt["minting"] == [
-        {"accessor": accessor, "revoked": True, "verified": True}
-    ] and receipt["verified"] is True
+    assert (
+        receipt["minting"] == [{"accessor": accessor, "revoked": True, "verified": True}]
+        and receipt["verified"] is True
+    )
     with pytest.raises(VaultRefused):
         vault.write("auth/token/lookup-accessor", {"accessor": accessor})
     assert store.journaled(task_id) == ({}, set())
@@ -589,6 +590,32 @@ def test_a_ticket_login_the_worker_could_not_let_go_dies_with_the_task(
     broker._let_go(other_id, other_token, other_entry)  # and the other worker lets its go
     assert store.journaled(other_id) == ({}, set())
     vault.write("auth/token/revoke-accessor", {"accessor": victim_accessor})
+
+
+def test_a_token_vault_will_not_look_up_stays_journaled(
+    credentials: Credentials, store: Store, vault: Vault, settings: Settings
+) -> None:
+    """A refused lookup (Vault restarting, a token whose revocation is still queued, a
+    worker without the right) proves nothing about whose a token is: its journal entry is
+    neither revoked nor dropped, and the next teardown that can ask Vault revokes it."""
+    task_id = str(uuid.uuid4())
+    store.create(task_id, {"agent": "dba", "command": ["true"]})
+    minted = vault.write("auth/token/create", {"meta": {"task_id": task_id}, "ttl": "10m"})
+    accessor = minted["auth"]["accessor"]  # type: ignore[index]
+    store.journal(task_id, token_accessor=accessor)
+    blind = vault.write("auth/token/create", {"policies": ["default"], "ttl": "10m"})
+    refused = copy.copy(credentials.broker)
+    refused.vault = Vault(settings.vault_addr, blind["auth"]["client_token"])  # type: ignore[index]
+    receipt = refused.revoke(task_id)
+    assert receipt["verified"] is False and "ignored" not in receipt["token"], receipt
+    assert "refused to look it up" in receipt["token"]["error"]
+    assert store.journaled(task_id)[0]["token_accessor"] == accessor
+    assert vault.write("auth/token/lookup-accessor", {"accessor": accessor})  # still alive
+    receipt = credentials.revoke(task_id)
+    assert receipt["token"]["verified"] is True and receipt["verified"] is True, receipt
+    assert store.journaled(task_id) == ({}, set())
+    with pytest.raises(VaultRefused):
+        vault.write("auth/token/lookup-accessor", {"accessor": accessor})
 
 
 def test_the_orchestrator_needs_only_its_documented_policy(

@@ -35,6 +35,10 @@ WRAPPING = "wrapping:"  # journal entries for wrapping tokens, by accessor
 MINTING = "minting:"  # journal entries for the ticket login that minted, by accessor
 
 
+class Undecided(Exception):
+    """Vault would not say whose a journaled token is: it is neither revoked nor dropped."""
+
+
 @dataclass(frozen=True)
 class WrappedSecret:
     name: str
@@ -269,7 +273,11 @@ class Broker:
         done, foreign = set(), set()
         roles = self._database_roles(task_id)
         for lease in sorted(leases):
-            why = self._not_ours(task_id, lease, roles)
+            try:
+                why = self._not_ours(task_id, lease, roles)
+            except Undecided as exc:  # kept journaled: the next try, or the reaper, asks again
+                receipt.setdefault("undecided", []).append({"id": lease[:120], "why": str(exc)})
+                continue
             if why is not None:  # a planted entry: never revoked, dropped, and alarmed
                 foreign.add(lease)
                 self._alarm(task_id, f"journal entry {lease[:120]!r} ignored: {why}")
@@ -288,12 +296,7 @@ class Broker:
                 done.add(lease)
         accessor = fields.get("token_accessor")
         if accessor:
-            why = self._not_ours(task_id, accessor, roles, task_token=True)
-            if why is None:
-                receipt["token"] = self._revoke_token(accessor)
-            else:
-                self._alarm(task_id, f"journaled token accessor ignored: {why}")
-                receipt["token"] = {"accessor": accessor, "verified": False, "ignored": why}
+            receipt["token"] = self._revoke_task_token(task_id, accessor, roles)
         if fields.get("jti"):
             receipt["jwt"] = {"jti": fields["jti"], "invalidated": True}
         done |= foreign
@@ -309,6 +312,18 @@ class Broker:
             self.store.forget_credentials(task_id, done)
         return receipt
 
+    def _revoke_task_token(
+        self, task_id: str, accessor: str, roles: set[str] | None
+    ) -> dict[str, Any]:
+        try:
+            why = self._not_ours(task_id, accessor, roles, task_token=True)
+        except Undecided as exc:  # kept journaled: the next try, or the reaper, asks again
+            return {"accessor": accessor, "revoked": False, "verified": False, "error": str(exc)}
+        if why is None:
+            return self._revoke_token(accessor)
+        self._alarm(task_id, f"journaled token accessor ignored: {why}")
+        return {"accessor": accessor, "verified": False, "ignored": why}
+
     # -- whose is a journal entry? ----------------------------------------------------------
     # The journal lives in Redis; the worker revokes only what Vault says is this task's.
     def _database_roles(self, task_id: str) -> set[str] | None:
@@ -323,7 +338,9 @@ class Broker:
     def _not_ours(
         self, task_id: str, entry: str, roles: set[str] | None, task_token: bool = False
     ) -> str | None:
-        """Why a journaled lease or accessor is not this task's to revoke, or None."""
+        """Why a journaled lease or accessor is not this task's to revoke, or None. Raises
+        Undecided when Vault refuses to say whose a token is: such an entry is neither
+        revoked nor dropped (a refusal proves nothing either way)."""
         if task_token or entry.startswith((WRAPPING, MINTING)):
             accessor = entry.removeprefix(WRAPPING).removeprefix(MINTING)
             try:
@@ -334,7 +351,7 @@ class Broker:
                     ride_out_s=0,
                 )
             except VaultRefused as exc:
-                return f"Vault refused to look it up ({exc})"
+                raise Undecided(f"Vault refused to look it up ({exc})") from None
             if found is None:
                 return None  # gone already: nothing to revoke, and verification says so
             data = found.get("data") or {}
