@@ -182,18 +182,15 @@ def test_an_upstream_cannot_smuggle_an_answer_to_the_tasks_next_request(task: Li
     """An upstream that sends a second answer behind the first (response splitting) gets
     its first one passed on; the rest is never read as the answer to the task's next
     request on the same connection, and the connection it came on is not used again."""
-    answers = []
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(10)
         sock.connect(task.socket)
-        for url in (f"http://127.0.0.1:{HTTP_PORT}/api/smuggle", API):
-            sock.sendall(get(url, task.jwt))
-            raw = b""
-            while b"\r\n\r\n" not in raw or len(raw.partition(b"\r\n\r\n")[2]) < int(
-                raw.lower().split(b"content-length:")[1].split(b"\r\n")[0]
-            ):
-                raw += sock.recv(65536)
-            answers.append(raw.partition(b"\r\n\r\n")[2])
+        answers = [
+            body
+            for _, _, body in one_by_one(
+                sock, get(f"http://127.0.0.1:{HTTP_PORT}/api/smuggle", task.jwt), get(API, task.jwt)
+            )
+        ]
     assert answers[0] == b"ok"
     assert json.loads(answers[1])["path"] == "/api/items", answers
     # An answer two parsers could read differently is not passed on at all.
@@ -535,25 +532,31 @@ def inside(
 ) -> list[tuple[int, dict[str, str], bytes]]:
     """Send `requests` one after another on one intercepted tunnel, trusting the gateway
     CA alone; each answer (a closed connection ends the list)."""
-    answers = []
     with open_tunnel(task, authority) as raw:
         context = ssl.create_default_context(cadata=ca)
         with context.wrap_socket(raw, server_hostname=authority.rsplit(":", 1)[0]) as tls:
-            reader = tls.makefile("rb")
-            for request in requests:
-                try:
-                    tls.sendall(request)
-                    status_line = reader.readline()
-                except OSError:
-                    break
-                if not status_line:
-                    break
-                headers = {}
-                while (line := reader.readline()) not in (b"\r\n", b""):
-                    name, _, value = line.decode("latin-1").partition(":")
-                    headers[name.strip().lower()] = value.strip()
-                body = reader.read(int(headers.get("content-length", 0)))
-                answers.append((int(status_line.split()[1]), headers, body))
+            return one_by_one(tls, *requests)
+
+
+def one_by_one(sock: socket.socket, *requests: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """Send `requests` one after another on one connection; each answer (a closed
+    connection ends the list)."""
+    answers = []
+    reader = sock.makefile("rb")
+    for request in requests:
+        try:
+            sock.sendall(request)
+            status_line = reader.readline()
+        except OSError:
+            break
+        if not status_line:
+            break
+        headers = {}
+        while (line := reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = reader.read(int(headers.get("content-length", 0)))
+        answers.append((int(status_line.split()[1]), headers, body))
     return answers
 
 

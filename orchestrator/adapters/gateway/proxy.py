@@ -259,17 +259,12 @@ class Session:
             name, value = inject
             headers = [(k, v) for k, v in headers if k != name]
             if value is not None:
-                if not field_value(value):
-                    raise Refused(502, "inject", "the credential is not a valid header value")
                 headers.append((name, value))
-        upstream.chunked = False
         if body is not None:  # re-framed: the inspected body goes as one piece
             headers = [
                 (k, v) for k, v in headers if k not in (b"content-length", b"transfer-encoding")
             ]
             headers.append((b"content-length", b"%d" % len(body)))
-        else:  # as the task framed it (h11 has checked that framing)
-            upstream.chunked = any(k == b"transfer-encoding" for k, _ in headers)
         upstream.answer = Answer(head_only=request.method == b"HEAD")
         upstream.writer.write(request_head(request.method, path, headers) + (body or b""))
         return upstream.answer
@@ -279,6 +274,8 @@ class Session:
             return None
         value = self.policy.credential(verdict.inject.name) if verdict.tls else None
         rendered = verdict.inject.template.format(value=value).encode() if value else None
+        if rendered is not None and not field_value(rendered):
+            raise Refused(502, "inject", "the credential is not a valid header value")
         return verdict.inject.header.encode(), rendered
 
     async def _relay(
@@ -290,12 +287,14 @@ class Session:
         inject: tuple[bytes, bytes | None] | None = None,
     ) -> None:
         answer = self._send_request(upstream, request, path, inject=inject)
+        # The body goes as the task framed it (h11 has checked that framing).
+        chunked = header(request, b"transfer-encoding") is not None
         while not isinstance(event := await next_event(self.conn, self.reader), h11.EndOfMessage):
             if isinstance(event, h11.Data):
                 exchange.bytes_out += len(event.data)
-                upstream.writer.write(chunk(event.data) if upstream.chunked else event.data)
+                upstream.writer.write(chunk(event.data) if chunked else event.data)
                 await upstream.writer.drain()
-        if upstream.chunked:
+        if chunked:
             upstream.writer.write(LAST_CHUNK)
         await upstream.writer.drain()
         await self._relay_response(answer, upstream.reader, exchange)

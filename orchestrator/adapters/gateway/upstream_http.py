@@ -103,7 +103,7 @@ class Answer:
             )
         self._head = Head(status, reason, headers)
         self._events.append(self._head)
-        if self.head_only:
+        if self.head_only:  # ends here, and its connection is not kept (keep_alive stays off)
             self.done = True
 
     def on_body(self, body: bytes) -> None:
@@ -123,7 +123,7 @@ class Answer:
 
     def _until_close(self) -> bool:
         """Whether the answer's body is delimited by the upstream closing (no length)."""
-        if self._head is None or self.head_only or self._head.status in (204, 304):
+        if self._head is None or self._head.status in (204, 304):
             return False
         names = {name for name, _ in self._head.headers}
         return b"content-length" not in names and b"transfer-encoding" not in names
@@ -162,8 +162,6 @@ class Answer:
                 self.keep_alive = False
                 return
             raise Refused(502, "upstream", f"malformed answer from the upstream: {exc}") from None
-        if self.head_only and self.done:
-            self.keep_alive = False  # a HEAD answer's connection is not reused
 
 
 @dataclass
@@ -174,7 +172,6 @@ class Upstream:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     answer: Answer | None = None  # to the request in flight
-    chunked: bool = False  # whether that request's body goes chunked
 
     def reusable(self) -> bool:
         """Whether another request may follow: the last answer ended by its framing, and
