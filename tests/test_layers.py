@@ -100,7 +100,7 @@ def loaded(code: str) -> set[str]:
 
 
 # (cryptography is not among them: redis-py loads it for its TLS support.)
-WORKER_STACK = {"hvac", "regopy", "uvloop", "docker", "h11"}
+WORKER_STACK = {"hvac", "regopy", "uvloop", "docker", "h11", "httptools"}
 
 
 def test_the_client_loads_no_worker_stack() -> None:

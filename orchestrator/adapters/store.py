@@ -230,15 +230,16 @@ def _unreachable(exc: BaseException) -> bool:
 # position of its task's counts (0: no task), its decision.
 _APPEND_AUDIT = """
 local ttl, keep = tonumber(ARGV[2]), tonumber(ARGV[3])
+local items = cjson.decode(ARGV[4])
 local touched = {}
-for i = 4, #ARGV, 5 do
-  local id = redis.call('XADD', KEYS[1], '*', 'record', ARGV[i], 'prev', ARGV[i + 1],
-                        'hash', ARGV[i + 2])
-  local slot = tonumber(ARGV[i + 3])
+for i = 1, #items, 5 do
+  local id = redis.call('XADD', KEYS[1], '*', 'record', items[i], 'prev', items[i + 1],
+                        'hash', items[i + 2])
+  local slot = items[i + 3]
   if slot > 0 then
     redis.call('RPUSH', KEYS[slot + 1], id)
-    if ARGV[i + 4] == 'allow' or ARGV[i + 4] == 'deny' then
-      redis.call('HINCRBY', KEYS[slot], ARGV[i + 4], 1)
+    if items[i + 4] == 'allow' or items[i + 4] == 'deny' then
+      redis.call('HINCRBY', KEYS[slot], items[i + 4], 1)
     end
     touched[slot] = true
   end
@@ -674,10 +675,13 @@ class Store:
         """Append one writer's chained records (record, prev, hash), move its head, index
         each record under its task (`owners`: a task id or "" per entry) so that a task's
         decisions are found without reading the whole audit, and count each task's
-        decisions: one script, one round trip. The index is a view: the chain is the record."""
+        decisions: one script, one round trip. The index is a view: the chain is the record.
+        The entries go as one JSON argument (one to encode, not five per entry); records are
+        canonical JSON, ASCII only, so what the script stores is byte for byte what was
+        hashed."""
         keys = [self.keys.audit, self.keys.audit_head(chain)]
         slots: dict[str, int] = {}
-        args: list[str | int] = [head, self.record_ttl_s, TASK_AUDIT_INDEX]
+        items: list[str | int] = []
         for (record, prev, digest), task_id, decision in zip(
             entries, owners, decisions, strict=True
         ):
@@ -685,7 +689,8 @@ class Store:
             if task_id and not slot:
                 slot = slots[task_id] = len(keys) + 1
                 keys += [self.keys.task(task_id, "egress"), self.keys.task(task_id, "audit")]
-            args += [record, prev, digest, slot, decision]
+            items += [record, prev, digest, slot, decision]
+        args = [head, self.record_ttl_s, TASK_AUDIT_INDEX, json.dumps(items)]
         self._append_audit(keys=keys, args=args)
 
     @_guard

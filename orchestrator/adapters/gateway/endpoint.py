@@ -2,7 +2,7 @@
 
 The socket is the task's identity: whoever speaks on it speaks for that task and no other.
 One asyncio loop (on its own thread) serves every task's socket of this worker; requests
-are HTTP/1.1 parsed by h11 and answered by the task's handler on a thread pool, so a slow
+are HTTP/1.1 parsed by llhttp and answered by the task's handler on a thread pool, so a slow
 Vault never stalls another task's endpoint.
 
     POST /v1/bootstrap          the task's JWT and wrapped secrets, exactly once

@@ -8,15 +8,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
-import json
 import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-
-import h11
 
 from orchestrator.adapters.gateway.addresses import IPAddress, as_ip
 from orchestrator.adapters.gateway.decide import Target, Verdict
@@ -134,39 +131,62 @@ def smuggling_problem(head: bytes) -> str | None:
     return None
 
 
-async def read_head(reader: asyncio.StreamReader, buffer: bytearray) -> bool:
+class Idle:
+    """One idle deadline for a connection, moved on by every read from either of its peers:
+    when neither the task nor the upstream has sent anything for IDLE_TIMEOUT_S, the
+    connection's task is cancelled and `expired` says why. (One timer per connection, not one
+    per read.)"""
+
+    def __init__(self) -> None:
+        self.timeout = IDLE_TIMEOUT_S
+        self.loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task()
+        self.last = self.loop.time()
+        self.expired = False
+        self._handle: asyncio.TimerHandle | None = self.loop.call_at(
+            self.last + self.timeout, self._check
+        )
+
+    def touch(self) -> None:
+        self.last = self.loop.time()
+
+    def _check(self) -> None:
+        due = self.last + self.timeout
+        if self.loop.time() < due:
+            self._handle = self.loop.call_at(due, self._check)
+        elif self.task is not None:
+            self.expired = True
+            self.task.cancel()
+
+    def stop(self) -> None:
+        """No deadline from now on (an opaque tunnel may stay silent as long as it likes)."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
+async def read_chunk(reader: asyncio.StreamReader, idle: Idle | None = None) -> bytes:
+    """The next bytes from a peer (b"" at its end), counted as activity on `idle`."""
+    data = await reader.read(65536)
+    if idle is not None:
+        idle.touch()
+    return data
+
+
+async def read_head(reader: asyncio.StreamReader, buffer: bytearray, idle: Idle | None) -> bool:
     """Fill `buffer` until it holds a whole request head (or what a lenient parser would
     take for one: a blank line of bare LFs, for smuggling_problem to refuse); False on a
     clean end of stream."""
     while b"\r\n\r\n" not in buffer and b"\n\n" not in buffer:
         if len(buffer) > MAX_HEAD:
             raise Refused(431, "limits", "request head too large")
-        chunk = await read_chunk(reader)
+        chunk = await read_chunk(reader, idle)
         if not chunk:
             if buffer:
                 raise Refused(400, "malformed", "connection closed inside a request head")
             return False
         buffer += chunk
     return True
-
-
-async def respond(
-    conn: h11.Connection,
-    writer: asyncio.StreamWriter,
-    status: int,
-    payload: dict[str, Any],
-    headers: list[tuple[str, str]] | None = None,
-) -> None:
-    data = json.dumps(payload).encode()
-    all_headers = [
-        ("content-type", "application/json"),
-        ("content-length", str(len(data))),
-        *(headers or []),
-    ]
-    writer.write(conn.send(h11.Response(status_code=status, headers=all_headers)) or b"")
-    writer.write(conn.send(h11.Data(data=data)) or b"")
-    writer.write(conn.send(h11.EndOfMessage()) or b"")
-    await writer.drain()
 
 
 def refusal(exc: Refused) -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
@@ -196,13 +216,6 @@ async def resolve(host: str, port: int) -> list[IPAddress]:
     return seen
 
 
-def proxy_credentials(request: h11.Request) -> str | None:
-    for name, value in request.headers:
-        if name == b"proxy-authorization":
-            return value.decode("latin-1")
-    return None
-
-
 def bearer_token(header: str | None) -> str | None:
     """The JWT from 'Bearer <jwt>' or from 'Basic base64(anything:<jwt>)' (proxy URLs)."""
     if not header:
@@ -215,37 +228,6 @@ def bearer_token(header: str | None) -> str | None:
             return base64.b64decode(value.strip()).decode().partition(":")[2] or None
         except (ValueError, UnicodeDecodeError):
             return None
-    return None
-
-
-async def read_chunk(reader: asyncio.StreamReader) -> bytes:
-    """The next bytes from a peer; TimeoutError after the idle timeout."""
-    async with asyncio.timeout(IDLE_TIMEOUT_S):
-        return await reader.read(65536)
-
-
-async def next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
-    while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        conn.receive_data(await read_chunk(reader))
-
-
-async def read_body(conn: h11.Connection, reader: asyncio.StreamReader, limit: int) -> bytes:
-    body = b""
-    while not isinstance(event := await next_event(conn, reader), h11.EndOfMessage):
-        if isinstance(event, h11.Data):
-            body += event.data
-            if len(body) > limit:
-                raise Refused(413, "limits", "request body too large")
-    return body
-
-
-def header(request: h11.Request, name: bytes) -> str | None:
-    for key, value in request.headers:
-        if key == name:
-            return value.decode("latin-1")
     return None
 
 

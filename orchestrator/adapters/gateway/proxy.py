@@ -1,8 +1,9 @@
 """The gateway's thin asyncio shell: it moves bytes, and asks the pure core what is allowed.
 
-One client connection carries a sequence of requests (keep-alive). Request heads are
-scanned for smuggling (Content-Length with Transfer-Encoding, repeated Content-Length, line
-ends other than CRLF) before h11 sees them; pipelined requests are refused. Plain HTTP is
+One client connection carries a sequence of requests (keep-alive), read by llhttp
+(task_http.py). Request heads are scanned for smuggling (Content-Length with
+Transfer-Encoding, repeated Content-Length, line ends other than CRLF) before llhttp sees
+them; pipelined requests are refused. Plain HTTP is
 forwarded in origin form, with the path in its one normal form, to exactly the address that
 was checked; CONNECT becomes a byte tunnel to it once the client's TLS ClientHello names
 the CONNECT host (no domain fronting inside a granted tunnel). The upstream's answers are
@@ -18,26 +19,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import h11
-
 from orchestrator.adapters.gateway.addresses import IPAddress
 from orchestrator.adapters.gateway.decide import Target, Verdict
 from orchestrator.adapters.gateway.http import (
     HOP_BY_HOP,
-    MAX_HEAD,
     ControlHandler,
     Exchange,
+    Idle,
     ProxyPolicy,
     Refused,
-    header,
-    next_event,
-    proxy_credentials,
-    read_body,
     read_chunk,
-    read_head,
     refusal,
-    respond,
-    smuggling_problem,
 )
 from orchestrator.adapters.gateway.interception import LeafCertificates, name_problem
 from orchestrator.adapters.gateway.mcp import (
@@ -47,6 +39,7 @@ from orchestrator.adapters.gateway.mcp import (
     inspect_request,
     refusal_body,
 )
+from orchestrator.adapters.gateway.task_http import Request, TaskConnection
 from orchestrator.adapters.gateway.tls_hello import NotTls, hello_length, server_name
 from orchestrator.adapters.gateway.upstream_http import (
     LAST_CHUNK,
@@ -60,6 +53,7 @@ from orchestrator.adapters.gateway.upstream_http import (
 )
 
 _SCHEMES = ("Bearer", "Basic")  # how a task may present its JWT to the gateway
+MAX_CONTROL_BODY = 64 * 1024  # a control request's JSON
 HANDSHAKE_S = 10.0  # how long an intercepted tunnel's client has for its TLS handshake
 
 
@@ -88,7 +82,9 @@ class Session:
     ) -> None:
         self.reader, self.writer = reader, writer
         self.control, self.policy, self.own = control, policy, own
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self.idle: Idle | None = None
+        self.task = TaskConnection(reader, writer)
+        self.in_exchange = False  # a request is being served (it audits itself)
         # Upstream connections kept alive between this client's requests, by checked address.
         self.pool: dict[tuple[str, int, str], Upstream] = {}
         self.tls = tls
@@ -96,59 +92,56 @@ class Session:
         self.inside: Inside | None = None  # once the connection is an intercepted tunnel
 
     async def run(self) -> None:
+        self.idle = self.task.idle = Idle()
         try:
             await self._requests()
         except Refused as exc:
             await self._refuse(exc)
-        except (h11.RemoteProtocolError, ValueError) as exc:
-            if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE) and self.conn.their_state in (
-                h11.IDLE,
-                h11.SEND_BODY,
-                h11.ERROR,
-            ):
+        except ValueError as exc:  # Malformed, or a value no part of HTTP can carry
+            if not self.in_exchange:
                 self.policy.audit(
                     Exchange("?", rule="malformed", reason=str(exc), status=400).record()
                 )
             await self._refuse(Refused(400, "malformed", f"bad request: {exc}"))
-        except (TimeoutError, ConnectionError, h11.LocalProtocolError):
+        except (TimeoutError, ConnectionError):
             pass
+        except asyncio.CancelledError:
+            if not self.idle.expired:
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
         finally:
+            self.idle.stop()
             self.writer.close()
             for upstream in self.pool.values():
                 upstream.close()
 
     async def _requests(self) -> None:
         """Serve requests on the connection until it ends (or becomes a plain tunnel)."""
-        buffer = bytearray()
-        while await read_head(self.reader, buffer):
-            end = buffer.find(b"\r\n\r\n")
-            head = bytes(buffer[:end] if end >= 0 else buffer)
-            problem = smuggling_problem(head)
-            if problem:
-                self.policy.audit(Exchange("?", reason=problem, rule="smuggling").record())
-                raise Refused(400, "smuggling", problem)
-            self.conn.receive_data(bytes(buffer))
-            buffer.clear()
-            request = await next_event(self.conn, self.reader)
-            if not await self.dispatch(request):
+        while True:
+            try:
+                request = await self.task.next_request()
+            except Refused as exc:
+                if exc.rule == "smuggling":
+                    self.policy.audit(Exchange("?", reason=exc.reason, rule="smuggling").record())
+                raise
+            if request is None or not await self.dispatch(request):
                 return
-            self.conn.start_next_cycle()
-            if self.conn.next_event() is not h11.NEED_DATA:
-                raise Refused(400, "pipelining", "pipelined requests are not supported")
+            if not self.task.reusable():
+                return
 
     async def _refuse(self, exc: Refused) -> None:
-        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        if self.task.answering:
             return
         status, payload, headers = refusal(exc)
         try:
-            await respond(
-                self.conn, self.writer, status, payload, [*headers, ("connection", "close")]
-            )
-        except (h11.LocalProtocolError, ConnectionError):
+            await self.task.respond(status, payload, [*headers, ("connection", "close")])
+        except ConnectionError:
             pass
 
-    async def dispatch(self, request: h11.Request) -> bool:
-        """Serve one request; whether the connection may carry another."""
+    async def dispatch(self, request: Request) -> bool:
+        """Serve one request; whether it was served to its end."""
         target = request.target.decode("latin-1")
         if self.inside is not None:  # the task's own TLS, ended here: the upstream's paths
             if request.method == b"CONNECT" or not target.startswith("/"):
@@ -158,9 +151,9 @@ class Session:
             await self.connect(request, target)
             return False
         if target.startswith("/"):
-            body = await read_body(self.conn, self.reader, MAX_HEAD * 4)
+            body = await self.task.read_body(MAX_CONTROL_BODY)
             status, payload = await self.control(request.method.decode(), target, body)
-            await respond(self.conn, self.writer, status, payload, [("connection", "close")])
+            await self.task.respond(status, payload, [("connection", "close")])
             return False
         return await self.forward(request, target)
 
@@ -183,9 +176,10 @@ class Session:
             challenge = [("proxy-authenticate", f'{scheme} realm="airlock"') for scheme in _SCHEMES]
             raise Refused(407, "identity", why, challenge)
 
-    async def forward(self, request: h11.Request, target: str) -> bool:
+    async def forward(self, request: Request, target: str) -> bool:
         method = request.method.decode()
         exchange = Exchange(method)
+        self.in_exchange = True
         try:
             if self.inside is not None:
                 path, mark, query = target.partition("#")[0].partition("?")
@@ -197,10 +191,10 @@ class Session:
                     raise Refused(400, "scheme", "only absolute http:// URLs; use CONNECT for TLS")
                 path, mark, query = url.path or "/", "?" if url.query else "", url.query
                 host, exchange.port = url.hostname, url.port or 80
-                credentials = proxy_credentials(request)
+                credentials = request.header(b"proxy-authorization")
             exchange.path = path
             query = f"{mark}{query}"
-            host_header = header(request, b"host")
+            host_header = request.header(b"host")
             asked = Target(method, host, exchange.port, path + query, host_header, exchange.scheme)
             self._authenticate(credentials)
             upstream, verdict = await connect_checked(
@@ -226,7 +220,7 @@ class Session:
                 await self._relay(request, path, upstream, exchange, inject)
             else:
                 await self._relay_mcp(request, path, upstream, exchange, server)
-        except (h11.RemoteProtocolError, ValueError) as exc:
+        except ValueError as exc:
             exchange.decision, exchange.rule, exchange.status = "deny", "malformed", 400
             exchange.reason = f"bad request: {exc}"
             raise
@@ -240,12 +234,13 @@ class Session:
                 self.pool[upstream.key] = upstream
             else:
                 upstream.close()
-        return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
+            self.in_exchange = False
+        return True
 
     def _send_request(
         self,
         upstream: Upstream,
-        request: h11.Request,
+        request: Request,
         path: str,
         body: bytes | None = None,
         inject: tuple[bytes, bytes | None] | None = None,
@@ -265,7 +260,9 @@ class Session:
                 (k, v) for k, v in headers if k not in (b"content-length", b"transfer-encoding")
             ]
             headers.append((b"content-length", b"%d" % len(body)))
-        upstream.answer = Answer(head_only=request.method == b"HEAD")
+        head_only = request.method == b"HEAD"
+        answer = upstream.answer
+        upstream.answer = Answer(head_only) if answer is None else answer.again(head_only)
         upstream.writer.write(request_head(request.method, path, headers) + (body or b""))
         return upstream.answer
 
@@ -280,30 +277,29 @@ class Session:
 
     async def _relay(
         self,
-        request: h11.Request,
+        request: Request,
         path: str,
         upstream: Upstream,
         exchange: Exchange,
         inject: tuple[bytes, bytes | None] | None = None,
     ) -> None:
         answer = self._send_request(upstream, request, path, inject=inject)
-        # The body goes as the task framed it (h11 has checked that framing).
-        chunked = header(request, b"transfer-encoding") is not None
-        while not isinstance(event := await next_event(self.conn, self.reader), h11.EndOfMessage):
-            if isinstance(event, h11.Data):
-                exchange.bytes_out += len(event.data)
-                upstream.writer.write(chunk(event.data) if chunked else event.data)
-                await upstream.writer.drain()
+        # The body goes as the task framed it (llhttp has checked that framing).
+        chunked = request.chunked
+        while (piece := await self.task.body()) is not None:
+            exchange.bytes_out += len(piece)
+            upstream.writer.write(chunk(piece) if chunked else piece)
+            await upstream.writer.drain()
         if chunked:
             upstream.writer.write(LAST_CHUNK)
         await upstream.writer.drain()
         await self._relay_response(answer, upstream.reader, exchange)
 
     async def _relay_mcp(
-        self, request: h11.Request, path: str, upstream: Upstream, exchange: Exchange, server: str
+        self, request: Request, path: str, upstream: Upstream, exchange: Exchange, server: str
     ) -> None:
         """An MCP request: every JSON-RPC message decided, tool lists filtered on the way back."""
-        body = await read_body(self.conn, self.reader, MAX_MCP_BODY)
+        body = await self.task.read_body(MAX_MCP_BODY)
         exchange.bytes_out = len(body)
         schemas = self.policy.tool_schemas
         calls, batch = (
@@ -325,21 +321,15 @@ class Session:
             exchange.rule = next(c.rule for c in calls if not c.allowed)
             exchange.reason = "; ".join(c.reason for c in calls if not c.allowed)
             refused = refusal_body(calls, batch)
-            self.writer.write(
-                self.conn.send(
-                    h11.Response(
-                        status_code=403,
-                        headers=[
-                            ("content-type", "application/json"),
-                            ("content-length", str(len(refused))),
-                            ("x-airlock-denied", exchange.rule),
-                        ],
-                    )
-                )
-                or b""
+            head = self.task.start(
+                403,
+                [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", b"%d" % len(refused)),
+                    (b"x-airlock-denied", exchange.rule.encode()),
+                ],
             )
-            self.writer.write(self.conn.send(h11.Data(data=refused)) or b"")
-            self.writer.write(self.conn.send(h11.EndOfMessage()) or b"")
+            self.writer.write(head + refused + self.task.end())
             await self.writer.drain()
             return
         answer = self._send_request(upstream, request, path, body)
@@ -350,19 +340,19 @@ class Session:
         self, answer: Answer, reader: asyncio.StreamReader, exchange: Exchange
     ) -> None:
         """Stream the upstream's answer back; what is already parsed goes out in one write."""
-        out = bytearray()
-        while (event := await answer.next(reader)) is not None:
+        out = b""
+        idle = self.idle
+        while (event := await answer.next(reader, idle)) is not None:
             if isinstance(event, Head):
                 out += self._start_response(event, exchange)
             else:
                 exchange.bytes_in += len(event)
-                out += self.conn.send(h11.Data(data=event)) or b""
+                out += self.task.piece(event)
             if not answer.buffered():
-                self.writer.write(bytes(out))
-                out.clear()
+                self.writer.write(out)
+                out = b""
                 await self.writer.drain()
-        out += self.conn.send(h11.EndOfMessage()) or b""
-        self.writer.write(bytes(out))
+        self.writer.write(out + self.task.end())
         await self.writer.drain()
 
     async def _relay_mcp_response(
@@ -374,7 +364,7 @@ class Session:
     ) -> None:
         """An MCP server's answer: event streams filtered as they flow, JSON as a whole,
         anything else dropped."""
-        response = await answer.next(reader)
+        response = await answer.next(reader, self.idle)
         if not isinstance(response, Head):
             raise ConnectionResetError("the upstream closed before its answer")
         kind = dict(response.headers).get(b"content-type", b"").split(b";")[0].strip()
@@ -382,7 +372,7 @@ class Session:
         if kind != b"application/json":
             self.writer.write(self._start_response(response, exchange, reframe=True))
         body = b""
-        while (event := await answer.next(reader)) is not None:
+        while (event := await answer.next(reader, self.idle)) is not None:
             if not isinstance(event, bytes):
                 continue
             exchange.bytes_in += len(event)
@@ -392,17 +382,17 @@ class Session:
                     raise Refused(502, "mcp-malformed", "MCP answer too large to inspect")
             # An MCP answer is JSON or an event stream; any other body is not passed on.
             elif kind == b"text/event-stream" and (data := stream.feed(event)):
-                self.writer.write(self.conn.send(h11.Data(data=data)) or b"")
+                self.writer.write(self.task.piece(data))
                 await self.writer.drain()
         if kind == b"application/json":
             filtered = filter_json_body(self.policy.grant, server, body, self.policy.tool_schemas)
             self.writer.write(
                 self._start_response(response, exchange, reframe=True, length=len(filtered))
             )
-            self.writer.write(self.conn.send(h11.Data(data=filtered)) or b"")
+            self.writer.write(self.task.piece(filtered))
         elif rest := stream.finish():
-            self.writer.write(self.conn.send(h11.Data(data=rest)) or b"")
-        self.writer.write(self.conn.send(h11.EndOfMessage()) or b"")
+            self.writer.write(self.task.piece(rest))
+        self.writer.write(self.task.end())
         await self.writer.drain()
 
     def _start_response(
@@ -420,32 +410,27 @@ class Session:
         if reframe:
             kept = [(k, v) for k, v in kept if k not in (b"content-length", b"transfer-encoding")]
             if length is not None:
-                kept.append((b"content-length", str(length).encode()))
-        return (
-            self.conn.send(
-                h11.Response(status_code=response.status, headers=kept, reason=response.reason)
-            )
-            or b""
-        )
+                kept.append((b"content-length", b"%d" % length))
+        return self.task.start(response.status, kept, response.reason)
 
     async def _client_hello(self, first: bytes, host: str) -> tuple[bytes, str | None]:
         """The tunnel's first bytes (its whole ClientHello), and why it must be cut, if so."""
         try:
-            hello = await _read_hello(self.reader, first)
+            hello = await _read_hello(self.reader, first, self.idle)
         except NotTls as exc:
             return b"", str(exc)
         except (TimeoutError, ConnectionError) as exc:
             return b"", f"no ClientHello: {exc or exc.__class__.__name__}"
         return hello, sni_problem(hello, host)
 
-    async def connect(self, request: h11.Request, authority: str) -> None:
+    async def connect(self, request: Request, authority: str) -> None:
         exchange = Exchange("CONNECT", scheme="https")
         # Named in the audit even when the tunnel is refused before anything is decided (a
         # client's first CONNECT, without credentials, is answered 407).
         asked_host, _, asked_port = authority.rpartition(":")
         exchange.host = asked_host[:255]
         exchange.port = int(asked_port) if asked_port.isdigit() and len(asked_port) <= 5 else 0
-        credentials = proxy_credentials(request)
+        credentials = request.header(b"proxy-authorization")
         try:
             self._authenticate(credentials)
             granted = self.policy.granted_tunnel(authority)
@@ -459,7 +444,7 @@ class Session:
                 if not port.isdigit():
                     raise Refused(400, "malformed", "CONNECT needs host:port")
                 exchange.port = int(port)
-                asked = Target("CONNECT", host, int(port), None, header(request, b"host"))
+                asked = Target("CONNECT", host, int(port), None, request.header(b"host"))
                 verdict = self.policy.decide(asked)
                 if not verdict.allowed or verdict.passthrough:
                     tunnel, _ = await connect_checked(
@@ -494,8 +479,8 @@ class Session:
             self._audit_refusal(exchange, refused)
             raise refused
         exchange.decision, exchange.status = "allow", 200
-        self.writer.write(self.conn.send(h11.Response(status_code=200, headers=[])) or b"")
-        leftover = bytes(self.conn.trailing_data[0])
+        self.writer.write(self.task.start(200, []))
+        leftover = self.task.leftover
         try:
             if tls:  # its ClientHello must name the CONNECT host
                 leftover, problem = await self._client_hello(leftover, exchange.host)
@@ -506,6 +491,8 @@ class Session:
             if leftover:
                 up_writer.write(leftover)
                 exchange.bytes_out += len(leftover)
+            if self.idle is not None:
+                self.idle.stop()  # a tunnel may stay silent as long as its peers like
             sent, received = await asyncio.gather(
                 pipe(self.reader, up_writer, self.policy.relayed),
                 pipe(up_reader, self.writer, self.policy.relayed),
@@ -534,7 +521,7 @@ class Session:
         exchange.decision, exchange.status = "allow", 200
         exchange.reason = "intercepted: each request inside is decided"
         try:
-            self.writer.write(self.conn.send(h11.Response(status_code=200, headers=[])) or b"")
+            self.writer.write(self.task.start(200, []))
             try:
                 # No loop turn between the answer and start_tls (wait_for would add one, in
                 # a task of its own): the ClientHello must reach TLS, not this stream's buffer.
@@ -551,7 +538,7 @@ class Session:
                 exchange.rule, exchange.reason = "sni", problem
                 return
             self.inside = Inside(verdict.host, exchange.port, credentials)
-            self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+            self.task = TaskConnection(self.reader, self.writer, self.idle)
             await self._requests()
         finally:
             self.policy.tunnel(-1)
@@ -561,7 +548,7 @@ class Session:
         """The TLS server context to meet the task with, for `host`; Refused if none."""
         if self.certificates is None:
             raise Refused(503, "interception", "this gateway has no CA to intercept TLS with")
-        if self.conn.trailing_data[0]:
+        if self.task.leftover:
             raise Refused(400, "malformed", "TLS bytes sent before the CONNECT was answered")
         try:
             return await self.certificates.context(host)
@@ -569,12 +556,12 @@ class Session:
             raise Refused(503, "interception", f"no certificate for {host}: {exc}") from None
 
 
-async def _read_hello(reader: asyncio.StreamReader, first: bytes) -> bytes:
+async def _read_hello(reader: asyncio.StreamReader, first: bytes, idle: Idle | None) -> bytes:
     """The client's first bytes in a tunnel, up to the end of its ClientHello. Raises NotTls,
     TimeoutError, or ConnectionError (closed before the hello ended)."""
     data = first
     while hello_length(data) is None:
-        chunk = await read_chunk(reader)
+        chunk = await read_chunk(reader, idle)
         if not chunk:
             raise ConnectionError("the client closed the tunnel before its ClientHello")
         data += chunk

@@ -1,9 +1,8 @@
 """The gateway's side of an upstream HTTP/1.1 connection: requests written as bytes, answers
 parsed by llhttp (httptools), strictly (CRLF line ends only, one body framing).
 
-The task's side stays on h11, whose state machine decides what the task may send and what
-it is answered with; this side only carries a request the task's side has already parsed
-and checked, and hands back the answer as events for the task's side to send on.
+This side only carries a request the task's side (task_http.py) has already parsed and
+checked, and hands back the answer as events for the task's side to send on.
 """
 
 from __future__ import annotations
@@ -19,7 +18,14 @@ import httptools
 
 from orchestrator.adapters.gateway.addresses import IPAddress
 from orchestrator.adapters.gateway.decide import Target, Verdict, decide_addresses
-from orchestrator.adapters.gateway.http import Exchange, ProxyPolicy, Refused, read_chunk, resolve
+from orchestrator.adapters.gateway.http import (
+    Exchange,
+    Idle,
+    ProxyPolicy,
+    Refused,
+    read_chunk,
+    resolve,
+)
 
 MAX_ANSWER_HEAD = 16 * 1024
 # A header value as RFC 9110 allows it: visible characters, spaces and tabs inside.
@@ -29,7 +35,7 @@ _FIELD_VALUE = re.compile(
 
 
 def request_head(method: bytes, target: str, headers: list[tuple[bytes, bytes]]) -> bytes:
-    """An HTTP/1.1 request head. Names and values come from a request h11 has parsed, or
+    """An HTTP/1.1 request head. Names and values come from a request llhttp has parsed, or
     from the gateway (checked by `field_value`); the target is the decided path."""
     lines = [b"%s %s HTTP/1.1" % (method, target.encode("latin-1"))]
     lines.extend(name + b": " + value for name, value in headers)
@@ -76,6 +82,15 @@ class Answer:
         self._head: Head | None = None
         self.done = False
         self.keep_alive = False
+
+    def again(self, head_only: bool = False) -> Answer:
+        """The reader of the next answer on the same connection: this one, its parser kept,
+        once it ended by its framing with the connection kept; else a new one."""
+        if not (self.done and self.keep_alive):
+            return Answer(head_only)
+        self.head_only, self._head, self.done, self.keep_alive = head_only, None, False, False
+        self._events.clear()
+        return self
 
     # -- llhttp's callbacks --------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -132,11 +147,13 @@ class Answer:
         """Whether the next event is at hand, without reading from the upstream."""
         return bool(self._events) or self.done
 
-    async def next(self, reader: asyncio.StreamReader) -> Head | bytes | None:
+    async def next(
+        self, reader: asyncio.StreamReader, idle: Idle | None = None
+    ) -> Head | bytes | None:
         while not self._events:
             if self.done:
                 return None
-            data = await read_chunk(reader)
+            data = await read_chunk(reader, idle)
             if not data:
                 if self._until_close():
                     self.done = True
