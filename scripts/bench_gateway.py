@@ -247,7 +247,9 @@ def certificates(directory: Path) -> str:
 
 def start_squid(directory: Path) -> subprocess.Popen[bytes]:
     """squid with ssl_bump: it ends the client's TLS with a leaf of its own CA (generated per
-    host, cached in memory) and verifies the upstream; the same allow-list as the grant."""
+    host, cached in memory) and verifies the upstream; the same allow-list as the grant. It
+    logs every request, as Airlock audits every request: its access log, written by its log
+    daemon (Debian's default)."""
     home = directory / "squid"
     home.mkdir()
     for name in ("squid-ca.pem", "squid-ca.key", "upstream-ca.pem"):
@@ -275,7 +277,7 @@ http_access allow connect bench_host bench_port
 http_access allow bench_host bench_port bench_method bench_path
 http_access deny all
 cache deny all
-access_log none
+access_log daemon:{home}/access.log squid
 cache_log {home}/cache.log
 pid_filename {home}/squid.pid
 coredump_dir {home}

@@ -281,3 +281,19 @@ def test_export_as_ocsf_follows_and_rotates(settings: Settings, tmp_path: Path) 
     assert (out.parent / "airlock.ocsf.jsonl.1").exists()  # rotated past 1 MiB
     for key in store.redis.scan_iter(f"{settings.namespace}-ocsf:*"):
         store.redis.delete(key)
+
+
+def test_a_batch_is_indexed_and_counted_per_task(isolated: Store) -> None:
+    """One batch of several tasks' decisions: each task's index lists its own records in
+    order, its counts are its own, and non-ASCII text is stored exactly as hashed."""
+    log = AuditLog(isolated, "c1")
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    plan = [(a, "allow"), (b, "deny"), (a, "deny"), (a, "allow"), ("", "allow"), (b, "other")]
+    log.append_many(
+        [{"task": task, "decision": how, "n": n, "path": "/é"} for n, (task, how) in enumerate(plan)]
+    )
+    assert isolated.egress_counts([a, b]) == [{"allow": 2, "deny": 1}, {"deny": 1}]
+    assert [json.loads(f["record"])["n"] for _, f in isolated.task_audit(a, 10)] == [0, 2, 3]
+    assert [json.loads(f["record"])["n"] for _, f in isolated.task_audit(b, 10)] == [1, 5]
+    count, problems = log.verify()
+    assert count == len(plan) and not problems

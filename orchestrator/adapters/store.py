@@ -226,25 +226,39 @@ def _unreachable(exc: BaseException) -> bool:
 # One audit writer's batch in one step: each record appended to the audit stream and
 # indexed under its task, each task's allowed and denied requests counted, the writer's
 # head moved. KEYS: the stream, the writer's head, then per task its egress counts and its
-# index. ARGV: head, ttl, index length, then per record: record, prev, hash, the KEYS
-# position of its task's counts (0: no task), its decision.
+# index. ARGV: head, ttl, index length, then the records as one JSON array of, per record:
+# record, prev, hash, the KEYS position of its task's counts (0: no task), its decision.
+# A task's index grows by one RPUSH and its counts by one HINCRBY each, per batch.
 _APPEND_AUDIT = """
 local ttl, keep = tonumber(ARGV[2]), tonumber(ARGV[3])
 local items = cjson.decode(ARGV[4])
-local touched = {}
+local ids, counts = {}, {}
 for i = 1, #items, 5 do
   local id = redis.call('XADD', KEYS[1], '*', 'record', items[i], 'prev', items[i + 1],
                         'hash', items[i + 2])
   local slot = items[i + 3]
   if slot > 0 then
-    redis.call('RPUSH', KEYS[slot + 1], id)
-    if items[i + 4] == 'allow' or items[i + 4] == 'deny' then
-      redis.call('HINCRBY', KEYS[slot], items[i + 4], 1)
+    local list = ids[slot]
+    if not list then
+      list = {}
+      ids[slot], counts[slot] = list, {allow = 0, deny = 0}
     end
-    touched[slot] = true
+    list[#list + 1] = id
+    local decision = items[i + 4]
+    if decision == 'allow' or decision == 'deny' then
+      counts[slot][decision] = counts[slot][decision] + 1
+    end
   end
 end
-for slot in pairs(touched) do
+for slot, list in pairs(ids) do
+  for first = 1, #list, 500 do
+    redis.call('RPUSH', KEYS[slot + 1], unpack(list, first, math.min(first + 499, #list)))
+  end
+  for decision, n in pairs(counts[slot]) do
+    if n > 0 then
+      redis.call('HINCRBY', KEYS[slot], decision, n)
+    end
+  end
   redis.call('LTRIM', KEYS[slot + 1], -keep, -1)
   redis.call('EXPIRE', KEYS[slot + 1], ttl)
   redis.call('EXPIRE', KEYS[slot], ttl)

@@ -83,8 +83,11 @@ class Mark:
         )
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
 def canonical(record: dict[str, Any]) -> str:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"))
+    return _CANONICAL.encode(record)
 
 
 def record_hash(previous: str, record: dict[str, Any], text: str | None = None) -> str:

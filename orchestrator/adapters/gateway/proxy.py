@@ -86,7 +86,7 @@ class Session:
         self.task = TaskConnection(reader, writer)
         self.in_exchange = False  # a request is being served (it audits itself)
         # Upstream connections kept alive between this client's requests, by checked address.
-        self.pool: dict[tuple[str, int, str], Upstream] = {}
+        self.pool: dict[tuple[IPAddress, int, str], Upstream] = {}
         self.tls = tls
         self.certificates = certificates
         self.inside: Inside | None = None  # once the connection is an intercepted tunnel

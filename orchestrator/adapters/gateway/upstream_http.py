@@ -185,7 +185,7 @@ class Answer:
 class Upstream:
     """A connection to one checked address; plain HTTP ones are kept for the next request."""
 
-    key: tuple[str, int, str]
+    key: tuple[IPAddress, int, str]
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     answer: Answer | None = None  # to the request in flight
@@ -210,7 +210,7 @@ async def connect_checked(
     target: Target,
     exchange: Exchange,
     own: Callable[[], frozenset[IPAddress]],
-    pool: dict[tuple[str, int, str], Upstream] | None = None,
+    pool: dict[tuple[IPAddress, int, str], Upstream] | None = None,
     tls: ssl.SSLContext | None = None,
     decided: Verdict | None = None,
 ) -> tuple[Upstream, Verdict]:
@@ -230,7 +230,7 @@ async def connect_checked(
         exchange.rule, exchange.reason = verdict.rule, verdict.reason
         raise Refused(403, verdict.rule, verdict.reason)
     # A TLS connection is kept for the one server name it was opened and checked for.
-    key = (str(chosen), target.port, verdict.host if verdict.tls else "")
+    key = (chosen, target.port, verdict.host if verdict.tls else "")
     kept = pool.pop(key, None) if pool is not None else None
     if kept is not None and not kept.reader.at_eof() and not kept.writer.is_closing():
         return kept, verdict
