@@ -327,22 +327,25 @@ class Store:
     async def submit_async(self, new: NewTask) -> Made:
         """`submit` without blocking the event loop (for the API)."""
         try:
-            outcome, *detail = await self._create_async()(*self._create_call(new))
+            outcome, *detail = await self._async_script(_CREATE)(*self._create_call(new))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise ServiceUnavailable("redis", str(exc)) from exc
         return Made(str(outcome), tuple(str(d) for d in detail))
 
-    def _create_async(self) -> Any:
-        """The create script on an asyncio client of the running loop (a client's
-        connections belong to the loop they were made in)."""
+    def _async_script(self, source: str) -> Any:
+        """A script on an asyncio client of the running loop (a client's connections belong
+        to the loop they were made in)."""
         loop = asyncio.get_running_loop()
-        made = self._async_scripts.get(loop)
-        if made is None:
+        scripts = self._async_scripts.get(loop)
+        if scripts is None:
             client = redis.asyncio.Redis.from_url(
                 self.url, retry=AsyncRetry(NoBackoff(), 0), **_CLIENT_OPTIONS
             )
             _pack_with_hiredis(client)
-            made = self._async_scripts[loop] = client.register_script(_CREATE)
+            scripts = self._async_scripts[loop] = {"client": client}
+        made = scripts.get(source)
+        if made is None:
+            made = scripts[source] = scripts["client"].register_script(source)
         return made
 
     def _create_call(self, new: NewTask) -> tuple[list[str], list[Any]]:
@@ -689,10 +692,39 @@ class Store:
         """Append one writer's chained records (record, prev, hash), move its head, index
         each record under its task (`owners`: a task id or "" per entry) so that a task's
         decisions are found without reading the whole audit, and count each task's
-        decisions: one script, one round trip. The index is a view: the chain is the record.
-        The entries go as one JSON argument (one to encode, not five per entry); records are
-        canonical JSON, ASCII only, so what the script stores is byte for byte what was
-        hashed."""
+        decisions: one script, one round trip. The index is a view: the chain is the record."""
+        self._append_audit(*self._audit_call(entries, chain, head, owners, decisions))
+
+    async def append_audit_async(
+        self,
+        entries: list[tuple[str, str, str]],
+        chain: str,
+        head: str,
+        owners: list[str],
+        decisions: list[str],
+    ) -> None:
+        """`append_audit` without blocking the event loop (for the gateway's loop)."""
+        call = self._audit_call(entries, chain, head, owners, decisions)
+        await self._async_script(_APPEND_AUDIT)(*call)
+
+    async def close_async(self) -> None:
+        """Close the running loop's asyncio client, if it has one (before the loop stops:
+        a loop does not close around a client's open connection)."""
+        scripts = self._async_scripts.pop(asyncio.get_running_loop(), None)
+        if scripts is not None:
+            await scripts["client"].aclose()
+
+    def _audit_call(
+        self,
+        entries: list[tuple[str, str, str]],
+        chain: str,
+        head: str,
+        owners: list[str],
+        decisions: list[str],
+    ) -> tuple[list[str], list[Any]]:
+        """The append script's keys and arguments. The entries go as one JSON argument (one
+        to encode, not five per entry); records are canonical JSON, ASCII only, so what the
+        script stores is byte for byte what was hashed."""
         keys = [self.keys.audit, self.keys.audit_head(chain)]
         slots: dict[str, int] = {}
         items: list[str | int] = []
@@ -704,8 +736,7 @@ class Store:
                 slot = slots[task_id] = len(keys) + 1
                 keys += [self.keys.task(task_id, "egress"), self.keys.task(task_id, "audit")]
             items += [record, prev, digest, slot, decision]
-        args = [head, self.record_ttl_s, TASK_AUDIT_INDEX, json.dumps(items)]
-        self._append_audit(keys=keys, args=args)
+        return keys, [head, self.record_ttl_s, TASK_AUDIT_INDEX, json.dumps(items)]
 
     @_guard
     def task_audit(self, task_id: str, count: int) -> list[tuple[str, dict[str, str]]]:

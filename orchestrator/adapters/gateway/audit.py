@@ -20,6 +20,7 @@ chain still verifies and a forged trim does not.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -37,6 +38,7 @@ from orchestrator.adapters.store import Store
 
 GENESIS = "0" * 64
 BATCH_WINDOW_S = 0.02
+MAX_BATCH = 500
 ANCHOR_EVERY_S = 2.0
 log = logging.getLogger(__name__)
 
@@ -123,17 +125,31 @@ class AuditLog:
         self._pending = 0
         self._pending_lock = threading.Lock()
         self._drained = threading.Condition(self._pending_lock)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writing = False  # on a loop: its writer coroutine is scheduled or running
+        self._in_flight = 0  # on a loop: records sent to Redis, not yet answered
+        self._settled = False  # on a loop: it is about to stop; flush writes what is left
+
+    def write_from(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Write from `loop` (the gateway's serving loop), as a coroutine with an asyncio
+        Redis client, instead of from a thread of its own: the thread serving requests then
+        shares the GIL with no writer thread. Its owner lets it settle (`settled`) before
+        the loop stops; what is left is written by `flush`."""
+        self._loop = loop
 
     def submit(self, record: dict[str, Any]) -> None:
         """Append in the background, in order, without holding up the request being served.
 
-        A writer thread takes everything queued meanwhile and writes it in one transaction,
-        so a busy gateway makes one Redis round trip per batch, not per request.
+        A writer (a thread, or a coroutine on the loop given to `write_from`) takes
+        everything queued meanwhile and writes it in one transaction, so a busy gateway
+        makes one Redis round trip per batch, not per request.
         """
         with self._pending_lock:
             self._pending += 1
         self._queue.put({**record, "time": record.get("time", time.time())})
-        if self._thread is None:
+        if self._loop is not None:
+            self._wake_loop_writer(self._loop)
+        elif self._thread is None:
             with self._lock:
                 if self._thread is None:
                     self._thread = threading.Thread(
@@ -143,30 +159,121 @@ class AuditLog:
 
     def _write_loop(self) -> None:
         while True:
-            batch = [self._queue.get()]
+            first = self._queue.get()
             # Let what arrives in the next few milliseconds gather, asleep: one transaction
             # for many requests instead of one each, and one wake-up of this thread (each
             # takes the GIL from the thread serving requests) instead of one per record.
             time.sleep(BATCH_WINDOW_S)
-            while len(batch) < 500:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            batch = [first, *self._take(MAX_BATCH - 1)]
             try:
                 self.append_many(batch)
             except Exception:  # Redis down: the records are lost, loudly
                 log.exception("%d audit records lost", len(batch))
+            self._written(len(batch))
+
+    def _take(self, most: int) -> list[dict[str, Any]]:
+        """What is queued, up to `most` records, without waiting."""
+        taken: list[dict[str, Any]] = []
+        while len(taken) < most:
+            try:
+                taken.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return taken
+
+    def _written(self, count: int) -> None:
+        with self._pending_lock:
+            self._pending -= count
+            if self._pending == 0:
+                self._drained.notify_all()
+
+    def _wake_loop_writer(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._pending_lock:
+            if self._writing or self._settled:
+                return
+            self._writing = True
+        try:
+            asyncio.run_coroutine_threadsafe(self._write_on_loop(loop), loop)
+        except RuntimeError:  # the loop is closed: flush writes what is left
             with self._pending_lock:
-                self._pending -= len(batch)
-                if self._pending == 0:
-                    self._drained.notify_all()
+                self._writing = False
+
+    async def _write_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The writer on the serving loop: a batch each BATCH_WINDOW_S while records come,
+        gone when none do (the next record starts it again)."""
+        while True:
+            await asyncio.sleep(BATCH_WINDOW_S)
+            batch = [] if self._settled else self._take(MAX_BATCH)
+            if not batch:
+                with self._pending_lock:
+                    if self._queue.empty() or self._settled:
+                        self._writing = False
+                        return
+                continue
+            self._in_flight = len(batch)
+            try:
+                await self._append_on_loop(batch)
+            except Exception:  # Redis down: the records are lost, loudly
+                log.exception("%d audit records lost", len(batch))
+            finally:
+                self._in_flight = 0
+                self._written(len(batch))
+            if self.signer is not None and time.monotonic() - self._anchored[1] >= ANCHOR_EVERY_S:
+                loop.run_in_executor(None, self.anchor)  # Vault signs: not on the loop
+
+    async def _append_on_loop(self, records: list[dict[str, Any]]) -> None:
+        # The chain lock, taken without blocking the loop: a thread's own append (rare,
+        # brief) finishes first; held until Redis has the batch, so no append links onto
+        # a head Redis does not have yet.
+        while not self._lock.acquire(blocking=False):
+            await asyncio.sleep(0.001)
+        try:
+            entries, head, seq = self._link(records)
+            await self.store.append_audit_async(
+                entries,
+                self.chain,
+                head,
+                [str(record.get("task") or "") for record in records],
+                [str(record.get("decision") or "") for record in records],
+            )
+            self._head, self._seq = head, seq
+        finally:
+            self._lock.release()
+
+    async def settled(self, timeout_s: float = 10.0) -> None:
+        """(On the writer's loop, before it stops) until every submitted record is written,
+        or `timeout_s`; then the loop writes no more (`flush` writes what comes after) and
+        its Redis connection is closed."""
+        deadline = time.monotonic() + timeout_s
+        while self._pending and time.monotonic() < deadline:
+            await asyncio.sleep(BATCH_WINDOW_S)
+        self._settled = True
+        await self.store.close_async()
 
     def flush(self, timeout_s: float = 30) -> None:
-        """Wait until every submitted record is written, and anchor the head."""
+        """Wait until every submitted record is written, and anchor the head. When the loop
+        given to `write_from` no longer runs, what it left queued is written here."""
+        if self._loop is not None and not self._loop.is_running():
+            self._write_what_the_loop_left()
         with self._pending_lock:
             self._drained.wait_for(lambda: self._pending == 0, timeout=timeout_s)
         self.anchor(force=True)
+
+    def _write_what_the_loop_left(self) -> None:
+        if self._in_flight:
+            log.error(
+                "%d audit records were on their way to Redis when the gateway's loop stopped: "
+                "not known to be written",
+                self._in_flight,
+            )
+            self._written(self._in_flight)
+            self._in_flight = 0
+        while batch := self._take(MAX_BATCH):
+            try:
+                self.append_many(batch)
+            except Exception:
+                log.exception("%d audit records lost", len(batch))
+            self._written(len(batch))
 
     def anchor(self, force: bool = False) -> Mark | None:
         """Sign this writer's head and keep it in Redis and the host's anchor file (at most
@@ -205,21 +312,7 @@ class AuditLog:
     def append_many(self, records: list[dict[str, Any]]) -> list[str]:
         """Add records to this writer's chain in one transaction; their hashes."""
         with self._lock:
-            head, seq, digests = self._head, self._seq, []
-            entries = []
-            for record in records:
-                seq += 1
-                entry = {
-                    **record,
-                    "time": record.get("time", time.time()),
-                    "chain": self.chain,
-                    "seq": seq,
-                }
-                text = canonical(entry)
-                digest = record_hash(head, entry, text)
-                entries.append((text, head, digest))
-                head = digest
-                digests.append(digest)
+            entries, head, seq = self._link(records)
             self.store.append_audit(
                 entries,
                 self.chain,
@@ -229,7 +322,22 @@ class AuditLog:
             )
             self._head, self._seq = head, seq
         self.anchor()
-        return digests
+        return [digest for _, _, digest in entries]
+
+    def _link(self, records: list[dict[str, Any]]) -> tuple[list[tuple[str, str, str]], str, int]:
+        """Records as chain entries (canonical text, prev, hash) after the head, and the head
+        and sequence number they lead to (under the chain lock)."""
+        head, seq = self._head, self._seq
+        entries = []
+        for record in records:
+            seq += 1
+            entry = {**record, "time": record.get("time", time.time()), "chain": self.chain}
+            entry["seq"] = seq
+            text = canonical(entry)
+            digest = record_hash(head, entry, text)
+            entries.append((text, head, digest))
+            head = digest
+        return entries, head, seq
 
     def entries(self) -> Iterator[tuple[str, dict[str, Any], str, str]]:
         """(stream id, record, prev, hash), oldest first."""

@@ -28,7 +28,7 @@ import re
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -324,15 +324,25 @@ class EndpointServer:
         )
         writer.close()
 
-    def shutdown(self) -> None:
+    def shutdown(self, settle: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Close every task's endpoint and stop the loop, once `settle` (a coroutine run on
+        the loop, for example the audit writer's last batch) has returned or 15 s passed."""
         for task_id in list(self._routes):
             self.close(task_id)
+        if settle is not None and self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(_settle(settle), self._loop).result(timeout=15)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
         if not self._thread.is_alive():
             self._loop.close()
         with contextlib.suppress(OSError):  # an empty root goes too (a stopped host is bare)
             self.root.rmdir()
+
+
+async def _settle(settle: Callable[[], Awaitable[None]]) -> None:
+    await asyncio.sleep(0.05)  # the cut connections' last audit lines are submitted first
+    await settle()
 
 
 def _stop(server: Future[asyncio.AbstractServer], sessions: set[asyncio.Task[Any]]) -> None:

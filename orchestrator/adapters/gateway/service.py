@@ -105,6 +105,7 @@ class LocalGateway:
             (int(uid), int(gid or uid)),
             certificates,
         )
+        audit.write_from(self.server.loop)  # its batches from the serving loop, no thread
 
     def open(self, task_id: str, given: Provisioned, grant: Grant, context: dict[str, Any]) -> Path:
         return self.server.open(task_id, self._handler(task_id, given, grant, context))
@@ -170,7 +171,7 @@ class LocalGateway:
             handler.context["traceparent"] = traceparent  # type: ignore[attr-defined]
 
     def shutdown(self) -> None:
-        self.server.shutdown()
+        self.server.shutdown(settle=self.audit.settled)
         self.audit.flush()
 
 
