@@ -15,7 +15,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 import hiredis
 import redis
@@ -265,6 +265,17 @@ for slot, list in pairs(ids) do
 end
 redis.call('SET', KEYS[2], ARGV[1])
 """
+
+
+class AuditBatch(NamedTuple):
+    """One audit writer's batch: its chained entries (canonical record, prev, hash), the
+    chain and the head they lead to, and each entry's task ("" for none) and decision."""
+
+    entries: list[tuple[str, str, str]]
+    chain: str
+    head: str
+    owners: list[str]
+    decisions: list[str]
 
 
 class Store:
@@ -681,31 +692,16 @@ class Store:
 
     # -- egress audit -----------------------------------------------------------------------
     @_guard
-    def append_audit(
-        self,
-        entries: list[tuple[str, str, str]],
-        chain: str,
-        head: str,
-        owners: list[str],
-        decisions: list[str],
-    ) -> None:
+    def append_audit(self, batch: AuditBatch) -> None:
         """Append one writer's chained records (record, prev, hash), move its head, index
         each record under its task (`owners`: a task id or "" per entry) so that a task's
         decisions are found without reading the whole audit, and count each task's
         decisions: one script, one round trip. The index is a view: the chain is the record."""
-        self._append_audit(*self._audit_call(entries, chain, head, owners, decisions))
+        self._append_audit(*self._audit_call(batch))
 
-    async def append_audit_async(
-        self,
-        entries: list[tuple[str, str, str]],
-        chain: str,
-        head: str,
-        owners: list[str],
-        decisions: list[str],
-    ) -> None:
+    async def append_audit_async(self, batch: AuditBatch) -> None:
         """`append_audit` without blocking the event loop (for the gateway's loop)."""
-        call = self._audit_call(entries, chain, head, owners, decisions)
-        await self._async_script(_APPEND_AUDIT)(*call)
+        await self._async_script(_APPEND_AUDIT)(*self._audit_call(batch))
 
     async def close_async(self) -> None:
         """Close the running loop's asyncio client, if it has one (before the loop stops:
@@ -714,29 +710,22 @@ class Store:
         if scripts is not None:
             await scripts["client"].aclose()
 
-    def _audit_call(
-        self,
-        entries: list[tuple[str, str, str]],
-        chain: str,
-        head: str,
-        owners: list[str],
-        decisions: list[str],
-    ) -> tuple[list[str], list[Any]]:
+    def _audit_call(self, batch: AuditBatch) -> tuple[list[str], list[Any]]:
         """The append script's keys and arguments. The entries go as one JSON argument (one
         to encode, not five per entry); records are canonical JSON, ASCII only, so what the
         script stores is byte for byte what was hashed."""
-        keys = [self.keys.audit, self.keys.audit_head(chain)]
+        keys = [self.keys.audit, self.keys.audit_head(batch.chain)]
         slots: dict[str, int] = {}
         items: list[str | int] = []
         for (record, prev, digest), task_id, decision in zip(
-            entries, owners, decisions, strict=True
+            batch.entries, batch.owners, batch.decisions, strict=True
         ):
             slot = slots.get(task_id, 0) if task_id else 0
             if task_id and not slot:
                 slot = slots[task_id] = len(keys) + 1
                 keys += [self.keys.task(task_id, "egress"), self.keys.task(task_id, "audit")]
             items += [record, prev, digest, slot, decision]
-        return keys, [head, self.record_ttl_s, TASK_AUDIT_INDEX, json.dumps(items)]
+        return keys, [batch.head, self.record_ttl_s, TASK_AUDIT_INDEX, json.dumps(items)]
 
     @_guard
     def task_audit(self, task_id: str, count: int) -> list[tuple[str, dict[str, str]]]:

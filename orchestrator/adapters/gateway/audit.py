@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from orchestrator.adapters.store import Store
+from orchestrator.adapters.store import AuditBatch, Store
 
 GENESIS = "0" * 64
 BATCH_WINDOW_S = 0.02
@@ -228,15 +228,9 @@ class AuditLog:
         while not self._lock.acquire(blocking=False):
             await asyncio.sleep(0.001)
         try:
-            entries, head, seq = self._link(records)
-            await self.store.append_audit_async(
-                entries,
-                self.chain,
-                head,
-                [str(record.get("task") or "") for record in records],
-                [str(record.get("decision") or "") for record in records],
-            )
-            self._head, self._seq = head, seq
+            batch, seq = self._link(records)
+            await self.store.append_audit_async(batch)
+            self._head, self._seq = batch.head, seq
         finally:
             self._lock.release()
 
@@ -312,21 +306,15 @@ class AuditLog:
     def append_many(self, records: list[dict[str, Any]]) -> list[str]:
         """Add records to this writer's chain in one transaction; their hashes."""
         with self._lock:
-            entries, head, seq = self._link(records)
-            self.store.append_audit(
-                entries,
-                self.chain,
-                head,
-                [str(record.get("task") or "") for record in records],
-                [str(record.get("decision") or "") for record in records],
-            )
-            self._head, self._seq = head, seq
+            batch, seq = self._link(records)
+            self.store.append_audit(batch)
+            self._head, self._seq = batch.head, seq
         self.anchor()
-        return [digest for _, _, digest in entries]
+        return [digest for _, _, digest in batch.entries]
 
-    def _link(self, records: list[dict[str, Any]]) -> tuple[list[tuple[str, str, str]], str, int]:
-        """Records as chain entries (canonical text, prev, hash) after the head, and the head
-        and sequence number they lead to (under the chain lock)."""
+    def _link(self, records: list[dict[str, Any]]) -> tuple[AuditBatch, int]:
+        """Records as a batch of chain entries (canonical text, prev, hash) after the head,
+        and the sequence number they lead to (under the chain lock)."""
         head, seq = self._head, self._seq
         entries = []
         for record in records:
@@ -337,7 +325,9 @@ class AuditLog:
             digest = record_hash(head, entry, text)
             entries.append((text, head, digest))
             head = digest
-        return entries, head, seq
+        owners = [str(record.get("task") or "") for record in records]
+        decisions = [str(record.get("decision") or "") for record in records]
+        return AuditBatch(entries, self.chain, head, owners, decisions), seq
 
     def entries(self) -> Iterator[tuple[str, dict[str, Any], str, str]]:
         """(stream id, record, prev, hash), oldest first."""
