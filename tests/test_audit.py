@@ -297,3 +297,32 @@ def test_a_batch_is_indexed_and_counted_per_task(isolated: Store) -> None:
     assert [json.loads(f["record"])["n"] for _, f in isolated.task_audit(b, 10)] == [1, 5]
     count, problems = log.verify()
     assert count == len(plan) and not problems
+
+
+def test_records_written_from_a_serving_loop_chain_as_from_a_thread(isolated: Store) -> None:
+    """The gateway's writer on its serving loop: a batch longer than one linking slice, then
+    the loop settles and stops, and what comes after is written by flush; one chain, whole."""
+    import asyncio
+    import threading
+
+    import uvloop
+
+    loop = uvloop.new_event_loop()
+    serving = threading.Thread(target=loop.run_forever)
+    serving.start()
+    log = AuditLog(isolated, "c1")
+    log.write_from(loop)
+    for n in range(150):
+        log.submit({"task": "t", "decision": "allow", "n": n})
+    log.flush()
+    assert log.verify() == (150, [])
+    log.submit({"task": "t", "decision": "deny", "n": 150})
+    asyncio.run_coroutine_threadsafe(log.settled(), loop).result(timeout=15)
+    log.submit({"task": "t", "decision": "deny", "n": 151})  # after the loop settled
+    loop.call_soon_threadsafe(loop.stop)
+    serving.join(timeout=5)
+    loop.close()
+    log.flush()
+    count, problems = log.verify()
+    assert (count, problems) == (152, [])
+    assert [r["n"] for r in log.records("t")] == list(range(152))

@@ -39,6 +39,7 @@ from orchestrator.adapters.store import AuditBatch, Store
 GENESIS = "0" * 64
 BATCH_WINDOW_S = 0.02
 MAX_BATCH = 500
+LINK_SLICE = 32  # records linked on the serving loop before it serves requests again
 ANCHOR_EVERY_S = 2.0
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,17 @@ class AuditLog:
         while not self._lock.acquire(blocking=False):
             await asyncio.sleep(0.001)
         try:
-            batch, seq = self._link(records)
+            batch, seq = self._link(records[:LINK_SLICE], self._head, self._seq)
+            for start in range(LINK_SLICE, len(records), LINK_SLICE):
+                await asyncio.sleep(0)  # the requests waiting meanwhile are served first
+                more, seq = self._link(records[start : start + LINK_SLICE], batch.head, seq)
+                batch = AuditBatch(
+                    batch.entries + more.entries,
+                    self.chain,
+                    more.head,
+                    batch.owners + more.owners,
+                    batch.decisions + more.decisions,
+                )
             await self.store.append_audit_async(batch)
             self._head, self._seq = batch.head, seq
         finally:
@@ -306,16 +317,15 @@ class AuditLog:
     def append_many(self, records: list[dict[str, Any]]) -> list[str]:
         """Add records to this writer's chain in one transaction; their hashes."""
         with self._lock:
-            batch, seq = self._link(records)
+            batch, seq = self._link(records, self._head, self._seq)
             self.store.append_audit(batch)
             self._head, self._seq = batch.head, seq
         self.anchor()
         return [digest for _, _, digest in batch.entries]
 
-    def _link(self, records: list[dict[str, Any]]) -> tuple[AuditBatch, int]:
-        """Records as a batch of chain entries (canonical text, prev, hash) after the head,
-        and the sequence number they lead to (under the chain lock)."""
-        head, seq = self._head, self._seq
+    def _link(self, records: list[dict[str, Any]], head: str, seq: int) -> tuple[AuditBatch, int]:
+        """Records as a batch of chain entries (canonical text, prev, hash) after `head`
+        and `seq`, and the sequence number they lead to (under the chain lock)."""
         entries = []
         for record in records:
             seq += 1
