@@ -216,6 +216,26 @@ def test_a_connection_that_stays_silent_is_closed(
                 pass  # a refusal, if any, then the close
 
 
+def test_a_control_request_is_answered_however_long_its_handler_takes(
+    task: LiveTask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The idle timeout is for silent peers: a runner waiting on a handler that waits on
+    Vault (longer than the idle timeout here) still gets its answer."""
+    from orchestrator.adapters.gateway.task_endpoint import TaskEndpoint
+
+    answer = TaskEndpoint.__call__
+
+    def slow(self: TaskEndpoint, method: str, target: str, body: dict[str, Any]) -> Any:
+        time.sleep(1.0)
+        return answer(self, method, target, body)
+
+    monkeypatch.setattr(gateway_http, "IDLE_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(TaskEndpoint, "__call__", slow)
+    request = b"POST /v1/nothing HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+    status, _, body = exchange(task.socket, request)
+    assert status == 404 and b"no such endpoint" in body, (status, body)
+
+
 def test_basic_proxy_credentials_carry_the_jwt(task: LiveTask) -> None:
     basic = base64.b64encode(f"task:{task.jwt}".encode()).decode()
     status, _, _ = exchange(task.socket, get(API, None, f"Proxy-Authorization: Basic {basic}\r\n"))

@@ -152,6 +152,8 @@ class Session:
             return False
         if target.startswith("/"):
             body = await self.task.read_body(MAX_CONTROL_BODY)
+            if self.idle is not None:
+                self.idle.stop()  # the handler may wait on Vault; the answer ends the connection
             status, payload = await self.control(request.method.decode(), target, body)
             await self.task.respond(status, payload, [("connection", "close")])
             return False
