@@ -298,7 +298,10 @@ class Store:
         self.clock = clock
         self.ride_out_s = ride_out_s
         self._create = self.redis.register_script(_CREATE)
-        self._async_scripts: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+        # Per loop: its asyncio client, and the scripts registered on it by source.
+        self._async_clients: weakref.WeakKeyDictionary[Any, tuple[Any, dict[str, Any]]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._advance = self.redis.register_script(_ADVANCE)
         self._append_audit = self.redis.register_script(_APPEND_AUDIT)
 
@@ -347,17 +350,16 @@ class Store:
         """A script on an asyncio client of the running loop (a client's connections belong
         to the loop they were made in)."""
         loop = asyncio.get_running_loop()
-        scripts = self._async_scripts.get(loop)
-        if scripts is None:
+        if loop not in self._async_clients:
             client = redis.asyncio.Redis.from_url(
                 self.url, retry=AsyncRetry(NoBackoff(), 0), **_CLIENT_OPTIONS
             )
             _pack_with_hiredis(client)
-            scripts = self._async_scripts[loop] = {"client": client}
-        made = scripts.get(source)
-        if made is None:
-            made = scripts[source] = scripts["client"].register_script(source)
-        return made
+            self._async_clients[loop] = (client, {})
+        client, scripts = self._async_clients[loop]
+        if source not in scripts:
+            scripts[source] = client.register_script(source)
+        return scripts[source]
 
     def _create_call(self, new: NewTask) -> tuple[list[str], list[Any]]:
         now = self.clock()
@@ -706,9 +708,9 @@ class Store:
     async def close_async(self) -> None:
         """Close the running loop's asyncio client, if it has one (before the loop stops:
         a loop does not close around a client's open connection)."""
-        scripts = self._async_scripts.pop(asyncio.get_running_loop(), None)
-        if scripts is not None:
-            await scripts["client"].aclose()
+        made = self._async_clients.pop(asyncio.get_running_loop(), None)
+        if made is not None:
+            await made[0].aclose()
 
     def _audit_call(self, batch: AuditBatch) -> tuple[list[str], list[Any]]:
         """The append script's keys and arguments. The entries go as one JSON argument (one

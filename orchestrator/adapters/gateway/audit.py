@@ -219,7 +219,7 @@ class AuditLog:
             finally:
                 self._in_flight = 0
                 self._written(len(batch))
-            if self.signer is not None and time.monotonic() - self._anchored[1] >= ANCHOR_EVERY_S:
+            if self._anchor_due():
                 loop.run_in_executor(None, self.anchor)  # Vault signs: not on the loop
 
     async def _append_on_loop(self, records: list[dict[str, Any]]) -> None:
@@ -229,19 +229,14 @@ class AuditLog:
         while not self._lock.acquire(blocking=False):
             await asyncio.sleep(0.001)
         try:
-            batch, seq = self._link(records[:LINK_SLICE], self._head, self._seq)
-            for start in range(LINK_SLICE, len(records), LINK_SLICE):
-                await asyncio.sleep(0)  # the requests waiting meanwhile are served first
-                more, seq = self._link(records[start : start + LINK_SLICE], batch.head, seq)
-                batch = AuditBatch(
-                    batch.entries + more.entries,
-                    self.chain,
-                    more.head,
-                    batch.owners + more.owners,
-                    batch.decisions + more.decisions,
-                )
-            await self.store.append_audit_async(batch)
-            self._head, self._seq = batch.head, seq
+            entries: list[tuple[str, str, str]] = []
+            head, seq = self._head, self._seq
+            for start in range(0, len(records), LINK_SLICE):
+                if start:
+                    await asyncio.sleep(0)  # the requests waiting meanwhile are served first
+                head, seq = self._link(records[start : start + LINK_SLICE], head, seq, entries)
+            await self.store.append_audit_async(self._batch(records, entries, head))
+            self._head, self._seq = head, seq
         finally:
             self._lock.release()
 
@@ -288,8 +283,7 @@ class AuditLog:
             return None
         with self._lock:
             seq, head = self._seq, self._head
-        last_seq, last_at = self._anchored
-        if seq == last_seq or (not force and time.monotonic() - last_at < ANCHOR_EVERY_S):
+        if seq == self._anchored[0] or not (force or self._anchor_due()):
             return None
         mark = Mark(self.chain, seq, head, time.time(), self.store.keys.ns)
         try:
@@ -310,23 +304,32 @@ class AuditLog:
         self._anchored = (seq, time.monotonic())
         return mark
 
+    def _anchor_due(self) -> bool:
+        return self.signer is not None and time.monotonic() - self._anchored[1] >= ANCHOR_EVERY_S
+
     def append(self, record: dict[str, Any]) -> str:
         """Add one record to this writer's chain now; returns its hash."""
         return self.append_many([record])[-1]
 
     def append_many(self, records: list[dict[str, Any]]) -> list[str]:
         """Add records to this writer's chain in one transaction; their hashes."""
+        entries: list[tuple[str, str, str]] = []
         with self._lock:
-            batch, seq = self._link(records, self._head, self._seq)
-            self.store.append_audit(batch)
-            self._head, self._seq = batch.head, seq
+            head, seq = self._link(records, self._head, self._seq, entries)
+            self.store.append_audit(self._batch(records, entries, head))
+            self._head, self._seq = head, seq
         self.anchor()
-        return [digest for _, _, digest in batch.entries]
+        return [digest for _, _, digest in entries]
 
-    def _link(self, records: list[dict[str, Any]], head: str, seq: int) -> tuple[AuditBatch, int]:
-        """Records as a batch of chain entries (canonical text, prev, hash) after `head`
-        and `seq`, and the sequence number they lead to (under the chain lock)."""
-        entries = []
+    def _link(
+        self,
+        records: list[dict[str, Any]],
+        head: str,
+        seq: int,
+        entries: list[tuple[str, str, str]],
+    ) -> tuple[str, int]:
+        """Add `records` to `entries` as chain entries (canonical text, prev, hash) after
+        `head` and `seq`; the head and sequence number they lead to (under the chain lock)."""
         for record in records:
             seq += 1
             entry = {**record, "time": record.get("time", time.time()), "chain": self.chain}
@@ -335,9 +338,14 @@ class AuditLog:
             digest = record_hash(head, entry, text)
             entries.append((text, head, digest))
             head = digest
+        return head, seq
+
+    def _batch(
+        self, records: list[dict[str, Any]], entries: list[tuple[str, str, str]], head: str
+    ) -> AuditBatch:
         owners = [str(record.get("task") or "") for record in records]
         decisions = [str(record.get("decision") or "") for record in records]
-        return AuditBatch(entries, self.chain, head, owners, decisions), seq
+        return AuditBatch(entries, self.chain, head, owners, decisions)
 
     def entries(self) -> Iterator[tuple[str, dict[str, Any], str, str]]:
         """(stream id, record, prev, hash), oldest first."""

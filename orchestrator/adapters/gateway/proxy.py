@@ -82,9 +82,8 @@ class Session:
     ) -> None:
         self.reader, self.writer = reader, writer
         self.control, self.policy, self.own = control, policy, own
-        self.idle: Idle | None = None
-        self.task = TaskConnection(reader, writer)
-        self.in_exchange = False  # a request is being served (it audits itself)
+        self.idle = Idle()  # made on the loop, in the task that serves this connection
+        self.task = TaskConnection(reader, writer, self.idle)
         # Upstream connections kept alive between this client's requests, by checked address.
         self.pool: dict[tuple[IPAddress, int, str], Upstream] = {}
         self.tls = tls
@@ -92,16 +91,12 @@ class Session:
         self.inside: Inside | None = None  # once the connection is an intercepted tunnel
 
     async def run(self) -> None:
-        self.idle = self.task.idle = Idle()
         try:
             await self._requests()
         except Refused as exc:
             await self._refuse(exc)
-        except ValueError as exc:  # Malformed, or a value no part of HTTP can carry
-            if not self.in_exchange:
-                self.policy.audit(
-                    Exchange("?", rule="malformed", reason=str(exc), status=400).record()
-                )
+        except ValueError as exc:  # Malformed outside a request's exchange (which audits its own)
+            self.policy.audit(Exchange("?", rule="malformed", reason=str(exc), status=400).record())
             await self._refuse(Refused(400, "malformed", f"bad request: {exc}"))
         except (TimeoutError, ConnectionError):
             pass
@@ -141,23 +136,22 @@ class Session:
             pass
 
     async def dispatch(self, request: Request) -> bool:
-        """Serve one request; whether it was served to its end."""
+        """Serve one request; whether another may follow it on the connection."""
         target = request.target.decode("latin-1")
         if self.inside is not None:  # the task's own TLS, ended here: the upstream's paths
             if request.method == b"CONNECT" or not target.startswith("/"):
                 raise Refused(400, "malformed", "inside a tunnel, requests name a /path only")
-            return await self.forward(request, target)
-        if request.method == b"CONNECT":
+        elif request.method == b"CONNECT":
             await self.connect(request, target)
             return False
-        if target.startswith("/"):
+        elif target.startswith("/"):
             body = await self.task.read_body(MAX_CONTROL_BODY)
-            if self.idle is not None:
-                self.idle.stop()  # the handler may wait on Vault; the answer ends the connection
+            self.idle.stop()  # the handler may wait on Vault; the answer ends the connection
             status, payload = await self.control(request.method.decode(), target, body)
             await self.task.respond(status, payload, [("connection", "close")])
             return False
-        return await self.forward(request, target)
+        await self.forward(request, target)
+        return True
 
     def _audit_refusal(self, exchange: Exchange, refused: Refused) -> None:
         exchange.status, exchange.rule, exchange.reason = (
@@ -178,10 +172,9 @@ class Session:
             challenge = [("proxy-authenticate", f'{scheme} realm="airlock"') for scheme in _SCHEMES]
             raise Refused(407, "identity", why, challenge)
 
-    async def forward(self, request: Request, target: str) -> bool:
+    async def forward(self, request: Request, target: str) -> None:
         method = request.method.decode()
         exchange = Exchange(method)
-        self.in_exchange = True
         try:
             if self.inside is not None:
                 path, mark, query = target.partition("#")[0].partition("?")
@@ -222,10 +215,10 @@ class Session:
                 await self._relay(request, path, upstream, exchange, inject)
             else:
                 await self._relay_mcp(request, path, upstream, exchange, server)
-        except ValueError as exc:
+        except ValueError as exc:  # audited here, refused as such
             exchange.decision, exchange.rule, exchange.status = "deny", "malformed", 400
             exchange.reason = f"bad request: {exc}"
-            raise
+            raise Refused(400, "malformed", exchange.reason) from exc
         except Refused as exc:  # allowed, but what came back (or was to be added) would not do
             exchange.status, exchange.reason = exc.status, exc.reason
             raise
@@ -236,8 +229,6 @@ class Session:
                 self.pool[upstream.key] = upstream
             else:
                 upstream.close()
-            self.in_exchange = False
-        return True
 
     def _send_request(
         self,
@@ -262,11 +253,9 @@ class Session:
                 (k, v) for k, v in headers if k not in (b"content-length", b"transfer-encoding")
             ]
             headers.append((b"content-length", b"%d" % len(body)))
-        head_only = request.method == b"HEAD"
-        answer = upstream.answer
-        upstream.answer = Answer(head_only) if answer is None else answer.again(head_only)
+        answer = upstream.next_answer(head_only=request.method == b"HEAD")
         upstream.writer.write(request_head(request.method, path, headers) + (body or b""))
-        return upstream.answer
+        return answer
 
     def _injection(self, verdict: Verdict) -> tuple[bytes, bytes | None] | None:
         if verdict.inject is None:
@@ -343,8 +332,7 @@ class Session:
     ) -> None:
         """Stream the upstream's answer back; what is already parsed goes out in one write."""
         out = b""
-        idle = self.idle
-        while (event := await answer.next(reader, idle)) is not None:
+        while (event := await answer.next(reader, self.idle)) is not None:
             if isinstance(event, Head):
                 out += self._start_response(event, exchange)
             else:
@@ -421,7 +409,7 @@ class Session:
             hello = await _read_hello(self.reader, first, self.idle)
         except NotTls as exc:
             return b"", str(exc)
-        except (TimeoutError, ConnectionError) as exc:
+        except ConnectionError as exc:
             return b"", f"no ClientHello: {exc or exc.__class__.__name__}"
         return hello, sni_problem(hello, host)
 
@@ -493,8 +481,7 @@ class Session:
             if leftover:
                 up_writer.write(leftover)
                 exchange.bytes_out += len(leftover)
-            if self.idle is not None:
-                self.idle.stop()  # a tunnel may stay silent as long as its peers like
+            self.idle.stop()  # a tunnel may stay silent as long as its peers like
             sent, received = await asyncio.gather(
                 pipe(self.reader, up_writer, self.policy.relayed),
                 pipe(up_reader, self.writer, self.policy.relayed),
@@ -558,9 +545,9 @@ class Session:
             raise Refused(503, "interception", f"no certificate for {host}: {exc}") from None
 
 
-async def _read_hello(reader: asyncio.StreamReader, first: bytes, idle: Idle | None) -> bytes:
+async def _read_hello(reader: asyncio.StreamReader, first: bytes, idle: Idle) -> bytes:
     """The client's first bytes in a tunnel, up to the end of its ClientHello. Raises NotTls,
-    TimeoutError, or ConnectionError (closed before the hello ended)."""
+    or ConnectionError (closed before the hello ended)."""
     data = first
     while hello_length(data) is None:
         chunk = await read_chunk(reader, idle)

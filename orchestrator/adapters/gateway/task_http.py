@@ -120,7 +120,7 @@ class TaskConnection:
         self._url, self._headers, self._pieces = b"", [], deque()
         self._complete = self._pipelined = self.answering = self._answered = self._keep = False
         self.leftover = b""
-        connect = self._feed_head(parser, buffer)
+        self._feed_head(parser, buffer)
         headers = self._headers
         host, coding = False, []
         for name, value in headers:
@@ -133,12 +133,11 @@ class TaskConnection:
         http10 = parser.get_http_version() == "1.0"
         if not host and not http10:
             raise Malformed("no Host header")
-        self._keep = self._keep and not connect
         self.request = Request(parser.get_method(), self._url, headers, http10, bool(coding))
         return self.request
 
-    def _feed_head(self, parser: httptools.HttpRequestParser, buffer: bytearray) -> bool:
-        """Parse a request head (and what follows it); whether it is a CONNECT."""
+    def _feed_head(self, parser: httptools.HttpRequestParser, buffer: bytearray) -> None:
+        """Parse a request head (and what follows it)."""
         try:
             parser.feed_data(buffer)
         except httptools.HttpParserUpgrade as exc:
@@ -148,11 +147,10 @@ class TaskConnection:
             self._complete = True
             if parser.get_method() == b"CONNECT":
                 self.leftover = rest
-                return True
-            self._pipelined = bool(rest)
+            else:
+                self._pipelined = bool(rest)
         except httptools.HttpParserError as exc:
             self._parse_failed(exc)
-        return False
 
     def _parse_failed(self, exc: httptools.HttpParserError) -> None:
         cause = exc.__context__ or exc.__cause__

@@ -83,14 +83,10 @@ class Answer:
         self.done = False
         self.keep_alive = False
 
-    def again(self, head_only: bool = False) -> Answer:
-        """The reader of the next answer on the same connection: this one, its parser kept,
-        once it ended by its framing with the connection kept; else a new one."""
-        if not (self.done and self.keep_alive):
-            return Answer(head_only)
+    def restart(self, head_only: bool) -> None:
+        """Read the next answer on the same connection, with the same parser."""
         self.head_only, self._head, self.done, self.keep_alive = head_only, None, False, False
         self._events.clear()
-        return self
 
     # -- llhttp's callbacks --------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -189,6 +185,16 @@ class Upstream:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     answer: Answer | None = None  # to the request in flight
+
+    def next_answer(self, head_only: bool) -> Answer:
+        """The reader of the answer to the request about to go: the last one, its parser
+        kept, when that answer ended by its framing on a kept connection; else a new one."""
+        last = self.answer
+        if last is not None and last.done and last.keep_alive:
+            last.restart(head_only)
+            return last
+        self.answer = Answer(head_only)
+        return self.answer
 
     def reusable(self) -> bool:
         """Whether another request may follow: the last answer ended by its framing, and
