@@ -678,6 +678,17 @@ def test_an_opaque_tunnel_must_carry_tls_for_its_connect_host(
     assert last["rule"] == "sni" and reason in last["reason"], last
 
 
+def test_a_tunnel_silent_before_its_client_hello_is_cut_and_audited(
+    executor: Executor, task: LiveTask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gateway_http, "IDLE_TIMEOUT_S", 0.5)
+    with open_tunnel(task, OPAQUE) as raw:
+        assert raw.recv(65536) == b""  # cut at the idle timeout (ours: 10 s)
+    executor.credentials.audit.flush()
+    last = AuditLog(executor.store).records(task.id, denied=True)[-1]
+    assert last["rule"] == "sni" and "no ClientHello" in last["reason"], last
+
+
 def test_tunnels_are_cut_when_the_task_ends(executor: Executor, upstreams: Upstreams) -> None:
     live = LiveTask(executor)
     with open_tunnel(live, OPAQUE) as raw:

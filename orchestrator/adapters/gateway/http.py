@@ -158,6 +158,16 @@ class Idle:
             self.expired = True
             self.task.cancel()
 
+    def absorbed(self) -> bool:
+        """Whether the cancellation being handled is this deadline's; if so, it is taken back
+        (the connection's task goes on, to say why and close)."""
+        if not self.expired:
+            return False
+        self.expired = False
+        if self.task is not None:
+            self.task.uncancel()
+        return True
+
     def stop(self) -> None:
         """No deadline from now on (an opaque tunnel may stay silent as long as it likes)."""
         if self._handle is not None:

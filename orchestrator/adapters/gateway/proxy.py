@@ -101,11 +101,8 @@ class Session:
         except (TimeoutError, ConnectionError):
             pass
         except asyncio.CancelledError:
-            if not self.idle.expired:
+            if not self.idle.absorbed():
                 raise
-            current = asyncio.current_task()
-            if current is not None:
-                current.uncancel()
         finally:
             self.idle.stop()
             self.writer.close()
@@ -411,6 +408,10 @@ class Session:
             return b"", str(exc)
         except ConnectionError as exc:
             return b"", f"no ClientHello: {exc or exc.__class__.__name__}"
+        except asyncio.CancelledError:
+            if not self.idle.absorbed():
+                raise
+            return b"", "no ClientHello within the idle timeout"
         return hello, sni_problem(hello, host)
 
     async def connect(self, request: Request, authority: str) -> None:
