@@ -178,12 +178,29 @@ async def flood(socket_path: str, seconds: float, connections: int = 8) -> int:
 
 
 # --- the driver -----------------------------------------------------------------------------
-def cpu_seconds(stat: str | None) -> float:
-    """User plus system CPU of a process or thread, from its /proc stat file."""
-    if stat is None:
-        return 0.0
-    fields = Path(stat).read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(stats: list[str] | None) -> float:
+    """User plus system CPU of processes or threads, from their /proc stat files."""
+    total = 0
+    for stat in stats or []:
+        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def squid_processes(pid: int) -> list[int]:
+    """squid and its helpers (log daemon, certificate generators), as they run now."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, seen = [pid], 0
+    while seen < len(found):
+        found += [child for child, parent in parents.items() if parent == found[seen]]
+        seen += 1
+    return found
 
 
 def start_tinyproxy(directory: Path) -> subprocess.Popen[bytes]:
@@ -450,12 +467,17 @@ def run(count: int, seconds: float) -> None:
             "connections; policy, JWT check and audit on for Airlock",
             flush=True,
         )
-        # CPU seconds of what serves each path: the gateway's loop thread, squid's process.
+        # CPU seconds of what serves each path: the gateway's loop thread and its audit
+        # writer process; squid's process and its log daemon.
         gateway_thread = next(t for t in threading.enumerate() if t.name == "airlock-endpoints")
+        airlock = [
+            f"/proc/self/task/{gateway_thread.native_id}/stat",
+            f"/proc/{credentials.audit.writer_pid}/stat",
+        ]
         serving = {
-            "airlock": f"/proc/self/task/{gateway_thread.native_id}/stat",
-            "airlock tls": f"/proc/self/task/{gateway_thread.native_id}/stat",
-            "squid tls": f"/proc/{squid.pid}/stat",
+            "airlock": airlock,
+            "airlock tls": airlock,
+            "squid tls": [f"/proc/{pid}/stat" for pid in squid_processes(squid.pid)],
         }
         results = {}
         for path in paths:  # one load client per path, so each path's CPU is its own
