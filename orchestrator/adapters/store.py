@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 import hiredis
+import orjson
 import redis
 import redis.asyncio
 from redis.asyncio.retry import Retry as AsyncRetry
@@ -716,7 +717,7 @@ class Store:
                 slot = slots[task_id] = len(keys) + 1
                 keys += [self.keys.task(task_id, "egress"), self.keys.task(task_id, "audit")]
             items += [record, prev, digest, slot, decision]
-        return keys, [batch.head, self.record_ttl_s, TASK_AUDIT_INDEX, json.dumps(items)]
+        return keys, [batch.head, self.record_ttl_s, TASK_AUDIT_INDEX, orjson.dumps(items)]
 
     @_guard
     def task_audit(self, task_id: str, count: int) -> list[tuple[str, dict[str, str]]]:

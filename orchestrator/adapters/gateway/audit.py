@@ -38,6 +38,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
 
+import orjson
+
 from orchestrator.adapters.store import AuditBatch, Store
 from orchestrator.config import Settings
 
@@ -92,10 +94,35 @@ class Mark:
 
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+# orjson writes what it would be asked for as json would, not as a subclass or a date.
+_FAST = orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_PASSTHROUGH_DATETIME
 
 
 def canonical(record: dict[str, Any]) -> str:
+    """The text a record is hashed as: json's, with sorted keys, no spaces, ASCII only.
+
+    orjson writes it several times faster, and its text is taken only where it is provably
+    json's own: printable ASCII throughout (json escapes DEL and anything beyond ASCII,
+    orjson does not) and every float in the range where both write it without an exponent
+    (they write exponents differently). Anything else is written by json.
+    """
+    try:
+        fast = orjson.dumps(record, option=_FAST)
+    except TypeError:  # beyond 64-bit integers, keys that are not strings, subclasses
+        return _CANONICAL.encode(record)
+    if fast.isascii() and b"\x7f" not in fast and _plain_floats(record):
+        return fast.decode()
     return _CANONICAL.encode(record)
+
+
+def _plain_floats(value: dict[str, Any] | list[Any] | tuple[Any, ...]) -> bool:
+    for item in value.values() if isinstance(value, dict) else value:
+        if isinstance(item, float):
+            if not (item == 0 or 1e-4 <= abs(item) < 1e16):  # NaN and infinities fail too
+                return False
+        elif isinstance(item, (dict, list, tuple)) and not _plain_floats(item):
+            return False
+    return True
 
 
 def record_hash(previous: str, record: dict[str, Any], text: str | None = None) -> str:
