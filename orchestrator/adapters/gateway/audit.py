@@ -47,7 +47,9 @@ GENESIS = "0" * 64
 BATCH_WINDOW_S = 0.02
 MAX_BATCH = 500
 ANCHOR_EVERY_S = 2.0
-SEND_BUFFER = 4 << 20  # what a gateway may hand its writer process before it is held up
+# What a gateway may hand its writer process before it waits for it (asked for; the
+# kernel caps it at net.core.wmem_max).
+SEND_BUFFER = 4 << 20
 log = logging.getLogger(__name__)
 
 
