@@ -45,9 +45,13 @@ def runtime(settings: Settings, ride_out_s: float = 0.0, connections: int = 10) 
 
 
 def vault(settings: Settings, ride_out_s: float = 0.0) -> Vault:
-    from orchestrator.adapters.vault.setup import connect
+    from orchestrator.adapters.vault.adapter import AppRoleLogin, Vault
+    from orchestrator.adapters.vault.setup import COMPONENT_AUTH
 
-    return connect(settings, ride_out_s)
+    if settings.vault_approle is not None:
+        login = AppRoleLogin.from_dir(settings.vault_approle, COMPONENT_AUTH)
+        return Vault(settings.vault_addr, None, ride_out_s=ride_out_s, login=login)
+    return Vault(settings.vault_addr, settings.vault_token, ride_out_s=ride_out_s)
 
 
 def audit_log(settings: Settings, store: Store, client: Vault | None = None) -> AuditLog:

@@ -302,9 +302,10 @@ def test_a_batch_is_indexed_and_counted_per_task(isolated: Store) -> None:
     assert count == len(plan) and not problems
 
 
-@pytest.fixture
-def serving_loop() -> Iterator[Any]:
-    """A uvloop running in a thread of its own, as the gateway's serving loop does."""
+def test_records_written_from_a_serving_loop_chain_as_from_a_thread(isolated: Store) -> None:
+    """The gateway's writer on its serving loop: a batch longer than one linking slice, then
+    the loop settles and stops, and what comes after is written by flush; one chain, whole."""
+    import asyncio
     import threading
 
     import uvloop
@@ -312,130 +313,22 @@ def serving_loop() -> Iterator[Any]:
     loop = uvloop.new_event_loop()
     serving = threading.Thread(target=loop.run_forever)
     serving.start()
-    yield loop
-    loop.call_soon_threadsafe(loop.stop)
-    serving.join(timeout=5)
-    loop.close()
-
-
-def gone(pid: int, within_s: float = 10.0) -> bool:
-    """Whether process `pid` (a child of this one, or of a process that ended) is gone."""
-    import os
-
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        if not Path(f"/proc/{pid}").exists() or " Z " in Path(f"/proc/{pid}/stat").read_text():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def status(pid: int) -> dict[str, str]:
-    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    return {name: value.strip() for name, _, value in (line.partition(":") for line in lines)}
-
-
-def test_records_handed_to_the_writer_process_chain_as_from_a_thread(
-    isolated: Store, settings: Settings, serving_loop: Any
-) -> None:
-    """The gateway's audit: handed over from its serving loop to a writer process; the loop
-    settles and stops, what comes after is handed over by flush; one chain, whole, and the
-    writer ends with its log."""
-    import asyncio
-
     log = AuditLog(isolated, "c1")
-    log.write_in_process(serving_loop, settings)
-    pid = log.writer_pid
-    assert pid is not None and not gone(pid, 0)
+    log.write_from(loop)
     for n in range(150):
-        serving_loop.call_soon_threadsafe(log.submit, {"task": "t", "decision": "allow", "n": n})
-    time.sleep(0.1)
+        log.submit({"task": "t", "decision": "allow", "n": n})
     log.flush()
     assert log.verify() == (150, [])
     log.submit({"task": "t", "decision": "deny", "n": 150})
-    asyncio.run_coroutine_threadsafe(log.settled(), serving_loop).result(timeout=15)
+    asyncio.run_coroutine_threadsafe(log.settled(), loop).result(timeout=15)
     log.submit({"task": "t", "decision": "deny", "n": 151})  # after the loop settled
-    serving_loop.call_soon_threadsafe(serving_loop.stop)
-    time.sleep(0.2)
+    loop.call_soon_threadsafe(loop.stop)
+    serving.join(timeout=5)
+    loop.close()
     log.flush()
     count, problems = log.verify()
     assert (count, problems) == (152, [])
     assert [r["n"] for r in log.records("t")] == list(range(152))
-    assert isolated.egress_counts(["t"]) == [{"allow": 150, "deny": 2}]
-    log.close()
-    assert gone(pid)
-
-
-def test_a_writer_process_killed_costs_its_batch_not_the_chain(
-    isolated: Store, settings: Settings, serving_loop: Any, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Signals meant for the gateway do not stop its writer; a writer killed outright loses
-    the batch it was handed, loudly, and a new writer starts a new chain: every chain still
-    verifies and nothing handed over afterwards is lost."""
-    import asyncio
-    import os
-    import signal
-
-    log = AuditLog(isolated, "c1")
-    log.write_in_process(serving_loop, settings)
-    first = log.writer_pid
-    assert first is not None
-    ignores = (1 << signal.SIGINT - 1) | (1 << signal.SIGTERM - 1)
-    deadline = time.monotonic() + 30
-    while int(status(first)["SigIgn"], 16) & ignores != ignores:  # once it is up
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    os.kill(first, signal.SIGTERM)
-    os.kill(first, signal.SIGINT)
-    log.submit({"task": "t", "decision": "allow", "n": 0})
-    log.flush()
-    assert [r["n"] for r in log.records("t")] == [0]
-
-    os.kill(first, signal.SIGKILL)
-    assert gone(first)
-    log.submit({"task": "t", "decision": "allow", "n": 1})  # its writer is gone
-    log.flush()
-    assert "1 audit records lost" in caplog.text
-    assert log.writer_pid not in (None, first) and log.chain != "c1"
-    log.submit({"task": "t", "decision": "allow", "n": 2})
-    log.flush()
-    assert [r["n"] for r in log.records("t")] == [0, 2]
-    assert log.verify() == (2, [])
-    assert set(isolated.audit_heads()) == {"c1", log.chain}
-    asyncio.run_coroutine_threadsafe(log.settled(), serving_loop).result(timeout=15)
-    log.close()
-
-
-def test_a_writer_outlives_no_gateway(isolated: Store, settings: Settings) -> None:
-    """A gateway that dies without closing its log (killed) leaves no writer behind: the
-    writer sees its socket close, writes what it was handed and ends."""
-    script = f"""
-import os, sys, threading, time, uvloop
-from orchestrator.adapters.gateway.audit import AuditLog
-from orchestrator.adapters.store import Store
-from orchestrator.config import load
-loop = uvloop.new_event_loop()
-threading.Thread(target=loop.run_forever, daemon=True).start()
-log = AuditLog(Store({settings.redis_url!r}, {isolated.keys.ns!r}), "dying")
-log.write_in_process(loop, load())
-for n in range(20):
-    loop.call_soon_threadsafe(log.submit, {{"task": "t", "decision": "allow", "n": n}})
-time.sleep(0.5)  # handed over, not flushed
-print(log.writer_pid, flush=True)
-os._exit(0)
-"""
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
-    )
-    pid = int(done.stdout.split()[-1])
-    assert gone(pid)
-    log = AuditLog(isolated)
-    assert [r["n"] for r in log.records("t")] == list(range(20))
-    assert log.verify() == (20, [])
 
 
 _JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))

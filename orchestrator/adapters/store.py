@@ -702,6 +702,17 @@ class Store:
         decisions: one script, one round trip. The index is a view: the chain is the record."""
         self._append_audit(*self._audit_call(batch))
 
+    async def append_audit_async(self, batch: AuditBatch) -> None:
+        """`append_audit` without blocking the event loop (for the gateway's loop)."""
+        await self._async_script(_APPEND_AUDIT)(*self._audit_call(batch))
+
+    async def close_async(self) -> None:
+        """Close the running loop's asyncio client, if it has one (before the loop stops:
+        a loop does not close around a client's open connection)."""
+        made = self._async_clients.pop(asyncio.get_running_loop(), None)
+        if made is not None:
+            await made[0].aclose()
+
     def _audit_call(self, batch: AuditBatch) -> tuple[list[str], list[Any]]:
         """The append script's keys and arguments. The entries go as one JSON argument (one
         to encode, not five per entry); records are canonical JSON, ASCII only, so what the

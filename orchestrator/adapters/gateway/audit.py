@@ -26,30 +26,23 @@ import json
 import logging
 import os
 import queue
-import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
 
 from orchestrator.adapters.store import AuditBatch, Store
-from orchestrator.config import Settings
 
 GENESIS = "0" * 64
 BATCH_WINDOW_S = 0.02
 MAX_BATCH = 500
+LINK_SLICE = 32  # records linked on the serving loop before it serves requests again
 ANCHOR_EVERY_S = 2.0
-# What a gateway may hand its writer process before it waits for it (asked for; the
-# kernel caps it at net.core.wmem_max).
-SEND_BUFFER = 4 << 20
 log = logging.getLogger(__name__)
 
 
@@ -140,71 +133,6 @@ class Problem:
     what: str
 
 
-@dataclass(frozen=True)
-class WriterConfig:
-    """What the writer process needs to continue its gateway's chain."""
-
-    settings: Settings  # the writer reaches Redis and Vault as its gateway does
-    namespace: str
-    chain: str
-    signed: bool
-    anchor_file: Path | None
-
-
-class WriterProcess:
-    """A gateway's side of its audit writer process (`audit_writer`): hands batches over,
-    asks for flushes, closes it."""
-
-    def __init__(self, config: WriterConfig) -> None:
-        ours, theirs = socket.socketpair()
-        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        with theirs:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", f"{__package__}.audit_writer", str(theirs.fileno())],
-                pass_fds=[theirs.fileno()],
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # a terminal's Ctrl-C is for the gateway
-            )
-        self._conn = Connection(ours.detach())
-        self._sending = threading.Lock()  # the serving loop and a flushing thread both send
-        self._asking = threading.Lock()  # one flush at a time reads the answers
-        self.send(config)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def send(self, message: Any) -> None:
-        """Raises OSError when the writer is gone."""
-        with self._sending:
-            self._conn.send(message)
-
-    def flush(self, timeout_s: float) -> bool:
-        """Whether everything sent before was written and anchored within `timeout_s`."""
-        flush = uuid.uuid4().hex  # a flush is a token (a batch is a list)
-        deadline = time.monotonic() + timeout_s
-        with self._asking:
-            try:
-                self.send(flush)
-                while self._conn.poll(max(0.0, deadline - time.monotonic())):
-                    if self._conn.recv() == flush:
-                        return True
-            except (OSError, EOFError):
-                pass
-        return False
-
-    def close(self, timeout_s: float = 10.0) -> None:
-        """End the writer (it anchors its head last) and wait for it."""
-        with self._sending:
-            self._conn.close()
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            log.error("audit writer %d did not end within %.0f s: killed", self.pid, timeout_s)
-            self.process.kill()
-            self.process.wait()
-
-
 class AuditLog:
     def __init__(
         self,
@@ -226,38 +154,23 @@ class AuditLog:
         self._pending_lock = threading.Lock()
         self._drained = threading.Condition(self._pending_lock)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._writer: WriterProcess | None = None
-        self._settings: Settings | None = None
-        self._writing = False  # on a loop: its hand-over coroutine is scheduled or running
-        self._settled = False  # on a loop: it is about to stop; flush hands over what is left
-        self._closed = False
+        self._writing = False  # on a loop: its writer coroutine is scheduled or running
+        self._in_flight = 0  # on a loop: records sent to Redis, not yet answered
+        self._settled = False  # on a loop: it is about to stop; flush writes what is left
 
-    def write_in_process(self, loop: asyncio.AbstractEventLoop, settings: Settings) -> None:
-        """Hand records over from `loop` (the gateway's serving loop) to a writer process of
-        this log's own, which links, encodes and stores them (`audit_writer`): the thread
-        serving requests pays for one hand-over per batch, not for the chain. Its owner lets
-        it settle (`settled`) before the loop stops, then `flush`es and `close`s it."""
-        self._loop, self._settings = loop, settings
-        self._writer = self._start_writer(settings)
-
-    def _start_writer(self, settings: Settings) -> WriterProcess:
-        return WriterProcess(
-            WriterConfig(
-                settings, self.store.keys.ns, self.chain, self.signer is not None, self.anchor_file
-            )
-        )
-
-    @property
-    def writer_pid(self) -> int | None:
-        """The writer process's, when this log has one."""
-        return self._writer.pid if self._writer is not None else None
+    def write_from(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Write from `loop` (the gateway's serving loop), as a coroutine with an asyncio
+        Redis client, instead of from a thread of its own: the thread serving requests then
+        shares the GIL with no writer thread. Its owner lets it settle (`settled`) before
+        the loop stops; what is left is written by `flush`."""
+        self._loop = loop
 
     def submit(self, record: dict[str, Any]) -> None:
         """Append in the background, in order, without holding up the request being served.
 
-        A writer (a thread, or a coroutine on the loop given to `write_in_process`, handing
-        over to the writer process) takes everything queued meanwhile and writes it in one
-        transaction, so a busy gateway makes one Redis round trip per batch, not per request.
+        A writer (a thread, or a coroutine on the loop given to `write_from`) takes
+        everything queued meanwhile and writes it in one transaction, so a busy gateway
+        makes one Redis round trip per batch, not per request.
         """
         with self._pending_lock:
             self._pending += 1
@@ -308,13 +221,13 @@ class AuditLog:
                 return
             self._writing = True
         try:
-            asyncio.run_coroutine_threadsafe(self._write_on_loop(), loop)
+            asyncio.run_coroutine_threadsafe(self._write_on_loop(loop), loop)
         except RuntimeError:  # the loop is closed: flush writes what is left
             with self._pending_lock:
                 self._writing = False
 
-    async def _write_on_loop(self) -> None:
-        """The hand-over on the serving loop: a batch each BATCH_WINDOW_S while records come,
+    async def _write_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The writer on the serving loop: a batch each BATCH_WINDOW_S while records come,
         gone when none do (the next record starts it again)."""
         while True:
             await asyncio.sleep(BATCH_WINDOW_S)
@@ -325,55 +238,69 @@ class AuditLog:
                         self._writing = False
                         return
                 continue
-            self._hand_over(batch)
+            self._in_flight = len(batch)
+            try:
+                await self._append_on_loop(batch)
+            except Exception:  # Redis down: the records are lost, loudly
+                log.exception("%d audit records lost", len(batch))
+            finally:
+                self._in_flight = 0
+                self._written(len(batch))
+            if self._anchor_due():
+                loop.run_in_executor(None, self.anchor)  # Vault signs: not on the loop
 
-    def _hand_over(self, batch: list[dict[str, Any]]) -> None:
-        """To the writer process; when it is gone, the batch is lost, loudly, and a new
-        writer starts a new chain (the old one ends where its writer did: it verifies)."""
-        assert self._writer is not None and self._settings is not None
+    async def _append_on_loop(self, records: list[dict[str, Any]]) -> None:
+        # The chain lock, taken without blocking the loop: a thread's own append (rare,
+        # brief) finishes first; held until Redis has the batch, so no append links onto
+        # a head Redis does not have yet.
+        while not self._lock.acquire(blocking=False):
+            await asyncio.sleep(0.001)
         try:
-            self._writer.send(batch)
-        except OSError:
-            log.error(
-                "%d audit records lost: the audit writer of chain %s is gone (exit %s)",
-                len(batch),
-                self.chain,
-                self._writer.process.poll(),
-            )
-            if not self._closed:
-                self.chain = uuid.uuid4().hex[:12]
-                self._writer = self._start_writer(self._settings)
+            entries: list[tuple[str, str, str]] = []
+            head, seq = self._head, self._seq
+            for start in range(0, len(records), LINK_SLICE):
+                if start:
+                    await asyncio.sleep(0)  # the requests waiting meanwhile are served first
+                head, seq = self._link(records[start : start + LINK_SLICE], head, seq, entries)
+            await self.store.append_audit_async(self._batch(records, entries, head))
+            self._head, self._seq = head, seq
         finally:
-            self._written(len(batch))
+            self._lock.release()
 
     async def settled(self, timeout_s: float = 10.0) -> None:
-        """(On the serving loop, before it stops) until every submitted record is handed
-        over, or `timeout_s`; then the loop hands over no more (`flush` does)."""
+        """(On the writer's loop, before it stops) until every submitted record is written,
+        or `timeout_s`; then the loop writes no more (`flush` writes what comes after) and
+        its Redis connection is closed."""
         deadline = time.monotonic() + timeout_s
         while self._pending and time.monotonic() < deadline:
             await asyncio.sleep(BATCH_WINDOW_S)
         self._settled = True
-        while self._writing and time.monotonic() < deadline:  # its hand-over sees it and ends
-            await asyncio.sleep(BATCH_WINDOW_S)
+        await self.store.close_async()
 
     def flush(self, timeout_s: float = 30) -> None:
         """Wait until every submitted record is written, and anchor the head. When the loop
-        given to `write_in_process` no longer runs, what it left queued is handed over here."""
+        given to `write_from` no longer runs, what it left queued is written here."""
         if self._loop is not None and not self._loop.is_running():
-            while batch := self._take(MAX_BATCH):
-                self._hand_over(batch)
+            self._write_what_the_loop_left()
         with self._pending_lock:
             self._drained.wait_for(lambda: self._pending == 0, timeout=timeout_s)
-        if self._writer is None:
-            self.anchor(force=True)
-        elif not self._writer.flush(timeout_s):
-            log.error("the audit writer of chain %s did not confirm its records", self.chain)
+        self.anchor(force=True)
 
-    def close(self) -> None:
-        """End the writer process, if this log has one (after `flush`)."""
-        self._closed = True
-        if self._writer is not None:
-            self._writer.close()
+    def _write_what_the_loop_left(self) -> None:
+        if self._in_flight:
+            log.error(
+                "%d audit records were on their way to Redis when the gateway's loop stopped: "
+                "not known to be written",
+                self._in_flight,
+            )
+            self._written(self._in_flight)
+            self._in_flight = 0
+        while batch := self._take(MAX_BATCH):
+            try:
+                self.append_many(batch)
+            except Exception:
+                log.exception("%d audit records lost", len(batch))
+            self._written(len(batch))
 
     def anchor(self, force: bool = False) -> Mark | None:
         """Sign this writer's head and keep it in Redis and the host's anchor file (at most

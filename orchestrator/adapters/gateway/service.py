@@ -105,7 +105,7 @@ class LocalGateway:
             (int(uid), int(gid or uid)),
             certificates,
         )
-        audit.write_in_process(self.server.loop, settings)  # the chain is not on the loop
+        audit.write_from(self.server.loop)  # its batches from the serving loop, no thread
 
     def open(self, task_id: str, given: Provisioned, grant: Grant, context: dict[str, Any]) -> Path:
         return self.server.open(task_id, self._handler(task_id, given, grant, context))
@@ -173,7 +173,6 @@ class LocalGateway:
     def shutdown(self) -> None:
         self.server.shutdown(settle=self.audit.settled)
         self.audit.flush()
-        self.audit.close()
 
 
 def encode_handout(

@@ -18,8 +18,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from orchestrator.adapters.gateway.interception import GATEWAY_CA, LEAF_ROLE, LEAF_TTL_S
-from orchestrator.adapters.vault.adapter import AppRoleLogin, Vault
-from orchestrator.config import Settings
+from orchestrator.adapters.vault.adapter import Vault
 from orchestrator.core.agent import Agent
 from orchestrator.errors import ConfigError
 
@@ -27,15 +26,6 @@ PREFIX = "airlock-"
 JWT_KEY = "airlock-task-jwt"
 AUDIT_KEY = "airlock-audit"  # signs audit chain heads (anchors) and retention marks
 DB_CONNECTION = "airlock-postgres"
-
-
-def connect(settings: Settings, ride_out_s: float = 0.0) -> Vault:
-    """Vault as this component reaches it: with its AppRole, or with the configured token."""
-    if settings.vault_approle is not None:
-        login = AppRoleLogin.from_dir(settings.vault_approle, COMPONENT_AUTH)
-        return Vault(settings.vault_addr, None, ride_out_s=ride_out_s, login=login)
-    return Vault(settings.vault_addr, settings.vault_token, ride_out_s=ride_out_s)
-
 
 CREATION = [
     """CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';""",
