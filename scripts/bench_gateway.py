@@ -178,13 +178,15 @@ async def flood(socket_path: str, seconds: float, connections: int = 8) -> int:
 
 
 # --- the driver -----------------------------------------------------------------------------
+def stat_fields(stat: str | Path) -> list[str]:
+    """A /proc stat file's fields after the command name (state, ppid, ...)."""
+    return Path(stat).read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(stats: list[str] | None) -> float:
     """User plus system CPU of processes or threads, from their /proc stat files."""
-    total = 0
-    for stat in stats or []:
-        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+    ticks = sum(int(fields[11]) + int(fields[12]) for fields in map(stat_fields, stats or []))
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def squid_processes(pid: int) -> list[int]:
@@ -192,10 +194,9 @@ def squid_processes(pid: int) -> list[int]:
     parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            parents[int(stat.parent.name)] = int(stat_fields(stat)[1])
+        except OSError:  # gone meanwhile
             continue
-        parents[int(stat.parent.name)] = int(fields[1])
     found, seen = [pid], 0
     while seen < len(found):
         found += [child for child, parent in parents.items() if parent == found[seen]]

@@ -221,12 +221,12 @@ class AuditLog:
                 return
             self._writing = True
         try:
-            asyncio.run_coroutine_threadsafe(self._write_on_loop(loop), loop)
+            asyncio.run_coroutine_threadsafe(self._write_on_loop(), loop)
         except RuntimeError:  # the loop is closed: flush writes what is left
             with self._pending_lock:
                 self._writing = False
 
-    async def _write_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _write_on_loop(self) -> None:
         """The writer on the serving loop: a batch each BATCH_WINDOW_S while records come,
         gone when none do (the next record starts it again)."""
         while True:
@@ -246,8 +246,8 @@ class AuditLog:
             finally:
                 self._in_flight = 0
                 self._written(len(batch))
-            if self._anchor_due():
-                loop.run_in_executor(None, self.anchor)  # Vault signs: not on the loop
+            if self._anchor_due():  # Vault signs: not on the loop
+                asyncio.get_running_loop().run_in_executor(None, self.anchor)
 
     async def _append_on_loop(self, records: list[dict[str, Any]]) -> None:
         # The chain lock, taken without blocking the loop: a thread's own append (rare,
@@ -359,8 +359,12 @@ class AuditLog:
         `head` and `seq`; the head and sequence number they lead to (under the chain lock)."""
         for record in records:
             seq += 1
-            entry = {**record, "time": record.get("time", time.time()), "chain": self.chain}
-            entry["seq"] = seq
+            entry = {
+                **record,
+                "time": record.get("time", time.time()),
+                "chain": self.chain,
+                "seq": seq,
+            }
             text = canonical(entry)
             digest = record_hash(head, entry, text)
             entries.append((text, head, digest))
