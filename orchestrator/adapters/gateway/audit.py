@@ -112,6 +112,9 @@ def canonical(record: dict[str, Any]) -> str:
 
 def _plain_floats(value: dict[str, Any] | list[Any] | tuple[Any, ...]) -> bool:
     for item in value.values() if isinstance(value, dict) else value:
+        kind = type(item)
+        if kind is str or kind is int or item is None or kind is bool:  # most of a record
+            continue
         if isinstance(item, float):
             if not (item == 0 or 1e-4 <= abs(item) < 1e16):  # NaN and infinities fail too
                 return False
@@ -170,11 +173,13 @@ class AuditLog:
 
         A writer (a thread, or a coroutine on the loop given to `write_from`) takes
         everything queued meanwhile and writes it in one transaction, so a busy gateway
-        makes one Redis round trip per batch, not per request.
+        makes one Redis round trip per batch, not per request. The record is the log's from
+        here on (it gets its time now, if it has none).
         """
         with self._pending_lock:
             self._pending += 1
-        self._queue.put({**record, "time": record.get("time", time.time())})
+        record.setdefault("time", time.time())
+        self._queue.put(record)
         if self._loop is not None:
             self._wake_loop_writer(self._loop)
         elif self._thread is None:

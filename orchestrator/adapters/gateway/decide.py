@@ -11,6 +11,7 @@ from __future__ import annotations
 import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from orchestrator.adapters.gateway.addresses import (
     BadHost,
@@ -23,9 +24,9 @@ from orchestrator.core.agent import Injection
 from orchestrator.core.grant import CompiledGrant
 
 
-@dataclass(frozen=True)
-class Target:
-    """What one request wants to reach, as the client spelled it."""
+class Target(NamedTuple):
+    """What one request wants to reach, as the client spelled it (a tuple: made and looked up
+    in the verdict cache once per request)."""
 
     method: str
     host: str

@@ -118,10 +118,12 @@ class Refused(Exception):
 
 def smuggling_problem(head: bytes) -> str | None:
     """Header framing that two HTTP parsers could read differently."""
-    if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
+    ends = head.count(b"\r\n")
+    if head.count(b"\n") != ends or head.count(b"\r") != ends:
         return "a line ends in a bare LF or CR (only CRLF is read the same by every parser)"
-    names = [line.split(b":", 1)[0].strip().lower() for line in head.split(b"\r\n")[1:] if line]
-    if any(b" " in name or b"\t" in name for name in names):
+    names = [line.partition(b":")[0].strip() for line in head.lower().split(b"\r\n")[1:]]
+    joined = b"\n".join(names)  # no name holds a line end: one look for whitespace in any
+    if b" " in joined or b"\t" in joined:
         return "whitespace in a header name"
     lengths = names.count(b"content-length")
     if lengths > 1:

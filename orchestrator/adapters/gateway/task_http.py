@@ -13,9 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import deque
-from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, NamedTuple
 
 import httptools
 
@@ -35,8 +34,7 @@ class Malformed(ValueError):
     """A request llhttp (or HTTP/1.1's rules on top of it) will not read."""
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     """A request's line and headers (names lowercased, in order)."""
 
     method: bytes

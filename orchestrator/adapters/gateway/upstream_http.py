@@ -13,6 +13,7 @@ import ssl
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import httptools
 
@@ -55,8 +56,7 @@ def chunk(data: bytes) -> bytes:
 LAST_CHUNK = b"0\r\n\r\n"
 
 
-@dataclass(frozen=True)
-class Head:
+class Head(NamedTuple):
     """The status line and headers of an answer (names lowercased)."""
 
     status: int
