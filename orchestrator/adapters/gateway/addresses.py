@@ -118,8 +118,12 @@ def is_metadata(address: IPAddress) -> bool:
     return inner is not None and inner in METADATA
 
 
+@functools.lru_cache(maxsize=4096)
 def internal_reason(address: IPAddress, own: frozenset[IPAddress] = frozenset()) -> str | None:
-    """Why `address` is internal (and denied unless granted), or None if it is public."""
+    """Why `address` is internal (and denied unless granted), or None if it is public.
+
+    Asked for every address of every request, and pure: remembered (the checks below take
+    microseconds; a public IPv6 address, eight)."""
     if address in METADATA:
         return "a cloud metadata address"
     if isinstance(address, ipaddress.IPv6Address):
