@@ -1494,6 +1494,39 @@ def test_the_gateway_resolves_once_and_connects_to_what_it_checked(
     assert asked == ["rebind.test"]
 
 
+
+def test_a_connection_resolves_a_name_once_and_checks_its_addresses_every_time(
+    executor: Executor, task: LiveTask, upstreams: Upstreams
+) -> None:
+    """Keep-alive requests to one name on one connection: one lookup between them (no
+    resolver round trip per request), each request still decided and answered; a new
+    connection looks the name up again, and what it gets now (an internal address no grant
+    reaches without `internal`, here a metadata one) is refused."""
+    loop = executor.credentials.endpoints.server._loop  # type: ignore[attr-defined]
+    answers = iter(["127.0.0.1", "169.254.169.254"])
+    asked: list[str] = []
+    real = loop.getaddrinfo
+
+    async def counting(host: str, port: int, **kwargs: Any) -> Any:
+        if host != "rebind.test":
+            return await real(host, port, **kwargs)
+        asked.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), port))]
+
+    loop.getaddrinfo = counting
+    url = f"http://rebind.test:{HTTP_PORT}/api/x"
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(task.socket)
+            kept = one_by_one(sock, get(url, task.jwt), get(url, task.jwt))
+        status, headers, _ = exchange(task.socket, get(url, task.jwt))
+    finally:
+        loop.getaddrinfo = real
+    assert [answer[0] for answer in kept] == [200, 200], kept
+    assert asked == ["rebind.test", "rebind.test"]  # once per connection
+    assert status == 403 and headers["x-airlock-denied"] == "ssrf"
+
 PROBE = """
 import json, socket, sys
 try:

@@ -45,6 +45,7 @@ from orchestrator.adapters.gateway.upstream_http import (
     LAST_CHUNK,
     Answer,
     Head,
+    Names,
     Upstream,
     chunk,
     connect_checked,
@@ -86,6 +87,7 @@ class Session:
         self.task = TaskConnection(reader, writer, self.idle)
         # Upstream connections kept alive between this client's requests, by checked address.
         self.pool: dict[tuple[IPAddress, int, str], Upstream] = {}
+        self.names: Names = {}  # its lookups, reused for a while (every address still checked)
         self.tls = tls
         self.certificates = certificates
         self.inside: Inside | None = None  # once the connection is an intercepted tunnel
@@ -196,6 +198,7 @@ class Session:
                 self.own,
                 self.pool,
                 self.tls,
+                names=self.names,
             )
         except Refused as exc:
             self._audit_refusal(exchange, exc)

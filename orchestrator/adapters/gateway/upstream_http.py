@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from orchestrator.adapters.gateway.http import (
 )
 
 MAX_ANSWER_HEAD = 16 * 1024
+RESOLVED_FOR_S = 30.0  # how long a connection reuses its own lookup of a name
+Names = dict[tuple[str, int], tuple[float, list[IPAddress]]]  # (host, port): (until, addresses)
 # A header value as RFC 9110 allows it: visible characters, spaces and tabs inside.
 _FIELD_VALUE = re.compile(
     rb"(?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?"
@@ -219,18 +222,21 @@ async def connect_checked(
     pool: dict[tuple[IPAddress, int, str], Upstream] | None = None,
     tls: ssl.SSLContext | None = None,
     decided: Verdict | None = None,
+    names: Names | None = None,
 ) -> tuple[Upstream, Verdict]:
     """Decide (unless the caller has: `decided`), resolve, check every address, and connect
     to exactly the checked one.
 
     A kept connection is reused only when it goes to that same checked address and port.
+    `names` holds the client connection's lookups: a tunnel's requests, all to one host,
+    resolve it once per RESOLVED_FOR_S, and every address is still checked each time.
     """
     verdict = decided or policy.decide(target)
     exchange.host, exchange.rule, exchange.reason = verdict.host, verdict.rule, verdict.reason
     exchange.path = verdict.path or exchange.path  # the normal form, once there is one
     if not verdict.allowed:
         raise Refused(403, verdict.rule, verdict.reason)
-    addresses = await resolve(verdict.host, target.port)
+    addresses = await _resolved(verdict.host, target.port, names)
     verdict, chosen = decide_addresses(verdict, addresses, own())
     if chosen is None:
         exchange.rule, exchange.reason = verdict.rule, verdict.reason
@@ -256,6 +262,21 @@ async def connect_checked(
         raise Refused(502, "upstream-tls", f"TLS to {verdict.host} failed: {exc.reason}") from None
     except (TimeoutError, OSError) as exc:
         raise Refused(502, "upstream", f"cannot connect to {chosen}:{target.port}: {exc}") from None
+
+
+async def _resolved(host: str, port: int, names: Names | None) -> list[IPAddress]:
+    if names is None:
+        return await resolve(host, port)
+    now = time.monotonic()
+    known = names.get((host, port))
+    if known is not None and known[0] > now:
+        return known[1]
+    addresses = await resolve(host, port)
+    if addresses:  # a name that did not resolve is asked again next time
+        if len(names) >= 64:
+            names.clear()
+        names[(host, port)] = (now + RESOLVED_FOR_S, addresses)
+    return addresses
 
 
 class _PastTheEnd(Exception):
