@@ -471,11 +471,12 @@ def run(count: int, seconds: float, rounds: int) -> None:
             },
         ]
         # Airlock and squid over TLS in alternating rounds, after the single-round paths.
-        paths = paths[:4] + [paths[4], paths[5]] * max(rounds, 1)
+        rounds = max(rounds, 1)
+        paths = paths[:4] + paths[4:6] * rounds
         print(
             f"gateway: {count} sequential requests per path, then {seconds:.0f}s at 16 "
             f"connections; policy, JWT check and audit on for Airlock; intercepted HTTPS in "
-            f"{max(rounds, 1)} alternating rounds (medians)",
+            f"{rounds} alternating rounds (medians)",
             flush=True,
         )
         # CPU seconds of what serves each path: the gateway's loop thread (its audit writer

@@ -1468,31 +1468,38 @@ def test_the_runners_loopback_ports_are_no_way_around_the_gateway(
     assert not [r for r in records if "not_a" in str(r.get("host"))], records  # never sent on
 
 
+@contextlib.contextmanager
+def resolving(executor: Executor, *answers: str) -> Iterator[list[str]]:
+    """The gateway's loop resolves rebind.test to `answers`, one per lookup (other names as
+    usual); yields the lookups of rebind.test made meanwhile."""
+    loop = executor.credentials.endpoints.server._loop  # type: ignore[attr-defined]
+    left = iter(answers)
+    asked: list[str] = []
+    real = loop.getaddrinfo
+
+    async def stub(host: str, port: int, **kwargs: Any) -> Any:
+        if host != "rebind.test":
+            return await real(host, port, **kwargs)
+        asked.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(left), port))]
+
+    loop.getaddrinfo = stub
+    try:
+        yield asked
+    finally:
+        loop.getaddrinfo = real
+
+
 def test_the_gateway_resolves_once_and_connects_to_what_it_checked(
     executor: Executor, task: LiveTask, upstreams: Upstreams
 ) -> None:
     """DNS rebinding: a second lookup would say 127.0.0.2; the gateway never makes one."""
-    loop = executor.credentials.endpoints.server._loop  # type: ignore[attr-defined]
-    answers = iter(["127.0.0.1", "127.0.0.2", "127.0.0.2"])
-    asked: list[str] = []
-    real = loop.getaddrinfo
-
-    async def rebinding(host: str, port: int, **kwargs: Any) -> Any:
-        if host != "rebind.test":
-            return await real(host, port, **kwargs)
-        asked.append(host)
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), port))]
-
-    loop.getaddrinfo = rebinding
-    try:
+    with resolving(executor, "127.0.0.1", "127.0.0.2", "127.0.0.2") as asked:
         status, _, body = exchange(
             task.socket, get(f"http://rebind.test:{HTTP_PORT}/api/x", task.jwt)
         )
-    finally:
-        loop.getaddrinfo = real
     assert status == 200 and json.loads(body)["path"] == "/api/x"  # nothing listens on .2
     assert asked == ["rebind.test"]
-
 
 
 def test_a_connection_resolves_a_name_once_and_checks_its_addresses_every_time(
@@ -1502,30 +1509,17 @@ def test_a_connection_resolves_a_name_once_and_checks_its_addresses_every_time(
     resolver round trip per request), each request still decided and answered; a new
     connection looks the name up again, and what it gets now (an internal address no grant
     reaches without `internal`, here a metadata one) is refused."""
-    loop = executor.credentials.endpoints.server._loop  # type: ignore[attr-defined]
-    answers = iter(["127.0.0.1", "169.254.169.254"])
-    asked: list[str] = []
-    real = loop.getaddrinfo
-
-    async def counting(host: str, port: int, **kwargs: Any) -> Any:
-        if host != "rebind.test":
-            return await real(host, port, **kwargs)
-        asked.append(host)
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), port))]
-
-    loop.getaddrinfo = counting
     url = f"http://rebind.test:{HTTP_PORT}/api/x"
-    try:
+    with resolving(executor, "127.0.0.1", "169.254.169.254") as asked:
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(10)
             sock.connect(task.socket)
             kept = one_by_one(sock, get(url, task.jwt), get(url, task.jwt))
         status, headers, _ = exchange(task.socket, get(url, task.jwt))
-    finally:
-        loop.getaddrinfo = real
     assert [answer[0] for answer in kept] == [200, 200], kept
     assert asked == ["rebind.test", "rebind.test"]  # once per connection
     assert status == 403 and headers["x-airlock-denied"] == "ssrf"
+
 
 PROBE = """
 import json, socket, sys
