@@ -19,7 +19,7 @@ def serve(*reads: bytes, then: Any = None) -> Any:
     then closes."""
 
     async def go() -> Any:
-        connection = TaskConnection(Reads(list(reads)), None)  # type: ignore[arg-type]
+        connection = TaskConnection(Reads(list(reads)))  # type: ignore[arg-type]
         return await then(connection)
 
     return asyncio.run(go())

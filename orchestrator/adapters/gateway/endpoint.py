@@ -39,6 +39,7 @@ import uvloop
 from orchestrator.adapters.gateway.addresses import IPAddress
 from orchestrator.adapters.gateway.http import ProxyPolicy
 from orchestrator.adapters.gateway.interception import LeafCertificates, upstream_context
+from orchestrator.adapters.gateway.link import Link
 from orchestrator.adapters.gateway.proxy import Session
 from orchestrator.core.ids import endpoint_key, is_endpoint_key
 
@@ -180,8 +181,8 @@ class EndpointServer:
 
     async def _accept(self, route: Route, listener: socket.socket) -> asyncio.AbstractServer:
         try:
-            return await asyncio.start_unix_server(
-                lambda r, w: self._serve(route, r, w), sock=listener
+            return await asyncio.get_running_loop().create_unix_server(
+                lambda: Link(lambda link: self._serve(route, link)), sock=listener
             )
         except BaseException:
             listener.close()
@@ -202,10 +203,10 @@ class EndpointServer:
             raise NoEndpoint(key)
         route.process = pid
 
-    def _peer_refused(self, route: Route, writer: asyncio.StreamWriter) -> str | None:
+    def _peer_refused(self, route: Route, link: Link) -> str | None:
         """Why the peer of a new connection may not speak for the route's task, or None."""
         try:
-            peer = Peer.of(writer.get_extra_info("socket"))
+            peer = Peer.of(link.get_extra_info("socket"))
         except OSError as exc:
             return f"peer credentials unavailable ({exc})"
         if peer.pid in (os.getpid(), route.process):
@@ -254,29 +255,27 @@ class EndpointServer:
         """Endpoint directories on disk whose task is not live (left by a crashed worker)."""
         return stale_endpoints(self.root, live)
 
-    async def _serve(
-        self, route: Route, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def _serve(self, route: Route, link: Link) -> None:
         task_id = route.key
         handler = self.handlers.get(task_id)
         if handler is None:  # closed while this connection was accepted
-            writer.close()
+            link.close()
             return
-        refused = self._peer_refused(route, writer)
+        refused = self._peer_refused(route, link)
         if refused is not None:
             log.warning("endpoint %s: refused a local peer: %s", task_id, refused)
             handler.audit({"method": "?", "decision": "deny", "rule": "peer", "reason": refused})
-            writer.close()
+            link.close()
             return
         over = handler.at_door()
         if over is not None:  # flooding: cut before anything is parsed
-            self._refuse_at_door(handler, writer, over)
+            self._refuse_at_door(handler, link, over)
             return
         current = asyncio.current_task()
         sessions = self._sessions.setdefault(task_id, set())
         if len(sessions) >= self.max_connections:
             over = f"more than {self.max_connections} connections at once"
-            self._refuse_at_door(handler, writer, over)
+            self._refuse_at_door(handler, link, over)
             return
         if current is not None:
             sessions.add(current)
@@ -288,10 +287,10 @@ class EndpointServer:
 
         try:
             await Session(
-                reader, writer, control, handler, lambda: self.own, self.tls, self.certificates
+                link, control, handler, lambda: self.own, self.tls, self.certificates
             ).run()
         except asyncio.CancelledError:
-            writer.close()  # the task ended: its open tunnels are cut
+            link.close()  # the task ended: its open tunnels are cut
         finally:
             if current is not None:
                 sessions.discard(current)
@@ -316,13 +315,13 @@ class EndpointServer:
             log.exception("endpoint handler failed")
             return 500, {"error": f"internal error: {exc.__class__.__name__}"}
 
-    def _refuse_at_door(self, handler: Handler, writer: asyncio.StreamWriter, why: str) -> None:
+    def _refuse_at_door(self, handler: Handler, link: Link, why: str) -> None:
         handler.audit({"method": "?", "decision": "deny", "rule": "limits", "reason": why})
-        writer.write(
+        link.write(
             b"HTTP/1.1 429 Too Many Requests\r\nx-airlock-denied: limits\r\n"
             b"content-length: 0\r\nconnection: close\r\n\r\n"
         )
-        writer.close()
+        link.close()
 
     def shutdown(self, settle: Callable[[], Awaitable[None]] | None = None) -> None:
         """Close every task's endpoint and stop the loop, once `settle` (a coroutine run on

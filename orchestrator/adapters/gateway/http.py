@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from orchestrator.adapters.gateway.addresses import IPAddress, as_ip
 from orchestrator.adapters.gateway.decide import Target, Verdict
+from orchestrator.adapters.gateway.link import Link
 from orchestrator.adapters.gateway.mcp import ToolSchemas
 from orchestrator.core.grant import CompiledGrant
 
@@ -177,7 +178,7 @@ class Idle:
             self._handle = None
 
 
-async def read_chunk(reader: asyncio.StreamReader, idle: Idle | None = None) -> bytes:
+async def read_chunk(reader: Link, idle: Idle | None = None) -> bytes:
     """The next bytes from a peer (b"" at its end), counted as activity on `idle`."""
     data = await reader.read(65536)
     if idle is not None:
@@ -185,7 +186,7 @@ async def read_chunk(reader: asyncio.StreamReader, idle: Idle | None = None) -> 
     return data
 
 
-async def read_head(reader: asyncio.StreamReader, buffer: bytearray, idle: Idle | None) -> bool:
+async def read_head(reader: Link, buffer: bytearray, idle: Idle | None) -> bool:
     """Fill `buffer` until it holds a whole request head (or what a lenient parser would
     take for one: a blank line of bare LFs, for smuggling_problem to refuse); False on a
     clean end of stream."""

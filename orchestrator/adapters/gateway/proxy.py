@@ -32,6 +32,7 @@ from orchestrator.adapters.gateway.http import (
     refusal,
 )
 from orchestrator.adapters.gateway.interception import LeafCertificates, name_problem
+from orchestrator.adapters.gateway.link import Link, open_link
 from orchestrator.adapters.gateway.mcp import (
     MAX_MCP_BODY,
     EventStreamFilter,
@@ -73,18 +74,17 @@ class Session:
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        link: Link,
         control: ControlHandler,
         policy: ProxyPolicy,
         own: Callable[[], frozenset[IPAddress]],
         tls: ssl.SSLContext | None = None,
         certificates: LeafCertificates | None = None,
     ) -> None:
-        self.reader, self.writer = reader, writer
+        self.link = link
         self.control, self.policy, self.own = control, policy, own
         self.idle = Idle()  # made on the loop, in the task that serves this connection
-        self.task = TaskConnection(reader, writer, self.idle)
+        self.task = TaskConnection(link, self.idle)
         # Upstream connections kept alive between this client's requests, by checked address.
         self.pool: dict[tuple[IPAddress, int, str], Upstream] = {}
         self.names: Names = {}  # its lookups, reused for a while (every address still checked)
@@ -107,7 +107,7 @@ class Session:
                 raise
         finally:
             self.idle.stop()
-            self.writer.close()
+            self.link.close()
             for upstream in self.pool.values():
                 upstream.close()
 
@@ -254,7 +254,7 @@ class Session:
             ]
             headers.append((b"content-length", b"%d" % len(body)))
         answer = upstream.next_answer(head_only=request.method == b"HEAD")
-        upstream.writer.write(request_head(request.method, path, headers) + (body or b""))
+        upstream.link.write(request_head(request.method, path, headers) + (body or b""))
         return answer
 
     def _injection(self, verdict: Verdict) -> tuple[bytes, bytes | None] | None:
@@ -279,12 +279,12 @@ class Session:
         chunked = request.chunked
         while (piece := await self.task.body()) is not None:
             exchange.bytes_out += len(piece)
-            upstream.writer.write(chunk(piece) if chunked else piece)
-            await upstream.writer.drain()
+            upstream.link.write(chunk(piece) if chunked else piece)
+            await upstream.link.drain()
         if chunked:
-            upstream.writer.write(LAST_CHUNK)
-        await upstream.writer.drain()
-        await self._relay_response(answer, upstream.reader, exchange)
+            upstream.link.write(LAST_CHUNK)
+        await upstream.link.drain()
+        await self._relay_response(answer, upstream.link, exchange)
 
     async def _relay_mcp(
         self, request: Request, path: str, upstream: Upstream, exchange: Exchange, server: str
@@ -320,15 +320,15 @@ class Session:
                     (b"x-airlock-denied", exchange.rule.encode()),
                 ],
             )
-            self.writer.write(head + refused + self.task.end())
-            await self.writer.drain()
+            self.link.write(head + refused + self.task.end())
+            await self.link.drain()
             return
         answer = self._send_request(upstream, request, path, body)
-        await upstream.writer.drain()
-        await self._relay_mcp_response(answer, upstream.reader, exchange, server)
+        await upstream.link.drain()
+        await self._relay_mcp_response(answer, upstream.link, exchange, server)
 
     async def _relay_response(
-        self, answer: Answer, reader: asyncio.StreamReader, exchange: Exchange
+        self, answer: Answer, reader: Link, exchange: Exchange
     ) -> None:
         """Stream the upstream's answer back; what is already parsed goes out in one write."""
         out = b""
@@ -339,16 +339,16 @@ class Session:
                 exchange.bytes_in += len(event)
                 out += self.task.piece(event)
             if not answer.buffered():
-                self.writer.write(out)
+                self.link.write(out)
                 out = b""
-                await self.writer.drain()
-        self.writer.write(out + self.task.end())
-        await self.writer.drain()
+                await self.link.drain()
+        self.link.write(out + self.task.end())
+        await self.link.drain()
 
     async def _relay_mcp_response(
         self,
         answer: Answer,
-        reader: asyncio.StreamReader,
+        reader: Link,
         exchange: Exchange,
         server: str,
     ) -> None:
@@ -360,7 +360,7 @@ class Session:
         kind = dict(response.headers).get(b"content-type", b"").split(b";")[0].strip()
         stream = EventStreamFilter(self.policy.grant, server, self.policy.tool_schemas)
         if kind != b"application/json":
-            self.writer.write(self._start_response(response, exchange, reframe=True))
+            self.link.write(self._start_response(response, exchange, reframe=True))
         body = b""
         while (event := await answer.next(reader, self.idle)) is not None:
             if not isinstance(event, bytes):
@@ -372,18 +372,18 @@ class Session:
                     raise Refused(502, "mcp-malformed", "MCP answer too large to inspect")
             # An MCP answer is JSON or an event stream; any other body is not passed on.
             elif kind == b"text/event-stream" and (data := stream.feed(event)):
-                self.writer.write(self.task.piece(data))
-                await self.writer.drain()
+                self.link.write(self.task.piece(data))
+                await self.link.drain()
         if kind == b"application/json":
             filtered = filter_json_body(self.policy.grant, server, body, self.policy.tool_schemas)
-            self.writer.write(
+            self.link.write(
                 self._start_response(response, exchange, reframe=True, length=len(filtered))
             )
-            self.writer.write(self.task.piece(filtered))
+            self.link.write(self.task.piece(filtered))
         elif rest := stream.finish():
-            self.writer.write(self.task.piece(rest))
-        self.writer.write(self.task.end())
-        await self.writer.drain()
+            self.link.write(self.task.piece(rest))
+        self.link.write(self.task.end())
+        await self.link.drain()
 
     def _start_response(
         self,
@@ -406,7 +406,7 @@ class Session:
     async def _client_hello(self, first: bytes, host: str) -> tuple[bytes, str | None]:
         """The tunnel's first bytes (its whole ClientHello), and why it must be cut, if so."""
         try:
-            hello = await _read_hello(self.reader, first, self.idle)
+            hello = await _read_hello(self.link, first, self.idle)
         except NotTls as exc:
             return b"", str(exc)
         except ConnectionError as exc:
@@ -432,7 +432,7 @@ class Session:
                 exchange.host, exchange.port = granted
                 exchange.rule, exchange.reason = "granted-secret", "address of a granted secret"
                 exchange.scheme = "tcp"
-                up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(*granted), 10)
+                up = await asyncio.wait_for(open_link(*granted), 10)
             else:
                 host, _, port = authority.rpartition(":")
                 if not port.isdigit():
@@ -444,7 +444,7 @@ class Session:
                     tunnel, _ = await connect_checked(
                         self.policy, asked, exchange, self.own, decided=verdict
                     )
-                    up_reader, up_writer = tunnel.reader, tunnel.writer
+                    up = tunnel.link
         except (TimeoutError, OSError) as exc:
             failure = Refused(502, "upstream", str(exc) or exc.__class__.__name__)
             self._audit_refusal(exchange, failure)
@@ -455,25 +455,24 @@ class Session:
         if granted is None and not verdict.passthrough:
             await self._intercept(verdict, exchange, credentials)
         else:
-            await self._tunnel(exchange, up_reader, up_writer, tls=granted is None)
+            await self._tunnel(exchange, up, tls=granted is None)
 
     async def _tunnel(
         self,
         exchange: Exchange,
-        up_reader: asyncio.StreamReader,
-        up_writer: asyncio.StreamWriter,
+        up: Link,
         tls: bool,
     ) -> None:
         """An opaque tunnel: a passthrough rule's (TLS, its server name checked first) or a
         granted secret's (a database's own protocol)."""
         over = self.policy.tunnel(+1)
         if over is not None:
-            up_writer.close()
+            up.close()
             refused = Refused(429, "limits", over)
             self._audit_refusal(exchange, refused)
             raise refused
         exchange.decision, exchange.status = "allow", 200
-        self.writer.write(self.task.start(200, []))
+        self.link.write(self.task.start(200, []))
         leftover = self.task.leftover
         try:
             if tls:  # its ClientHello must name the CONNECT host
@@ -483,17 +482,17 @@ class Session:
                     exchange.rule, exchange.reason = "sni", problem
                     return
             if leftover:
-                up_writer.write(leftover)
+                up.write(leftover)
                 exchange.bytes_out += len(leftover)
             self.idle.stop()  # a tunnel may stay silent as long as its peers like
             sent, received = await asyncio.gather(
-                pipe(self.reader, up_writer, self.policy.relayed),
-                pipe(up_reader, self.writer, self.policy.relayed),
+                pipe(self.link, up, self.policy.relayed),
+                pipe(up, self.link, self.policy.relayed),
             )
             exchange.bytes_out += sent
             exchange.bytes_in += received
         finally:
-            up_writer.close()  # already, unless cut or cancelled before the relay began
+            up.close()  # already, unless cut or cancelled before the relay began
             self.policy.tunnel(-1)
             self.policy.audit(exchange.record())
 
@@ -514,24 +513,24 @@ class Session:
         exchange.decision, exchange.status = "allow", 200
         exchange.reason = "intercepted: each request inside is decided"
         try:
-            self.writer.write(self.task.start(200, []))
+            self.link.write(self.task.start(200, []))
             try:
                 # No loop turn between the answer and start_tls (wait_for would add one, in
                 # a task of its own): the ClientHello must reach TLS, not this stream's buffer.
                 async with asyncio.timeout(HANDSHAKE_S):
-                    await self.writer.start_tls(context)
+                    await self.link.start_tls(context)
             except (ssl.SSLError, TimeoutError, ConnectionError, OSError) as exc:
                 exchange.decision, exchange.rule = "deny", "interception"
                 exchange.reason = f"no TLS handshake with the task: {exc or exc.__class__.__name__}"
                 return
-            sslobj = self.writer.get_extra_info("ssl_object")
+            sslobj = self.link.get_extra_info("ssl_object")
             problem = name_problem(getattr(sslobj, "airlock_sni", None), verdict.host)
             if problem is not None:
                 exchange.decision, exchange.status = "deny", 403
                 exchange.rule, exchange.reason = "sni", problem
                 return
             self.inside = Inside(verdict.host, exchange.port, credentials)
-            self.task = TaskConnection(self.reader, self.writer, self.idle)
+            self.task = TaskConnection(self.link, self.idle)
             await self._requests()
         finally:
             self.policy.tunnel(-1)
@@ -549,7 +548,7 @@ class Session:
             raise Refused(503, "interception", f"no certificate for {host}: {exc}") from None
 
 
-async def _read_hello(reader: asyncio.StreamReader, first: bytes, idle: Idle) -> bytes:
+async def _read_hello(reader: Link, first: bytes, idle: Idle) -> bytes:
     """The client's first bytes in a tunnel, up to the end of its ClientHello. Raises NotTls,
     or ConnectionError (closed before the hello ended)."""
     data = first
@@ -572,8 +571,8 @@ def sni_problem(hello: bytes, host: str) -> str | None:
 
 
 async def pipe(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
+    reader: Link,
+    writer: Link,
     relayed: Callable[[int], str | None] = lambda n: None,
 ) -> int:
     """Copy one direction of a tunnel until either side closes, or the task's byte budget

@@ -10,7 +10,6 @@ answer ended by their framing and neither side asked to close.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections import deque
 from http import HTTPStatus
@@ -25,6 +24,7 @@ from orchestrator.adapters.gateway.http import (
     read_head,
     smuggling_problem,
 )
+from orchestrator.adapters.gateway.link import Link
 from orchestrator.adapters.gateway.upstream_http import LAST_CHUNK, chunk
 
 _NO_BODY = (204, 304)
@@ -59,10 +59,8 @@ class TaskConnection:
     piece until None, then the answer (`start`, `piece`, `end` give its bytes; `respond`
     writes a whole JSON one)."""
 
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, idle: Idle | None = None
-    ) -> None:
-        self.reader, self.writer, self.idle = reader, writer, idle
+    def __init__(self, link: Link, idle: Idle | None = None) -> None:
+        self.link, self.idle = link, idle
         self.request: Request | None = None
         self.leftover = b""  # bytes after a CONNECT's head: the tunnel's first
         self.answering = False  # an answer has begun and not ended: no other can be sent
@@ -104,7 +102,7 @@ class TaskConnection:
         Refused (smuggling, a head too large) or Malformed."""
         self.request = None
         buffer = bytearray()
-        if not await read_head(self.reader, buffer, self.idle):
+        if not await read_head(self.link, buffer, self.idle):
             return None
         end = buffer.find(b"\r\n\r\n")
         problem = smuggling_problem(bytes(buffer[:end] if end >= 0 else buffer))
@@ -164,7 +162,7 @@ class TaskConnection:
         while not self._pieces:
             if self._complete:
                 return None
-            data = await read_chunk(self.reader, self.idle)
+            data = await read_chunk(self.link, self.idle)
             if not data:
                 raise ConnectionResetError("the task closed inside its request")
             assert self._parser is not None
@@ -253,5 +251,5 @@ class TaskConnection:
             (b"content-length", b"%d" % len(data)),
             *((k.encode(), v.encode()) for k, v in headers or []),
         ]
-        self.writer.write(self.start(status, all_headers) + data + self.end())
-        await self.writer.drain()
+        self.link.write(self.start(status, all_headers) + data + self.end())
+        await self.link.drain()

@@ -28,6 +28,7 @@ from orchestrator.adapters.gateway.http import (
     read_chunk,
     resolve,
 )
+from orchestrator.adapters.gateway.link import Link, open_link
 
 MAX_ANSWER_HEAD = 16 * 1024
 RESOLVED_FOR_S = 30.0  # how long a connection reuses its own lookup of a name
@@ -147,7 +148,7 @@ class Answer:
         return bool(self._events) or self.done
 
     async def next(
-        self, reader: asyncio.StreamReader, idle: Idle | None = None
+        self, reader: Link, idle: Idle | None = None
     ) -> Head | bytes | None:
         while not self._events:
             if self.done:
@@ -185,8 +186,7 @@ class Upstream:
     """A connection to one checked address; plain HTTP ones are kept for the next request."""
 
     key: tuple[IPAddress, int, str]
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+    link: Link
     answer: Answer | None = None  # to the request in flight
 
     def next_answer(self, head_only: bool) -> Answer:
@@ -206,12 +206,12 @@ class Upstream:
             self.answer is not None
             and self.answer.done
             and self.answer.keep_alive
-            and not self.reader.at_eof()
-            and not self.writer.is_closing()
+            and not self.link.at_eof()
+            and not self.link.is_closing()
         )
 
     def close(self) -> None:
-        self.writer.close()
+        self.link.close()
 
 
 async def connect_checked(
@@ -244,20 +244,20 @@ async def connect_checked(
     # A TLS connection is kept for the one server name it was opened and checked for.
     key = (chosen, target.port, verdict.host if verdict.tls else "")
     kept = pool.pop(key, None) if pool is not None else None
-    if kept is not None and not kept.reader.at_eof() and not kept.writer.is_closing():
+    if kept is not None and not kept.link.at_eof() and not kept.link.is_closing():
         return kept, verdict
     context = (tls or ssl.create_default_context()) if verdict.tls else None
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(
+        link = await asyncio.wait_for(
+            open_link(
                 str(chosen),
                 target.port,
-                ssl=context,
+                context,
                 server_hostname=verdict.host if context else None,
             ),
             10,
         )
-        return Upstream(key, reader, writer), verdict
+        return Upstream(key, link), verdict
     except ssl.SSLError as exc:
         raise Refused(502, "upstream-tls", f"TLS to {verdict.host} failed: {exc.reason}") from None
     except (TimeoutError, OSError) as exc:
