@@ -14,6 +14,7 @@ a shared 2-core machine does not fall on one of them alone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -205,6 +206,19 @@ def squid_processes(pid: int) -> list[int]:
         found += [child for child, parent in parents.items() if parent == found[seen]]
         seen += 1
     return found
+
+
+def cpus() -> tuple[int, int] | None:
+    """Two CPUs of this machine: one for the load (client and upstream), one for the proxy
+    under test; None on a single CPU."""
+    have = sorted(os.sched_getaffinity(0))
+    return (have[0], have[1]) if len(have) >= 2 else None
+
+
+def pin(ident: int, cpu: int | None) -> None:
+    """Run a process or thread on `cpu` only (None: on every CPU this machine has)."""
+    with contextlib.suppress(OSError):  # gone meanwhile
+        os.sched_setaffinity(ident, {cpu} if cpu is not None else os.sched_getaffinity(0))
 
 
 def start_tinyproxy(directory: Path) -> subprocess.Popen[bytes]:
@@ -436,6 +450,11 @@ def run(count: int, seconds: float, rounds: int) -> None:
     up = subprocess.Popen([sys.executable, __file__, "_upstream", str(directory)])
     tiny = start_tinyproxy(directory)
     squid = start_squid(directory)
+    # The proxy under test on a CPU of its own, the load and the upstream on another: the
+    # scheduler moves neither into the other's way, for Airlock and squid alike.
+    load_cpu, proxy_cpu = cpus() or (None, None)
+    for pid, cpu in ((up.pid, load_cpu), (tiny.pid, proxy_cpu), (squid.pid, proxy_cpu)):
+        pin(pid, cpu)
     credentials, task_id, sock, handout = live_task(directory)
     # The gateway verifies the upstream as squid does: against the upstream's CA.
     credentials.endpoints.server.tls.load_verify_locations(cadata=upstream_ca)
@@ -476,12 +495,14 @@ def run(count: int, seconds: float, rounds: int) -> None:
         print(
             f"gateway: {count} sequential requests per path, then {seconds:.0f}s at 16 "
             f"connections; policy, JWT check and audit on for Airlock; intercepted HTTPS in "
-            f"{rounds} alternating rounds (medians)",
+            f"{rounds} alternating rounds (medians)"
+            + ("; the proxy on a CPU of its own, the load on another" if proxy_cpu else ""),
             flush=True,
         )
         # CPU seconds of what serves each path: the gateway's loop thread (its audit writer
         # included); squid's process and its helpers (log daemon, certificate generators).
         gateway_thread = next(t for t in threading.enumerate() if t.name == "airlock-endpoints")
+        pin(gateway_thread.native_id or 0, proxy_cpu)
         airlock = [f"/proc/self/task/{gateway_thread.native_id}/stat"]
         serving = {
             "airlock": airlock,
@@ -502,6 +523,7 @@ def run(count: int, seconds: float, rounds: int) -> None:
                 stderr=subprocess.PIPE,
                 text=True,
             )
+            pin(load.pid, load_cpu)
             # The load client plays the task's runner: the endpoint admits it as its peer.
             credentials.endpoints.server.allow_process(task_id, load.pid)
             stdout, stderr = load.communicate()
@@ -521,6 +543,7 @@ def run(count: int, seconds: float, rounds: int) -> None:
             print(f"  {path['name']}{mark}", end="", flush=True)
         print(flush=True)
         results = {name: medians(found) for name, found in rounds_of.items()}
+        pin(gateway_thread.native_id or 0, None)  # the noisy neighbour's, as any task's
         noisy_neighbour(credentials, paths[1], max(seconds, 5.0))
     finally:
         credentials.revoke(task_id)
