@@ -8,7 +8,8 @@ policy, JWT checks and audit on), and the load client. Reported: added latency p
 at 1 connection (p50/p99 over the direct path) and requests/s at 16 connections, keep-alive
 on every side. The two intercepting proxies (Airlock and squid) are measured in alternating
 rounds (BENCH_ROUNDS, 3 by default) and compared by their medians, so that a slow moment of
-a shared 2-core machine does not fall on one of them alone.
+a shared 2-core machine does not fall on one of them alone. The proxy under test runs on a
+CPU of its own, the load client and the upstream on another.
 """
 
 from __future__ import annotations
@@ -501,9 +502,10 @@ def run(count: int, seconds: float, rounds: int) -> None:
         )
         # CPU seconds of what serves each path: the gateway's loop thread (its audit writer
         # included); squid's process and its helpers (log daemon, certificate generators).
-        gateway_thread = next(t for t in threading.enumerate() if t.name == "airlock-endpoints")
-        pin(gateway_thread.native_id or 0, proxy_cpu)
-        airlock = [f"/proc/self/task/{gateway_thread.native_id}/stat"]
+        gateway = next(t for t in threading.enumerate() if t.name == "airlock-endpoints")
+        assert gateway.native_id is not None  # a running thread's
+        pin(gateway.native_id, proxy_cpu)
+        airlock = [f"/proc/self/task/{gateway.native_id}/stat"]
         serving = {
             "airlock": airlock,
             "airlock tls": airlock,
@@ -543,7 +545,7 @@ def run(count: int, seconds: float, rounds: int) -> None:
             print(f"  {path['name']}{mark}", end="", flush=True)
         print(flush=True)
         results = {name: medians(found) for name, found in rounds_of.items()}
-        pin(gateway_thread.native_id or 0, None)  # the noisy neighbour's, as any task's
+        pin(gateway.native_id, None)  # the noisy neighbour's, as any task's
         noisy_neighbour(credentials, paths[1], max(seconds, 5.0))
     finally:
         credentials.revoke(task_id)

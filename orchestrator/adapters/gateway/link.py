@@ -26,12 +26,12 @@ class Link(asyncio.Protocol):
     def __init__(self, serve: Callable[[Link], Coroutine[Any, Any, None]] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
         self._serve = serve
-        self.serving: asyncio.Task[None] | None = None
+        self._serving: asyncio.Task[None] | None = None  # held: the loop keeps tasks weakly
         self._kept: deque[bytes] = deque()
         self._kept_bytes = 0
         self._waiter: asyncio.Future[bytes] | None = None
         self._eof = False
-        self._lost: BaseException | None = None  # how the connection ended, once it has
+        self._lost = False  # the connection has ended
         self._reading_paused = False
         self._writing_paused = False
         self._drainers: list[asyncio.Future[None]] = []
@@ -42,8 +42,8 @@ class Link(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self._over_tls = transport.get_extra_info("sslcontext") is not None
         if self._serve is not None:
-            self.serving = asyncio.get_running_loop().create_task(self._serve(self))
-            self.serving.add_done_callback(self._served)
+            self._serving = asyncio.get_running_loop().create_task(self._serve(self))
+            self._serving.add_done_callback(self._served)
 
     def _served(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:
@@ -73,8 +73,7 @@ class Link(asyncio.Protocol):
         return not self._over_tls
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._eof = True
-        self._lost = exc or ConnectionResetError("connection lost")
+        self._eof = self._lost = True
         self._wake()
         for drainer in self._drainers:
             if not drainer.done():
@@ -108,7 +107,6 @@ class Link(asyncio.Protocol):
                 return b""
             if self._waiter is not None:
                 raise RuntimeError("two reads of one connection at once")
-            assert self.transport is not None
             waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
             self._waiter = waiter
             try:
@@ -144,13 +142,13 @@ class Link(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         """Send `data` (dropped once the connection is lost: `drain` says so)."""
         assert self.transport is not None
-        if self._lost is None:
+        if not self._lost:
             self.transport.write(data)
 
     async def drain(self) -> None:
         """Until the transport takes more (at once, unless the peer lags far behind);
         ConnectionResetError once the connection is lost."""
-        if self._lost is not None:
+        if self._lost:
             raise ConnectionResetError("connection lost")
         if not self._writing_paused:
             return
